@@ -1,0 +1,137 @@
+"""The proxy's write side: one `criu dump --stream` connection becomes one checkpoint.
+
+CRIU opens several pipes at once (pages and pagemap together), so every open pipe
+and the control socket are watched with one epoll; each readable pipe is spliced
+straight into its image's memfd.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import threading
+import time
+
+from . import criu_wire
+from .kernel_io import CHUNK
+from .store import Checkpoint, DuplicateImage, Image, ImageStore
+
+log = logging.getLogger(__name__)
+
+INVENTORY = "inventory.img"
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 2) | getattr(os, "SPLICE_F_MOVE", 1)
+
+
+class CaptureSession:
+    def __init__(self, sock: socket.socket, store: ImageStore, checkpoint: Checkpoint,
+                 stop: threading.Event) -> None:
+        self.sock = sock
+        self.store = store
+        self.checkpoint = checkpoint
+        self.stop = stop
+        self.protocol = criu_wire.CaptureConnection()
+        self.pipes: dict[int, Image] = {}
+        self.epoll = select.epoll()
+        self.control_open = True
+        self.error: str | None = None
+
+    def run(self) -> None:
+        """Drain the connection and every pipe; then complete or fail the checkpoint."""
+        log.info("checkpoint %s begins: criu dump connected", self.checkpoint.id,
+                 extra={"IMGMIG_CHECKPOINT": self.checkpoint.id})
+        self.epoll.register(self.sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+        try:
+            while (self.control_open or self.pipes) and not self.stop.is_set():
+                if self.store.room() <= 0 and not self.store.wait_for_room(
+                        self.stop, f"checkpoint {self.checkpoint.id} capture"):
+                    break
+                for fd, _ in self.epoll.poll(0.5):
+                    if fd == self.sock.fileno():
+                        self._on_control()
+                    else:
+                        self._on_pipe(fd)
+        except criu_wire.CriuProtocolError as exc:
+            self.error = f"protocol error from CRIU: {exc}"
+        finally:
+            self._finish()
+
+    def _on_control(self) -> None:
+        try:
+            data, fds, _, _ = socket.recv_fds(self.sock, 4096, 16)
+        except OSError as exc:
+            data, fds = b"", []
+            self.error = f"capture connection error: {exc.strerror}"
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            self._close_control()
+            return
+        for offer in self.protocol.receive(data, fds):
+            self._accept_image(offer)
+
+    def _accept_image(self, offer: criu_wire.ImageOffered) -> None:
+        try:
+            image = self.store.add_image(self.checkpoint, offer.name)
+        except DuplicateImage as exc:
+            log.error("checkpoint %s: %s; CRIU's pipe is closed so that its dump fails loudly",
+                      self.checkpoint.id, exc, extra={"IMGMIG_CHECKPOINT": self.checkpoint.id,
+                                                      "IMGMIG_FILE": offer.name})
+            os.close(offer.fd)
+            return
+        os.set_blocking(offer.fd, False)
+        self.pipes[offer.fd] = image
+        self.epoll.register(offer.fd, select.EPOLLIN)
+
+    def _on_pipe(self, fd: int) -> None:
+        image = self.pipes[fd]
+        try:
+            moved = os.splice(fd, image.fd, CHUNK, offset_dst=image.size, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno == errno.EAGAIN:
+                return
+            raise
+        if moved:
+            self.store.grew(self.checkpoint, image, moved)
+            return
+        self.epoll.unregister(fd)
+        os.close(fd)
+        del self.pipes[fd]
+        self.store.finish_image(image)
+
+    def _close_control(self) -> None:
+        if self.control_open:
+            self.epoll.unregister(self.sock.fileno())
+            self.control_open = False
+
+    def _finish(self) -> None:
+        if self.control_open:
+            self.epoll.unregister(self.sock.fileno())
+        for fd in [*self.pipes, *self.protocol.fds_to_close()]:
+            os.close(fd)
+        unfinished = sorted(image.name for image in self.pipes.values())
+        self.pipes.clear()
+        self.epoll.close()
+        self.sock.close()
+        inventory = self.checkpoint.images.get(INVENTORY)
+        if self.error is None and unfinished:
+            self.error = f"pipes still open when the daemon stopped: {', '.join(unfinished)}"
+        if self.error is None and self.protocol.mid_message:
+            self.error = "CRIU closed the connection in the middle of a message"
+        if self.error is None and (inventory is None or not inventory.complete):
+            self.error = "the dump ended without inventory.img: CRIU failed or died mid-dump"
+        fields = {"IMGMIG_CHECKPOINT": self.checkpoint.id, "IMGMIG_BYTES": self.checkpoint.size}
+        if self.error is None:
+            elapsed = time.monotonic() - self.checkpoint.started
+            log.info("checkpoint %s captured: %d files, %d bytes in %.2f s (%.0f MB/s)", self.checkpoint.id,
+                     len(self.checkpoint.images), self.checkpoint.size, elapsed,
+                     self.checkpoint.size / max(elapsed, 1e-6) / 1e6, extra=fields)
+            self.store.complete(self.checkpoint, clean=True)
+        else:
+            log.error("checkpoint %s failed: %s; it cannot be restored and is dropped; check CRIU's log "
+                      "and dump again", self.checkpoint.id, self.error, extra=fields)
+            self.store.fail(self.checkpoint, self.error)

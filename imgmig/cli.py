@@ -1,0 +1,73 @@
+"""Command-line entry points: imgmig-proxy, imgmig-cache and the operator's `imgmig`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from . import __version__, config, systemd_glue
+from .config import Config, ConfigError
+
+log = logging.getLogger("imgmig")
+
+EXIT_CONFIG = 2
+
+
+def _daemon_main(role: str, build: Callable[[Config], object], argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog=f"imgmig-{role}", description=f"imgmig {role} daemon")
+    parser.add_argument("--config", default=config.DEFAULT_PATH, help="YAML config file (%(default)s)")
+    parser.add_argument("--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=f"imgmig {__version__}")
+    args = parser.parse_args(argv)
+    systemd_glue.setup_logging(f"imgmig-{role}", args.verbose)
+    passed = systemd_glue.listen_fds()
+    try:
+        cfg = config.load(args.config)
+        daemon = build(cfg).daemon  # type: ignore[attr-defined]
+        daemon.open_sockets(passed)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        systemd_glue.notify(f"STATUS=refused to start: {exc}")
+        return EXIT_CONFIG
+    return daemon.run()
+
+
+def proxy_main(argv: list[str] | None = None) -> int:
+    from .proxy import Proxy
+    return _daemon_main("proxy", Proxy, argv)
+
+
+def cache_main(argv: list[str] | None = None) -> int:
+    from .cache import Cache
+    return _daemon_main("cache", Cache, argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="imgmig", description="imgmig operator's tool")
+    parser.add_argument("--version", action="version", version=f"imgmig {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check-config", help="validate a config file and say what it sets")
+    check.add_argument("file", nargs="?", default=config.DEFAULT_PATH)
+    args = parser.parse_args(argv)
+    return check_config(args.file)
+
+
+def check_config(path: str) -> int:
+    try:
+        cfg = config.load(path)
+    except ConfigError as exc:
+        print(f"imgmig: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    peer = cfg.proxy.peer or "not set (the proxy role cannot run)"
+    print(f"{path}: valid")
+    print(f"  node {cfg.node}; transfer {cfg.transfer}; memory limit {cfg.memory_limit} bytes")
+    print(f"  proxy: images_dir {cfg.proxy.images_dir}, peer {peer}")
+    allow = ", ".join(str(net) for net in cfg.cache.allow) or "nobody"
+    print(f"  cache: images_dir {cfg.cache.images_dir}, listen {cfg.cache.listen}, allow {allow}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The one YAML file in /etc/imgmig: parsing and validation.
+
+Every problem becomes a ConfigError whose text is one line naming the file, the key,
+the value and what is expected; the CLI prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_PATH = "/etc/imgmig/imgmig.yaml"
+DEFAULT_PORT = 9996
+TRANSFER_MODES = ("streaming", "store-and-forward")
+
+_UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line for an operator."""
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    images_dir: Path
+    peer: HostPort | None
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    images_dir: Path
+    listen: HostPort
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+@dataclass(frozen=True)
+class Config:
+    node: str
+    proxy: ProxyConfig
+    cache: CacheConfig
+    memory_limit: int
+    transfer: str = "streaming"
+    source: str = field(default="<defaults>", compare=False)
+
+    @property
+    def store_and_forward(self) -> bool:
+        return self.transfer == "store-and-forward"
+
+
+_SCHEMA: dict[str, Any] = {
+    "node": None,
+    "transfer": None,
+    "proxy": {"images_dir": None, "peer": None},
+    "cache": {"images_dir": None, "listen": None, "allow": None},
+    "memory": {"limit": None},
+}
+
+
+def parse_host_port(text: str, *, default_port: int | None = None) -> HostPort:
+    """Parse `host:port`, `[v6addr]:port` or, with default_port, a bare host."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError("expected [IPv6]:port")
+        port_text = rest[1:] if rest else ""
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif ":" in text:
+        raise ValueError("an IPv6 address needs brackets: [addr]:port")
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ValueError("the host is empty")
+    if not port_text:
+        if default_port is None:
+            raise ValueError("the port is missing")
+        return HostPort(host, default_port)
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"port {port_text!r} is not 1-65535")
+    return HostPort(host, int(port_text))
+
+
+def parse_size(value: Any, total_memory: int) -> int:
+    """A memory limit: bytes as an int, `75%` of RAM, or `8GiB` / `512MiB` / `2GB`."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        if text.endswith("%"):
+            percent = float(text[:-1])
+            if not 0 < percent <= 100:
+                raise ValueError("a percentage must be in (0, 100]")
+            size = int(total_memory * percent / 100)
+        else:
+            digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+            unit = text[len(digits):] or "b"
+            if unit not in _UNITS or not digits:
+                raise ValueError("expected a size like 8GiB, 512MiB or 75%")
+            size = int(float(digits) * _UNITS[unit])
+    else:
+        raise ValueError("expected a size like 8GiB, 512MiB or 75%")
+    if size < 1 << 20:
+        raise ValueError("the limit must be at least 1MiB")
+    return size
+
+
+def total_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file; raises ConfigError with a one-line reason."""
+    where = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read the config file: {exc.strerror}; "
+                          f"create it or pass --config PATH") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: the config file is not UTF-8 text") from None
+    return parse(text, where)
+
+
+def parse(text: str, where: str = "<string>") -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{where}:{line}: not valid YAML ({problem}); fix the syntax") from None
+    if raw is None:
+        raw = {}
+    return _build(raw, where)
+
+
+def _fail(where: str, key: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"{where}: key '{key}': value {value!r} is not valid: {expected}")
+
+
+def _check_keys(raw: Any, schema: dict[str, Any], prefix: str, where: str) -> None:
+    if not isinstance(raw, dict):
+        name = prefix.rstrip(".") or "top level"
+        raise _fail(where, name, raw, "expected a mapping of keys")
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in schema:
+            known = ", ".join(f"{prefix}{k}" for k in schema)
+            raise ConfigError(f"{where}: unknown key '{full}'; known keys here: {known}")
+        if isinstance(schema[key], dict) and value is not None:
+            _check_keys(value, schema[key], f"{full}.", where)
+
+
+def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    return raw.get(name) or {}
+
+
+def _path(value: Any, key: str, default: str, where: str) -> Path:
+    if value is None:
+        return Path(default)
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise _fail(where, key, value, "expected an absolute path")
+    return Path(value)
+
+
+def _build(raw: Any, where: str) -> Config:
+    _check_keys(raw, _SCHEMA, "", where)
+    node = raw.get("node", socket.gethostname())
+    if not isinstance(node, str) or not node or len(node.encode()) > 64 or not node.isprintable():
+        raise _fail(where, "node", node, "expected a printable name of 1-64 bytes")
+    transfer = raw.get("transfer", "streaming")
+    if transfer not in TRANSFER_MODES:
+        raise _fail(where, "transfer", transfer, "expected one of " + ", ".join(TRANSFER_MODES))
+    proxy_raw, cache_raw = _section(raw, "proxy"), _section(raw, "cache")
+    proxy = ProxyConfig(
+        images_dir=_path(proxy_raw.get("images_dir"), "proxy.images_dir", "/run/imgmig/proxy", where),
+        peer=_host_port(proxy_raw.get("peer"), "proxy.peer", where, required_port=True),
+    )
+    listen = _host_port(cache_raw.get("listen"), "cache.listen", where, required_port=False)
+    cache = CacheConfig(
+        images_dir=_path(cache_raw.get("images_dir"), "cache.images_dir", "/run/imgmig/cache", where),
+        listen=listen or HostPort("0.0.0.0", DEFAULT_PORT),
+        allow=_allow(cache_raw.get("allow", ["127.0.0.1", "::1"]), where),
+    )
+    limit_raw = _section(raw, "memory").get("limit", "75%")
+    try:
+        limit = parse_size(limit_raw, total_memory_bytes())
+    except ValueError as exc:
+        raise _fail(where, "memory.limit", limit_raw, str(exc)) from None
+    return Config(node=node, proxy=proxy, cache=cache, memory_limit=limit,
+                  transfer=transfer, source=where)
+
+
+def _host_port(value: Any, key: str, where: str, *, required_port: bool) -> HostPort | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _fail(where, key, value, "expected host:port, e.g. 10.0.0.2:9996 or [fd00::2]:9996")
+    try:
+        return parse_host_port(value, default_port=None if required_port else DEFAULT_PORT)
+    except ValueError as exc:
+        raise _fail(where, key, value, f"{exc}; expected host:port, e.g. 10.0.0.2:9996") from None
+
+
+def _allow(value: Any, where: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    if not isinstance(value, list):
+        raise _fail(where, "cache.allow", value, "expected a list of addresses or CIDRs")
+    networks = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            raise _fail(where, "cache.allow", item, "expected an IP address or CIDR like 10.0.0.0/24") from None
+    return tuple(networks)
+
+
+def require_proxy_peer(config: Config) -> HostPort:
+    if config.proxy.peer is None:
+        raise ConfigError(f"{config.source}: key 'proxy.peer' is missing: the proxy needs the "
+                          f"cache's address as host:port, e.g. 10.0.0.2:9996")
+    return config.proxy.peer
+
+
+def is_allowed(config: Config, address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in config.cache.allow)

@@ -1,0 +1,222 @@
+"""The cache's write side: one proxy connection delivers one checkpoint.
+
+FILE_DATA payloads are spliced socket -> pipe -> memfd; each file's SHA-256 is
+computed from the memfd as it fills and checked against FILE_END before the file
+may be served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import socket
+import threading
+import time
+
+from . import peer_wire as wire
+from .kernel_io import hash_region, make_pipe, splice_in
+from .store import Checkpoint, Image, ImageStore, State, StoreError
+from .systemd_glue import CHECKPOINT_COMPLETE_ID
+
+log = logging.getLogger(__name__)
+
+HELLO_TIMEOUT = 10.0
+ACK_EVERY = 16 << 20
+
+
+class Refused(Exception):
+    def __init__(self, message: str, code: wire.ErrorCode = wire.ErrorCode.PROTOCOL) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ReceiveSession:
+    def __init__(self, sock: socket.socket, address: str, store: ImageStore, node: str,
+                 stop: threading.Event) -> None:
+        self.sock = sock
+        self.address = address
+        self.store = store
+        self.node = node
+        self.stop = stop
+        self.decoder = wire.FrameDecoder()
+        self.order = wire.InboundCheckpoint()
+        self.checkpoint: Checkpoint | None = None
+        self.images: dict[int, Image] = {}
+        self.hashers: dict[int, hashlib._Hash] = {}
+        self.unacked: dict[int, int] = {}
+        self.send_lock = threading.Lock()
+        self.pipe_r, self.pipe_w = make_pipe()
+        self.peer = address
+        self.started = time.monotonic()
+
+    @property
+    def fields(self) -> dict[str, object]:
+        fields: dict[str, object] = {"IMGMIG_PEER": self.peer}
+        if self.checkpoint is not None:
+            fields["IMGMIG_CHECKPOINT"] = self.checkpoint.id
+        return fields
+
+    def run(self) -> None:
+        try:
+            self.sock.settimeout(HELLO_TIMEOUT)
+            self._loop()
+        except wire.PeerProtocolError as exc:
+            self._refuse(str(exc), exc.code)
+        except Refused as exc:
+            self._refuse(str(exc), exc.code)
+        except TimeoutError:
+            self._refuse(f"no HELLO within {HELLO_TIMEOUT:.0f} s", wire.ErrorCode.PROTOCOL)
+        except OSError as exc:
+            self._fail_checkpoint(f"connection error: {exc.strerror or exc}")
+        finally:
+            self.store.off_event(self._notify_restored)
+            os.close(self.pipe_r)
+            os.close(self.pipe_w)
+            self.sock.close()
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            payload = self.decoder.payload
+            if payload is not None:
+                if not self._splice_payload(*payload):
+                    return
+                continue
+            event = self.decoder.next_event()
+            if event is not None:
+                self._on_event(event)
+                continue
+            data = self.sock.recv(65536)
+            if not data:
+                self._on_eof()
+                return
+            self.decoder.feed(data)
+
+    def _on_eof(self) -> None:
+        if self.checkpoint is None or self.checkpoint.state is State.RECEIVING:
+            self._fail_checkpoint("the proxy closed the connection mid-checkpoint")
+
+    def _on_event(self, event: wire.Event) -> None:
+        self.order.check(event)
+        if isinstance(event, wire.Hello):
+            self._on_hello(event)
+        elif isinstance(event, wire.CheckpointBegin):
+            self._on_begin(event)
+        elif isinstance(event, wire.FileBegin):
+            self._on_file_begin(event)
+        elif isinstance(event, wire.FileData):
+            self._write_buffered(event)
+        elif isinstance(event, wire.FileEnd):
+            self._on_file_end(event)
+        elif isinstance(event, wire.CheckpointEnd):
+            self._on_checkpoint_end(event)
+        elif isinstance(event, wire.Error):
+            raise Refused(f"the proxy reported error {event.code}: {event.message}")
+
+    def _on_hello(self, hello: wire.Hello) -> None:
+        self.peer = f"{hello.node} ({self.address})"
+        self._send(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.CACHE, self.node)))
+        self.sock.settimeout(None)
+
+    def _on_begin(self, begin: wire.CheckpointBegin) -> None:
+        if begin.resume:
+            raise Refused("resuming a checkpoint is not supported by this cache yet; send it again")
+        try:
+            self.checkpoint = self.store.begin(begin.checkpoint, self.peer)
+        except StoreError as exc:
+            raise Refused(str(exc)) from None
+        self.started = time.monotonic()
+        log.info("checkpoint %s begins from %s", begin.checkpoint, self.peer, extra=self.fields)
+
+    def _on_file_begin(self, event: wire.FileBegin) -> None:
+        assert self.checkpoint is not None
+        self.images[event.file_id] = self.store.add_image(self.checkpoint, event.name)
+        self.hashers[event.file_id] = hashlib.sha256()
+        self.unacked[event.file_id] = 0
+
+    def _splice_payload(self, file_id: int, offset: int, left: int) -> bool:
+        self.order.check_payload(file_id, offset, 0)
+        self._wait_for_room()
+        image = self.images[file_id]
+        moved = splice_in(self.sock.fileno(), self.pipe_r, self.pipe_w, image.fd, offset, left)
+        if not moved:
+            self._on_eof()
+            return False
+        self.order.check_payload(file_id, offset, moved)
+        self.decoder.consume_payload(moved)
+        self._stored(file_id, image, offset, moved)
+        return True
+
+    def _write_buffered(self, event: wire.FileData) -> None:
+        self._wait_for_room()
+        image = self.images[event.file_id]
+        written = 0
+        while written < len(event.data):
+            written += os.pwrite(image.fd, event.data[written:], event.offset + written)
+        self._stored(event.file_id, image, event.offset, len(event.data))
+
+    def _stored(self, file_id: int, image: Image, offset: int, n: int) -> None:
+        assert self.checkpoint is not None
+        hash_region(self.hashers[file_id], image.fd, offset, n)
+        self.store.grew(self.checkpoint, image, n)
+        self.unacked[file_id] += n
+        if self.unacked[file_id] >= ACK_EVERY:
+            self._ack(file_id)
+
+    def _ack(self, file_id: int) -> None:
+        self.unacked[file_id] = 0
+        self._send(wire.encode_ack(file_id, self.images[file_id].size))
+
+    def _wait_for_room(self) -> None:
+        if self.store.room() <= 0:
+            self.store.wait_for_room(self.stop, f"receiving from {self.peer}")
+
+    def _on_file_end(self, event: wire.FileEnd) -> None:
+        image = self.images[event.file_id]
+        digest = self.hashers.pop(event.file_id).digest()
+        if not hmac.compare_digest(digest, event.digest):
+            raise Refused(f"{image.name}: SHA-256 mismatch (got {digest.hex()[:16]}..., the proxy sent "
+                          f"{event.digest.hex()[:16]}...)", wire.ErrorCode.DIGEST_MISMATCH)
+        self.store.finish_image(image, digest)
+        self._ack(event.file_id)
+
+    def _on_checkpoint_end(self, event: wire.CheckpointEnd) -> None:
+        assert self.checkpoint is not None
+        if not event.clean:
+            self._fail_checkpoint("the proxy reports the dump did not finish (CRIU failed or died)")
+            self._send(wire.encode_checkpoint_done(False, "dump did not finish; checkpoint dropped"))
+            return
+        self.store.complete(self.checkpoint, clean=True)
+        elapsed = time.monotonic() - self.started
+        size = self.checkpoint.size
+        log.info("checkpoint %s complete from %s: %d files, %d bytes in %.2f s (%.0f MB/s), digests verified",
+                 self.checkpoint.id, self.peer, len(self.images), size, elapsed,
+                 size / max(elapsed, 1e-6) / 1e6,
+                 extra=self.fields | {"IMGMIG_BYTES": size, "MESSAGE_ID": CHECKPOINT_COMPLETE_ID})
+        self._send(wire.encode_checkpoint_done(True, f"{len(self.images)} files verified"))
+        self.store.on_event(self._notify_restored)
+
+    def _notify_restored(self, event: str, checkpoint: Checkpoint) -> None:
+        if event == "restored" and checkpoint is self.checkpoint:
+            with contextlib.suppress(OSError):
+                self._send(wire.encode_restored(checkpoint.id))
+
+    def _send(self, frame: bytes) -> None:
+        with self.send_lock:
+            self.sock.sendall(frame)
+
+    def _refuse(self, reason: str, code: wire.ErrorCode) -> None:
+        log.error("connection from %s refused: %s", self.peer, reason, extra=self.fields)
+        self._fail_checkpoint(reason)
+        with contextlib.suppress(OSError):
+            self._send(wire.encode_error(code, reason))
+
+    def _fail_checkpoint(self, reason: str) -> None:
+        if self.checkpoint is None or self.checkpoint.state is not State.RECEIVING:
+            return
+        log.error("checkpoint %s from %s failed: %s; it is dropped, dump again once the link is back",
+                  self.checkpoint.id, self.peer, reason, extra=self.fields)
+        self.store.fail(self.checkpoint, reason)
+

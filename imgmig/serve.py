@@ -1,0 +1,138 @@
+"""The read side of both daemons: serve one `criu restore --stream` connection.
+
+The first request claims a checkpoint (the oldest neither restored nor being restored,
+else the next to arrive). Each request waits until its image is complete; once the
+checkpoint is complete, an image that never came is answered exists=false.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import threading
+
+from . import criu_wire
+from .kernel_io import splice_out
+from .store import Checkpoint, CheckpointFailed, ImageStore
+from .systemd_glue import CHECKPOINT_RESTORED_ID
+
+log = logging.getLogger(__name__)
+
+
+class _Hangup(Exception):
+    pass
+
+
+class _StopWhen:
+    """A stop condition for store waits: daemon stopping, or CRIU hung up on us."""
+
+    def __init__(self, stop: threading.Event, sock: socket.socket) -> None:
+        self.stop, self.sock = stop, sock
+
+    def is_set(self) -> bool:
+        if self.stop.is_set():
+            return True
+        ready = select.select([self.sock], [], [], 0)[0]
+        return bool(ready) and not self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+
+
+class ServeSession:
+    def __init__(self, sock: socket.socket, store: ImageStore, stop: threading.Event, role: str) -> None:
+        self.sock = sock
+        self.store = store
+        self.stop = stop
+        self.role = role
+        self.protocol = criu_wire.ServeConnection()
+        self.checkpoint: Checkpoint | None = None
+        self.served: set[str] = set()
+        self.answered: set[str] = set()
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                data, fds, _, _ = socket.recv_fds(self.sock, 4096, 4)
+                if not data:
+                    for fd in fds:
+                        os.close(fd)
+                    break
+                self._handle(self.protocol.receive(data, fds))
+        except criu_wire.CriuProtocolError as exc:
+            log.error("restore connection on the %s: protocol error from CRIU: %s; connection dropped",
+                      self.role, exc)
+        except CheckpointFailed as exc:
+            log.error("restore from checkpoint %s stopped: %s; run the dump again, then the restore",
+                      self.checkpoint.id if self.checkpoint else "?", exc)
+        except (_Hangup, BrokenPipeError, ConnectionError):
+            log.warning("restore connection on the %s closed by CRIU while being served", self.role)
+        finally:
+            self._finish()
+
+    def _handle(self, events: list[criu_wire.ImageRequested | criu_wire.PipeGiven]) -> None:
+        for event in events:
+            if isinstance(event, criu_wire.ImageRequested):
+                self._answer(event.name)
+            else:
+                self._send_image(event.name, event.fd)
+        if events:
+            self._handle(self.protocol.receive(b""))
+
+    def _answer(self, name: str) -> None:
+        checkpoint = self._checkpoint()
+        waiter = _StopWhen(self.stop, self.sock)
+        while True:
+            try:
+                image = self.store.wait_image(checkpoint, name, waiter)
+                break
+            except CheckpointFailed:
+                if self.answered or self.stop.is_set():
+                    raise
+                log.warning("checkpoint %s failed before this restore read from it; waiting for the next",
+                            checkpoint.id)
+                self.checkpoint = None
+                checkpoint = self._checkpoint()
+        if waiter.is_set() and not self.stop.is_set():
+            raise _Hangup
+        self.answered.add(name)
+        self.sock.sendall(self.protocol.reply(image is not None))
+
+    def _checkpoint(self) -> Checkpoint:
+        if self.checkpoint is None:
+            self.checkpoint = self.store.claim(_StopWhen(self.stop, self.sock))
+            if self.checkpoint is None:
+                raise _Hangup
+            log.info("restore connected on the %s: serving checkpoint %s", self.role, self.checkpoint.id,
+                     extra={"IMGMIG_CHECKPOINT": self.checkpoint.id})
+        return self.checkpoint
+
+    def _send_image(self, name: str, pipe_w: int) -> None:
+        checkpoint = self._checkpoint()
+        try:
+            with self.store.using(checkpoint):
+                image = checkpoint.images[name]
+                os.set_blocking(pipe_w, True)
+                splice_out(image.fd, pipe_w, 0, image.size)
+        finally:
+            os.close(pipe_w)
+        self.served.add(name)
+
+    def _finish(self) -> None:
+        for fd in self.protocol.fds_to_close():
+            os.close(fd)
+        self.sock.close()
+        checkpoint = self.checkpoint
+        if checkpoint is None:
+            return
+        if self.served and self.served >= set(checkpoint.images) and checkpoint.done_receiving:
+            log.info("checkpoint %s restored from the %s: %d files served; its memory is released",
+                     checkpoint.id, self.role, len(self.served),
+                     extra={"IMGMIG_CHECKPOINT": checkpoint.id, "MESSAGE_ID": CHECKPOINT_RESTORED_ID})
+            self.store.restored(checkpoint)
+        else:
+            self.store.unclaim(checkpoint)
+            if self.answered:
+                log.warning("restore of checkpoint %s ended after %d of %d files; the checkpoint is kept "
+                            "for another restore", checkpoint.id, len(self.served), len(checkpoint.images),
+                            extra={"IMGMIG_CHECKPOINT": checkpoint.id})
+

@@ -1,0 +1,285 @@
+"""The in-memory image store: checkpoints of images, one memfd per image.
+
+Writers (capture on the proxy, the peer receiver on the cache) put bytes into an
+image's memfd themselves (splice) and report growth here; readers (serve, forward)
+wait on the store's condition for bytes, completion or failure. Nothing touches disk.
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+# F_SEAL_FUTURE_WRITE (Linux 5.1), unlike F_SEAL_WRITE, allows read-only mappings that a
+# forwarder may still hold while the image is sealed.
+F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL
+
+
+class StoreError(Exception):
+    """A request the store refuses; the text is for the log."""
+
+
+class DuplicateImage(StoreError):
+    pass
+
+
+class CheckpointFailed(StoreError):
+    pass
+
+
+class State(enum.Enum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    RESTORED = "restored"
+
+
+@dataclass(eq=False)
+class Image:
+    name: str
+    fd: int
+    size: int = 0
+    complete: bool = False
+    digest: bytes | None = None
+
+    def seal(self) -> None:
+        """A complete image can no longer change: what is served is what arrived."""
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)
+
+
+@dataclass(eq=False)
+class Checkpoint:
+    id: str
+    origin: str
+    images: dict[str, Image] = field(default_factory=dict)
+    state: State = State.RECEIVING
+    clean: bool = False
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+    claimed: bool = False
+    reason: str = ""
+    users: int = 0
+    dropped: bool = False
+
+    @property
+    def size(self) -> int:
+        return sum(image.size for image in self.images.values())
+
+    @property
+    def done_receiving(self) -> bool:
+        return self.state is not State.RECEIVING
+
+
+class ImageStore:
+    """All checkpoints one daemon holds, and the memory limit over them."""
+
+    def __init__(self, limit: int, *, serve_only_complete: bool = False) -> None:
+        self.limit = limit
+        self.serve_only_complete = serve_only_complete
+        self.cond = threading.Condition()
+        self._checkpoints: dict[str, Checkpoint] = {}
+        self._held = 0
+        self._listeners: list[Callable[[str, Checkpoint], None]] = []
+
+    # ---- observation -------------------------------------------------------------
+    def on_event(self, listener: Callable[[str, Checkpoint], None]) -> None:
+        """Call listener(event, checkpoint) on 'begin', 'complete', 'failed', 'restored', 'dropped'."""
+        self._listeners.append(listener)
+
+    def off_event(self, listener: Callable[[str, Checkpoint], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _emit(self, event: str, checkpoint: Checkpoint) -> None:
+        for listener in list(self._listeners):
+            listener(event, checkpoint)
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    def checkpoints(self) -> list[Checkpoint]:
+        with self.cond:
+            return list(self._checkpoints.values())
+
+    def get(self, checkpoint_id: str) -> Checkpoint | None:
+        with self.cond:
+            return self._checkpoints.get(checkpoint_id)
+
+    # ---- writing -----------------------------------------------------------------
+    def begin(self, checkpoint_id: str, origin: str) -> Checkpoint:
+        with self.cond:
+            if checkpoint_id in self._checkpoints:
+                raise StoreError(f"checkpoint {checkpoint_id} already exists")
+            checkpoint = Checkpoint(checkpoint_id, origin)
+            self._checkpoints[checkpoint_id] = checkpoint
+            self.cond.notify_all()
+        self._emit("begin", checkpoint)
+        return checkpoint
+
+    def add_image(self, checkpoint: Checkpoint, name: str) -> Image:
+        with self.cond:
+            if name in checkpoint.images:
+                raise DuplicateImage(f"{name} sent twice in checkpoint {checkpoint.id}; "
+                                     f"the first copy is kept and the second refused")
+            fd = os.memfd_create(f"imgmig:{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            image = Image(name, fd)
+            checkpoint.images[name] = image
+            return image
+
+    def room(self) -> int:
+        return self.limit - self._held
+
+    def wait_for_room(self, stop: threading.Event, what: str) -> bool:
+        """Block until the store is under its limit; log once if it has to wait."""
+        with self.cond:
+            if self._held < self.limit:
+                return True
+            log.warning("memory limit reached: %s holds %s of %s; %s waits until a checkpoint is "
+                        "restored or dropped (raise memory.limit if this persists)",
+                        "store", _mib(self._held), _mib(self.limit), what)
+            while self._held >= self.limit and not stop.is_set():
+                self.cond.wait(0.5)
+            return not stop.is_set()
+
+    def grew(self, checkpoint: Checkpoint, image: Image, n: int) -> None:
+        with self.cond:
+            image.size += n
+            if not checkpoint.dropped:
+                self._held += n
+            self.cond.notify_all()
+
+    def finish_image(self, image: Image, digest: bytes | None = None) -> None:
+        image.seal()
+        with self.cond:
+            image.digest = digest
+            image.complete = True
+            self.cond.notify_all()
+
+    def complete(self, checkpoint: Checkpoint, clean: bool) -> None:
+        with self.cond:
+            if checkpoint.state is not State.RECEIVING:
+                return
+            checkpoint.clean = clean
+            checkpoint.finished = time.monotonic()
+            checkpoint.state = State.COMPLETE
+            self.cond.notify_all()
+        self._emit("complete", checkpoint)
+
+    def fail(self, checkpoint: Checkpoint, reason: str) -> None:
+        """A checkpoint that can never be restored: its images are released at once."""
+        with self.cond:
+            if checkpoint.state in (State.FAILED, State.RESTORED):
+                return
+            checkpoint.state = State.FAILED
+            checkpoint.reason = reason
+            checkpoint.finished = time.monotonic()
+            self._drop_locked(checkpoint)
+        self._emit("failed", checkpoint)
+
+    # ---- reading -----------------------------------------------------------------
+    def claim(self, stop: threading.Event) -> Checkpoint | None:
+        """For a restore: the oldest checkpoint neither restored nor being restored,
+        else the next to arrive. None when the daemon is stopping."""
+        with self.cond:
+            while not stop.is_set():
+                for checkpoint in self._checkpoints.values():
+                    if checkpoint.state in (State.RECEIVING, State.COMPLETE) and not checkpoint.claimed:
+                        checkpoint.claimed = True
+                        return checkpoint
+                self.cond.wait(0.5)
+        return None
+
+    def unclaim(self, checkpoint: Checkpoint) -> None:
+        with self.cond:
+            checkpoint.claimed = False
+            self.cond.notify_all()
+
+    def wait_image(self, checkpoint: Checkpoint, name: str, stop: threading.Event) -> Image | None:
+        """The complete image, or None if the checkpoint completed without it."""
+        with self.cond:
+            while not stop.is_set():
+                if checkpoint.state is State.FAILED:
+                    raise CheckpointFailed(f"checkpoint {checkpoint.id} failed: {checkpoint.reason}")
+                image = checkpoint.images.get(name)
+                held_back = self.serve_only_complete and checkpoint.state is State.RECEIVING
+                if image is not None and image.complete and not held_back:
+                    return image
+                if checkpoint.state is State.COMPLETE and image is None:
+                    return None
+                if checkpoint.state is State.COMPLETE and not image.complete:
+                    raise CheckpointFailed(f"{name} in checkpoint {checkpoint.id} never completed")
+                self.cond.wait(0.5)
+        raise CheckpointFailed("the daemon is stopping")
+
+    def wait_progress(self, checkpoint: Checkpoint, seen: int, timeout: float) -> None:
+        """Wait until the checkpoint's bytes or state change from `seen` (a change counter)."""
+        with self.cond:
+            if self.progress_mark(checkpoint) == seen:
+                self.cond.wait(timeout)
+
+    def progress_mark(self, checkpoint: Checkpoint) -> int:
+        return hash((checkpoint.size, checkpoint.state, len(checkpoint.images),
+                     sum(image.complete for image in checkpoint.images.values())))
+
+    # ---- release -----------------------------------------------------------------
+    def restored(self, checkpoint: Checkpoint) -> None:
+        with self.cond:
+            if checkpoint.state is not State.COMPLETE:
+                return
+            checkpoint.state = State.RESTORED
+            self._drop_locked(checkpoint)
+        self._emit("restored", checkpoint)
+
+    def drop(self, checkpoint: Checkpoint) -> None:
+        with self.cond:
+            self._drop_locked(checkpoint)
+        self._emit("dropped", checkpoint)
+
+    @contextmanager
+    def using(self, checkpoint: Checkpoint) -> Iterator[Checkpoint]:
+        """Keep the checkpoint's memfds open while a reader works on them, even if it is
+        dropped meanwhile: a closed fd number could be reused and serve foreign bytes."""
+        with self.cond:
+            checkpoint.users += 1
+        try:
+            yield checkpoint
+        finally:
+            with self.cond:
+                checkpoint.users -= 1
+                if checkpoint.dropped and not checkpoint.users:
+                    _close_images(checkpoint)
+
+    def _drop_locked(self, checkpoint: Checkpoint) -> None:
+        if self._checkpoints.pop(checkpoint.id, None) is None:
+            return
+        checkpoint.dropped = True
+        self._held -= checkpoint.size
+        if not checkpoint.users:
+            _close_images(checkpoint)
+        self.cond.notify_all()
+
+    def close(self) -> None:
+        for checkpoint in self.checkpoints():
+            self.drop(checkpoint)
+
+
+def _close_images(checkpoint: Checkpoint) -> None:
+    for image in checkpoint.images.values():
+        if image.fd >= 0:
+            os.close(image.fd)
+            image.fd = -1
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
