@@ -175,6 +175,7 @@ class Forwarder:
                 break
         if not event.ok:
             raise PeerGone(f"the cache rejected the checkpoint: {event.message}")
+        self.store.delivered(self.checkpoint)
         elapsed = time.monotonic() - started
         log.info("checkpoint %s forwarded to %s: %d files, %d bytes in %.2f s (%.0f MB/s); verified by the cache",
                  self.checkpoint.id, self.peer_node, len(self.outgoing), self.bytes_sent, elapsed,
@@ -188,6 +189,11 @@ class Forwarder:
                 event = self._next_event()
             except TimeoutError:
                 continue
+            except (OSError, PeerGone):
+                log.warning("link to %s closed before it reported checkpoint %s restored; this node keeps "
+                            "its copy for a rollback until it is restored here or memory is needed",
+                            self.peer_node, self.checkpoint.id, extra=self.fields)
+                return
             if isinstance(event, wire.Restored) and event.checkpoint == self.checkpoint.id:
                 log.info("checkpoint %s was restored on %s; releasing this node's copy",
                          self.checkpoint.id, self.peer_node, extra=self.fields)

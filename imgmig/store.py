@@ -70,6 +70,7 @@ class Checkpoint:
     reason: str = ""
     users: int = 0
     dropped: bool = False
+    delivered: bool = False
 
     @property
     def size(self) -> int:
@@ -140,8 +141,30 @@ class ImageStore:
     def room(self) -> int:
         return self.limit - self._held
 
+    def delivered(self, checkpoint: Checkpoint) -> None:
+        """The peer holds a verified copy: this one may be evicted when memory is needed."""
+        with self.cond:
+            checkpoint.delivered = True
+
+    def _evict_delivered_locked(self) -> list[Checkpoint]:
+        evicted = []
+        for checkpoint in list(self._checkpoints.values()):
+            if self._held < self.limit:
+                break
+            if checkpoint.delivered and not checkpoint.claimed:
+                evicted.append(checkpoint)
+                log.warning("memory limit reached: evicting checkpoint %s (%s), which the peer already "
+                            "holds verified; a rollback from this node is no longer possible for it",
+                            checkpoint.id, _mib(checkpoint.size), extra={"IMGMIG_CHECKPOINT": checkpoint.id})
+                self._drop_locked(checkpoint)
+        return evicted
+
     def wait_for_room(self, stop: threading.Event, what: str) -> bool:
         """Block until the store is under its limit; log once if it has to wait."""
+        with self.cond:
+            evicted = self._evict_delivered_locked()
+        for checkpoint in evicted:
+            self._emit("dropped", checkpoint)
         with self.cond:
             if self._held < self.limit:
                 return True
