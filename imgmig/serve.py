@@ -15,7 +15,7 @@ import threading
 
 from . import criu_wire
 from .kernel_io import splice_out
-from .store import Checkpoint, CheckpointFailed, ImageStore
+from .store import Checkpoint, CheckpointFailed, ImageStore, Interrupted
 from .systemd_glue import CHECKPOINT_RESTORED_ID
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,8 @@ class ServeSession:
             try:
                 image = self.store.wait_image(checkpoint, name, waiter)
                 break
+            except Interrupted:
+                raise _Hangup from None
             except CheckpointFailed:
                 if self.answered or self.stop.is_set():
                     raise
@@ -92,8 +94,6 @@ class ServeSession:
                             checkpoint.id)
                 self.checkpoint = None
                 checkpoint = self._checkpoint()
-        if waiter.is_set() and not self.stop.is_set():
-            raise _Hangup
         self.answered.add(name)
         self.sock.sendall(self.protocol.reply(image is not None))
 

@@ -37,6 +37,10 @@ class CheckpointFailed(StoreError):
     pass
 
 
+class Interrupted(StoreError):
+    """A wait ended because its stop condition was set (daemon stopping, client gone)."""
+
+
 class State(enum.Enum):
     RECEIVING = "receiving"
     COMPLETE = "complete"
@@ -243,7 +247,7 @@ class ImageStore:
                 if checkpoint.state is State.COMPLETE and not image.complete:
                     raise CheckpointFailed(f"{name} in checkpoint {checkpoint.id} never completed")
                 self.cond.wait(0.5)
-        raise CheckpointFailed("the daemon is stopping")
+        raise Interrupted(f"stopped waiting for {name}")
 
     def wait_progress(self, checkpoint: Checkpoint, seen: int, timeout: float) -> None:
         """Wait until the checkpoint's bytes or state change from `seen` (a change counter)."""
