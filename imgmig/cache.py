@@ -16,7 +16,7 @@ from .daemon import Daemon, Listener
 from .endpoints import SERVE_SOCKET, Endpoint
 from .receive import ReceiveSession
 from .serve import ServeSession
-from .status import describe_store
+from .status import RateMeter, describe_store, human_rate
 from .store import ImageStore
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,19 @@ class Cache:
             Listener(Endpoint("peer", tcp=config.cache.listen), self._on_proxy),
             Listener(Endpoint("serve", path=config.cache.images_dir / SERVE_SOCKET), self._on_restore),
         ], self.status)
-        self.receiving = 0
+        self.receiving: dict[int, ReceiveSession] = {}
+        self.receive_rate = RateMeter()
 
     def status(self) -> str:
-        link = f"receiving {self.receiving}" if self.receiving else "waiting for proxies"
+        """E.g. `1 checkpoint (1 receiving), 1.3 GiB held of 12.0 GiB; receiving from node-a (10.0.0.1)
+        at 410 MB/s on 0.0.0.0:9996`."""
+        rate = self.receive_rate.rate(self.store.bytes_in)
+        sessions = list(self.receiving.values())
+        if sessions:
+            peers = ", ".join(sorted({session.peer for session in sessions}))
+            link = f"receiving from {peers} at {human_rate(rate)}"
+        else:
+            link = "waiting for proxies"
         return f"{describe_store(self.store)}; {link} on {self.config.cache.listen}"
 
     def _on_proxy(self, conn: socket.socket, address: str) -> None:
@@ -46,11 +55,12 @@ class Cache:
             finally:
                 conn.close()
             return
-        self.receiving += 1
+        session = ReceiveSession(conn, address, self.store, self.config.node, self.daemon.stop)
+        self.receiving[id(session)] = session
         try:
-            ReceiveSession(conn, address, self.store, self.config.node, self.daemon.stop).run()
+            session.run()
         finally:
-            self.receiving -= 1
+            del self.receiving[id(session)]
 
     def _on_restore(self, conn: socket.socket, _peer: str) -> None:
         ServeSession(conn, self.store, self.daemon.stop, "cache").run()

@@ -16,12 +16,13 @@ import threading
 import time
 
 from . import criu_wire
-from .kernel_io import CHUNK
+from .kernel_io import CHUNK, grow_pipe
 from .store import Checkpoint, DuplicateImage, Image, ImageStore
 
 log = logging.getLogger(__name__)
 
 INVENTORY = "inventory.img"
+DEFAULT_PIPE = 64 << 10
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 2) | getattr(os, "SPLICE_F_MOVE", 1)
 
 
@@ -34,6 +35,7 @@ class CaptureSession:
         self.stop = stop
         self.protocol = criu_wire.CaptureConnection()
         self.pipes: dict[int, Image] = {}
+        self.grown: set[int] = set()
         self.epoll = select.epoll()
         self.control_open = True
         self.error: str | None = None
@@ -96,8 +98,14 @@ class CaptureSession:
                 return
             raise
         if moved:
+            if moved >= DEFAULT_PIPE and fd not in self.grown:
+                # CRIU's pipe was full: a large image. A larger pipe means fewer wake-ups per
+                # byte; small images never pay for the resize.
+                grow_pipe(fd)
+                self.grown.add(fd)
             self.store.grew(self.checkpoint, image, moved)
             return
+        self.grown.discard(fd)
         self.epoll.unregister(fd)
         os.close(fd)
         del self.pipes[fd]

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from . import __version__, config, systemd_glue
 from .config import Config, ConfigError
+from .fdstore import FdStore
 
 log = logging.getLogger("imgmig")
 
@@ -22,15 +23,18 @@ def _daemon_main(role: str, build: Callable[[Config], object], argv: list[str] |
     parser.add_argument("--version", action="version", version=f"imgmig {__version__}")
     args = parser.parse_args(argv)
     systemd_glue.setup_logging(f"imgmig-{role}", args.verbose)
-    passed = systemd_glue.listen_fds()
+    passed = systemd_glue.passed_fds()
     try:
         cfg = config.load(args.config)
-        daemon = build(cfg).daemon  # type: ignore[attr-defined]
-        daemon.open_sockets(passed)
+        role_object = build(cfg)
+        daemon = role_object.daemon  # type: ignore[attr-defined]
+        daemon.open_sockets(passed.sockets)
     except ConfigError as exc:
         log.error("%s", exc)
         systemd_glue.notify(f"STATUS=refused to start: {exc}")
         return EXIT_CONFIG
+    # Checkpoints kept in systemd's fd store over a restart are back before READY=1.
+    FdStore(role_object.store, role).take_back(passed.stored)  # type: ignore[attr-defined]
     return daemon.run()
 
 

@@ -7,6 +7,7 @@ the value and what is expected; the CLI prints it and exits 2.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import socket
 from dataclasses import dataclass, field
@@ -115,7 +116,10 @@ def parse_size(value: Any, total_memory: int) -> int:
             unit = text[len(digits):] or "b"
             if unit not in _UNITS or not digits:
                 raise ValueError("expected a size like 8GiB, 512MiB or 75%")
-            size = int(float(digits) * _UNITS[unit])
+            number = float(digits)
+            if not math.isfinite(number):
+                raise ValueError("expected a size like 8GiB, 512MiB or 75%")
+            size = int(number * _UNITS[unit])
     else:
         raise ValueError("expected a size like 8GiB, 512MiB or 75%")
     if size < 1 << 20:

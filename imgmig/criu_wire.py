@@ -245,3 +245,8 @@ class ServeConnection:
 
     def fds_to_close(self) -> list[int]:
         return self._reader.stray_fds()
+
+    @property
+    def mid_message(self) -> bool:
+        """Part of a request (or of the fd's dummy byte) arrived, not all of it."""
+        return self._reader.pending_bytes > 0

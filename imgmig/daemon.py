@@ -101,6 +101,8 @@ class Daemon:
             return
         conn.setblocking(True)
         peer = address[0] if isinstance(address, tuple) else "local"
+        # systemd's dual-stack socket shows IPv4 peers as ::ffff:a.b.c.d; operators expect a.b.c.d.
+        peer = peer.removeprefix("::ffff:") if "." in peer else peer
         self.spawn(f"{listener.endpoint.kind}-{peer}", listener.handler, conn, peer)
 
     def spawn(self, name: str, target: Callable[..., None], *args: object) -> None:

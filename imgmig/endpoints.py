@@ -35,20 +35,32 @@ def bind(endpoint: Endpoint) -> socket.socket:
 
 
 def _bind_unix(path: Path) -> socket.socket:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.exists() or path.is_symlink():
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise ConfigError(f"{path} exists and is not a socket; remove it or change images_dir")
-        path.unlink()
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise ConfigError(f"{path} exists and is not a socket; remove it or change images_dir")
+            path.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot create {path}: {exc.strerror}; fix images_dir or its parent "
+                          f"directories") from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(str(path))
-    os.chmod(path, 0o600)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {path}: {exc.strerror}; fix images_dir") from None
     sock.listen(16)
     return sock
 
 
 def _bind_tcp(address: HostPort) -> socket.socket:
-    infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    try:
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {address}: {exc.strerror}; use an address of this node "
+                          f"in cache.listen") from None
     family, kind, proto, _, sockaddr = infos[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -33,6 +33,7 @@ class FrameType(IntEnum):
     CHECKPOINT_DONE = 8
     RESTORED = 9
     ERROR = 10
+    DROP = 11
 
 
 class Role(IntEnum):
@@ -131,8 +132,14 @@ class Error:
     message: str
 
 
+@dataclass(frozen=True)
+class Drop:
+    """Proxy to cache: the source restored this checkpoint (a rollback); discard your copy."""
+    checkpoint: str
+
+
 Event = (Hello | CheckpointBegin | FileBegin | FileData | FileEnd | CheckpointEnd | Ack
-         | CheckpointDone | Restored | Error)
+         | CheckpointDone | Restored | Error | Drop)
 
 _U8, _U16, _U32, _U64 = (struct.Struct(f">{c}") for c in "BHIQ")
 _HEAD = struct.Struct(">IB")
@@ -151,7 +158,9 @@ def _str8(text: str, limit: int = MAX_NAME) -> bytes:
 
 
 def _str16(text: str) -> bytes:
-    raw = text.encode()[:MAX_MESSAGE]
+    # The decoder refuses control characters and broken UTF-8: never send either.
+    text = "".join(c if c.isprintable() else " " for c in text)
+    raw = text.encode()[:MAX_MESSAGE].decode(errors="ignore").encode()
     return _U16.pack(len(raw)) + raw
 
 
@@ -200,6 +209,10 @@ def encode_checkpoint_done(ok: bool, message: str) -> bytes:
 
 def encode_restored(checkpoint: str) -> bytes:
     return _frame(FrameType.RESTORED, _str8(checkpoint))
+
+
+def encode_drop(checkpoint: str) -> bytes:
+    return _frame(FrameType.DROP, _str8(checkpoint))
 
 
 def encode_error(code: ErrorCode, message: str) -> bytes:
@@ -302,6 +315,8 @@ def _decode_control(kind: FrameType, data: bytes) -> Event:
         event = CheckpointDone(body.flag(), body.message())
     elif kind is FrameType.RESTORED:
         event = Restored(body.name("checkpoint id"))
+    elif kind is FrameType.DROP:
+        event = Drop(body.name("checkpoint id"))
     else:
         event = Error(body.u16(), body.message())
     body.end()
@@ -394,6 +409,7 @@ class InboundCheckpoint:
         self.checkpoint: str | None = None
         self.ended = False
         self._names: dict[int, str] = {}
+        self._name_set: set[str] = set()  # the values of _names: a duplicate check in O(1), not O(files)
         self._received: dict[int, int] = {}
         self._open: set[int] = set()
 
@@ -411,6 +427,10 @@ class InboundCheckpoint:
             if not isinstance(event, CheckpointBegin):
                 raise PeerProtocolError(f"expected CHECKPOINT_BEGIN, got {type(event).__name__}")
             self.checkpoint = event.checkpoint
+            return
+        if isinstance(event, Drop):
+            if not self.ended or event.checkpoint != self.checkpoint:
+                raise PeerProtocolError("DROP before CHECKPOINT_END or for another checkpoint")
             return
         if self.ended:
             raise PeerProtocolError(f"{type(event).__name__} after CHECKPOINT_END")
@@ -439,10 +459,11 @@ class InboundCheckpoint:
     def _file_begin(self, event: FileBegin) -> None:
         if event.file_id in self._names:
             raise PeerProtocolError(f"file id {event.file_id} used twice")
-        if event.name in self._names.values():
+        if event.name in self._name_set:
             raise PeerProtocolError(f"file {event.name} sent twice in checkpoint {self.checkpoint}",
                                     ErrorCode.DUPLICATE_FILE)
         self._names[event.file_id] = event.name
+        self._name_set.add(event.name)
         self._received[event.file_id] = 0
         self._open.add(event.file_id)
 

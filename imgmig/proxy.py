@@ -17,7 +17,7 @@ from .daemon import Daemon, Listener
 from .endpoints import CAPTURE_SOCKET, SERVE_SOCKET, Endpoint
 from .forward import Forwarder
 from .serve import ServeSession
-from .status import describe_store
+from .status import RateMeter, describe_store, human_rate
 from .store import ImageStore
 
 
@@ -33,11 +33,24 @@ class Proxy:
             Listener(Endpoint("serve", path=images_dir / SERVE_SOCKET), self._on_restore),
         ], self.status)
         self.forwarders: set[Forwarder] = set()
+        self.forwarded_before = 0  # bytes sent by forwarders that have finished
+        self.capture_rate, self.forward_rate = RateMeter(), RateMeter()
 
     def status(self) -> str:
-        rates = sum(1 for _ in self.forwarders)
-        link = f"forwarding {rates} to {self.peer}" if rates else f"peer {self.peer}"
-        return f"{describe_store(self.store)}; {link}"
+        """E.g. `1 checkpoint (1 receiving), 1.3 GiB held of 12.0 GiB; capturing at 900 MB/s;
+        forwarding 1 to node-b (10.0.0.2:9996) at 410 MB/s`."""
+        forwarders = list(self.forwarders)
+        sent = self.forwarded_before + sum(f.bytes_sent for f in forwarders)
+        forward_rate = self.forward_rate.rate(sent)
+        capture_rate = self.capture_rate.rate(self.store.bytes_in)
+        parts = [describe_store(self.store)]
+        if capture_rate > 0:
+            parts.append(f"capturing at {human_rate(capture_rate)}")
+        if forwarders:
+            parts.append(f"forwarding {len(forwarders)} to {forwarders[0].peer_node} at {human_rate(forward_rate)}")
+        else:
+            parts.append(f"peer {self.peer} idle")
+        return "; ".join(parts)
 
     def new_checkpoint_id(self) -> str:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
@@ -56,6 +69,7 @@ class Proxy:
             forwarder.run()
         finally:
             self.forwarders.discard(forwarder)
+            self.forwarded_before += forwarder.bytes_sent
 
     def _on_restore(self, conn: socket.socket, _peer: str) -> None:
         ServeSession(conn, self.store, self.daemon.stop, "proxy").run()

@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0
 ACK_EVERY = 16 << 20
+# Bytes spliced into a memfd are hashed and reported to the store in steps of at least
+# this much (and at FILE_END): the socket hands over ~64 KiB per splice, and a mapping,
+# a digest call and a store notification for each would cost more than the bytes.
+HASH_STEP = 4 << 20
 
 
 class Refused(Exception):
@@ -47,7 +51,11 @@ class ReceiveSession:
         self.images: dict[int, Image] = {}
         self.hashers: dict[int, hashlib._Hash] = {}
         self.unacked: dict[int, int] = {}
+        self.pending: dict[int, list[int]] = {}  # file_id -> [offset, length] stored, not yet hashed
         self.send_lock = threading.Lock()
+        self.outbox: list[bytes] = []  # queued ACK frames (guarded by send_lock)
+        self.done_sent = False  # CHECKPOINT_DONE went out (guarded by send_lock)
+        self.restored_early = False  # restored before CHECKPOINT_DONE went out
         self.pipe_r, self.pipe_w = make_pipe()
         self.peer = address
         self.started = time.monotonic()
@@ -88,6 +96,7 @@ class ReceiveSession:
             if event is not None:
                 self._on_event(event)
                 continue
+            self._send_queued()
             data = self.sock.recv(65536)
             if not data:
                 self._on_eof()
@@ -95,6 +104,9 @@ class ReceiveSession:
             self.decoder.feed(data)
 
     def _on_eof(self) -> None:
+        if self.checkpoint is None and self.decoder.buffered:
+            log.error("connection from %s closed after %d bytes of an incomplete frame; nothing was received, "
+                      "check what connects to this port", self.peer, self.decoder.buffered, extra=self.fields)
         if self.checkpoint is None or self.checkpoint.state is State.RECEIVING:
             self._fail_checkpoint("the proxy closed the connection mid-checkpoint")
 
@@ -112,8 +124,18 @@ class ReceiveSession:
             self._on_file_end(event)
         elif isinstance(event, wire.CheckpointEnd):
             self._on_checkpoint_end(event)
+        elif isinstance(event, wire.Drop):
+            self._on_drop()
         elif isinstance(event, wire.Error):
             raise Refused(f"the proxy reported error {event.code}: {event.message}")
+
+    def _on_drop(self) -> None:
+        """The source node restored this checkpoint itself (a rollback): restoring it here
+        too would run the process twice, so this copy goes, even from a restore under way."""
+        assert self.checkpoint is not None
+        log.warning("checkpoint %s was restored on its source %s (a rollback); this copy is dropped so "
+                    "that the process cannot run twice", self.checkpoint.id, self.peer, extra=self.fields)
+        self.store.fail(self.checkpoint, "restored on the source node (rollback)")
 
     def _on_hello(self, hello: wire.Hello) -> None:
         self.peer = f"{hello.node} ({self.address})"
@@ -155,25 +177,56 @@ class ReceiveSession:
         written = 0
         while written < len(event.data):
             written += os.pwrite(image.fd, event.data[written:], event.offset + written)
-        self._stored(event.file_id, image, event.offset, len(event.data))
+        if event.file_id in self.pending:  # joins the range hashed from the memfd
+            self._stored(event.file_id, image, event.offset, len(event.data))
+        else:  # the bytes are at hand (small files): no mapping needed
+            self.hashers[event.file_id].update(event.data)
+            self._account(event.file_id, image, len(event.data))
 
     def _stored(self, file_id: int, image: Image, offset: int, n: int) -> None:
+        pending = self.pending.get(file_id)
+        if pending is not None and pending[0] + pending[1] != offset:
+            self._flush(file_id)
+            pending = None
+        if pending is None:
+            pending = self.pending[file_id] = [offset, 0]
+        pending[1] += n
+        if pending[1] >= HASH_STEP:
+            self._flush(file_id)
+
+    def _flush(self, file_id: int) -> None:
+        """Hash and account the bytes of file_id stored since the last flush."""
+        pending = self.pending.pop(file_id, None)
+        if pending is None:
+            return
+        image = self.images[file_id]
+        hash_region(self.hashers[file_id], image.fd, pending[0], pending[1])
+        self._account(file_id, image, pending[1])
+
+    def _account(self, file_id: int, image: Image, n: int) -> None:
         assert self.checkpoint is not None
-        hash_region(self.hashers[file_id], image.fd, offset, n)
         self.store.grew(self.checkpoint, image, n)
         self.unacked[file_id] += n
         if self.unacked[file_id] >= ACK_EVERY:
             self._ack(file_id)
 
     def _ack(self, file_id: int) -> None:
+        """Queued, sent before the next wait for data (or with the next frame): with many
+        small files, one send carries the ACKs of every file one recv() brought."""
         self.unacked[file_id] = 0
-        self._send(wire.encode_ack(file_id, self.images[file_id].size))
+        with self.send_lock:
+            self.outbox.append(wire.encode_ack(file_id, self.images[file_id].size))
+
+    def _send_queued(self) -> None:
+        if self.outbox:
+            self._send(b"")
 
     def _wait_for_room(self) -> None:
         if self.store.room() <= 0:
             self.store.wait_for_room(self.stop, f"receiving from {self.peer}")
 
     def _on_file_end(self, event: wire.FileEnd) -> None:
+        self._flush(event.file_id)
         image = self.images[event.file_id]
         digest = self.hashers.pop(event.file_id).digest()
         if not hmac.compare_digest(digest, event.digest):
@@ -188,6 +241,9 @@ class ReceiveSession:
             self._fail_checkpoint("the proxy reports the dump did not finish (CRIU failed or died)")
             self._send(wire.encode_checkpoint_done(False, "dump did not finish; checkpoint dropped"))
             return
+        # Listen before completing: a restore that already read every file finishes the
+        # moment the checkpoint is complete, and its "restored" must not be missed.
+        self.store.on_event(self._notify_restored)
         self.store.complete(self.checkpoint, clean=True)
         elapsed = time.monotonic() - self.started
         size = self.checkpoint.size
@@ -195,21 +251,39 @@ class ReceiveSession:
                  self.checkpoint.id, self.peer, len(self.images), size, elapsed,
                  size / max(elapsed, 1e-6) / 1e6,
                  extra=self.fields | {"IMGMIG_BYTES": size, "MESSAGE_ID": CHECKPOINT_COMPLETE_ID})
-        self._send(wire.encode_checkpoint_done(True, f"{len(self.images)} files verified"))
-        self.store.on_event(self._notify_restored)
+        with self.send_lock:  # RESTORED may only follow CHECKPOINT_DONE on the wire
+            self._send_locked(wire.encode_checkpoint_done(True, f"{len(self.images)} files verified"))
+            self.done_sent = True
+            restored_early, self.restored_early = self.restored_early, False
+        if restored_early:
+            self._notify_restored("restored", self.checkpoint)
 
     def _notify_restored(self, event: str, checkpoint: Checkpoint) -> None:
         if event == "restored" and checkpoint is self.checkpoint:
+            with self.send_lock:
+                if not self.done_sent:
+                    self.restored_early = True
+                    return
             with contextlib.suppress(OSError):
                 self._send(wire.encode_restored(checkpoint.id))
 
     def _send(self, frame: bytes) -> None:
         with self.send_lock:
+            self._send_locked(frame)
+
+    def _send_locked(self, frame: bytes) -> None:
+        if self.outbox:
+            frame = b"".join([*self.outbox, frame])
+            self.outbox.clear()
+        if frame:
             self.sock.sendall(frame)
 
     def _refuse(self, reason: str, code: wire.ErrorCode) -> None:
-        log.error("connection from %s refused: %s", self.peer, reason, extra=self.fields)
-        self._fail_checkpoint(reason)
+        dropped = ""
+        if self.checkpoint is not None and self.checkpoint.state is State.RECEIVING:
+            self.store.fail(self.checkpoint, reason)  # one log line for both: the refusal says it
+            dropped = f"; checkpoint {self.checkpoint.id} is dropped, dump it again"
+        log.error("connection from %s refused: %s%s", self.peer, reason, dropped, extra=self.fields)
         with contextlib.suppress(OSError):
             self._send(wire.encode_error(code, reason))
 

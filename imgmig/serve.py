@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import socket
 import threading
+import time
 
 from . import criu_wire
-from .kernel_io import splice_out
+from .kernel_io import grow_pipe, splice_out
 from .store import Checkpoint, CheckpointFailed, ImageStore, Interrupted
 from .systemd_glue import CHECKPOINT_RESTORED_ID
 
 log = logging.getLogger(__name__)
+
+SMALL_IMAGE = 64 << 10  # fits CRIU's pipe as it is
+END_GRACE = 10.0  # seconds a fully read checkpoint may wait for the sender's CHECKPOINT_END
 
 
 class _Hangup(Exception):
@@ -34,8 +37,13 @@ class _StopWhen:
     def is_set(self) -> bool:
         if self.stop.is_set():
             return True
-        ready = select.select([self.sock], [], [], 0)[0]
-        return bool(ready) and not self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        # no select(): it fails on fd numbers >= 1024, which a store of many memfds reaches
+        try:
+            return not self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
 
 class ServeSession:
@@ -56,6 +64,9 @@ class ServeSession:
                 if not data:
                     for fd in fds:
                         os.close(fd)
+                    if self.protocol.mid_message:
+                        log.error("restore connection on the %s closed by CRIU in the middle of a message; "
+                                  "connection dropped, check CRIU's log", self.role)
                     break
                 self._handle(self.protocol.receive(data, fds))
         except criu_wire.CriuProtocolError as exc:
@@ -112,10 +123,24 @@ class ServeSession:
             with self.store.using(checkpoint):
                 image = checkpoint.images[name]
                 os.set_blocking(pipe_w, True)
+                if image.size > SMALL_IMAGE:
+                    grow_pipe(pipe_w)  # CRIU's 64 KiB pipe: 16 times the wake-ups per byte on both sides
                 splice_out(image.fd, pipe_w, 0, image.size)
         finally:
             os.close(pipe_w)
         self.served.add(name)
+
+    def _await_end_of_transfer(self, checkpoint: Checkpoint) -> None:
+        """CRIU can read the last file (inventory.img, verified) before CHECKPOINT_END has
+        been processed: give the checkpoint a moment to complete, or it would be unclaimed
+        and served a second time to the next restore."""
+        deadline = time.monotonic() + END_GRACE
+        with self.store.cond:
+            while not checkpoint.done_receiving and not self.stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.store.cond.wait(min(left, 0.5))
 
     def _finish(self) -> None:
         for fd in self.protocol.fds_to_close():
@@ -124,6 +149,8 @@ class ServeSession:
         checkpoint = self.checkpoint
         if checkpoint is None:
             return
+        if self.served and self.served >= set(checkpoint.images):
+            self._await_end_of_transfer(checkpoint)
         if self.served and self.served >= set(checkpoint.images) and checkpoint.done_receiving:
             log.info("checkpoint %s restored from the %s: %d files served; its memory is released",
                      checkpoint.id, self.role, len(self.served),

@@ -94,11 +94,12 @@ class ImageStore:
         self.cond = threading.Condition()
         self._checkpoints: dict[str, Checkpoint] = {}
         self._held = 0
+        self.bytes_in = 0  # every byte ever stored: STATUS derives transfer rates from it
         self._listeners: list[Callable[[str, Checkpoint], None]] = []
 
     # ---- observation -------------------------------------------------------------
     def on_event(self, listener: Callable[[str, Checkpoint], None]) -> None:
-        """Call listener(event, checkpoint) on 'begin', 'complete', 'failed', 'restored', 'dropped'."""
+        """Call listener(event, checkpoint) on 'begin', 'complete', 'failed', 'restored', 'dropped', 'adopted'."""
         self._listeners.append(listener)
 
     def off_event(self, listener: Callable[[str, Checkpoint], None]) -> None:
@@ -132,6 +133,19 @@ class ImageStore:
         self._emit("begin", checkpoint)
         return checkpoint
 
+    def adopt(self, checkpoint_id: str, origin: str, images: list[Image]) -> Checkpoint:
+        """A complete checkpoint taken back from systemd's fd store after a restart."""
+        checkpoint = Checkpoint(checkpoint_id, origin, {image.name: image for image in images},
+                                State.COMPLETE, clean=True, finished=time.monotonic())
+        with self.cond:
+            if checkpoint_id in self._checkpoints:
+                raise StoreError(f"checkpoint {checkpoint_id} already exists")
+            self._checkpoints[checkpoint_id] = checkpoint
+            self._held += checkpoint.size
+            self.cond.notify_all()
+        self._emit("adopted", checkpoint)
+        return checkpoint
+
     def add_image(self, checkpoint: Checkpoint, name: str) -> Image:
         with self.cond:
             if name in checkpoint.images:
@@ -149,6 +163,7 @@ class ImageStore:
         """The peer holds a verified copy: this one may be evicted when memory is needed."""
         with self.cond:
             checkpoint.delivered = True
+            self.cond.notify_all()  # a writer waiting for room may evict it now
 
     def _evict_delivered_locked(self) -> list[Checkpoint]:
         evicted = []
@@ -164,24 +179,30 @@ class ImageStore:
         return evicted
 
     def wait_for_room(self, stop: threading.Event, what: str) -> bool:
-        """Block until the store is under its limit; log once if it has to wait."""
-        with self.cond:
-            evicted = self._evict_delivered_locked()
-        for checkpoint in evicted:
-            self._emit("dropped", checkpoint)
-        with self.cond:
-            if self._held < self.limit:
-                return True
-            log.warning("memory limit reached: %s holds %s of %s; %s waits until a checkpoint is "
-                        "restored or dropped (raise memory.limit if this persists)",
-                        "store", _mib(self._held), _mib(self.limit), what)
-            while self._held >= self.limit and not stop.is_set():
-                self.cond.wait(0.5)
-            return not stop.is_set()
+        """Block until the store is under its limit; log once if it has to wait. A checkpoint
+        that becomes delivered while we wait is evicted then, not only on entry."""
+        logged = False
+        while True:
+            with self.cond:
+                evicted = self._evict_delivered_locked()
+                if not evicted:
+                    if self._held < self.limit:
+                        return True
+                    if stop.is_set():
+                        return False
+                    if not logged:
+                        log.warning("memory limit reached: %s holds %s of %s; %s waits until a checkpoint is "
+                                    "restored or dropped (raise memory.limit if this persists)",
+                                    "store", _mib(self._held), _mib(self.limit), what)
+                        logged = True
+                    self.cond.wait(0.5)
+            for checkpoint in evicted:
+                self._emit("dropped", checkpoint)
 
     def grew(self, checkpoint: Checkpoint, image: Image, n: int) -> None:
         with self.cond:
             image.size += n
+            self.bytes_in += n
             if not checkpoint.dropped:
                 self._held += n
             self.cond.notify_all()

@@ -1,0 +1,274 @@
+"""Real-CRIU migrations of a real workload between two network namespaces, four ways:
+
+- imgmig: `criu restore --stream` started first on B's cache, `criu dump --stream` into
+  A's proxy; the proxy streams to the cache while the dump runs.
+- store-and-forward: the same daemons with `transfer: store-and-forward` (the proxy
+  forwards nothing until the dump ended, the cache serves nothing until all arrived).
+- disk-style: `criu dump -D` into tmpfs on A, `tar | socat -b 131072` over the veth
+  into tmpfs on B, `criu restore -D` from there.
+- floor: `criu dump -D` into tmpfs and `criu restore -D` from it, one node, no network.
+
+Freeze-to-running is timed from the start of `criu dump` until `criu restore -d`
+returned; the restored task is then checked to be counting on, killed and reaped.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from testbed import daemons, migrate, workload
+from testbed.netns import TwoNodes
+
+from .common import GB, MIB, Monitor, make_cold, note_release, prewarm, wait_images_released
+from .simulated import cache_completions
+
+TMPFS = Path("/dev/shm")
+SOCAT_BLOCK = 131072
+TAR_BLOCKS = 256  # 256 x 512 = 128 KiB records
+METHODS = ("imgmig", "disk-style", "store-and-forward", "floor")
+DISK_PORT = 9881
+STREAM_PORT = 9996
+SAF_PORT = 9997
+RUN_TIMEOUT = 180.0
+
+
+class RealBench:
+    def __init__(self, criu: Sequence[str], nodes: TwoNodes, workdir: Path, log: Callable[[str], None]) -> None:
+        self.criu = list(criu)
+        self.nodes = nodes
+        self.workdir = workdir
+        self.log = log
+        self.tmpfs = Path(TMPFS / f"imgmig-bench-{workdir.name}")
+        self.tmpfs.mkdir(parents=True, exist_ok=True)
+        self.pairs: dict[str, daemons.Pair] = {}
+        self.counts = {"imgmig": 0, "store-and-forward": 0}
+        self._stack: list[object] = []
+
+    # ---- daemons ----------------------------------------------------------------------
+    def __enter__(self) -> RealBench:
+        for method, port, transfer in (("imgmig", STREAM_PORT, "streaming"),
+                                       ("store-and-forward", SAF_PORT, "store-and-forward")):
+            ctx = daemons.proxy_and_cache(self.workdir / method, self.nodes.a, self.nodes.b, port=port,
+                                          transfer=transfer, memory_limit="60%")
+            self.pairs[method] = ctx.__enter__()
+            self._stack.append(ctx)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for ctx in reversed(self._stack):
+            ctx.__exit__(None, None, None)  # type: ignore[attr-defined]
+        shutil.rmtree(self.tmpfs, ignore_errors=True)
+
+    def daemon_pids(self, method: str = "imgmig") -> dict[str, int]:
+        pair = self.pairs[method]
+        assert pair.cache is not None and pair.cache.proc is not None and pair.proxy.proc is not None
+        return {"proxy": pair.proxy.proc.pid, "cache": pair.cache.proc.pid}
+
+    # ---- one run ------------------------------------------------------------------------
+    def run(self, method: str, mib: int, mode: str, monitor: bool = False) -> dict[str, object]:
+        """One migration of a fresh workload holding `mib` MiB; `mode` is cold or warm."""
+        state = self.workdir / f"state-{method}-{mib}.json"
+        state.unlink(missing_ok=True)
+        proc = workload.start(mib, state, log_path=self.workdir / "workload.log")
+        reaper = threading.Thread(target=proc.wait, daemon=True)
+        reaper.start()
+        restored: int | None = None
+        try:
+            before = workload.wait_state(state, lambda s: s.counter >= 3, 120)
+            if mode == "cold":
+                make_cold()
+            else:
+                prewarm(3 * (mib << 20) + (256 << 20))
+            if method in self.pairs:
+                wait_images_released(self.daemon_pids(method).values())
+            mon = Monitor(self.daemon_pids(method)) if monitor else None
+            if mon:
+                mon.__enter__()
+            if method in ("imgmig", "store-and-forward"):
+                result, restored = self._imgmig(method, proc.pid)
+            elif method == "floor":
+                result, restored = self._floor(proc.pid, reaper)
+            else:
+                result, restored = self._disk(proc.pid, reaper)
+            if mon:
+                mon.__exit__(None, None, None)
+                result["daemons"] = {name: {
+                    "cpu_s": s.cpu_s,
+                    "cpu_s_per_GB": s.cpu_s / (result["image_bytes"] / GB) if result.get("image_bytes") else None,
+                    "peak_rss_beyond_images_MiB": s.peak_rss_beyond_images / MIB,
+                    "baseline_rss_MiB": s.baseline_rss / MIB,
+                    "peak_rss_shmem_MiB": s.peak_rss_shmem / MIB,
+                    "peak_images_held_MiB": s.peak_images_held / MIB,
+                } for name, s in mon.stats.items()}
+            after = workload.wait_state(state, lambda s: s.token == before.token and s.counter > before.counter, 30)
+            if after.pid != proc.pid:
+                raise RuntimeError(f"{method}: the restored workload reports pid {after.pid}, not {proc.pid}")
+        finally:
+            if restored is not None:
+                migrate.kill_and_reap(restored)
+            migrate.kill_and_reap(proc.pid)
+            shutil.rmtree(self.tmpfs / "a", ignore_errors=True)
+            shutil.rmtree(self.tmpfs / "b", ignore_errors=True)
+            self._await_release(method)
+            note_release()
+        result.update(method=method, mib=mib, mode=mode)
+        return result
+
+    def _await_release(self, method: str) -> None:
+        pair = self.pairs.get(method)
+        if pair is None:
+            return
+        deadline = time.monotonic() + 20
+        while (pair.proxy.log().count("releasing this node's copy") < self.counts[method]
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+
+    def _imgmig(self, method: str, pid: int) -> tuple[dict[str, object], int]:
+        pair = self.pairs[method]
+        proc, rlog, pidfile = migrate.start_restore(self.criu, pair.cache_dir, self.workdir, name=f"restore-{method}")
+        try:
+            started = time.monotonic()
+            dump_s, _ = migrate.dump(self.criu, pid, pair.proxy_dir, self.workdir, name=f"dump-{method}",
+                                     timeout=RUN_TIMEOUT)
+            restored = migrate.finish_restore(proc, rlog, pidfile, RUN_TIMEOUT)
+            total = time.monotonic() - started
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.counts[method] += 1
+        done = _wait(lambda: len(cache_completions(pair)) >= self.counts[method], 10)
+        completions = cache_completions(pair) if done else []
+        out: dict[str, object] = {"total_s": total, "dump_s": dump_s, "restore_after_dump_s": total - dump_s}
+        if completions:
+            _, nbytes, seconds = completions[-1]
+            out.update(image_bytes=nbytes, link_s=seconds, link_MBps=nbytes / seconds / 1e6)
+        return out, restored
+
+    def _floor(self, pid: int, reaper: threading.Thread) -> tuple[dict[str, object], int]:
+        images = self.tmpfs / "a"
+        images.mkdir()
+        started = time.monotonic()
+        self._criu_dump(pid, images, "dump-floor")
+        dump_s = time.monotonic() - started
+        reaper.join(10)  # the dump killed the task; its PID must be free for the restore
+        restored = self._criu_restore(images, "restore-floor")
+        total = time.monotonic() - started
+        nbytes = _tree_bytes(images)
+        return {"total_s": total, "dump_s": dump_s, "restore_after_dump_s": total - dump_s,
+                "image_bytes": nbytes}, restored
+
+    def _disk(self, pid: int, reaper: threading.Thread) -> tuple[dict[str, object], int]:
+        src, dst = self.tmpfs / "a", self.tmpfs / "b"
+        src.mkdir()
+        dst.mkdir()
+        receiver = subprocess.Popen(
+            [*self.nodes.b.exec_prefix(), "sh", "-c",
+             f"socat -u -b {SOCAT_BLOCK} TCP-LISTEN:{DISK_PORT},reuseaddr STDOUT | tar -C {dst} -b {TAR_BLOCKS} -xf -"],
+            stdin=subprocess.DEVNULL)
+        try:
+            _wait_listening(self.nodes.b.exec_prefix(), DISK_PORT)
+            started = time.monotonic()
+            self._criu_dump(pid, src, "dump-disk")
+            dump_s = time.monotonic() - started
+            subprocess.run([*self.nodes.a.exec_prefix(), "sh", "-c",
+                            f"tar -C {src} -b {TAR_BLOCKS} -cf - . | "
+                            f"socat -u -b {SOCAT_BLOCK} STDIN TCP:{self.nodes.b.address}:{DISK_PORT}"],
+                           check=True, timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL)
+            if receiver.wait(RUN_TIMEOUT) != 0:
+                raise RuntimeError(f"disk-style receiver exited with {receiver.returncode}")
+            copied_s = time.monotonic() - started
+            reaper.join(10)
+            restored = self._criu_restore(dst, "restore-disk")
+            total = time.monotonic() - started
+        finally:
+            if receiver.poll() is None:
+                receiver.kill()
+                receiver.wait()
+        return {"total_s": total, "dump_s": dump_s, "copied_at_s": copied_s,
+                "restore_after_dump_s": total - dump_s, "image_bytes": _tree_bytes(dst)}, restored
+
+    def _criu_dump(self, pid: int, images: Path, name: str) -> None:
+        log = self.workdir / f"{name}.log"
+        done = subprocess.run([*self.criu, "dump", "-D", str(images), "-t", str(pid), "-o", log.name,
+                               "-W", str(self.workdir)], stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT)
+        if done.returncode != 0:
+            raise migrate.MigrationFailed(f"criu dump -D {images} exited with {done.returncode}; see {log}")
+
+    def _criu_restore(self, images: Path, name: str) -> int:
+        log, pidfile = self.workdir / f"{name}.log", self.workdir / f"{name}.pid"
+        pidfile.unlink(missing_ok=True)
+        done = subprocess.run([*self.criu, "restore", "-D", str(images), "-d", "--pidfile", str(pidfile),
+                               "-o", log.name, "-W", str(self.workdir)], stdin=subprocess.DEVNULL,
+                              timeout=RUN_TIMEOUT)
+        if done.returncode != 0:
+            raise migrate.MigrationFailed(f"criu restore -D {images} exited with {done.returncode}; see {log}")
+        return int(pidfile.read_text().strip())
+
+    # ---- the raw link -------------------------------------------------------------------
+    def link_baselines(self, nbytes: int) -> dict[str, float]:
+        """socat (128 KiB blocks) from a tmpfs file on A into a tmpfs file on B, and iperf3."""
+        src, dst = self.tmpfs / "link-src", self.tmpfs / "link-dst"
+        with open(src, "wb") as f:
+            block = bytes(range(256)) * 4096
+            for _ in range(nbytes // len(block)):
+                f.write(block)
+        out: dict[str, float] = {}
+        try:
+            prewarm(2 * nbytes)
+            receiver = subprocess.Popen([*self.nodes.b.exec_prefix(), "socat", "-u", "-b", str(SOCAT_BLOCK),
+                                         f"TCP-LISTEN:{DISK_PORT},reuseaddr", f"CREATE:{dst}"],
+                                        stdin=subprocess.DEVNULL)
+            _wait_listening(self.nodes.b.exec_prefix(), DISK_PORT)
+            started = time.monotonic()
+            subprocess.run([*self.nodes.a.exec_prefix(), "socat", "-u", "-b", str(SOCAT_BLOCK), f"OPEN:{src}",
+                            f"TCP:{self.nodes.b.address}:{DISK_PORT}"], check=True, timeout=120,
+                           stdin=subprocess.DEVNULL)
+            receiver.wait(60)
+            out["socat_128k_MBps"] = dst.stat().st_size / (time.monotonic() - started) / 1e6
+        finally:
+            src.unlink(missing_ok=True)
+            dst.unlink(missing_ok=True)
+        server = subprocess.Popen([*self.nodes.b.exec_prefix(), "iperf3", "-s", "-1", "-p", "5299"],
+                                  stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        try:
+            _wait_listening(self.nodes.b.exec_prefix(), 5299)
+            done = subprocess.run([*self.nodes.a.exec_prefix(), "iperf3", "-c", self.nodes.b.address, "-p", "5299",
+                                   "-t", "3", "-J"], capture_output=True, text=True, timeout=30,
+                                  stdin=subprocess.DEVNULL)
+            import json
+            report = json.loads(done.stdout)
+            out["iperf3_MBps"] = report["end"]["sum_received"]["bits_per_second"] / 8 / 1e6
+        finally:
+            server.wait(10)
+        note_release()
+        return out
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _wait_listening(prefix: Sequence[str], port: int, timeout: float = 10.0) -> None:
+    """Until something listens on TCP `port` inside the namespace (ss -ltn)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = subprocess.run([*prefix, "ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True)
+        if done.stdout.strip():
+            return
+        time.sleep(0.01)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout:.0f} s")

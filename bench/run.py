@@ -1,0 +1,116 @@
+"""The imgmig benchmark: `make bench` (or `python3 -m bench.run --out bench/results`).
+
+Needs root (network namespaces, CRIU), a working CRIU 4.x (testbed.criu finds or builds
+one), socat, iperf3 and python3-matplotlib. Writes results.json, results.md and
+freeze_to_running.png into --out. `--smoke` is the test suite's run: the smallest size,
+one repetition, small simulated loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from testbed import criu as testbed_criu
+from testbed import daemons, migrate, netns
+
+from . import report, simulated
+from .common import MIB, summary
+from .realcriu import METHODS, RealBench
+
+FULL = {"sizes": [256, 1024, 2048], "reps": 3, "sim_mib": 1024, "small_files": 10000,
+        "concurrent_mib": 256, "link_mib": 1024, "modes": ["cold", "warm"]}
+SMOKE = {"sizes": [256], "reps": 1, "sim_mib": 64, "small_files": 500,
+         "concurrent_mib": 16, "link_mib": 64, "modes": ["cold", "warm"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m bench.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--smoke", action="store_true", help="smallest size, one repetition (the test suite's run)")
+    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], help="MiB, e.g. 256,1024")
+    parser.add_argument("--reps", type=int)
+    parser.add_argument("--skip-real", action="store_true", help="only the simulated-client parts")
+    args = parser.parse_args(argv)
+    plan = dict(SMOKE if args.smoke else FULL)
+    if args.sizes:
+        plan["sizes"] = args.sizes
+    if args.reps:
+        plan["reps"] = args.reps
+    if os.geteuid() != 0:
+        print("bench: run as root (network namespaces and CRIU need it)", file=sys.stderr)
+        return 2
+    for tool in ("socat", "iperf3", "tar", "ip", "ss"):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} is not installed (tools/install-deps.sh installs it)", file=sys.stderr)
+            return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+
+    def log(message: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f} s] {message}", flush=True)
+
+    results: dict[str, object] = {"plan": plan, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                  "machine": _machine()}
+    workdir = Path(tempfile.mkdtemp(prefix="imgmig-b-"))  # short: UNIX socket paths <= 108 bytes
+    try:
+        migrate.become_subreaper()
+        with netns.two_nodes("imgmig-bench") as nodes:
+            log("simulated CRIU client: throughput, CPU and memory, small files, concurrency")
+            with daemons.proxy_and_cache(workdir / "sim", nodes.a, nodes.b, port=9995, memory_limit="60%") as pair:
+                results["simulated"] = simulated.run_all(
+                    pair, size=plan["sim_mib"] * MIB, reps=plan["reps"], small_count=plan["small_files"],
+                    small_size=4096, concurrent_size=plan["concurrent_mib"] * MIB, log=log)
+            if not args.skip_real:
+                criu = testbed_criu.find_criu()
+                with RealBench(criu, nodes, workdir, log) as bench:
+                    log(f"link baselines: socat 128 KiB blocks and iperf3 ({plan['link_mib']} MiB)")
+                    results["link"] = bench.link_baselines(plan["link_mib"] * MIB)
+                    results["migrations"] = _migrations(bench, plan, log)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    results["elapsed_s"] = time.monotonic() - started
+    summary_ = report.summarise(results)
+    results["summary"] = summary_
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / "results.md").write_text(report.markdown(results))
+    if "migrations" in results:
+        report.plot(results, args.out / "freeze_to_running.png")
+    log(f"done in {results['elapsed_s']:.0f} s: {args.out}/results.md, results.json, freeze_to_running.png")
+    print(report.markdown(results))
+    return 0
+
+
+def _migrations(bench: RealBench, plan: dict, log) -> list[dict[str, object]]:
+    """Every (size, mode, method), repeated, interleaved: repetition is the outer loop."""
+    runs = []
+    for rep in range(plan["reps"]):
+        for mib in plan["sizes"]:
+            for mode in plan["modes"]:
+                for method in METHODS:
+                    monitor = method == "imgmig"
+                    result = bench.run(method, mib, mode, monitor=monitor)
+                    result["rep"] = rep
+                    runs.append(result)
+                    log(f"  {method:18s} {mib:5d} MiB {mode}: freeze-to-running {result['total_s']:.2f} s "
+                        f"(dump {result['dump_s']:.2f} s)")
+    return runs
+
+
+def _machine() -> dict[str, object]:
+    return {"kernel": platform.release(), "cpus": os.cpu_count(),
+            "memory_GiB": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30), 1),
+            "python": platform.python_version()}
+
+
+__all__ = ["main", "summary"]
+
+if __name__ == "__main__":
+    sys.exit(main())

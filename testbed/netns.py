@@ -1,0 +1,97 @@
+"""Two "nodes" on one machine: network namespaces A and B joined by a veth pair.
+
+Names carry a random token so parallel runs (tests, benchmark) never collide; the
+addresses live inside the namespaces only, so every pair may reuse them. Traffic goes
+only between these two addresses (and loopback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+NETNS_DIR = Path("/run/netns")
+
+
+class NetnsUnavailable(RuntimeError):
+    """Network namespaces cannot be made here (not root, no `ip`, no kernel support)."""
+
+
+@dataclass(frozen=True)
+class Node:
+    netns: str
+    veth: str
+    address: str  # without prefix length
+    prefix_len: int
+
+    def exec_prefix(self) -> list[str]:
+        """argv prefix that runs a command inside this node's network namespace."""
+        return ns_exec_prefix(self.netns)
+
+
+@dataclass(frozen=True)
+class TwoNodes:
+    a: Node
+    b: Node
+
+
+def ns_exec_prefix(netns: str) -> list[str]:
+    return ["ip", "netns", "exec", netns]
+
+
+def run_in(netns: str, argv: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess:
+    """Run a command inside a network namespace (`ip netns exec`), checked by default."""
+    kwargs.setdefault("check", True)
+    return subprocess.run([*ns_exec_prefix(netns), *argv], **kwargs)  # type: ignore[call-overload]
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise NetnsUnavailable(f"`ip {' '.join(args)}` failed: {done.stderr.strip()}")
+
+
+@contextlib.contextmanager
+def two_nodes(prefix: str = "imgmig", address_a: str = "10.77.0.1/24",
+              address_b: str = "10.77.0.2/24", shape: str | None = None) -> Iterator[TwoNodes]:
+    """Create netns A and B joined by veth (addresses as given, lo up in both), yield
+    them, and delete both on exit, also after a failure. `shape`, e.g. "delay 5ms rate
+    1gbit", adds a netem qdisc on A's side."""
+    token = secrets.token_hex(3)
+    name_a, name_b = f"{prefix}-{token}-a", f"{prefix}-{token}-b"
+    veth_a, veth_b = f"im{token}a", f"im{token}b"  # interface names: at most 15 bytes
+    created: list[str] = []
+    try:
+        for name in (name_a, name_b):
+            _ip("netns", "add", name)
+            created.append(name)
+        _ip("link", "add", veth_a, "netns", name_a, "type", "veth", "peer", "name", veth_b, "netns", name_b)
+        nodes = TwoNodes(_configure(name_a, veth_a, address_a), _configure(name_b, veth_b, address_b))
+        if shape:
+            _ip("-n", name_a, "qdisc", "add", "dev", veth_a, "root", "netem", *shape.split())
+        yield nodes
+    finally:
+        for name in created:  # deleting a netns destroys its end of the veth, and so the pair
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+
+
+def _configure(netns: str, veth: str, cidr: str) -> Node:
+    address, _, length = cidr.partition("/")
+    _ip("-n", netns, "addr", "add", cidr, "dev", veth)
+    _ip("-n", netns, "link", "set", veth, "up")
+    _ip("-n", netns, "link", "set", "lo", "up")
+    return Node(netns, veth, address, int(length or 32))
+
+
+def available() -> tuple[bool, str]:
+    """Whether two_nodes() can work here; (ok, reason if not)."""
+    try:
+        with two_nodes("imgmig-probe"):
+            pass
+    except (NetnsUnavailable, OSError) as exc:
+        return False, str(exc)
+    return True, ""

@@ -1,0 +1,154 @@
+"""A verifiable workload for migrations: `python3 -m testbed.workload --mib N --state FILE`.
+
+It fills N MiB with a deterministic, incompressible pattern (SHAKE-128 of a seed),
+records the buffer's SHA-256, then counts forever. Every ~100 ms it replaces FILE
+(write + rename, so no file stays open across a dump) with one JSON line: pid, a
+random token drawn at start, the counter, the start digest, and the digest of the
+most recent re-verification (SIGUSR1 asks for one; the count of them is in the line).
+
+After a restore the test proves continuation (same token, counter past its pre-dump
+value) and intact memory (a fresh re-verification equals the digest expected for N
+MiB and the seed, computed independently by expected_digest()).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+CHUNK = 16 << 20
+WRITE_EVERY = 0.1
+TICK = 0.01
+
+
+def fill(buf: bytearray, seed: int) -> None:
+    """Deterministic pattern: chunk i is SHAKE-128(seed, i)."""
+    for index, offset in enumerate(range(0, len(buf), CHUNK)):
+        size = min(CHUNK, len(buf) - offset)
+        buf[offset:offset + size] = hashlib.shake_128(f"imgmig-{seed}-{index}".encode()).digest(size)
+
+
+def expected_digest(mib: int, seed: int = 1) -> str:
+    """The SHA-256 a workload of `mib` MiB and `seed` must report, computed here
+    without holding the whole buffer."""
+    total, sha = mib << 20, hashlib.sha256()
+    for index, offset in enumerate(range(0, total, CHUNK)):
+        size = min(CHUNK, total - offset)
+        sha.update(hashlib.shake_128(f"imgmig-{seed}-{index}".encode()).digest(size))
+    return sha.hexdigest()
+
+
+@dataclass(frozen=True)
+class State:
+    pid: int
+    token: str
+    counter: int
+    digest: str
+    verified_digest: str
+    verifications: int
+    mib: int
+
+    @classmethod
+    def read(cls, path: Path) -> State | None:
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+def _write_state(path: Path, state: State) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(state.__dict__) + "\n")
+    os.rename(tmp, path)
+
+
+def run(mib: int, state_path: Path, seed: int) -> None:
+    buf = bytearray(mib << 20)
+    fill(buf, seed)
+    digest = hashlib.sha256(buf).hexdigest()
+    token = os.urandom(8).hex()
+    verify = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda *_: verify.set())
+    counter, verifications, verified = 0, 0, digest
+    last_write = 0.0
+    while True:
+        counter += 1
+        if verify.is_set():
+            verify.clear()
+            verified = hashlib.sha256(buf).hexdigest()
+            verifications += 1
+            last_write = 0.0
+        now = time.monotonic()
+        if now - last_write >= WRITE_EVERY:
+            _write_state(state_path, State(os.getpid(), token, counter, digest, verified, verifications, mib))
+            last_write = now
+        time.sleep(TICK)
+
+
+def start(mib: int, state_path: Path, *, seed: int = 1, log_path: Path | None = None) -> subprocess.Popen:
+    """Start the workload as a child of the caller, in its own session (so CRIU can
+    dump it without the caller's terminal or process group), stdin from /dev/null.
+    Keep the Popen and wait() on it: the dump kills the task, and a zombie would keep
+    the PID that the restore needs."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=root)
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
+    try:
+        return subprocess.Popen([sys.executable, "-m", "testbed.workload", "--mib", str(mib),
+                                 "--state", str(state_path), "--seed", str(seed)],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
+                                start_new_session=True, close_fds=True)
+    finally:
+        if log_path:
+            out.close()  # type: ignore[union-attr]
+
+
+def wait_state(path: Path, predicate: Callable[[State], bool] = lambda _: True, timeout: float = 60.0) -> State:
+    """Poll the state file until a state satisfies predicate; TimeoutError otherwise."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = State.read(path)
+        if last is not None and predicate(last):
+            return last
+        time.sleep(0.02)
+    raise TimeoutError(f"{path}: no matching workload state within {timeout:.0f} s; last: {last}")
+
+
+def verify(pid: int, path: Path, timeout: float = 30.0) -> State:
+    """Ask the workload (SIGUSR1) to re-hash its buffer now; return the state that
+    carries that fresh digest."""
+    before = State.read(path)
+    seen = before.verifications if before else 0
+    os.kill(pid, signal.SIGUSR1)
+    return wait_state(path, lambda s: s.verifications > seen, timeout)
+
+
+def stop(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m testbed.workload", description=__doc__.split("\n")[0])
+    parser.add_argument("--mib", type=int, default=256, help="MiB of memory to fill and hold")
+    parser.add_argument("--state", type=Path, required=True, help="state file, replaced every ~100 ms")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    run(args.mib, args.state, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

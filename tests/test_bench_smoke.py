@@ -1,0 +1,83 @@
+"""A short run of the benchmark (smallest size, one repetition, small simulated loads),
+so that the harness cannot rot. It checks that the run writes its table, JSON and plot
+with sane structure; it asserts nothing about speed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from testbed import criu as testbed_criu
+from testbed import netns
+
+pytestmark = pytest.mark.realcriu
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("imgmig", "disk-style", "store-and-forward", "floor")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if os.geteuid() != 0:
+        pytest.skip("BENCHMARK SMOKE SKIPPED: NOT ROOT (CRIU and network namespaces need root)")
+    missing = [tool for tool in ("socat", "iperf3") if shutil.which(tool) is None]
+    if importlib.util.find_spec("matplotlib") is None:
+        missing.append("python3-matplotlib")
+    if missing:
+        pytest.skip(f"BENCHMARK SMOKE SKIPPED: MISSING {', '.join(missing)} (apt-get install them)")
+    ok, reason = netns.available()
+    if not ok:
+        pytest.skip(f"BENCHMARK SMOKE SKIPPED: NO NETWORK NAMESPACES HERE: {reason}")
+    try:
+        testbed_criu.find_criu()
+    except testbed_criu.CriuUnavailable as exc:
+        pytest.skip(f"BENCHMARK SMOKE SKIPPED: NO WORKING CRIU 4.x: {exc}")
+    out = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"bench.run --smoke failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    return out
+
+
+def test_writes_json_with_every_measurement(smoke: Path) -> None:
+    results = json.loads((smoke / "results.json").read_text())
+    runs = results["migrations"]
+    plan = results["plan"]
+    assert {(r["method"], r["mode"]) for r in runs} == {(m, mode) for m in METHODS for mode in plan["modes"]}
+    for run in runs:
+        assert 0 < run["dump_s"] <= run["total_s"], run
+    summary = results["summary"]
+    for key, row in summary["freeze_to_running"].items():
+        assert set(METHODS) <= set(row), key
+        assert all(value is not None and value > 0 for value in row["ratios"].values()), row["ratios"]
+    assert summary["link"]["socat_128k_MBps"] > 0 and summary["link"]["iperf3_MBps"] > 0
+    assert summary["link"]["imgmig_sim_MBps"]["median"] > 0
+    assert {"proxy (simulated)", "cache (simulated)", "proxy (real)", "cache (real)"} <= set(summary["daemons"])
+    for figures in summary["daemons"].values():
+        assert figures["cpu_s_per_GB"]["median"] > 0
+        assert figures["peak_rss_beyond_images_MiB"] > 0
+        assert figures["peak_images_held_MiB"] > 0
+    assert summary["small_files"]["median"] > 0
+    assert summary["concurrency"]["ratio"]["median"] > 0
+    assert summary["targets"] and all(t["value"] is not None for t in summary["targets"]), summary["targets"]
+
+
+def test_writes_markdown_table(smoke: Path) -> None:
+    text = (smoke / "results.md").read_text()
+    for heading in ("## 1. Freeze to running", "## 2. Dump cost", "## 3. Link", "## 4. Daemons", "## Targets"):
+        assert heading in text
+    assert "| imgmig | disk-style | store-and-forward | floor |" in text
+    assert "n/a" not in text.split("## Targets")[1]
+
+
+def test_writes_plot(smoke: Path) -> None:
+    png = (smoke / "freeze_to_running.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000

@@ -1,0 +1,421 @@
+"""The memfd image store: images, waiting, claiming, release, sealing, the memory limit."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from imgmig.store import CheckpointFailed, DuplicateImage, ImageStore, Interrupted, State, StoreError
+
+WAIT = 10.0  # bound on any wait for another thread; never reached when things work
+
+
+def write(store: ImageStore, checkpoint, image, data: bytes) -> None:
+    os.pwrite(image.fd, data, image.size)
+    store.grew(checkpoint, image, len(data))
+
+
+def complete_image(store: ImageStore, checkpoint, name: str, data: bytes):
+    image = store.add_image(checkpoint, name)
+    if data:
+        write(store, checkpoint, image, data)
+    store.finish_image(image)
+    return image
+
+
+def fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+class Background:
+    """Run a call in a thread; result() waits a bounded time and re-raises its exception."""
+
+    def __init__(self, call: Callable[[], object]) -> None:
+        self.value: object = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(call,), daemon=True)
+        self.thread.start()
+
+    def _run(self, call: Callable[[], object]) -> None:
+        try:
+            self.value = call()
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def result(self) -> object:
+        assert self.done.wait(WAIT), "the call in the background did not return"
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+@pytest.fixture
+def store():
+    store = ImageStore(1 << 30)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def stop():
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+def test_memfd_per_image(store):
+    checkpoint = store.begin("cp", "node")
+    a = store.add_image(checkpoint, "a.img")
+    b = store.add_image(checkpoint, "b.img")
+    assert a.fd != b.fd
+    assert os.readlink(f"/proc/self/fd/{a.fd}").startswith("/memfd:imgmig:a.img")
+    assert os.readlink(f"/proc/self/fd/{b.fd}").startswith("/memfd:imgmig:b.img")
+    assert not os.get_inheritable(a.fd), "memfds are close-on-exec"
+    write(store, checkpoint, a, b"hello")
+    assert os.pread(a.fd, 10, 0) == b"hello"
+    assert a.size == 5 and checkpoint.size == 5 and store.held == 5
+
+
+def test_duplicate_names_refused(store):
+    checkpoint = store.begin("cp", "node")
+    first = complete_image(store, checkpoint, "a.img", b"first")
+    with pytest.raises(DuplicateImage, match=r"a\.img"):
+        store.add_image(checkpoint, "a.img")
+    assert checkpoint.images["a.img"] is first
+    assert os.pread(first.fd, 10, 0) == b"first"
+
+
+def test_duplicate_checkpoint_refused(store):
+    store.begin("cp", "node")
+    with pytest.raises(StoreError, match="cp"):
+        store.begin("cp", "node")
+
+
+def test_wait_image_blocks_until_complete(store, stop):
+    checkpoint = store.begin("cp", "node")
+    image = store.add_image(checkpoint, "pages-1.img")
+    waiter = Background(lambda: store.wait_image(checkpoint, "pages-1.img", stop))
+    write(store, checkpoint, image, b"x" * 100)
+    assert not waiter.done.wait(0.2), "an image being written is not served"
+    store.finish_image(image)
+    assert waiter.result() is image
+
+
+def test_wait_image_for_an_image_not_yet_offered(store, stop):
+    checkpoint = store.begin("cp", "node")
+    waiter = Background(lambda: store.wait_image(checkpoint, "inventory.img", stop))
+    assert not waiter.done.wait(0.2)
+    image = complete_image(store, checkpoint, "inventory.img", b"inv")
+    assert waiter.result() is image
+
+
+def test_absent_after_complete(store, stop):
+    checkpoint = store.begin("cp", "node")
+    waiter = Background(lambda: store.wait_image(checkpoint, "memfd.img", stop))
+    complete_image(store, checkpoint, "inventory.img", b"inv")
+    assert not waiter.done.wait(0.2), "absent only once the checkpoint is complete"
+    store.complete(checkpoint, clean=True)
+    assert waiter.result() is None
+    assert store.wait_image(checkpoint, "other.img", stop) is None
+
+
+def test_incomplete_image_in_complete_checkpoint_fails(store, stop):
+    checkpoint = store.begin("cp", "node")
+    store.add_image(checkpoint, "pages-1.img")
+    store.complete(checkpoint, clean=True)
+    with pytest.raises(CheckpointFailed, match="never completed"):
+        store.wait_image(checkpoint, "pages-1.img", stop)
+
+
+def test_wait_image_on_failed_checkpoint(store, stop):
+    checkpoint = store.begin("cp", "node")
+    complete_image(store, checkpoint, "a.img", b"a")
+    waiter = Background(lambda: store.wait_image(checkpoint, "inventory.img", stop))
+    store.fail(checkpoint, "CRIU died")
+    with pytest.raises(CheckpointFailed, match="CRIU died"):
+        waiter.result()
+    with pytest.raises(CheckpointFailed):  # a failed checkpoint's complete images are not served either
+        store.wait_image(checkpoint, "a.img", stop)
+
+
+def test_wait_image_stops(store, stop):
+    checkpoint = store.begin("cp", "node")
+    waiter = Background(lambda: store.wait_image(checkpoint, "x.img", stop))
+    stop.set()
+    with pytest.raises(Interrupted, match=r"x\.img"):
+        waiter.result()
+
+
+def test_serve_only_complete_holds_images_back(stop):
+    store = ImageStore(1 << 30, serve_only_complete=True)
+    checkpoint = store.begin("cp", "node")
+    image = complete_image(store, checkpoint, "a.img", b"a")
+    waiter = Background(lambda: store.wait_image(checkpoint, "a.img", stop))
+    assert not waiter.done.wait(0.2), "store-and-forward serves nothing before the checkpoint is complete"
+    store.complete(checkpoint, clean=True)
+    assert waiter.result() is image
+    store.close()
+
+
+def test_claim_oldest_first(store, stop):
+    first = store.begin("cp-1", "node")
+    second = store.begin("cp-2", "node")
+    assert store.claim(stop) is first
+    assert first.claimed
+    assert store.claim(stop) is second
+
+
+def test_claim_skips_restored_and_failed(store, stop):
+    restored = store.begin("cp-1", "node")
+    store.complete(restored, clean=True)
+    store.restored(restored)
+    failed = store.begin("cp-2", "node")
+    store.fail(failed, "x")
+    good = store.begin("cp-3", "node")
+    assert store.claim(stop) is good
+
+
+def test_claim_waits_for_next_to_arrive(store, stop):
+    busy = store.begin("cp-1", "node")
+    assert store.claim(stop) is busy
+    waiter = Background(lambda: store.claim(stop))
+    assert not waiter.done.wait(0.2)
+    arrived = store.begin("cp-2", "node")
+    assert waiter.result() is arrived
+
+
+def test_claim_returns_none_on_stop(store, stop):
+    waiter = Background(lambda: store.claim(stop))
+    stop.set()
+    assert waiter.result() is None
+
+
+def test_unclaim_for_retry(store, stop):
+    first = store.begin("cp-1", "node")
+    store.begin("cp-2", "node")
+    assert store.claim(stop) is first
+    store.unclaim(first)
+    assert not first.claimed
+    assert store.claim(stop) is first, "a restore that gave up leaves the checkpoint for the next"
+
+
+def test_unclaim_wakes_a_waiting_claim(store, stop):
+    only = store.begin("cp-1", "node")
+    assert store.claim(stop) is only
+    waiter = Background(lambda: store.claim(stop))
+    assert not waiter.done.wait(0.2)
+    store.unclaim(only)
+    assert waiter.result() is only
+
+
+def test_restored_releases_memory(store):
+    checkpoint = store.begin("cp", "node")
+    image = complete_image(store, checkpoint, "pages-1.img", b"p" * 4096)
+    fd = image.fd
+    other = store.begin("cp-2", "node")
+    complete_image(store, other, "a.img", b"a" * 10)
+    assert store.held == 4106
+    store.complete(checkpoint, clean=True)
+    store.restored(checkpoint)
+    assert checkpoint.state is State.RESTORED
+    assert store.held == 10
+    assert store.get("cp") is None and store.get("cp-2") is other
+    assert image.fd == -1
+    assert not is_memfd_of(fd, "pages-1.img")
+
+
+def is_memfd_of(fd: int, name: str) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith(f"/memfd:imgmig:{name}")
+    except OSError:
+        return False
+
+
+def test_restored_only_from_complete(store):
+    checkpoint = store.begin("cp", "node")
+    complete_image(store, checkpoint, "a.img", b"a")
+    store.restored(checkpoint)
+    assert checkpoint.state is State.RECEIVING and store.held == 1
+
+
+def test_drop_and_fail_release_memory(store):
+    dropped = store.begin("cp-1", "node")
+    complete_image(store, dropped, "a.img", b"a" * 100)
+    failed = store.begin("cp-2", "node")
+    fd = complete_image(store, failed, "b.img", b"b" * 50).fd
+    assert store.held == 150
+    store.drop(dropped)
+    assert store.held == 50
+    store.fail(failed, "broken")
+    assert store.held == 0
+    assert failed.state is State.FAILED and failed.reason == "broken"
+    assert not is_memfd_of(fd, "b.img")
+    assert store.checkpoints() == []
+
+
+def test_growth_after_drop_not_counted(store):
+    checkpoint = store.begin("cp", "node")
+    image = store.add_image(checkpoint, "a.img")
+    write(store, checkpoint, image, b"a" * 10)
+    with store.using(checkpoint):
+        store.drop(checkpoint)
+        write(store, checkpoint, image, b"a" * 10)
+        assert store.held == 0
+
+
+def test_fail_after_restored_is_ignored(store):
+    checkpoint = store.begin("cp", "node")
+    store.complete(checkpoint, clean=True)
+    store.restored(checkpoint)
+    store.fail(checkpoint, "late")
+    assert checkpoint.state is State.RESTORED
+
+
+def test_events(store):
+    seen = []
+    store.on_event(lambda event, checkpoint: seen.append((event, checkpoint.id)))
+    a = store.begin("a", "n")
+    store.complete(a, clean=True)
+    store.restored(a)
+    b = store.begin("b", "n")
+    store.fail(b, "x")
+    c = store.begin("c", "n")
+    store.drop(c)
+    assert seen == [("begin", "a"), ("complete", "a"), ("restored", "a"), ("begin", "b"), ("failed", "b"),
+                    ("begin", "c"), ("dropped", "c")]
+
+
+def test_using_keeps_fds_open_until_readers_finish(store):
+    checkpoint = store.begin("cp", "node")
+    image = complete_image(store, checkpoint, "a.img", b"data")
+    fd = image.fd
+    with store.using(checkpoint):
+        with store.using(checkpoint):
+            store.drop(checkpoint)
+            assert store.held == 0, "memory accounting is released at once"
+            assert fd_open(fd) and os.pread(fd, 4, 0) == b"data"
+        assert fd_open(fd), "still one reader"
+    assert not is_memfd_of(fd, "a.img")
+    assert image.fd == -1
+
+
+def test_sealing(store):
+    checkpoint = store.begin("cp", "node")
+    image = store.add_image(checkpoint, "a.img")
+    write(store, checkpoint, image, b"abc")
+    store.finish_image(image, b"digest")
+    assert image.complete and image.digest == b"digest"
+    for attempt in (lambda: os.write(image.fd, b"x"),
+                    lambda: os.pwrite(image.fd, b"x", 0),
+                    lambda: os.ftruncate(image.fd, 0),
+                    lambda: os.ftruncate(image.fd, 100)):
+        with pytest.raises(PermissionError) as info:
+            attempt()
+        assert info.value.errno == errno.EPERM
+    assert os.pread(image.fd, 10, 0) == b"abc"
+    assert os.fstat(image.fd).st_size == 3
+    with pytest.raises(PermissionError):
+        fcntl.fcntl(image.fd, fcntl.F_ADD_SEALS, 0)  # sealed against further sealing changes too
+
+
+def test_memory_limit_wait_for_room(stop, caplog):
+    store = ImageStore(1 << 20)
+    checkpoint = store.begin("cp", "node")
+    complete_image(store, checkpoint, "pages-1.img", b"p" * (1 << 20))
+    assert store.room() == 0
+    with caplog.at_level(logging.WARNING, logger="imgmig.store"):
+        waiter = Background(lambda: store.wait_for_room(stop, "capture of cp-2"))
+        assert not waiter.done.wait(0.2), "no room: the writer waits"
+        store.complete(checkpoint, clean=True)
+        store.restored(checkpoint)
+        assert waiter.result() is True
+    lines = [r.getMessage() for r in caplog.records if r.name == "imgmig.store"]
+    assert len(lines) == 1, lines
+    assert "memory limit reached" in lines[0] and "capture of cp-2" in lines[0] and "memory.limit" in lines[0]
+    store.close()
+
+
+def test_memory_limit_wait_ends_on_stop(stop):
+    store = ImageStore(1 << 20)
+    checkpoint = store.begin("cp", "node")
+    complete_image(store, checkpoint, "a.img", b"p" * (1 << 20))
+    waiter = Background(lambda: store.wait_for_room(stop, "x"))
+    stop.set()
+    assert waiter.result() is False
+    store.close()
+
+
+def test_memory_limit_evicts_delivered_checkpoints_first(stop, caplog):
+    store = ImageStore(1 << 20)
+    claimed = store.begin("cp-claimed", "node")
+    complete_image(store, claimed, "a.img", b"a" * (1 << 19))
+    store.complete(claimed, clean=True)
+    store.delivered(claimed)
+    assert store.claim(stop) is claimed
+    delivered = store.begin("cp-delivered", "node")
+    complete_image(store, delivered, "a.img", b"a" * (1 << 19))
+    store.complete(delivered, clean=True)
+    store.delivered(delivered)
+    assert store.room() == 0
+    with caplog.at_level(logging.WARNING, logger="imgmig.store"):
+        assert store.wait_for_room(stop, "capture") is True
+    assert store.get("cp-delivered") is None, "a delivered checkpoint makes room"
+    assert store.get("cp-claimed") is claimed, "a checkpoint being restored is never evicted"
+    assert store.held == 1 << 19
+    assert any("evicting checkpoint cp-delivered" in r.getMessage() for r in caplog.records)
+    store.close()
+
+
+def test_memory_limit_evicts_a_checkpoint_delivered_while_waiting(stop):
+    store = ImageStore(1 << 20)
+    forwarding = store.begin("cp-1", "node")
+    complete_image(store, forwarding, "a.img", b"a" * (1 << 20))
+    store.complete(forwarding, clean=True)
+    waiter = Background(lambda: store.wait_for_room(stop, "capture of cp-2"))
+    assert not waiter.done.wait(0.2), "nothing can be evicted yet"
+    store.delivered(forwarding)  # the peer confirmed its copy: now it may go
+    assert waiter.result() is True
+    assert store.get("cp-1") is None and store.held == 0
+    store.close()
+
+
+def test_wait_for_room_under_limit_returns_at_once(store, stop, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert store.wait_for_room(stop, "x") is True
+    assert not caplog.records
+
+
+def test_progress_mark_and_wait(store):
+    checkpoint = store.begin("cp", "node")
+    mark = store.progress_mark(checkpoint)
+    image = store.add_image(checkpoint, "a.img")
+    assert store.progress_mark(checkpoint) != mark
+    mark = store.progress_mark(checkpoint)
+    waiter = Background(lambda: store.wait_progress(checkpoint, mark, WAIT))
+    write(store, checkpoint, image, b"x")
+    waiter.result()
+    assert store.progress_mark(checkpoint) != mark
+
+
+def test_close_releases_everything():
+    store = ImageStore(1 << 30)
+    fds = []
+    for n in range(3):
+        checkpoint = store.begin(f"cp-{n}", "node")
+        fds.append(complete_image(store, checkpoint, "a.img", b"a").fd)
+    store.close()
+    assert store.held == 0 and store.checkpoints() == []
+    assert not any(is_memfd_of(fd, "a.img") for fd in fds)

@@ -1,0 +1,347 @@
+"""The daemons under systemd-style activation, without a container.
+
+`systemd-socket-activate` passes listening sockets exactly as systemd does; a
+test-owned datagram socket is NOTIFY_SOCKET, so READY/STATUS/STOPPING and FDSTORE
+messages (with their fds) are read here. A tiny exec shim plays systemd's part on a
+restart: it hands the stored fds back with LISTEN_FDS/LISTEN_FDNAMES.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = "/usr/bin/python3"
+ACTIVATE = shutil.which("systemd-socket-activate")
+UNITS = REPO / "units"
+
+pytestmark = pytest.mark.skipif(ACTIVATE is None, reason="systemd-socket-activate is missing "
+                                "(apt-get install systemd): the socket-activation tests cannot run")
+
+# Sets LISTEN_PID to its own PID (kept across exec), moves the given fds to 3.., then execs.
+SHIM = """
+import fcntl, os, sys
+fds = [int(x) for x in os.environ.pop("SHIM_FDS").split(",") if x]
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1000) for fd in fds]  # out of the way of 3..
+for index, fd in enumerate(high):
+    os.dup2(fd, 3 + index, inheritable=True)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.environ["LISTEN_FDS"] = str(len(fds))
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Notifications:
+    """What the daemon told "systemd": messages in order, stored fds by name."""
+    sock: socket.socket
+    messages: list[dict[str, str]] = field(default_factory=list)
+    stored: dict[str, int] = field(default_factory=dict)
+
+    def poll(self, timeout: float = 0.1) -> None:
+        self.sock.settimeout(timeout)
+        with contextlib.suppress(TimeoutError, BlockingIOError):
+            while True:
+                data, fds, _, _ = socket.recv_fds(self.sock, 65536, 64)
+                self._take(data.decode(), fds)
+                self.sock.settimeout(0.01)
+
+    def _take(self, text: str, fds: list[int]) -> None:
+        message = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+        self.messages.append(message)
+        name = message.get("FDNAME", "stored")
+        if message.get("FDSTORE") == "1":
+            for fd in fds:
+                self.stored.setdefault(name, fd)
+        elif message.get("FDSTOREREMOVE") == "1":
+            fd = self.stored.pop(name, -1)
+            if fd >= 0:
+                os.close(fd)
+        else:
+            for fd in fds:
+                os.close(fd)
+
+    def wait_for(self, key: str, value: str | None = None, timeout: float = 20.0) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for message in self.messages:
+                if key in message and (value is None or message[key] == value):
+                    return message
+            self.poll()
+        raise AssertionError(f"no {key}={value or '*'} within {timeout:.0f} s; got {self.messages}")
+
+    def statuses(self) -> list[str]:
+        return [m["STATUS"] for m in self.messages if "STATUS" in m]
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[tuple[Path, Notifications]]:
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    notes = Notifications(sock)
+    yield path, notes
+    for fd in notes.stored.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    sock.close()
+
+
+def write_config(tmp_path: Path, port: int) -> Path:
+    config = tmp_path / "imgmig.yaml"
+    config.write_text(f"node: test-b\nmemory: {{limit: 64MiB}}\n"
+                      f"proxy: {{images_dir: {tmp_path}/proxy, peer: '127.0.0.1:{port}'}}\n"
+                      f"cache: {{images_dir: {tmp_path}/cache, listen: '127.0.0.1:{port}', allow: [127.0.0.1]}}\n")
+    (tmp_path / "cache").mkdir(exist_ok=True)
+    (tmp_path / "proxy").mkdir(exist_ok=True)
+    return config
+
+
+def env_for(notify: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "JOURNAL_", "INVOCATION"))}
+    return env | {"NOTIFY_SOCKET": str(notify), "PYTHONPATH": str(REPO)}
+
+
+def activate(listen: list[str], argv: list[str], notify: Path, log: Path,
+             extra_env: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    """systemd-socket-activate with the given Listen addresses, in the order given."""
+    # systemd-socket-activate passes on only the environment named with -E, like systemd's Environment=.
+    passed = ["-E", "NOTIFY_SOCKET", "-E", "PYTHONPATH", *extra_env]
+    command = [ACTIVATE or "", *passed, *(f"--listen={address}" for address in listen), *argv]
+    with open(log, "wb") as out:
+        return subprocess.Popen(command, env=env_for(notify), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def wait_listening(path: Path, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def poke(port: int) -> None:
+    """The first connection makes systemd-socket-activate start the daemon."""
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass
+
+
+def stop(proc: subprocess.Popen[bytes]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def cache_argv(config: Path) -> list[str]:
+    return [PYTHON, "-m", "imgmig", "cache", "--config", str(config)]
+
+
+@pytest.mark.parametrize("unix_first", [True, False], ids=["unix-then-tcp", "tcp-then-unix"])
+def test_cache_ready_status_stopping_any_fd_order(tmp_path: Path, notify_socket, unix_first: bool) -> None:
+    notify, notes = notify_socket
+    port = free_port()
+    config = write_config(tmp_path, port)
+    serve = tmp_path / "cache" / "streamer-serve.sock"
+    listen = [str(serve), f"127.0.0.1:{port}"]
+    proc = activate(listen if unix_first else listen[::-1], cache_argv(config), notify, tmp_path / "log")
+    try:
+        wait_listening(serve)
+        poke(port)
+        ready = notes.wait_for("READY", "1")
+        assert "STATUS" in ready and "0 checkpoints" in ready["STATUS"], ready
+        assert "waiting for proxies" in ready["STATUS"]
+    finally:
+        code = stop(proc)
+    notes.poll()
+    assert code == 0, (tmp_path / "log").read_text()
+    stopping = notes.wait_for("STOPPING", "1")
+    assert notes.messages.index(stopping) > notes.messages.index(ready)
+    log = (tmp_path / "log").read_text()
+    assert "passed by systemd" in log, log
+    assert notes.stored.get("imgmig-meta") is not None, "the fd-store metadata memfd was not stored"
+
+
+def test_mismatched_port_refused_with_one_line(tmp_path: Path, notify_socket) -> None:
+    notify, notes = notify_socket
+    port, other = free_port(), free_port()
+    config = write_config(tmp_path, port)   # config says `port`, the "socket unit" says `other`
+    serve = tmp_path / "cache" / "streamer-serve.sock"
+    proc = activate([str(serve), f"127.0.0.1:{other}"], cache_argv(config), notify, tmp_path / "log")
+    try:
+        wait_listening(serve)
+        poke(other)
+        code = proc.wait(20)
+    finally:
+        stop(proc)
+    assert code == 2
+    errors = [line for line in (tmp_path / "log").read_text().splitlines() if "ERROR" in line]
+    assert len(errors) == 1, errors
+    assert f"127.0.0.1:{port}" in errors[0] and f"127.0.0.1:{other}" in errors[0], errors[0]
+    notes.poll()
+    assert not any(m.get("READY") == "1" for m in notes.messages), "READY=1 sent with a wrong socket"
+    assert any("refused to start" in status for status in notes.statuses())
+
+
+def test_proxy_identifies_its_two_unix_sockets(tmp_path: Path, notify_socket) -> None:
+    notify, notes = notify_socket
+    config = write_config(tmp_path, free_port())
+    capture, serve = tmp_path / "proxy" / "streamer-capture.sock", tmp_path / "proxy" / "streamer-serve.sock"
+    argv = [PYTHON, "-m", "imgmig", "proxy", "--config", str(config)]
+    proc = activate([str(serve), str(capture)], argv, notify, tmp_path / "log")
+    try:
+        wait_listening(capture)
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(serve))  # wakes the daemon; the read side, so nothing is captured
+            ready = notes.wait_for("READY", "1")
+    finally:
+        assert stop(proc) == 0, (tmp_path / "log").read_text()
+    assert "peer 127.0.0.1" in ready["STATUS"], ready
+    log = (tmp_path / "log").read_text()
+    assert f"capture {capture}" in log and f"serve {serve}" in log, log
+
+
+def test_watchdog_keepalives(tmp_path: Path, notify_socket) -> None:
+    notify, notes = notify_socket
+    port = free_port()
+    config = write_config(tmp_path, port)
+    serve = tmp_path / "cache" / "streamer-serve.sock"
+    proc = activate([str(serve), f"127.0.0.1:{port}"], cache_argv(config), notify, tmp_path / "log",
+                    ("-E", "WATCHDOG_USEC=400000"))
+    try:
+        wait_listening(serve)
+        poke(port)
+        notes.wait_for("READY", "1")
+        time.sleep(1.0)
+        notes.poll()
+    finally:
+        stop(proc)
+    assert sum(1 for m in notes.messages if m.get("WATCHDOG") == "1") >= 3, notes.messages
+
+
+# ---- the fd store over a restart ------------------------------------------------------
+
+def _send_checkpoint(port: int, checkpoint: str, files: dict[str, bytes]) -> None:
+    """Deliver one checkpoint to the cache the way a proxy does."""
+    import hashlib
+
+    from imgmig import peer_wire as wire
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "test-a")))
+        sock.sendall(wire.encode_checkpoint_begin(checkpoint))
+        for file_id, (name, data) in enumerate(files.items()):
+            sock.sendall(wire.encode_file_begin(file_id, name))
+            for offset in range(0, len(data), 1 << 20):
+                sock.sendall(wire.encode_file_data(file_id, offset, data[offset:offset + (1 << 20)]))
+            sock.sendall(wire.encode_file_end(file_id, len(data), hashlib.sha256(data).digest()))
+        sock.sendall(wire.encode_checkpoint_end(True, len(files), sum(map(len, files.values()))))
+        decoder = wire.FrameDecoder()
+        while True:
+            event = decoder.next_event()
+            if isinstance(event, wire.CheckpointDone):
+                assert event.ok, event
+                return
+            if event is None:
+                data = sock.recv(65536)
+                assert data, "the cache closed the connection before CHECKPOINT_DONE"
+                decoder.feed(data)
+
+
+def _restore_all(path: Path, names: list[str]) -> dict[str, bytes | None]:
+    """Play `criu restore --stream`: ask for each name, read what exists."""
+    from imgmig import criu_wire
+    got: dict[str, bytes | None] = {}
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(path))
+        for name in names:
+            sock.sendall(criu_wire.encode_request(name))
+            reply = sock.recv(6, socket.MSG_WAITALL)
+            if not criu_wire.decode_reply_body(reply[4:]):
+                got[name] = None
+                continue
+            read_end, write_end = os.pipe()
+            socket.send_fds(sock, [b"\0"], [write_end])
+            os.close(write_end)
+            chunks = []
+            while chunk := os.read(read_end, 1 << 16):
+                chunks.append(chunk)
+            os.close(read_end)
+            got[name] = b"".join(chunks)
+    return got
+
+
+def _run_with_fds(argv: list[str], sockets: list[socket.socket], stored: dict[str, int], notify: Path,
+                  log: Path) -> subprocess.Popen[bytes]:
+    """Start the daemon the way systemd restarts it: sockets first, then the fd store, by name."""
+    ordered = [(sock.fileno(), "imgmig-cache.socket") for sock in sockets] + [
+        (fd, name) for name, fd in reversed(stored.items())]  # stored fds come in any order
+    numbers = [fd for fd, _ in ordered]
+    env = env_for(notify) | {"SHIM_FDS": ",".join(map(str, numbers)),
+                             "LISTEN_FDNAMES": ":".join(name for _, name in ordered)}
+    with open(log, "ab") as out:
+        return subprocess.Popen([PYTHON, "-c", SHIM, *argv], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                pass_fds=numbers, start_new_session=True)
+
+
+def test_fd_store_keeps_a_checkpoint_over_a_restart(tmp_path: Path, notify_socket) -> None:
+    notify, notes = notify_socket
+    port = free_port()
+    config = write_config(tmp_path, port)
+    serve_path = tmp_path / "cache" / "streamer-serve.sock"
+    tcp = socket.create_server(("127.0.0.1", port))
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(str(serve_path))
+    unix.listen(8)
+    files = {"inventory.img": b"inventory" * 100, "pages-1.img": os.urandom(3 << 20), "core-1.img": b"core"}
+    log = tmp_path / "log"
+    first = _run_with_fds(cache_argv(config), [tcp, unix], {}, notify, log)
+    try:
+        notes.wait_for("READY", "1")
+        _send_checkpoint(port, "test-a-1", files)
+        deadline = time.monotonic() + 10
+        while len([n for n in notes.stored if n.startswith("img-")]) < len(files):
+            assert time.monotonic() < deadline, f"images not stored: {notes.stored}"
+            notes.poll()
+    finally:
+        assert stop(first) == 0, log.read_text()
+    notes.poll()
+    stored = dict(notes.stored)
+    assert "imgmig-meta" in stored
+    notes.messages.clear()
+
+    second = _run_with_fds(cache_argv(config), [unix, tcp], stored, notify, log)
+    try:
+        ready = notes.wait_for("READY", "1")
+        assert ready["STATUS"].startswith("1 checkpoint,"), ready
+        got = _restore_all(serve_path, [*files, "absent.img"])
+        assert got == {**files, "absent.img": None}
+        deadline = time.monotonic() + 10
+        while any(name.startswith("img-") for name in notes.stored):
+            assert time.monotonic() < deadline, f"restored images were not released: {notes.stored}"
+            notes.poll()
+    finally:
+        assert stop(second) == 0, log.read_text()
+        tcp.close()
+        unix.close()
+    assert "taken back from systemd's fd store" in log.read_text()
