@@ -48,8 +48,11 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     if runs:
         out["freeze_to_running"] = ftr
         out["dump"] = dump
+        out["phases"] = _phases(results, runs)
     sim = results.get("simulated") or {}
     link = dict(results.get("link") or {})
+    if "socat_128k_runs_MBps" in link:
+        link["socat_128k_MBps"] = summary(link.pop("socat_128k_runs_MBps"))
     if sim.get("throughput"):
         link["imgmig_sim_MBps"] = summary([r["link_MBps"] for r in sim["throughput"]])
         link["imgmig_sim_end_to_end_MBps"] = summary([r["end_to_end_MBps"] for r in sim["throughput"]])
@@ -58,7 +61,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     if real and all("link_MBps" in r for r in real):
         link["imgmig_real_dump_MBps"] = summary([r["link_MBps"] for r in real])
     if "socat_128k_MBps" in link and "imgmig_sim_MBps" in link:
-        link["ratio_imgmig_sim/socat"] = ratio(link["imgmig_sim_MBps"]["median"], link["socat_128k_MBps"])
+        link["ratio_imgmig_sim/socat"] = ratio(link["imgmig_sim_MBps"]["median"], link["socat_128k_MBps"]["median"])
     out["link"] = link
     daemons: dict[str, Any] = {}
     for label, rows in (("simulated", sim.get("throughput") or []), ("real", real)):
@@ -83,6 +86,28 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         }
     out["targets"] = _targets(out, size)
     return out
+
+
+def _phases(results: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians of each phase's end, seconds after the dump started: where the time goes."""
+    phases: dict[str, Any] = {}
+    for mib in results["plan"]["sizes"]:
+        for mode in results["plan"]["modes"]:
+            row: dict[str, Any] = {}
+            for method in METHODS:
+                sel = [r for r in runs if r["mib"] == mib and r["mode"] == mode and r["method"] == method]
+                if not sel:
+                    continue
+                moved = [r.get("link_s", r.get("copied_at_s")) for r in sel]
+                row[method] = {
+                    "dump": summary([r["dump_s"] for r in sel]),
+                    "moved": summary([m for m in moved if m is not None]) if all(m is not None for m in moved)
+                    else None,
+                    "restore_after_moved": summary([r["total_s"] - m for r, m in zip(sel, moved, strict=True)])
+                    if all(m is not None for m in moved) else summary([r["total_s"] - r["dump_s"] for r in sel]),
+                }
+            phases[f"{mib}/{mode}"] = row
+    return phases
 
 
 def _targets(s: dict[str, Any], size: int | None) -> list[dict[str, Any]]:
@@ -140,6 +165,16 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {mib} | {mode} | " + " | ".join(_fmt(row.get(m)) for m in METHODS) + " | "
                          + " | ".join(_fmt(r[k]) for k in ("imgmig/disk-style", "imgmig/store-and-forward",
                                                            "imgmig/floor")) + " |")
+        lines += ["", "### Where the time goes (medians, seconds after `criu dump` started)", "",
+                  "'moved': imgmig and store-and-forward, the cache logged the checkpoint complete and verified "
+                  "(timed by the cache from CHECKPOINT_BEGIN); disk-style, tar|socat finished on B. 'restore': "
+                  "from then until `criu restore -d` returned (floor: from the end of the dump).", "",
+                  "| size MiB | memory | method | dump ended | moved | restore |", "|---|---|---|---|---|---|"]
+        for key, row in s["phases"].items():
+            mib, mode = key.split("/")
+            for method, ph in row.items():
+                lines.append(f"| {mib} | {mode} | {method} | {_fmt(ph['dump'])} | {_fmt(ph['moved'])} | "
+                             f"{_fmt(ph['restore_after_moved'])} |")
         lines += ["", "## 2. Dump cost (`criu dump` duration)", "",
                   "| size MiB | memory | --stream into proxy (streaming) | --stream into proxy (forwarding held) | "
                   "-D tmpfs (floor runs) | -D tmpfs (disk-style runs) | streaming/tmpfs | held/tmpfs |",

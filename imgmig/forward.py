@@ -9,6 +9,7 @@ a rollback restore on this node).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -35,10 +36,15 @@ SEND_STEP = 1 << 20
 SMALL_FILE = 64 << 10
 SMALL_BATCH = 96  # frames (32 small files) per send
 CONNECT_TIMEOUT = 10.0
+LINGER_AFTER_FAILURE = 2.0
 
 
 class PeerGone(Exception):
     pass
+
+
+class DumpFailed(Exception):
+    """The capture failed; the cache has been told and the capture already logged why."""
 
 
 @dataclass
@@ -52,7 +58,8 @@ class _Outgoing:
 
 class Forwarder:
     def __init__(self, store: ImageStore, checkpoint: Checkpoint, peer: HostPort, node: str,
-                 stop: threading.Event, *, wait_for_complete: bool = False) -> None:
+                 stop: threading.Event, *, wait_for_complete: bool = False,
+                 after: threading.Event | None = None) -> None:
         self.store = store
         self.checkpoint = checkpoint
         self.peer = peer
@@ -65,6 +72,14 @@ class Forwarder:
         self.active: list[_Outgoing] = []  # begun, not yet ended
         self.bytes_sent = 0
         self.peer_node = str(peer)
+        # Checkpoints reach the cache in the order CRIU connected: this one's
+        # CHECKPOINT_BEGIN waits until the cache answered the previous forwarder's (`after`)
+        # with its first frame (which it sends only once that checkpoint is in its store),
+        # or that forwarder ended.
+        self.after = after
+        self.begun = threading.Event()
+        self.sending = False  # inside a blocking send of file bytes
+        self.begin_sent = False
 
     @property
     def fields(self) -> dict[str, str]:
@@ -72,23 +87,47 @@ class Forwarder:
 
     def run(self) -> None:
         started = time.monotonic()
+        self.store.on_event(self._on_store_event)
         try:
             with self.store.using(self.checkpoint):
                 self._connect()
                 self._stream()
             self._await_done(started)
             self._await_restored()
+        except DumpFailed:
+            self._linger()
         except (OSError, PeerGone, wire.PeerProtocolError) as exc:
             self._report_failure(exc)
         finally:
+            self.store.off_event(self._on_store_event)
+            self.begun.set()
             if self.sock is not None:
                 self.sock.close()
+
+    def _on_store_event(self, event: str, checkpoint: Checkpoint) -> None:
+        """A dump that fails while the cache back-pressures us would leave this thread
+        blocked in a send, and the cache waiting for memory it would never get back: cut
+        the link, which the cache takes as the checkpoint failing."""
+        if event == "failed" and checkpoint is self.checkpoint and self.sending and self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _linger(self) -> None:
+        """Let the cache read our last frames: closing with its ACKs unread would reset the
+        connection and it would log a reset instead of the reason."""
+        assert self.sock is not None
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.settimeout(LINGER_AFTER_FAILURE)
+            while self.sock.recv(65536):
+                pass
+        except OSError:
+            pass
 
     def _report_failure(self, exc: BaseException) -> None:
         if self.stop.is_set():
             return
-        state = self.checkpoint.state
-        if state is State.RESTORED or (state is State.FAILED and self.sock is None):
+        if self.checkpoint.state in (State.RESTORED, State.FAILED):
             return
         log.error("forwarding checkpoint %s to %s failed: %s; the checkpoint stays on this node "
                   "(restore it here from the proxy's images_dir for a rollback), check the cache "
@@ -107,7 +146,10 @@ class Forwarder:
             raise wire.PeerProtocolError(f"expected the cache's HELLO, got {type(hello).__name__}")
         self.peer_node = f"{hello.node} ({self.peer})"
         self.sock.settimeout(None)
+        if self.after is not None:
+            self.after.wait(CONNECT_TIMEOUT)
         self.sock.sendall(wire.encode_checkpoint_begin(self.checkpoint.id))
+        self.begin_sent = True
         log.info("checkpoint %s: forwarding to %s", self.checkpoint.id, self.peer_node, extra=self.fields)
 
     def _stream(self) -> None:
@@ -117,7 +159,7 @@ class Forwarder:
                 self._send_available()
             if self.checkpoint.state is State.FAILED:
                 self._send(wire.encode_checkpoint_end(False, len(self.outgoing), self.bytes_sent))
-                raise PeerGone(f"the dump failed ({self.checkpoint.reason})")
+                raise DumpFailed
             if not receiving and not self.active and len(self.outgoing) == len(self.checkpoint.images):
                 break
             self._drain_acks()
@@ -192,13 +234,17 @@ class Forwarder:
         end = out.image.size
         if not complete and end - out.sent < SEND_STEP:
             return
-        while out.sent < end:
-            n = min(end - out.sent, FRAME_PAYLOAD)
-            hash_region(out.hasher, out.image.fd, out.sent, n)
-            self._send(wire.encode_file_data_header(out.file_id, out.sent, n))
-            sendfile_all(self.sock.fileno(), out.image.fd, out.sent, n)
-            out.sent += n
-            self.bytes_sent += n
+        self.sending = True
+        try:
+            while out.sent < end:
+                n = min(end - out.sent, FRAME_PAYLOAD)
+                hash_region(out.hasher, out.image.fd, out.sent, n)
+                self._send(wire.encode_file_data_header(out.file_id, out.sent, n))
+                sendfile_all(self.sock.fileno(), out.image.fd, out.sent, n)
+                out.sent += n
+                self.bytes_sent += n
+        finally:
+            self.sending = False
         if complete and not out.ended:
             self._send(wire.encode_file_end(out.file_id, out.sent, out.hasher.digest()))
             out.ended = True
@@ -212,11 +258,17 @@ class Forwarder:
         while True:
             event = self.decoder.next_event()
             if event is not None:
+                self._answered()
                 return event
             data = self.sock.recv(65536)
             if not data:
                 raise PeerGone("the cache closed the connection")
             self.decoder.feed(data)
+
+    def _answered(self) -> None:
+        """A frame from the cache after our CHECKPOINT_BEGIN: it holds our checkpoint now."""
+        if self.begin_sent:
+            self.begun.set()
 
     def _drain_acks(self) -> None:
         assert self.sock is not None
@@ -228,6 +280,7 @@ class Forwarder:
             raise PeerGone("the cache closed the connection mid-checkpoint")
         self.decoder.feed(data)
         while (event := self.decoder.next_event()) is not None:
+            self._answered()
             if isinstance(event, wire.Error):
                 raise PeerGone(f"the cache reported: {event.message}")
 
@@ -249,7 +302,10 @@ class Forwarder:
     def _await_restored(self) -> None:
         assert self.sock is not None
         self.sock.settimeout(0.5)
-        while not self.stop.is_set() and self.checkpoint.state is not State.RESTORED:
+        while not self.stop.is_set():
+            if self.checkpoint.state is State.RESTORED:
+                self._send_drop()
+                return
             try:
                 event = self._next_event()
             except TimeoutError:
@@ -264,6 +320,18 @@ class Forwarder:
                          self.checkpoint.id, self.peer_node, extra=self.fields)
                 self.store.drop(self.checkpoint)
                 return
+
+    def _send_drop(self) -> None:
+        """Restored here (a rollback): the cache's copy must not be restored as well."""
+        try:
+            self._send(wire.encode_drop(self.checkpoint.id))
+        except OSError as exc:
+            log.error("checkpoint %s was restored on this node, but %s could not be told to drop its copy "
+                      "(%s): do not restore it there, or the process runs twice; restart imgmig-cache "
+                      "there to discard it", self.checkpoint.id, self.peer_node, _describe(exc), extra=self.fields)
+            return
+        log.info("checkpoint %s was restored on this node (rollback); %s told to drop its copy",
+                 self.checkpoint.id, self.peer_node, extra=self.fields)
 
 
 def _describe(exc: BaseException) -> str:

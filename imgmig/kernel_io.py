@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import mmap
 import os
+import select
 from typing import Protocol
 
 CHUNK = 1 << 20
@@ -76,3 +77,10 @@ def splice_in(src: int, pipe_r: int, pipe_w: int, fd: int, offset: int, count: i
     while left:
         left -= os.splice(pipe_r, fd, left, offset_dst=offset + moved - left)
     return moved
+
+
+def hung_up(fd: int) -> bool:
+    """The peer of a stream socket closed or shut down its side (without reading from it)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLRDHUP)
+    return bool(poller.poll(0))

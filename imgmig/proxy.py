@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import socket
+import threading
 import time
 
 from .capture import CaptureSession
@@ -27,6 +28,8 @@ class Proxy:
         self.peer = require_proxy_peer(config)
         self.store = ImageStore(config.memory_limit)
         self.counter = itertools.count(1)
+        self.begin_lock = threading.Lock()
+        self.last_begun: threading.Event | None = None
         images_dir = config.proxy.images_dir
         self.daemon = Daemon("imgmig-proxy", [
             Listener(Endpoint("capture", path=images_dir / CAPTURE_SOCKET), self._on_capture),
@@ -57,9 +60,11 @@ class Proxy:
         return f"{self.config.node}-{stamp}-{next(self.counter)}"
 
     def _on_capture(self, conn: socket.socket, _peer: str) -> None:
-        checkpoint = self.store.begin(self.new_checkpoint_id(), self.config.node)
-        forwarder = Forwarder(self.store, checkpoint, self.peer, self.config.node, self.daemon.stop,
-                              wait_for_complete=self.config.store_and_forward)
+        with self.begin_lock:
+            checkpoint = self.store.begin(self.new_checkpoint_id(), self.config.node)
+            forwarder = Forwarder(self.store, checkpoint, self.peer, self.config.node, self.daemon.stop,
+                                  wait_for_complete=self.config.store_and_forward, after=self.last_begun)
+            self.last_begun = forwarder.begun
         self.daemon.spawn(f"forward-{checkpoint.id}", self._forward, forwarder)
         CaptureSession(conn, self.store, checkpoint, self.daemon.stop).run()
 

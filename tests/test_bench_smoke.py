@@ -58,7 +58,7 @@ def test_writes_json_with_every_measurement(smoke: Path) -> None:
     for key, row in summary["freeze_to_running"].items():
         assert set(METHODS) <= set(row), key
         assert all(value is not None and value > 0 for value in row["ratios"].values()), row["ratios"]
-    assert summary["link"]["socat_128k_MBps"] > 0 and summary["link"]["iperf3_MBps"] > 0
+    assert summary["link"]["socat_128k_MBps"]["median"] > 0 and summary["link"]["iperf3_MBps"] > 0
     assert summary["link"]["imgmig_sim_MBps"]["median"] > 0
     assert {"proxy (simulated)", "cache (simulated)", "proxy (real)", "cache (real)"} <= set(summary["daemons"])
     for figures in summary["daemons"].values():

@@ -226,7 +226,6 @@ def test_two_checkpoints_back_to_back(daemons):
     pair = daemons()
     first, second = checkpoint_images("first"), checkpoint_images("second")
     dump(pair.proxy_dir, first)
-    pair.cache_log.wait_for(r"begins from")  # see test_back_to_back_dumps_keep_their_order below
     dump(pair.proxy_dir, second)
     pair.cache_log.wait_for(r"complete from", count=2)
     assert_restores(restore(pair.cache_dir, restore_order(first)), first)
@@ -236,9 +235,6 @@ def test_two_checkpoints_back_to_back(daemons):
     assert not pair.cache_log.errors(new=False)
 
 
-@pytest.mark.xfail(strict=False, reason="proxy.py/forward.py: each checkpoint's Forwarder connects in its own "
-                   "thread, and the cache orders checkpoints by CHECKPOINT_BEGIN arrival; a second dump right "
-                   "after a small first one can overtake it in the handshake, so restores get them swapped")
 def test_back_to_back_dumps_keep_their_order(daemons):
     pair = daemons()
     tags = [f"order-{n}" for n in range(8)]
@@ -307,6 +303,12 @@ def test_rollback_restore_from_the_proxy(daemons):
     pair.proxy_log.wait_for(r"forwarded to .*verified by the cache")
     assert_restores(restore(pair.proxy_dir, restore_order(images)), images)
     pair.proxy_log.wait_for(r"restored from the proxy: 9 files served")
+    pair.proxy_log.wait_for(r"restored on this node \(rollback\); .* told to drop its copy")
+    pair.cache_log.wait_for(r"restored on its source .* this copy is dropped")
+    later = checkpoint_images("after-rollback")
+    dump(pair.proxy_dir, later)
+    # The next restore on the cache gets the next checkpoint, never the rolled-back one.
+    assert_restores(restore(pair.cache_dir, restore_order(later)), later)
 
 
 # ---- a dump that dies ----------------------------------------------------------------------
@@ -572,9 +574,6 @@ def test_memory_limit_back_pressure_loses_nothing(daemons):
     assert_restores(restore(pair.cache_dir, restore_order(second)), second)
 
 
-@pytest.mark.xfail(strict=True, reason="forward.py: Forwarder._report_failure also logs 'forwarding checkpoint X "
-                   "failed: the dump failed (...); the checkpoint stays on this node (restore it here ... for a "
-                   "rollback)' for a checkpoint the capture already failed and dropped")
 def test_failed_dump_is_one_error_line_on_the_proxy(daemons):
     pair = daemons()
     pair.set_marks()
@@ -601,3 +600,32 @@ def test_sigterm_stops_daemons_mid_checkpoint(daemons):
     os.close(pages)
     client.close()
     assert not (pair.proxy_dir / "streamer-capture.sock").exists(), "socket files are removed on exit"
+
+
+WEDGED_DUMP = textwrap.dedent("""
+    import os, sys
+    from imgmig import criu_sim
+    client = criu_sim.DumpClient(sys.argv[1])
+    pages = client.open_image("pages-1.img")
+    print("ready", flush=True)
+    criu_sim.write_all(pages, b"w" * (24 << 20))
+""")
+
+
+def test_dump_dying_while_waiting_for_memory_frees_it(daemons):
+    """A dump blocked by the proxy's memory limit that then dies must not hold that memory
+    forever: the capture notices CRIU is gone, fails the checkpoint and releases it."""
+    pair = daemons(memory_limit="16MiB")
+    child = subprocess.Popen([PYTHON, "-c", WEDGED_DUMP, str(pair.proxy_dir)], stdout=subprocess.PIPE,
+                             env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        assert child.stdout.readline() == b"ready\n"
+        pair.proxy_log.wait_for(r"memory limit reached: .* of 16\.0 MiB; checkpoint \S+ capture waits")
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+    pair.proxy_log.wait_for(r"checkpoint .* failed: the dump ended without inventory.img")
+    after = checkpoint_images("after-wedge")
+    dump(pair.proxy_dir, after)
+    assert_restores(restore(pair.cache_dir, restore_order(after)), after)

@@ -165,5 +165,9 @@ def test_rollback_restore_from_proxy(criu: list[str], nodes: netns.TwoNodes, wor
         assert_continues(live_workload, restored, at_dump)
         pair.proxy.wait_log("restored from the proxy", 10)
         pair.proxy.wait_released()
+        if cache_running:
+            # The cache must not keep a copy that would start the process a second time.
+            pair.cache.wait_log("restored on its source", 10)
+            pair.cache.wait_released()
         statuses = pair.stop()
     assert_clean_stop(pair, statuses, ("proxy", "cache") if cache_running else ("proxy",))
