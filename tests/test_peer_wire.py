@@ -48,6 +48,7 @@ ROUNDTRIPS = [
     (wire.encode_checkpoint_done(True, "12 files verified"), CheckpointDone(True, "12 files verified")),
     (wire.encode_checkpoint_done(False, ""), CheckpointDone(False, "")),
     (wire.encode_restored("cp-1"), Restored("cp-1")),
+    (wire.encode_drop("cp-1"), wire.Drop("cp-1")),
     (wire.encode_error(ErrorCode.DIGEST_MISMATCH, "bad digest"), wire.Error(ErrorCode.DIGEST_MISMATCH, "bad digest")),
 ]
 
@@ -153,11 +154,12 @@ def test_exact_bytes_file_end_checkpoint_end_ack():
 def test_exact_bytes_done_restored_error():
     assert wire.encode_checkpoint_done(True, "ok") == b"\x00\x00\x00\x06\x08\x01\x00\x02ok"
     assert wire.encode_restored("cp") == b"\x00\x00\x00\x04\x09\x02cp"
+    assert wire.encode_drop("cp") == b"\x00\x00\x00\x04\x0b\x02cp"
     assert wire.encode_error(ErrorCode.VERSION, "v") == b"\x00\x00\x00\x06\x0a\x00\x02\x00\x01v"
 
 
 def test_frame_type_numbers():
-    assert [t.value for t in FrameType] == list(range(1, 11))
+    assert [t.value for t in FrameType] == list(range(1, 12))
     assert [c.value for c in ErrorCode] == list(range(1, 7))
 
 
@@ -274,7 +276,7 @@ MALFORMED = {
     "empty node": (raw_frame(1, hello_body(node=b"\x00")), "invalid node", ErrorCode.PROTOCOL),
     "node not utf-8": (raw_frame(1, hello_body(node=b"\x02\xff\xfe")), "UTF-8", ErrorCode.PROTOCOL),
     "unknown type 0": (raw_frame(0, b""), "unknown frame type 0", ErrorCode.PROTOCOL),
-    "unknown type 11": (raw_frame(11, b""), "unknown frame type 11", ErrorCode.PROTOCOL),
+    "unknown type 12": (raw_frame(12, b""), "unknown frame type 12", ErrorCode.PROTOCOL),
     "unknown type 255": (raw_frame(255, b"x"), "unknown frame type 255", ErrorCode.PROTOCOL),
     "control length 0": (b"\x00\x00\x00\x00\x02", "length 0", ErrorCode.PROTOCOL),
     "control too long": (struct.pack(">IB", wire.MAX_CONTROL_FRAME + 1, 2), "length", ErrorCode.PROTOCOL),
@@ -360,6 +362,16 @@ def test_order_full_checkpoint():
     assert order.name_of(1) == "pagemap-1.img"
     order.check(CheckpointEnd(True, 2, 14))
     assert order.ended and order.checkpoint == "cp-1"
+    order.check(wire.Drop("cp-1"))
+
+
+def test_order_drop_only_after_end_and_for_this_checkpoint():
+    order = started()
+    with pytest.raises(PeerProtocolError, match="DROP before CHECKPOINT_END"):
+        order.check(wire.Drop("cp-1"))
+    order.check(CheckpointEnd(True, 0, 0))
+    with pytest.raises(PeerProtocolError, match="for another checkpoint"):
+        order.check(wire.Drop("cp-2"))
 
 
 def test_order_hello_first():

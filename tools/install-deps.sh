@@ -17,6 +17,16 @@ PACKAGES=(
     iproute2           # ip netns / veth: the two "nodes"
     debootstrap        # builds the Debian trixie tree that provides CRIU 4.x
     systemd-container  # systemd-nspawn for the system tests
+    util-linux         # nsenter into the containers
+    debhelper          # building the .deb: dpkg-buildpackage -us -uc -b
+    dh-python
+    pybuild-plugin-pyproject
+    python3-all
+    python3-setuptools
+    lintian
+    socat              # the benchmark's disk-style baseline
+    iperf3             # the benchmark's link baseline
+    python3-matplotlib # the benchmark's plot
     ca-certificates
 )
 
