@@ -66,7 +66,7 @@ def check_config(path: str) -> int:
         return EXIT_CONFIG
     peer = cfg.proxy.peer or "not set (the proxy role cannot run)"
     print(f"{path}: valid")
-    print(f"  node {cfg.node}; transfer {cfg.transfer}; memory limit {cfg.memory_limit} bytes")
+    print(f"  node {cfg.node}; transfer {cfg.transfer}; digest {cfg.digest}; memory limit {cfg.memory_limit} bytes")
     print(f"  proxy: images_dir {cfg.proxy.images_dir}, peer {peer}")
     allow = ", ".join(str(net) for net in cfg.cache.allow) or "nobody"
     print(f"  cache: images_dir {cfg.cache.images_dir}, listen {cfg.cache.listen}, allow {allow}")

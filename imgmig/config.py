@@ -19,6 +19,7 @@ import yaml
 DEFAULT_PATH = "/etc/imgmig/imgmig.yaml"
 DEFAULT_PORT = 9996
 TRANSFER_MODES = ("streaming", "store-and-forward")
+DIGESTS = ("xxh3-128", "sha256")
 
 _UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -57,6 +58,7 @@ class Config:
     cache: CacheConfig
     memory_limit: int
     transfer: str = "streaming"
+    digest: str = "xxh3-128"
     source: str = field(default="<defaults>", compare=False)
 
     @property
@@ -67,6 +69,7 @@ class Config:
 _SCHEMA: dict[str, Any] = {
     "node": None,
     "transfer": None,
+    "digest": None,
     "proxy": {"images_dir": None, "peer": None},
     "cache": {"images_dir": None, "listen": None, "allow": None},
     "memory": {"limit": None},
@@ -194,6 +197,9 @@ def _build(raw: Any, where: str) -> Config:
     transfer = raw.get("transfer", "streaming")
     if transfer not in TRANSFER_MODES:
         raise _fail(where, "transfer", transfer, "expected one of " + ", ".join(TRANSFER_MODES))
+    digest = raw.get("digest", "xxh3-128")
+    if digest not in DIGESTS:
+        raise _fail(where, "digest", digest, "expected one of " + ", ".join(DIGESTS))
     proxy_raw, cache_raw = _section(raw, "proxy"), _section(raw, "cache")
     proxy = ProxyConfig(
         images_dir=_path(proxy_raw.get("images_dir"), "proxy.images_dir", "/run/imgmig/proxy", where),
@@ -211,7 +217,7 @@ def _build(raw: Any, where: str) -> Config:
     except ValueError as exc:
         raise _fail(where, "memory.limit", limit_raw, str(exc)) from None
     return Config(node=node, proxy=proxy, cache=cache, memory_limit=limit,
-                  transfer=transfer, source=where)
+                  transfer=transfer, digest=digest, source=where)
 
 
 def _host_port(value: Any, key: str, where: str, *, required_port: bool) -> HostPort | None:

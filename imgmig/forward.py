@@ -10,17 +10,17 @@ a rollback restore on this node).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import logging
 import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import peer_wire as wire
 from .config import HostPort
+from .digest import Digester, new_hasher, usable
 from .kernel_io import hash_region, sendfile_all
 from .store import Checkpoint, Image, ImageStore, State
 
@@ -51,7 +51,7 @@ class DumpFailed(Exception):
 class _Outgoing:
     image: Image
     file_id: int
-    hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
+    hasher: Digester
     sent: int = 0
     ended: bool = False
 
@@ -59,7 +59,7 @@ class _Outgoing:
 class Forwarder:
     def __init__(self, store: ImageStore, checkpoint: Checkpoint, peer: HostPort, node: str,
                  stop: threading.Event, *, wait_for_complete: bool = False,
-                 after: threading.Event | None = None) -> None:
+                 after: threading.Event | None = None, digest: wire.Digest = wire.Digest.SHA256) -> None:
         self.store = store
         self.checkpoint = checkpoint
         self.peer = peer
@@ -80,6 +80,7 @@ class Forwarder:
         self.begun = threading.Event()
         self.sending = False  # inside a blocking send of file bytes
         self.begin_sent = False
+        self.digest = usable(digest)  # offered in HELLO; the cache's HELLO says which is used
 
     @property
     def fields(self) -> dict[str, str]:
@@ -138,12 +139,15 @@ class Forwarder:
         host, port = self.peer.host, self.peer.port
         self.sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, self.node)))
+        self.sock.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, self.node, self.digest)))
         hello = self._next_event()
         if isinstance(hello, wire.Error):
             raise PeerGone(f"the cache refused us: {hello.message}")
         if not isinstance(hello, wire.Hello) or hello.role is not wire.Role.CACHE:
             raise wire.PeerProtocolError(f"expected the cache's HELLO, got {type(hello).__name__}")
+        if hello.digest not in (self.digest, wire.Digest.SHA256):
+            raise wire.PeerProtocolError(f"the cache chose digest {hello.digest.name}, which was not offered")
+        self.digest = hello.digest
         self.peer_node = f"{hello.node} ({self.peer})"
         self.sock.settimeout(None)
         if self.after is not None:
@@ -194,7 +198,7 @@ class Forwarder:
         fresh = list(itertools.islice(images.values(), len(self.outgoing), None))
         batch: list[bytes] = []  # frames of complete small files, sent together
         for image in fresh:
-            out = self.outgoing[image.name] = _Outgoing(image, len(self.outgoing))
+            out = self.outgoing[image.name] = _Outgoing(image, len(self.outgoing), new_hasher(self.digest))
             if image.complete and image.size <= SMALL_FILE:
                 self._frame_small(out, batch)
                 if len(batch) >= SMALL_BATCH:

@@ -43,6 +43,7 @@ class Role(IntEnum):
 
 class Digest(IntEnum):
     SHA256 = 1
+    XXH3_128 = 2
 
 
 class Auth(IntEnum):

@@ -8,6 +8,7 @@ Read side: streamer-serve.sock serves the proxy's own copy (a rollback restore h
 from __future__ import annotations
 
 import itertools
+import logging
 import socket
 import threading
 import time
@@ -15,11 +16,14 @@ import time
 from .capture import CaptureSession
 from .config import Config, require_proxy_peer
 from .daemon import Daemon, Listener
+from .digest import NAMES, usable
 from .endpoints import CAPTURE_SOCKET, SERVE_SOCKET, Endpoint
 from .forward import Forwarder
 from .serve import ServeSession
 from .status import RateMeter, describe_store, human_rate
 from .store import ImageStore
+
+log = logging.getLogger(__name__)
 
 
 class Proxy:
@@ -29,6 +33,10 @@ class Proxy:
         self.store = ImageStore(config.memory_limit)
         self.counter = itertools.count(1)
         self.begin_lock = threading.Lock()
+        self.digest = usable(NAMES[config.digest])
+        if self.digest is not NAMES[config.digest]:
+            log.warning("digest %s is configured but python3-xxhash is not installed; using sha256 "
+                        "(install python3-xxhash for the faster digest)", config.digest)
         self.last_begun: threading.Event | None = None
         images_dir = config.proxy.images_dir
         self.daemon = Daemon("imgmig-proxy", [
@@ -63,7 +71,8 @@ class Proxy:
         with self.begin_lock:
             checkpoint = self.store.begin(self.new_checkpoint_id(), self.config.node)
             forwarder = Forwarder(self.store, checkpoint, self.peer, self.config.node, self.daemon.stop,
-                                  wait_for_complete=self.config.store_and_forward, after=self.last_begun)
+                                  wait_for_complete=self.config.store_and_forward, after=self.last_begun,
+                                  digest=self.digest)
             self.last_begun = forwarder.begun
         self.daemon.spawn(f"forward-{checkpoint.id}", self._forward, forwarder)
         CaptureSession(conn, self.store, checkpoint, self.daemon.stop).run()

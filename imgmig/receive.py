@@ -8,7 +8,6 @@ may be served.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import hmac
 import logging
 import os
@@ -17,6 +16,7 @@ import threading
 import time
 
 from . import peer_wire as wire
+from .digest import LABELS, Digester, new_hasher, usable
 from .kernel_io import hash_region, hung_up, make_pipe, splice_in
 from .store import Checkpoint, Image, ImageStore, State, StoreError
 from .systemd_glue import CHECKPOINT_COMPLETE_ID
@@ -49,7 +49,8 @@ class ReceiveSession:
         self.order = wire.InboundCheckpoint()
         self.checkpoint: Checkpoint | None = None
         self.images: dict[int, Image] = {}
-        self.hashers: dict[int, hashlib._Hash] = {}
+        self.hashers: dict[int, Digester] = {}
+        self.digest = wire.Digest.SHA256
         self.unacked: dict[int, int] = {}
         self.pending: dict[int, list[int]] = {}  # file_id -> [offset, length] stored, not yet hashed
         self.send_lock = threading.Lock()
@@ -139,7 +140,8 @@ class ReceiveSession:
 
     def _on_hello(self, hello: wire.Hello) -> None:
         self.peer = f"{hello.node} ({self.address})"
-        self._send(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.CACHE, self.node)))
+        self.digest = usable(hello.digest)
+        self._send(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.CACHE, self.node, self.digest)))
         self.sock.settimeout(None)
 
     def _on_begin(self, begin: wire.CheckpointBegin) -> None:
@@ -155,7 +157,7 @@ class ReceiveSession:
     def _on_file_begin(self, event: wire.FileBegin) -> None:
         assert self.checkpoint is not None
         self.images[event.file_id] = self.store.add_image(self.checkpoint, event.name)
-        self.hashers[event.file_id] = hashlib.sha256()
+        self.hashers[event.file_id] = new_hasher(self.digest)
         self.unacked[event.file_id] = 0
 
     def _splice_payload(self, file_id: int, offset: int, left: int) -> bool:
@@ -236,8 +238,8 @@ class ReceiveSession:
         image = self.images[event.file_id]
         digest = self.hashers.pop(event.file_id).digest()
         if not hmac.compare_digest(digest, event.digest):
-            raise Refused(f"{image.name}: SHA-256 mismatch (got {digest.hex()[:16]}..., the proxy sent "
-                          f"{event.digest.hex()[:16]}...)", wire.ErrorCode.DIGEST_MISMATCH)
+            raise Refused(f"{image.name}: {LABELS[self.digest]} digest mismatch (got {digest.hex()[:16]}..., "
+                          f"the proxy sent {event.digest.hex()[:16]}...)", wire.ErrorCode.DIGEST_MISMATCH)
         self.store.finish_image(image, digest)
         self._ack(event.file_id)
 
@@ -253,9 +255,9 @@ class ReceiveSession:
         self.store.complete(self.checkpoint, clean=True)
         elapsed = time.monotonic() - self.started
         size = self.checkpoint.size
-        log.info("checkpoint %s complete from %s: %d files, %d bytes in %.2f s (%.0f MB/s), digests verified",
+        log.info("checkpoint %s complete from %s: %d files, %d bytes in %.2f s (%.0f MB/s), %s digests verified",
                  self.checkpoint.id, self.peer, len(self.images), size, elapsed,
-                 size / max(elapsed, 1e-6) / 1e6,
+                 size / max(elapsed, 1e-6) / 1e6, LABELS[self.digest],
                  extra=self.fields | {"IMGMIG_BYTES": size, "MESSAGE_ID": CHECKPOINT_COMPLETE_ID})
         with self.send_lock:  # RESTORED may only follow CHECKPOINT_DONE on the wire
             self._send_locked(wire.encode_checkpoint_done(True, f"{len(self.images)} files verified"))

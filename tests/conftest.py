@@ -135,11 +135,13 @@ class Pair:
 
 
 def write_config(tmp: Path, *, port: int, memory_limit: str = "1GiB", allow: str = "[127.0.0.1]",
-                 transfer: str = "streaming", cache_host: str = "127.0.0.1", peer_port: int | None = None) -> Path:
+                 transfer: str = "streaming", cache_host: str = "127.0.0.1", peer_port: int | None = None,
+                 digest: str = "xxh3-128") -> Path:
     path = tmp / "imgmig.yaml"
     path.write_text(
         f"node: test-node\n"
         f"transfer: {transfer}\n"
+        f"digest: {digest}\n"
         f"proxy:\n  images_dir: {tmp / 'proxy'}\n  peer: '{cache_host}:{peer_port or port}'\n"
         f"cache:\n  images_dir: {tmp / 'cache'}\n  listen: '{cache_host}:{port}'\n  allow: {allow}\n"
         f"memory:\n  limit: {memory_limit}\n")

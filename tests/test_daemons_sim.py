@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import xxhash
 from conftest import PYTHON, REPO, Pair, wait_until
 
 from imgmig import criu_sim, criu_wire
@@ -152,11 +153,12 @@ def read_events(sock: socket.socket, until: Callable[[wire.Event], bool] | None 
         decoder.feed(data)
 
 
-def fake_proxy(pair: Pair, checkpoint: str) -> socket.socket:
+def fake_proxy(pair: Pair, checkpoint: str, digest: wire.Digest = wire.Digest.SHA256) -> socket.socket:
     sock = peer_connect(pair)
-    sock.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "fake-proxy")))
+    sock.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "fake-proxy", digest)))
     events = read_events(sock, until=lambda e: isinstance(e, wire.Hello))
     assert isinstance(events[-1], wire.Hello) and events[-1].role is wire.Role.CACHE
+    assert events[-1].digest is digest, "the cache must verify with the digest the proxy offers"
     sock.sendall(wire.encode_checkpoint_begin(checkpoint))
     return sock
 
@@ -188,7 +190,7 @@ def test_interleaved_files(daemons):
             client.write_image(name, data)
     client.close()
     pair.proxy_log.wait_for(r"captured: 9 files")
-    pair.cache_log.wait_for(r"complete from .*9 files.*digests verified")
+    pair.cache_log.wait_for(r"complete from .*9 files.*xxh3-128 digests verified")
     assert_restores(restore(pair.cache_dir, restore_order(images)), images)
     pair.cache_log.wait_for(r"restored from the cache: 9 files served; its memory is released")
     pair.proxy_log.wait_for(r"was restored on .*releasing this node's copy")
@@ -535,7 +537,7 @@ def test_digest_mismatch_never_served(daemons):
     events = wait_received_eof(sock)
     sock.close()
     assert isinstance(events[-1], wire.Error) and events[-1].code == wire.ErrorCode.DIGEST_MISMATCH, events
-    one_error(pair.cache_log, r"refused: inventory\.img: SHA-256 mismatch.*checkpoint bad-digest is dropped")
+    one_error(pair.cache_log, r"refused: inventory\.img: sha256 digest mismatch.*checkpoint bad-digest is dropped")
     dump(pair.proxy_dir, good)
     got = waiting.result()
     assert got["inventory.img"] != bad_inventory
@@ -629,3 +631,25 @@ def test_dump_dying_while_waiting_for_memory_frees_it(daemons):
     after = checkpoint_images("after-wedge")
     dump(pair.proxy_dir, after)
     assert_restores(restore(pair.cache_dir, restore_order(after)), after)
+
+
+def test_sha256_digest_when_configured(daemons):
+    pair = daemons(digest="sha256")
+    images = checkpoint_images("sha256")
+    dump(pair.proxy_dir, images)
+    pair.cache_log.wait_for(r"complete from .*sha256 digests verified")
+    assert_restores(restore(pair.cache_dir, restore_order(images)), images)
+
+
+def test_xxh3_digest_mismatch_never_served(daemons):
+    """The faster digest is checked as strictly as SHA-256: a forged file is refused."""
+    pair = daemons()
+    pair.set_marks()
+    sock = fake_proxy(pair, "bad-xxh3", wire.Digest.XXH3_128)
+    forged = b"forged inventory"
+    sock.sendall(wire.encode_file_begin(0, "inventory.img") + wire.encode_file_data(0, 0, forged)
+                 + wire.encode_file_end(0, len(forged), xxhash.xxh3_128(b"something else").digest()))
+    events = wait_received_eof(sock)
+    sock.close()
+    assert isinstance(events[-1], wire.Error) and events[-1].code == wire.ErrorCode.DIGEST_MISMATCH, events
+    one_error(pair.cache_log, r"refused: inventory\.img: xxh3-128 digest mismatch")
