@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -58,7 +59,8 @@ def deb(workdir: Path) -> Path:
     if missing:
         _skip(f"MISSING TOOLS {', '.join(missing)} (run tools/install-deps.sh)")
     started = time.monotonic()
-    package, _ = containers.build_deb(workdir / "build")
+    package, changes = containers.build_deb(workdir / "build")
+    _lintian_clean(package, changes)
     print(f"built {package.name} in {time.monotonic() - started:.1f} s")
     return package
 
@@ -99,6 +101,15 @@ def _wait(predicate, what: str, timeout: float = 30.0) -> None:  # type: ignore[
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.2)
+
+
+def _lintian_clean(package: Path, changes: Path) -> None:
+    """The package must pass lintian with no error, warning, info or pedantic tag left over."""
+    done = subprocess.run(["lintian", "-EIL", "+pedantic", str(changes), str(package)],
+                          capture_output=True, text=True, env={**os.environ, "LC_ALL": "C.UTF-8"})
+    tags = [line for line in done.stdout.splitlines() if line[:2] in ("E:", "W:", "I:", "P:")]
+    print(f"lintian: exit {done.returncode}, tags {tags}")
+    assert done.returncode == 0 and not tags, done.stdout + done.stderr
 
 
 def _ready(node: containers.Container, unit: str) -> dict[str, str]:
