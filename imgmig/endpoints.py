@@ -121,4 +121,4 @@ def _describe(sock: socket.socket) -> str:
     name = sock.getsockname()
     if sock.family == socket.AF_UNIX:
         return str(name) or "unnamed unix socket"
-    return f"tcp {name[0]}:{name[1]}"
+    return f"tcp {HostPort(name[0], name[1])}"
