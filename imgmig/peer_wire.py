@@ -454,9 +454,6 @@ class InboundCheckpoint:
                                     f"expected {self._received[file_id]}")
         self._received[file_id] += length
 
-    def name_of(self, file_id: int) -> str:
-        return self._names[file_id]
-
     def _file_begin(self, event: FileBegin) -> None:
         if event.file_id in self._names:
             raise PeerProtocolError(f"file id {event.file_id} used twice")

@@ -270,16 +270,6 @@ class ImageStore:
                 self.cond.wait(0.5)
         raise Interrupted(f"stopped waiting for {name}")
 
-    def wait_progress(self, checkpoint: Checkpoint, seen: int, timeout: float) -> None:
-        """Wait until the checkpoint's bytes or state change from `seen` (a change counter)."""
-        with self.cond:
-            if self.progress_mark(checkpoint) == seen:
-                self.cond.wait(timeout)
-
-    def progress_mark(self, checkpoint: Checkpoint) -> int:
-        return hash((checkpoint.size, checkpoint.state, len(checkpoint.images),
-                     sum(image.complete for image in checkpoint.images.values())))
-
     # ---- release -----------------------------------------------------------------
     def restored(self, checkpoint: Checkpoint) -> None:
         with self.cond:

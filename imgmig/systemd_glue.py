@@ -59,11 +59,6 @@ def passed_fds() -> PassedFds:
     return PassedFds(sockets, stored)
 
 
-def listen_fds() -> list[int]:
-    """Only the passed listening sockets (kept for callers that need nothing else)."""
-    return passed_fds().sockets
-
-
 def under_systemd() -> bool:
     return _sd_daemon is not None and bool(os.environ.get("NOTIFY_SOCKET"))
 

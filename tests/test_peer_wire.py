@@ -359,7 +359,6 @@ def test_order_full_checkpoint():
     order.check_payload(0, 3, 10)
     order.check(FileEnd(1, 1, DIGEST))
     order.check(FileEnd(0, 13, DIGEST))
-    assert order.name_of(1) == "pagemap-1.img"
     order.check(CheckpointEnd(True, 2, 14))
     assert order.ended and order.checkpoint == "cp-1"
     order.check(wire.Drop("cp-1"))

@@ -398,18 +398,6 @@ def test_wait_for_room_under_limit_returns_at_once(store, stop, caplog):
     assert not caplog.records
 
 
-def test_progress_mark_and_wait(store):
-    checkpoint = store.begin("cp", "node")
-    mark = store.progress_mark(checkpoint)
-    image = store.add_image(checkpoint, "a.img")
-    assert store.progress_mark(checkpoint) != mark
-    mark = store.progress_mark(checkpoint)
-    waiter = Background(lambda: store.wait_progress(checkpoint, mark, WAIT))
-    write(store, checkpoint, image, b"x")
-    waiter.result()
-    assert store.progress_mark(checkpoint) != mark
-
-
 def test_close_releases_everything():
     store = ImageStore(1 << 30)
     fds = []
