@@ -16,7 +16,7 @@ import threading
 import time
 
 from . import criu_wire
-from .kernel_io import CHUNK, grow_pipe, hung_up
+from .kernel_io import CHUNK, UntilHangup, grow_pipe
 from .store import Checkpoint, DuplicateImage, Image, ImageStore
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class CaptureSession:
         self.epoll = select.epoll()
         self.control_open = True
         self.error: str | None = None
+        self.criu_gone = UntilHangup(stop, sock.fileno())
 
     def run(self) -> None:
         """Drain the connection and every pipe; then complete or fail the checkpoint."""
@@ -47,8 +48,8 @@ class CaptureSession:
         self.epoll.register(self.sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
         try:
             while (self.control_open or self.pipes) and not self.stop.is_set():
-                if self.store.room() <= 0 and not self.criu_gone():
-                    self.store.wait_for_room(self, f"checkpoint {self.checkpoint.id} capture")
+                if self.store.room() <= 0 and not self.criu_gone.is_set():
+                    self.store.wait_for_room(self.criu_gone, f"checkpoint {self.checkpoint.id} capture")
                 for fd, _ in self.epoll.poll(0.5):
                     if fd == self.sock.fileno():
                         self._on_control()
@@ -58,16 +59,6 @@ class CaptureSession:
             self.error = f"protocol error from CRIU: {exc}"
         finally:
             self._finish()
-
-    def is_set(self) -> bool:
-        """The stop condition of a wait for memory: the daemon stops or CRIU went away."""
-        return self.stop.is_set() or self.criu_gone()
-
-    def criu_gone(self) -> bool:
-        """CRIU hung up. Its pipes then hold at most a pipe buffer each: they are drained
-        past the memory limit so that a dump that died while waiting for memory ends (and
-        frees its memory) instead of holding it forever."""
-        return not self.control_open or hung_up(self.sock.fileno())
 
     def _on_control(self) -> None:
         try:

@@ -12,6 +12,7 @@ import fcntl
 import mmap
 import os
 import select
+import threading
 from typing import Protocol
 
 CHUNK = 1 << 20
@@ -80,7 +81,20 @@ def splice_in(src: int, pipe_r: int, pipe_w: int, fd: int, offset: int, count: i
 
 
 def hung_up(fd: int) -> bool:
-    """The peer of a stream socket closed or shut down its side (without reading from it)."""
+    """The peer of a stream socket closed or shut down its side (without reading from it).
+    poll(), not select(): select fails on fd numbers >= 1024, which many memfds reach."""
     poller = select.poll()
     poller.register(fd, select.POLLRDHUP)
     return bool(poller.poll(0))
+
+
+class UntilHangup:
+    """The stop condition of a store wait: the daemon stops, or the peer on `fd` hung up.
+    A writer that waits for memory stops waiting then and drains what is left (at most a
+    socket or pipe buffer), so a dead peer's checkpoint ends and frees its memory."""
+
+    def __init__(self, stop: threading.Event, fd: int) -> None:
+        self.stop, self.fd = stop, fd
+
+    def is_set(self) -> bool:
+        return self.stop.is_set() or hung_up(self.fd)

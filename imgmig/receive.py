@@ -17,7 +17,7 @@ import time
 
 from . import peer_wire as wire
 from .digest import LABELS, Digester, new_hasher, usable
-from .kernel_io import hash_region, hung_up, make_pipe, splice_in
+from .kernel_io import UntilHangup, hash_region, make_pipe, splice_in
 from .store import Checkpoint, Image, ImageStore, State, StoreError
 from .systemd_glue import CHECKPOINT_COMPLETE_ID
 
@@ -224,14 +224,9 @@ class ReceiveSession:
             self._send(b"")
 
     def _wait_for_room(self) -> None:
-        if self.store.room() <= 0 and not hung_up(self.sock.fileno()):
-            self.store.wait_for_room(self, f"receiving from {self.peer}")
-
-    def is_set(self) -> bool:
-        """The stop condition of a wait for memory: the daemon stops or the proxy hung up.
-        What the socket still holds is then read past the limit (at most its buffer), so a
-        failed checkpoint ends and frees its memory instead of waiting forever."""
-        return self.stop.is_set() or hung_up(self.sock.fileno())
+        proxy_gone = UntilHangup(self.stop, self.sock.fileno())
+        if self.store.room() <= 0 and not proxy_gone.is_set():
+            self.store.wait_for_room(proxy_gone, f"receiving from {self.peer}")
 
     def _on_file_end(self, event: wire.FileEnd) -> None:
         self._flush(event.file_id)

@@ -14,7 +14,7 @@ import threading
 import time
 
 from . import criu_wire
-from .kernel_io import grow_pipe, splice_out
+from .kernel_io import UntilHangup, grow_pipe, splice_out
 from .store import Checkpoint, CheckpointFailed, ImageStore, Interrupted
 from .systemd_glue import CHECKPOINT_RESTORED_ID
 
@@ -26,24 +26,6 @@ END_GRACE = 10.0  # seconds a fully read checkpoint may wait for the sender's CH
 
 class _Hangup(Exception):
     pass
-
-
-class _StopWhen:
-    """A stop condition for store waits: daemon stopping, or CRIU hung up on us."""
-
-    def __init__(self, stop: threading.Event, sock: socket.socket) -> None:
-        self.stop, self.sock = stop, sock
-
-    def is_set(self) -> bool:
-        if self.stop.is_set():
-            return True
-        # no select(): it fails on fd numbers >= 1024, which a store of many memfds reaches
-        try:
-            return not self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
 
 
 class ServeSession:
@@ -91,7 +73,7 @@ class ServeSession:
 
     def _answer(self, name: str) -> None:
         checkpoint = self._checkpoint()
-        waiter = _StopWhen(self.stop, self.sock)
+        waiter = UntilHangup(self.stop, self.sock.fileno())
         while True:
             try:
                 image = self.store.wait_image(checkpoint, name, waiter)
@@ -110,7 +92,7 @@ class ServeSession:
 
     def _checkpoint(self) -> Checkpoint:
         if self.checkpoint is None:
-            self.checkpoint = self.store.claim(_StopWhen(self.stop, self.sock))
+            self.checkpoint = self.store.claim(UntilHangup(self.stop, self.sock.fileno()))
             if self.checkpoint is None:
                 raise _Hangup
             log.info("restore connected on the %s: serving checkpoint %s", self.role, self.checkpoint.id,
