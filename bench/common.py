@@ -21,7 +21,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgmig import criu_sim, criu_wire
+from imgmig import criu_sim
+from imgmig.protocol import criu_wire
 
 MIB = 1 << 20
 GB = 10**9

@@ -2,7 +2,7 @@
 
 import sys
 
-from .cli import cache_main, main, proxy_main
+from imgmig.commands.cli import cache_main, main, proxy_main
 
 ROLES = {"proxy": proxy_main, "cache": cache_main}
 

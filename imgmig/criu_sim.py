@@ -15,8 +15,8 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from . import criu_wire
-from .endpoints import CAPTURE_SOCKET, SERVE_SOCKET
+from imgmig.protocol import criu_wire
+from imgmig.roles.endpoints import CAPTURE_SOCKET, SERVE_SOCKET
 
 _LEN = struct.Struct("<I" if sys.byteorder == "little" else ">I")
 

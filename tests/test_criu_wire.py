@@ -1,4 +1,4 @@
-"""Byte-level tests of imgmig.criu_wire, CRIU's `--stream` protocol codec."""
+"""Byte-level tests of imgmig.protocol.criu_wire, CRIU's `--stream` protocol codec."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from imgmig import criu_wire
-from imgmig.criu_wire import (
+from imgmig.protocol import criu_wire
+from imgmig.protocol.criu_wire import (
     CaptureConnection,
     CriuProtocolError,
     ImageOffered,

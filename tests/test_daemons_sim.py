@@ -23,8 +23,9 @@ import pytest
 import xxhash
 from conftest import PYTHON, REPO, Pair, wait_until
 
-from imgmig import criu_sim, criu_wire
-from imgmig import peer_wire as wire
+from imgmig import criu_sim
+from imgmig.protocol import criu_wire
+from imgmig.protocol import peer_wire as wire
 
 IO_TIMEOUT = 30.0
 LEN = struct.Struct("<I" if sys.byteorder == "little" else ">I")

@@ -5,8 +5,9 @@ import hashlib
 import pytest
 import xxhash
 
-from imgmig import config, digest
-from imgmig import peer_wire as wire
+from imgmig import config
+from imgmig.datapath import digest
+from imgmig.protocol import peer_wire as wire
 
 
 def test_new_hasher_computes_the_named_digest():

@@ -1,4 +1,4 @@
-"""Byte-level tests of imgmig.peer_wire, the proxy <-> cache protocol codec.
+"""Byte-level tests of imgmig.protocol.peer_wire, the proxy <-> cache protocol codec.
 
 Frames are `u32 BE length (counts type + body) | u8 type | body`, integers big-endian.
 """
@@ -10,8 +10,8 @@ import struct
 
 import pytest
 
-from imgmig import peer_wire as wire
-from imgmig.peer_wire import (
+from imgmig.protocol import peer_wire as wire
+from imgmig.protocol.peer_wire import (
     Ack,
     CheckpointBegin,
     CheckpointDone,

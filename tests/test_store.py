@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from imgmig.store import CheckpointFailed, DuplicateImage, ImageStore, Interrupted, State, StoreError
+from imgmig.datapath.store import CheckpointFailed, DuplicateImage, ImageStore, Interrupted, State, StoreError
 
 WAIT = 10.0  # bound on any wait for another thread; never reached when things work
 
@@ -336,13 +336,13 @@ def test_memory_limit_wait_for_room(stop, caplog):
     checkpoint = store.begin("cp", "node")
     complete_image(store, checkpoint, "pages-1.img", b"p" * (1 << 20))
     assert store.room() == 0
-    with caplog.at_level(logging.WARNING, logger="imgmig.store"):
+    with caplog.at_level(logging.WARNING, logger="imgmig.datapath.store"):
         waiter = Background(lambda: store.wait_for_room(stop, "capture of cp-2"))
         assert not waiter.done.wait(0.2), "no room: the writer waits"
         store.complete(checkpoint, clean=True)
         store.restored(checkpoint)
         assert waiter.result() is True
-    lines = [r.getMessage() for r in caplog.records if r.name == "imgmig.store"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "imgmig.datapath.store"]
     assert len(lines) == 1, lines
     assert "memory limit reached" in lines[0] and "capture of cp-2" in lines[0] and "memory.limit" in lines[0]
     store.close()
@@ -370,7 +370,7 @@ def test_memory_limit_evicts_delivered_checkpoints_first(stop, caplog):
     store.complete(delivered, clean=True)
     store.delivered(delivered)
     assert store.room() == 0
-    with caplog.at_level(logging.WARNING, logger="imgmig.store"):
+    with caplog.at_level(logging.WARNING, logger="imgmig.datapath.store"):
         assert store.wait_for_room(stop, "capture") is True
     assert store.get("cp-delivered") is None, "a delivered checkpoint makes room"
     assert store.get("cp-claimed") is claimed, "a checkpoint being restored is never evicted"

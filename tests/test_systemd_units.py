@@ -246,7 +246,7 @@ def _send_checkpoint(port: int, checkpoint: str, files: dict[str, bytes]) -> Non
     """Deliver one checkpoint to the cache the way a proxy does."""
     import hashlib
 
-    from imgmig import peer_wire as wire
+    from imgmig.protocol import peer_wire as wire
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "test-a")))
         sock.sendall(wire.encode_checkpoint_begin(checkpoint))
@@ -270,7 +270,7 @@ def _send_checkpoint(port: int, checkpoint: str, files: dict[str, bytes]) -> Non
 
 def _restore_all(path: Path, names: list[str]) -> dict[str, bytes | None]:
     """Play `criu restore --stream`: ask for each name, read what exists."""
-    from imgmig import criu_wire
+    from imgmig.protocol import criu_wire
     got: dict[str, bytes | None] = {}
     with socket.socket(socket.AF_UNIX) as sock:
         sock.connect(str(path))

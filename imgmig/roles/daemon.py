@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import systemd_glue
-from .endpoints import Endpoint, bind, match_passed
+from imgmig.roles.endpoints import Endpoint, bind, match_passed
+from imgmig.system import systemd_glue
 
 log = logging.getLogger(__name__)
 

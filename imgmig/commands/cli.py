@@ -7,9 +7,10 @@ import logging
 import sys
 from collections.abc import Callable
 
-from . import __version__, config, systemd_glue
-from .config import Config, ConfigError
-from .fdstore import FdStore
+from imgmig import __version__, config
+from imgmig.config import Config, ConfigError
+from imgmig.system import systemd_glue
+from imgmig.system.fdstore import FdStore
 
 log = logging.getLogger("imgmig")
 
@@ -39,12 +40,12 @@ def _daemon_main(role: str, build: Callable[[Config], object], argv: list[str] |
 
 
 def proxy_main(argv: list[str] | None = None) -> int:
-    from .proxy import Proxy
+    from imgmig.roles.proxy import Proxy
     return _daemon_main("proxy", Proxy, argv)
 
 
 def cache_main(argv: list[str] | None = None) -> int:
-    from .cache import Cache
+    from imgmig.roles.cache import Cache
     return _daemon_main("cache", Cache, argv)
 
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 import socket
 
-from . import peer_wire as wire
-from .config import Config, is_allowed
-from .daemon import Daemon, Listener
-from .endpoints import SERVE_SOCKET, Endpoint
-from .receive import ReceiveSession
-from .serve import ServeSession
-from .status import RateMeter, describe_store, human_rate
-from .store import ImageStore
+from imgmig.config import Config, is_allowed
+from imgmig.datapath.receive import ReceiveSession
+from imgmig.datapath.serve import ServeSession
+from imgmig.datapath.store import ImageStore
+from imgmig.protocol import peer_wire as wire
+from imgmig.roles.daemon import Daemon, Listener
+from imgmig.roles.endpoints import SERVE_SOCKET, Endpoint
+from imgmig.roles.status import RateMeter, describe_store, human_rate
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ import threading
 import time
 from dataclasses import dataclass
 
-from . import peer_wire as wire
-from .config import HostPort
-from .digest import Digester, new_hasher, usable
-from .kernel_io import hash_region, sendfile_all
-from .store import Checkpoint, Image, ImageStore, State
+from imgmig.config import HostPort
+from imgmig.datapath.digest import Digester, new_hasher, usable
+from imgmig.datapath.kernel_io import hash_region, sendfile_all
+from imgmig.datapath.store import Checkpoint, Image, ImageStore, State
+from imgmig.protocol import peer_wire as wire
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ import socket
 import threading
 import time
 
-from . import criu_wire
-from .kernel_io import CHUNK, UntilHangup, grow_pipe
-from .store import Checkpoint, DuplicateImage, Image, ImageStore
+from imgmig.datapath.kernel_io import CHUNK, UntilHangup, grow_pipe
+from imgmig.datapath.store import Checkpoint, DuplicateImage, Image, ImageStore
+from imgmig.protocol import criu_wire
 
 log = logging.getLogger(__name__)
 

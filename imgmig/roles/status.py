@@ -10,7 +10,7 @@ import threading
 import time
 from collections import Counter
 
-from .store import ImageStore, State
+from imgmig.datapath.store import ImageStore, State
 
 RATE_WINDOW = 4.0  # seconds of history behind a rate: steady, yet current
 

@@ -15,11 +15,11 @@ import socket
 import threading
 import time
 
-from . import peer_wire as wire
-from .digest import LABELS, Digester, new_hasher, usable
-from .kernel_io import UntilHangup, hash_region, make_pipe, splice_in
-from .store import Checkpoint, Image, ImageStore, State, StoreError
-from .systemd_glue import CHECKPOINT_COMPLETE_ID
+from imgmig.datapath.digest import LABELS, Digester, new_hasher, usable
+from imgmig.datapath.kernel_io import UntilHangup, hash_region, make_pipe, splice_in
+from imgmig.datapath.store import Checkpoint, Image, ImageStore, State, StoreError
+from imgmig.protocol import peer_wire as wire
+from imgmig.system.systemd_glue import CHECKPOINT_COMPLETE_ID
 
 log = logging.getLogger(__name__)
 

@@ -13,15 +13,15 @@ import socket
 import threading
 import time
 
-from .capture import CaptureSession
-from .config import Config, require_proxy_peer
-from .daemon import Daemon, Listener
-from .digest import NAMES, usable
-from .endpoints import CAPTURE_SOCKET, SERVE_SOCKET, Endpoint
-from .forward import Forwarder
-from .serve import ServeSession
-from .status import RateMeter, describe_store, human_rate
-from .store import ImageStore
+from imgmig.config import Config, require_proxy_peer
+from imgmig.datapath.capture import CaptureSession
+from imgmig.datapath.digest import NAMES, usable
+from imgmig.datapath.forward import Forwarder
+from imgmig.datapath.serve import ServeSession
+from imgmig.datapath.store import ImageStore
+from imgmig.roles.daemon import Daemon, Listener
+from imgmig.roles.endpoints import CAPTURE_SOCKET, SERVE_SOCKET, Endpoint
+from imgmig.roles.status import RateMeter, describe_store, human_rate
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Callable
 from typing import Protocol
 
-from .peer_wire import Digest
+from imgmig.protocol.peer_wire import Digest
 
 try:
     import xxhash

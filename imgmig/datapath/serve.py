@@ -13,10 +13,10 @@ import socket
 import threading
 import time
 
-from . import criu_wire
-from .kernel_io import UntilHangup, grow_pipe, splice_out
-from .store import Checkpoint, CheckpointFailed, ImageStore, Interrupted
-from .systemd_glue import CHECKPOINT_RESTORED_ID
+from imgmig.datapath.kernel_io import UntilHangup, grow_pipe, splice_out
+from imgmig.datapath.store import Checkpoint, CheckpointFailed, ImageStore, Interrupted
+from imgmig.protocol import criu_wire
+from imgmig.system.systemd_glue import CHECKPOINT_RESTORED_ID
 
 log = logging.getLogger(__name__)
 

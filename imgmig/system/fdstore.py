@@ -22,8 +22,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from . import systemd_glue
-from .store import Checkpoint, Image, ImageStore
+from imgmig.datapath.store import Checkpoint, Image, ImageStore
+from imgmig.system import systemd_glue
 
 log = logging.getLogger(__name__)
 

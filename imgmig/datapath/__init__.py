@@ -1,0 +1,1 @@
+"""The data path: where image bytes are captured, stored, forwarded, received and served."""

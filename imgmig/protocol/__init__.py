@@ -1,0 +1,1 @@
+"""Sans-IO protocols: bytes in, events out; no sockets."""

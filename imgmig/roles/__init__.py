@@ -1,0 +1,1 @@
+"""The two daemons (proxy, cache) and the accept loop they share."""

@@ -1,0 +1,1 @@
+"""System glue: systemd (sd_notify, passed fds, journald, the fd store)."""
