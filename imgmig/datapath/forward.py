@@ -9,7 +9,6 @@ a rollback restore on this node).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import os
@@ -20,7 +19,8 @@ from dataclasses import dataclass
 
 from imgmig.config import HostPort
 from imgmig.datapath.digest import Digester, new_hasher, usable
-from imgmig.datapath.kernel_io import hash_region, sendfile_all
+from imgmig.datapath.kernel_io import hash_region
+from imgmig.datapath.link import PlainLink
 from imgmig.datapath.store import Checkpoint, Image, ImageStore, State
 from imgmig.protocol import peer_wire as wire
 
@@ -66,7 +66,7 @@ class Forwarder:
         self.node = node
         self.stop = stop
         self.wait_for_complete = wait_for_complete
-        self.sock: socket.socket | None = None
+        self.link: PlainLink | None = None
         self.decoder = wire.FrameDecoder()
         self.outgoing: dict[str, _Outgoing] = {}
         self.active: list[_Outgoing] = []  # begun, not yet ended
@@ -102,25 +102,24 @@ class Forwarder:
         finally:
             self.store.off_event(self._on_store_event)
             self.begun.set()
-            if self.sock is not None:
-                self.sock.close()
+            if self.link is not None:
+                self.link.close()
 
     def _on_store_event(self, event: str, checkpoint: Checkpoint) -> None:
         """A dump that fails while the cache back-pressures us would leave this thread
         blocked in a send, and the cache waiting for memory it would never get back: cut
         the link, which the cache takes as the checkpoint failing."""
-        if event == "failed" and checkpoint is self.checkpoint and self.sending and self.sock is not None:
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_RDWR)
+        if event == "failed" and checkpoint is self.checkpoint and self.sending and self.link is not None:
+            self.link.shutdown(socket.SHUT_RDWR)
 
     def _linger(self) -> None:
         """Let the cache read our last frames: closing with its ACKs unread would reset the
         connection and it would log a reset instead of the reason."""
-        assert self.sock is not None
+        assert self.link is not None
+        self.link.shutdown(socket.SHUT_WR)
         try:
-            self.sock.shutdown(socket.SHUT_WR)
-            self.sock.settimeout(LINGER_AFTER_FAILURE)
-            while self.sock.recv(65536):
+            self.link.settimeout(LINGER_AFTER_FAILURE)
+            while self.link.recv(65536):
                 pass
         except OSError:
             pass
@@ -137,9 +136,10 @@ class Forwarder:
 
     def _connect(self) -> None:
         host, port = self.peer.host, self.peer.port
-        self.sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, self.node, self.digest)))
+        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.link = PlainLink(sock)
+        self.link.send(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, self.node, self.digest)))
         hello = self._next_event()
         if isinstance(hello, wire.Error):
             raise PeerGone(f"the cache refused us: {hello.message}")
@@ -149,10 +149,10 @@ class Forwarder:
             raise wire.PeerProtocolError(f"the cache chose digest {hello.digest.name}, which was not offered")
         self.digest = hello.digest
         self.peer_node = f"{hello.node} ({self.peer})"
-        self.sock.settimeout(None)
+        self.link.settimeout(None)
         if self.after is not None:
             self.after.wait(CONNECT_TIMEOUT)
-        self.sock.sendall(wire.encode_checkpoint_begin(self.checkpoint.id))
+        self.link.send(wire.encode_checkpoint_begin(self.checkpoint.id))
         self.begin_sent = True
         log.info("checkpoint %s: forwarding to %s", self.checkpoint.id, self.peer_node, extra=self.fields)
 
@@ -244,7 +244,7 @@ class Forwarder:
                 n = min(end - out.sent, FRAME_PAYLOAD)
                 hash_region(out.hasher, out.image.fd, out.sent, n)
                 self._send(wire.encode_file_data_header(out.file_id, out.sent, n))
-                sendfile_all(self.sock.fileno(), out.image.fd, out.sent, n)
+                self.link.send_file(out.image.fd, out.sent, n)
                 out.sent += n
                 self.bytes_sent += n
         finally:
@@ -254,17 +254,17 @@ class Forwarder:
             out.ended = True
 
     def _send(self, frame: bytes) -> None:
-        assert self.sock is not None
-        self.sock.sendall(frame)
+        assert self.link is not None
+        self.link.send(frame)
 
     def _next_event(self) -> wire.Event:
-        assert self.sock is not None
+        assert self.link is not None
         while True:
             event = self.decoder.next_event()
             if event is not None:
                 self._answered()
                 return event
-            data = self.sock.recv(65536)
+            data = self.link.recv(65536)
             if not data:
                 raise PeerGone("the cache closed the connection")
             self.decoder.feed(data)
@@ -275,10 +275,9 @@ class Forwarder:
             self.begun.set()
 
     def _drain_acks(self) -> None:
-        assert self.sock is not None
-        try:
-            data = self.sock.recv(65536, socket.MSG_DONTWAIT)
-        except BlockingIOError:
+        assert self.link is not None
+        data = self.link.recv_nowait(65536)
+        if data is None:
             return
         if not data:
             raise PeerGone("the cache closed the connection mid-checkpoint")
@@ -304,8 +303,8 @@ class Forwarder:
                  self.bytes_sent / max(elapsed, 1e-6) / 1e6, extra=self.fields | {"IMGMIG_BYTES": self.bytes_sent})
 
     def _await_restored(self) -> None:
-        assert self.sock is not None
-        self.sock.settimeout(0.5)
+        assert self.link is not None
+        self.link.settimeout(0.5)
         while not self.stop.is_set():
             if self.checkpoint.state is State.RESTORED:
                 self._send_drop()

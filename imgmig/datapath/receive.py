@@ -1,6 +1,6 @@
 """The cache's write side: one proxy connection delivers one checkpoint.
 
-FILE_DATA payloads are spliced socket -> pipe -> memfd; each file's SHA-256 is
+FILE_DATA payloads go link -> memfd (spliced on a plain link); each file's digest is
 computed from the memfd as it fills and checked against FILE_END before the file
 may be served.
 """
@@ -16,7 +16,8 @@ import threading
 import time
 
 from imgmig.datapath.digest import LABELS, Digester, new_hasher, usable
-from imgmig.datapath.kernel_io import UntilHangup, hash_region, make_pipe, splice_in
+from imgmig.datapath.kernel_io import UntilHangup, hash_region
+from imgmig.datapath.link import PlainLink
 from imgmig.datapath.store import Checkpoint, Image, ImageStore, State, StoreError
 from imgmig.protocol import peer_wire as wire
 from imgmig.system.systemd_glue import CHECKPOINT_COMPLETE_ID
@@ -40,7 +41,7 @@ class Refused(Exception):
 class ReceiveSession:
     def __init__(self, sock: socket.socket, address: str, store: ImageStore, node: str,
                  stop: threading.Event) -> None:
-        self.sock = sock
+        self.link = PlainLink(sock)
         self.address = address
         self.store = store
         self.node = node
@@ -57,7 +58,6 @@ class ReceiveSession:
         self.outbox: list[bytes] = []  # queued ACK frames (guarded by send_lock)
         self.done_sent = False  # CHECKPOINT_DONE went out (guarded by send_lock)
         self.restored_early = False  # restored before CHECKPOINT_DONE went out
-        self.pipe_r, self.pipe_w = make_pipe()
         self.peer = address
         self.started = time.monotonic()
 
@@ -70,7 +70,7 @@ class ReceiveSession:
 
     def run(self) -> None:
         try:
-            self.sock.settimeout(HELLO_TIMEOUT)
+            self.link.settimeout(HELLO_TIMEOUT)
             self._loop()
         except wire.PeerProtocolError as exc:
             self._refuse(str(exc), exc.code)
@@ -82,9 +82,7 @@ class ReceiveSession:
             self._fail_checkpoint(f"connection error: {exc.strerror or exc}")
         finally:
             self.store.off_event(self._notify_restored)
-            os.close(self.pipe_r)
-            os.close(self.pipe_w)
-            self.sock.close()
+            self.link.close()
 
     def _loop(self) -> None:
         while not self.stop.is_set():
@@ -98,7 +96,7 @@ class ReceiveSession:
                 self._on_event(event)
                 continue
             self._send_queued()
-            data = self.sock.recv(65536)
+            data = self.link.recv(65536)
             if not data:
                 self._on_eof()
                 return
@@ -142,7 +140,7 @@ class ReceiveSession:
         self.peer = f"{hello.node} ({self.address})"
         self.digest = usable(hello.digest)
         self._send(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.CACHE, self.node, self.digest)))
-        self.sock.settimeout(None)
+        self.link.settimeout(None)
 
     def _on_begin(self, begin: wire.CheckpointBegin) -> None:
         if begin.resume:
@@ -164,7 +162,7 @@ class ReceiveSession:
         self.order.check_payload(file_id, offset, 0)
         self._wait_for_room()
         image = self.images[file_id]
-        moved = splice_in(self.sock.fileno(), self.pipe_r, self.pipe_w, image.fd, offset, left)
+        moved = self.link.recv_into_file(image.fd, offset, left)
         if not moved:
             self._on_eof()
             return False
@@ -224,7 +222,7 @@ class ReceiveSession:
             self._send(b"")
 
     def _wait_for_room(self) -> None:
-        proxy_gone = UntilHangup(self.stop, self.sock.fileno())
+        proxy_gone = UntilHangup(self.stop, self.link.fileno())
         if self.store.room() <= 0 and not proxy_gone.is_set():
             self.store.wait_for_room(proxy_gone, f"receiving from {self.peer}")
 
@@ -279,7 +277,7 @@ class ReceiveSession:
             frame = b"".join([*self.outbox, frame])
             self.outbox.clear()
         if frame:
-            self.sock.sendall(frame)
+            self.link.send(frame)
 
     def _refuse(self, reason: str, code: wire.ErrorCode) -> None:
         dropped = ""
