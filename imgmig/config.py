@@ -42,6 +42,7 @@ class HostPort:
 class ProxyConfig:
     images_dir: Path
     peer: HostPort | None
+    reconnect_for: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class CacheConfig:
     images_dir: Path
     listen: HostPort
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    grant_timeout: float = 30.0
+    resume_for: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,8 @@ _SCHEMA: dict[str, Any] = {
     "node": None,
     "transfer": None,
     "digest": None,
-    "proxy": {"images_dir": None, "peer": None},
-    "cache": {"images_dir": None, "listen": None, "allow": None},
+    "proxy": {"images_dir": None, "peer": None, "reconnect_for": None},
+    "cache": {"images_dir": None, "listen": None, "allow": None, "grant_timeout": None, "resume_for": None},
     "memory": {"limit": None},
 }
 
@@ -204,12 +207,15 @@ def _build(raw: Any, where: str) -> Config:
     proxy = ProxyConfig(
         images_dir=_path(proxy_raw.get("images_dir"), "proxy.images_dir", "/run/imgmig/proxy", where),
         peer=_host_port(proxy_raw.get("peer"), "proxy.peer", where, required_port=True),
+        reconnect_for=_seconds(proxy_raw.get("reconnect_for", 300), "proxy.reconnect_for", where),
     )
     listen = _host_port(cache_raw.get("listen"), "cache.listen", where, required_port=False)
     cache = CacheConfig(
         images_dir=_path(cache_raw.get("images_dir"), "cache.images_dir", "/run/imgmig/cache", where),
         listen=listen or HostPort("0.0.0.0", DEFAULT_PORT),
         allow=_allow(cache_raw.get("allow", ["127.0.0.1", "::1"]), where),
+        grant_timeout=_seconds(cache_raw.get("grant_timeout", 30), "cache.grant_timeout", where),
+        resume_for=_seconds(cache_raw.get("resume_for", 600), "cache.resume_for", where),
     )
     limit_raw = _section(raw, "memory").get("limit", "75%")
     try:
@@ -218,6 +224,12 @@ def _build(raw: Any, where: str) -> Config:
         raise _fail(where, "memory.limit", limit_raw, str(exc)) from None
     return Config(node=node, proxy=proxy, cache=cache, memory_limit=limit,
                   transfer=transfer, digest=digest, source=where)
+
+
+def _seconds(value: Any, key: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400:
+        raise _fail(where, key, value, "expected a number of seconds, more than 0 and at most 86400")
+    return float(value)
 
 
 def _host_port(value: Any, key: str, where: str, *, required_port: bool) -> HostPort | None:

@@ -136,14 +136,15 @@ class Pair:
 
 def write_config(tmp: Path, *, port: int, memory_limit: str = "1GiB", allow: str = "[127.0.0.1]",
                  transfer: str = "streaming", cache_host: str = "127.0.0.1", peer_port: int | None = None,
-                 digest: str = "xxh3-128") -> Path:
+                 digest: str = "xxh3-128", proxy_extra: str = "", cache_extra: str = "") -> Path:
+    """proxy_extra / cache_extra: more YAML lines for those sections, e.g. "  reconnect_for: 2\n"."""
     path = tmp / "imgmig.yaml"
     path.write_text(
         f"node: test-node\n"
         f"transfer: {transfer}\n"
         f"digest: {digest}\n"
-        f"proxy:\n  images_dir: {tmp / 'proxy'}\n  peer: '{cache_host}:{peer_port or port}'\n"
-        f"cache:\n  images_dir: {tmp / 'cache'}\n  listen: '{cache_host}:{port}'\n  allow: {allow}\n"
+        f"proxy:\n  images_dir: {tmp / 'proxy'}\n  peer: '{cache_host}:{peer_port or port}'\n{proxy_extra}"
+        f"cache:\n  images_dir: {tmp / 'cache'}\n  listen: '{cache_host}:{port}'\n  allow: {allow}\n{cache_extra}"
         f"memory:\n  limit: {memory_limit}\n")
     return path
 

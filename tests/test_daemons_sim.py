@@ -383,7 +383,9 @@ def test_dump_dies_while_a_restore_waits(daemons):
 # ---- the peer link breaks --------------------------------------------------------------------
 
 def test_fake_proxy_drops_mid_file(daemons):
-    pair = daemons()
+    """A proxy that never comes back: its part is kept cache.resume_for seconds, then dropped,
+    and a restore that waited on it goes on to the next checkpoint."""
+    pair = daemons(cache_extra="  resume_for: 1\n")
     waiting = Restore(pair.cache_dir, restore_order(checkpoint_images("good")))
     pair.set_marks()
     sock = fake_proxy(pair, "fake-1")
@@ -391,8 +393,9 @@ def test_fake_proxy_drops_mid_file(daemons):
     sock.sendall(wire.encode_file_data_header(0, 0, 100_000) + b"x" * 5000)
     pair.cache_log.wait_for(r"checkpoint fake-1 begins from fake-proxy")
     sock.close()
-    error = one_error(pair.cache_log, r"checkpoint fake-1 from fake-proxy .* failed: the proxy closed the "
-                                      r"connection mid-checkpoint")
+    pair.cache_log.wait_for(r"link from fake-proxy .* lost mid-checkpoint fake-1 .*kept 1 s for the proxy to resume")
+    error = one_error(pair.cache_log, r"checkpoint fake-1 from fake-proxy .* failed: its proxy did not come back "
+                                      r"within 1 s \(cache.resume_for\)")
     assert "dump again" in error
     images = checkpoint_images("good")
     dump(pair.proxy_dir, images)
@@ -400,7 +403,7 @@ def test_fake_proxy_drops_mid_file(daemons):
 
 
 def test_cache_killed_mid_transfer_keeps_checkpoint_for_rollback(daemons):
-    pair = daemons()
+    pair = daemons(proxy_extra="  reconnect_for: 1\n")
     pair.set_marks()
     images = checkpoint_images("rollback-after-cache-death", big=64 << 20)
     client = criu_sim.DumpClient(pair.proxy_dir)
@@ -415,7 +418,9 @@ def test_cache_killed_mid_transfer_keeps_checkpoint_for_rollback(daemons):
             client.write_image(name, data)
     client.close()
     pair.proxy_log.wait_for(r"captured: 9 files")
-    error = one_error(pair.proxy_log, r"forwarding checkpoint .* failed: .*the checkpoint stays on this node")
+    pair.proxy_log.wait_for(r"link to .* lost while it carried checkpoint .*reconnecting for up to 1 s")
+    error = one_error(pair.proxy_log, r"forwarding checkpoint .* failed: .*no working link for 1 s; "
+                                      r"the checkpoint stays on this node")
     assert "rollback" in error
     assert_restores(restore(pair.proxy_dir, restore_order(images)), images)
 
@@ -477,7 +482,8 @@ def test_garbage_on_serve_socket(daemons, kind):
     (struct.pack(">IB", 0x7FFFFFFF, wire.FrameType.HELLO), r"length"),
     (struct.pack(">IB", 0x7FFFFFFF, wire.FrameType.FILE_DATA), r"payload length"),
     (wire.encode_checkpoint_begin("no-hello"), r"expected HELLO first"),
-    (wire.encode_hello(wire.Hello(2, wire.Role.PROXY, "future")), r"version 2"),
+    (wire.encode_hello(wire.Hello(3, wire.Role.PROXY, "future")), r"version 3"),
+    (wire.encode_hello(wire.Hello(1, wire.Role.PROXY, "past")), r"version 1"),
 ])
 def test_garbage_on_cache_tcp(daemons, data, reason):
     pair = daemons()

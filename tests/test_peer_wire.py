@@ -34,7 +34,8 @@ PROXY_HELLO = Hello(wire.VERSION, Role.PROXY, "node-a")
 
 ROUNDTRIPS = [
     (wire.encode_hello(PROXY_HELLO), PROXY_HELLO),
-    (wire.encode_hello(Hello(1, Role.CACHE, "b" * 255)), Hello(1, Role.CACHE, "b" * 255)),
+    (wire.encode_hello(Hello(wire.VERSION, Role.CACHE, "b" * 255, memory_limit=2**40, room=2**39)),
+     Hello(wire.VERSION, Role.CACHE, "b" * 255, memory_limit=2**40, room=2**39)),
     (wire.encode_checkpoint_begin("cp-1"), CheckpointBegin("cp-1", False)),
     (wire.encode_checkpoint_begin("cp-2", resume=True), CheckpointBegin("cp-2", True)),
     (wire.encode_file_begin(0, "inventory.img"), FileBegin(0, "inventory.img")),
@@ -50,6 +51,14 @@ ROUNDTRIPS = [
     (wire.encode_restored("cp-1"), Restored("cp-1")),
     (wire.encode_drop("cp-1"), wire.Drop("cp-1")),
     (wire.encode_error(ErrorCode.DIGEST_MISMATCH, "bad digest"), wire.Error(ErrorCode.DIGEST_MISMATCH, "bad digest")),
+    (wire.encode_begun(wire.BeginStatus.NEW, "cp-1"), wire.Begun(wire.BeginStatus.NEW, "cp-1")),
+    (wire.encode_begun(wire.BeginStatus.RESUMED, "cp-1", 7, ((2, 2**40), (6, 0))),
+     wire.Begun(wire.BeginStatus.RESUMED, "cp-1", 7, ((2, 2**40), (6, 0)))),
+    (wire.encode_claim("cp-1"), wire.Claim("cp-1")),
+    (wire.encode_grant(True, "cp-1", "node-b"), wire.Grant(True, "cp-1", "node-b")),
+    (wire.encode_grant(False, "cp-1", "node-a"), wire.Grant(False, "cp-1", "node-a")),
+    (wire.encode_confirm(FrameType.RESTORED, "cp-1"), wire.Confirm(FrameType.RESTORED, "cp-1")),
+    (wire.encode_ping(), wire.Ping()),
 ]
 
 
@@ -116,14 +125,33 @@ def test_all_frames_odd_splits(step):
 
 def test_exact_bytes_hello():
     assert wire.encode_hello(PROXY_HELLO) == (
-        b"\x00\x00\x00\x15"        # length 21 = type 1 + body 20
+        b"\x00\x00\x00\x25"        # length 37 = type 1 + body 36
         b"\x01"                    # HELLO
         b"IMGMIG"                  # magic
-        b"\x00\x01"                # version 1
+        b"\x00\x02"                # version 2
         b"\x01\x01\x00"            # role proxy, digest sha256, auth none
         b"\x06node-a"              # node name, u8 length
         b"\x00\x00"                # no auth data
+        + b"\x00" * 8              # memory limit (u64)
+        + b"\x00" * 8              # room (u64)
     )
+
+
+def test_exact_bytes_v2_frames():
+    assert wire.encode_begun(wire.BeginStatus.RESUMED, "cp", 3, ((1, 5),)) == (
+        b"\x00\x00\x00\x17\x0c" b"\x01" b"\x02cp" b"\x00\x00\x00\x03" b"\x00\x01"
+        b"\x00\x00\x00\x01" b"\x00\x00\x00\x00\x00\x00\x00\x05")
+    assert wire.encode_claim("cp") == b"\x00\x00\x00\x04\x0d\x02cp"
+    assert wire.encode_grant(True, "cp", "b") == b"\x00\x00\x00\x07\x0e\x01\x02cp\x01b"
+    assert wire.encode_confirm(FrameType.DROP, "cp") == b"\x00\x00\x00\x05\x0f\x0b\x02cp"
+    assert wire.encode_ping() == b"\x00\x00\x00\x01\x10"
+
+
+def test_encoder_refuses_confirm_of_other_frames_and_too_many_held_files():
+    with pytest.raises(ValueError, match="not confirmed"):
+        wire.encode_confirm(FrameType.ACK, "cp")
+    with pytest.raises(ValueError, match="open files"):
+        wire.encode_begun(wire.BeginStatus.RESUMED, "cp", 1, ((0, 0),) * (wire.MAX_HELD + 1))
 
 
 def test_exact_bytes_checkpoint_begin_and_file_begin():
@@ -159,8 +187,8 @@ def test_exact_bytes_done_restored_error():
 
 
 def test_frame_type_numbers():
-    assert [t.value for t in FrameType] == list(range(1, 12))
-    assert [c.value for c in ErrorCode] == list(range(1, 7))
+    assert [t.value for t in FrameType] == list(range(1, 17))
+    assert [c.value for c in ErrorCode] == list(range(1, 9))
 
 
 def test_long_message_truncated_on_encode():
@@ -259,13 +287,14 @@ def test_max_payload_accepted():
 
 # ---- malformed input -----------------------------------------------------------------
 
-def hello_body(magic=b"IMGMIG", version=1, role=1, digest=1, auth=0, node=b"\x01n", auth_data=b"\x00\x00"):
-    return magic + struct.pack(">H", version) + bytes([role, digest, auth]) + node + auth_data
+def hello_body(magic=b"IMGMIG", version=2, role=1, digest=1, auth=0, node=b"\x01n", auth_data=b"\x00\x00"):
+    return magic + struct.pack(">H", version) + bytes([role, digest, auth]) + node + auth_data + b"\x00" * 16
 
 
 MALFORMED = {
     "bad magic": (raw_frame(1, hello_body(magic=b"HTTP/1")), "magic", ErrorCode.PROTOCOL),
-    "wrong version": (raw_frame(1, hello_body(version=2)), "version 2", ErrorCode.VERSION),
+    "wrong version": (raw_frame(1, hello_body(version=3)), "version 3", ErrorCode.VERSION),
+    "version 1": (raw_frame(1, hello_body(version=1)), "version 1", ErrorCode.VERSION),
     "version 0": (raw_frame(1, hello_body(version=0)), "version 0", ErrorCode.VERSION),
     "unknown role": (raw_frame(1, hello_body(role=3)), "HELLO", ErrorCode.PROTOCOL),
     "unknown digest": (raw_frame(1, hello_body(digest=9)), "HELLO", ErrorCode.PROTOCOL),
@@ -276,7 +305,14 @@ MALFORMED = {
     "empty node": (raw_frame(1, hello_body(node=b"\x00")), "invalid node", ErrorCode.PROTOCOL),
     "node not utf-8": (raw_frame(1, hello_body(node=b"\x02\xff\xfe")), "UTF-8", ErrorCode.PROTOCOL),
     "unknown type 0": (raw_frame(0, b""), "unknown frame type 0", ErrorCode.PROTOCOL),
-    "unknown type 12": (raw_frame(12, b""), "unknown frame type 12", ErrorCode.PROTOCOL),
+    "unknown type 17": (raw_frame(17, b""), "unknown frame type 17", ErrorCode.PROTOCOL),
+    "begun unknown status": (raw_frame(12, b"\x05\x02cp" + b"\x00" * 6), "BEGUN", ErrorCode.PROTOCOL),
+    "begun held truncated": (raw_frame(12, b"\x01\x02cp" + b"\x00" * 4 + b"\x00\x01" + b"\x00" * 11),
+                             "truncated", ErrorCode.PROTOCOL),
+    "grant flag 2": (raw_frame(14, b"\x02\x02cp\x01b"), "flag byte 2", ErrorCode.PROTOCOL),
+    "grant no holder": (raw_frame(14, b"\x01\x02cp\x00"), "invalid holder", ErrorCode.PROTOCOL),
+    "confirm of ack": (raw_frame(15, b"\x07\x02cp"), "CONFIRM of frame type 7", ErrorCode.PROTOCOL),
+    "ping with body": (raw_frame(16, b"x"), "trailing", ErrorCode.PROTOCOL),
     "unknown type 255": (raw_frame(255, b"x"), "unknown frame type 255", ErrorCode.PROTOCOL),
     "control length 0": (b"\x00\x00\x00\x00\x02", "length 0", ErrorCode.PROTOCOL),
     "control too long": (struct.pack(">IB", wire.MAX_CONTROL_FRAME + 1, 2), "length", ErrorCode.PROTOCOL),
@@ -421,13 +457,24 @@ def test_order_duplicate_file_id():
 def test_order_data_for_unopened_or_ended_file():
     order = started()
     with pytest.raises(PeerProtocolError, match="not open"):
-        order.check(FileData(4, 0, b"x"))
-    order.check(FileBegin(4, "a.img"))
-    order.check(FileEnd(4, 0, DIGEST))
+        order.check(FileData(0, 0, b"x"))
+    order.check(FileBegin(0, "a.img"))
+    order.check(FileEnd(0, 0, DIGEST))
     with pytest.raises(PeerProtocolError, match="not open"):
-        order.check(FileData(4, 0, b"x"))
+        order.check(FileData(0, 0, b"x"))
     with pytest.raises(PeerProtocolError, match="not open"):
-        order.check_payload(4, 0, 1)
+        order.check_payload(0, 0, 1)
+
+
+def test_order_file_ids_count_up_and_held_reports_open_files():
+    order = started()
+    with pytest.raises(PeerProtocolError, match="file id 1, expected 0"):
+        order.check(FileBegin(1, "a.img"))
+    order.check(FileBegin(0, "a.img"))
+    order.check(FileBegin(1, "b.img"))
+    order.check(FileData(1, 0, b"xyz"))
+    order.check(FileEnd(0, 0, DIGEST))
+    assert order.held() == (2, ((1, 3),))
 
 
 @pytest.mark.parametrize("offset", [1, 2, 100, 0])

@@ -7,6 +7,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -284,18 +285,36 @@ def test_fail_after_restored_is_ignored(store):
     assert checkpoint.state is State.RESTORED
 
 
-def test_events(store):
-    seen = []
-    store.on_event(lambda event, checkpoint: seen.append((event, checkpoint.id)))
+def test_every_state_change_counts_a_generation(store):
+    seen = [store.generation]
     a = store.begin("a", "n")
+    seen.append(store.generation)
     store.complete(a, clean=True)
+    seen.append(store.generation)
     store.restored(a)
+    seen.append(store.generation)
     b = store.begin("b", "n")
     store.fail(b, "x")
+    seen.append(store.generation)
     c = store.begin("c", "n")
     store.drop(c)
-    assert seen == [("begin", "a"), ("complete", "a"), ("restored", "a"), ("begin", "b"), ("failed", "b"),
-                    ("begin", "c"), ("dropped", "c")]
+    seen.append(store.generation)
+    assert seen == sorted(set(seen)), "each change moved the generation on"
+
+
+def test_wait_until_wakes_on_a_change_from_another_thread(store):
+    checkpoint = store.begin("cp", "node")
+    threading.Timer(0.05, store.complete, (checkpoint, True)).start()
+    started = time.monotonic()
+    assert store.wait_until(lambda: checkpoint.state is State.COMPLETE, timeout=5)
+    assert time.monotonic() - started < 0.4, "woken by the change, not by polling"
+
+
+def test_wait_until_times_out_and_stops(store):
+    assert not store.wait_until(lambda: False, timeout=0.05)
+    stop = threading.Event()
+    stop.set()
+    assert not store.wait_until(lambda: False, stop=stop)
 
 
 def test_using_keeps_fds_open_until_readers_finish(store):

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -268,6 +269,35 @@ def _send_checkpoint(port: int, checkpoint: str, files: dict[str, bytes]) -> Non
                 decoder.feed(data)
 
 
+def _link_back_and_grant(port: int, checkpoint: str) -> threading.Thread:
+    """The proxy's side after the cache restarted: resume the checkpoint's conversation
+    (the cache has it complete) and grant the restore its right (docs/protocol.md)."""
+    from imgmig.protocol import peer_wire as wire
+
+    def run() -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "test-a"))
+                         + wire.encode_checkpoint_begin(checkpoint, resume=True))
+            decoder = wire.FrameDecoder()
+            while True:
+                event = decoder.next_event()
+                if event is None:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    decoder.feed(data)
+                elif isinstance(event, wire.Begun):
+                    assert event.status is wire.BeginStatus.COMPLETE, event
+                elif isinstance(event, wire.Claim):
+                    sock.sendall(wire.encode_grant(True, checkpoint, "test-b"))
+                elif isinstance(event, wire.Restored):
+                    sock.sendall(wire.encode_confirm(wire.FrameType.RESTORED, checkpoint))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
 def _restore_all(path: Path, names: list[str]) -> dict[str, bytes | None]:
     """Play `criu restore --stream`: ask for each name, read what exists."""
     from imgmig.protocol import criu_wire
@@ -334,7 +364,10 @@ def test_fd_store_keeps_a_checkpoint_over_a_restart(tmp_path: Path, notify_socke
     try:
         ready = notes.wait_for("READY", "1")
         assert ready["STATUS"].startswith("1 checkpoint,"), ready
+        proxy = _link_back_and_grant(port, "test-a-1")
         got = _restore_all(serve_path, [*files, "absent.img"])
+        proxy.join(10)
+        assert not proxy.is_alive(), "the cache reported the restore and closed the link"
         assert got == {**files, "absent.img": None}
         deadline = time.monotonic() + 10
         while any(name.startswith("img-") for name in notes.stored):

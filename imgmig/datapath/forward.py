@@ -1,10 +1,14 @@
-"""The proxy's link to the cache: stream one checkpoint while CRIU is still writing it.
+"""The proxy's link to the cache: the driver of one ProxyConnection per connection
+(protocol/conversation.py), streaming one checkpoint while CRIU is still writing it.
 
-One TCP connection per checkpoint. Bytes go memfd -> socket with sendfile as soon as
-they are in the store; the digest is taken from a mapping of the same memfd. The
-connection stays open after CHECKPOINT_DONE until the cache reports the checkpoint
-restored (then the proxy releases its copy) or the link closes (the copy is kept for
-a rollback restore on this node).
+Bytes go memfd -> socket with sendfile as soon as they are in the store; the digest is
+taken from a mapping of the same memfd. This thread is the only writer to its link.
+When the link is cut it reconnects with backoff for up to `proxy.reconnect_for`
+seconds and resumes: each file continues at the offset the cache says it holds, so
+nothing the cache acknowledged is sent again. After CHECKPOINT_DONE the connection
+stays: the proxy decides who may restore the checkpoint (CLAIM / GRANT, or a rollback
+here, which takes the right and tells the cache to DROP its copy), and releases its
+own copy once the cache reports the checkpoint restored.
 """
 
 from __future__ import annotations
@@ -18,11 +22,15 @@ import time
 from dataclasses import dataclass
 
 from imgmig.config import HostPort
+from imgmig.datapath import custody
 from imgmig.datapath.digest import Digester, new_hasher, usable
 from imgmig.datapath.kernel_io import hash_region
 from imgmig.datapath.link import PlainLink
+from imgmig.datapath.receive import _keepalive, _readable
 from imgmig.datapath.store import Checkpoint, Image, ImageStore, State
+from imgmig.protocol import conversation as conv
 from imgmig.protocol import peer_wire as wire
+from imgmig.protocol.peer_wire import BeginStatus, ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +42,27 @@ SEND_STEP = 1 << 20
 # A complete image up to this size goes as one buffered FILE_DATA frame, together with
 # its FILE_BEGIN and FILE_END in a single send: small files are bound by system calls.
 SMALL_FILE = 64 << 10
-SMALL_BATCH = 96  # frames (32 small files) per send
+SMALL_BATCH = 32  # small files per send
 CONNECT_TIMEOUT = 10.0
 LINGER_AFTER_FAILURE = 2.0
+LOOK_EVERY = 0.2      # an idle link looks at the store this often (a rollback may take the right)
+BACKOFF_FIRST, BACKOFF_MAX = 0.1, 2.0
 
 
-class PeerGone(Exception):
-    pass
+class LinkLost(Exception):
+    """The connection ended; a new one may resume the checkpoint."""
 
 
-class DumpFailed(Exception):
-    """The capture failed; the cache has been told and the capture already logged why."""
+class GiveUp(Exception):
+    """The checkpoint cannot be delivered; the text says why (already logged if `logged`)."""
+
+    def __init__(self, message: str, logged: bool = False) -> None:
+        super().__init__(message)
+        self.logged = logged
+
+
+class Settled(Exception):
+    """Nothing is left to say about this checkpoint."""
 
 
 @dataclass
@@ -54,131 +72,212 @@ class _Outgoing:
     hasher: Digester
     sent: int = 0
     ended: bool = False
+    acked: int = 0  # the most the cache ever acknowledged of it, on any connection
 
 
 class Forwarder:
     def __init__(self, store: ImageStore, checkpoint: Checkpoint, peer: HostPort, node: str,
                  stop: threading.Event, *, wait_for_complete: bool = False,
-                 after: threading.Event | None = None, digest: wire.Digest = wire.Digest.SHA256) -> None:
+                 after: threading.Event | None = None, digest: wire.Digest = wire.Digest.SHA256,
+                 reconnect_for: float = 300.0) -> None:
         self.store = store
         self.checkpoint = checkpoint
         self.peer = peer
         self.node = node
         self.stop = stop
         self.wait_for_complete = wait_for_complete
+        self.reconnect_for = reconnect_for
         self.link: PlainLink | None = None
-        self.decoder = wire.FrameDecoder()
-        self.outgoing: dict[str, _Outgoing] = {}
-        self.active: list[_Outgoing] = []  # begun, not yet ended
+        self.conn: conv.ProxyConnection | None = None
+        self.outgoing: list[_Outgoing] = []  # by file id
+        self.next_to_begin = 0               # file id of the first file not begun on this connection
+        self.active: list[_Outgoing] = []    # begun, not yet ended
         self.bytes_sent = 0
+        self.resent = 0         # bytes sent again after a cut (in flight when it happened)
+        self.resent_acked = 0   # of which the cache had acknowledged: must stay 0
+        self.reconnects = 0
+        self.progressed = False  # the current connection got as far as BEGUN
+        self.lost_at = 0.0       # when the link was last lost
         self.peer_node = str(peer)
+        self.peer_name = ""     # the cache's node name, from its HELLO
         # Checkpoints reach the cache in the order CRIU connected: this one's
         # CHECKPOINT_BEGIN waits until the cache answered the previous forwarder's (`after`)
-        # with its first frame (which it sends only once that checkpoint is in its store),
-        # or that forwarder ended.
+        # with BEGUN, or that forwarder ended.
         self.after = after
         self.begun = threading.Event()
-        self.sending = False  # inside a blocking send of file bytes
-        self.begin_sent = False
         self.digest = usable(digest)  # offered in HELLO; the cache's HELLO says which is used
+        self.started = time.monotonic()
 
     @property
     def fields(self) -> dict[str, str]:
         return {"IMGMIG_CHECKPOINT": self.checkpoint.id, "IMGMIG_PEER": self.peer_node}
 
+    # ---- connections, and reconnecting -------------------------------------------------------
     def run(self) -> None:
-        started = time.monotonic()
-        self.store.on_event(self._on_store_event)
         try:
             with self.store.using(self.checkpoint):
-                self._connect()
-                self._stream()
-            self._await_done(started)
-            self._await_restored()
-        except DumpFailed:
-            self._linger()
-        except (OSError, PeerGone, wire.PeerProtocolError) as exc:
-            self._report_failure(exc)
+                self._until_settled()
         finally:
-            self.store.off_event(self._on_store_event)
             self.begun.set()
-            if self.link is not None:
-                self.link.close()
 
-    def _on_store_event(self, event: str, checkpoint: Checkpoint) -> None:
-        """A dump that fails while the cache back-pressures us would leave this thread
-        blocked in a send, and the cache waiting for memory it would never get back: cut
-        the link, which the cache takes as the checkpoint failing."""
-        if event == "failed" and checkpoint is self.checkpoint and self.sending and self.link is not None:
-            self.link.shutdown(socket.SHUT_RDWR)
+    def _until_settled(self) -> None:
+        lost_at: float | None = None
+        backoff = BACKOFF_FIRST
+        while not self.stop.is_set():
+            try:
+                self._connection()
+                return
+            except Settled:
+                return
+            except GiveUp as exc:
+                if not exc.logged:
+                    self._report_failure(str(exc))
+                return
+            except (OSError, LinkLost) as exc:
+                reason = _describe(exc)
+            now = time.monotonic()
+            if self.progressed:  # that connection got as far as BEGUN: a fresh outage starts
+                self.progressed = False
+                lost_at, backoff = now, BACKOFF_FIRST
+                if not self.stop.is_set():
+                    log.warning("link to %s lost while it carried checkpoint %s (%s); reconnecting for up "
+                                "to %.0f s (proxy.reconnect_for)", self.peer_node, self.checkpoint.id, reason,
+                                self.reconnect_for, extra=self.fields)
+            elif lost_at is None:
+                lost_at = now
+            if now - lost_at > self.reconnect_for:
+                self._report_failure(f"{reason}; no working link for {self.reconnect_for:.0f} s")
+                return
+            self.lost_at = lost_at
+            self.stop.wait(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
 
-    def _linger(self) -> None:
-        """Let the cache read our last frames: closing with its ACKs unread would reset the
-        connection and it would log a reset instead of the reason."""
-        assert self.link is not None
-        self.link.shutdown(socket.SHUT_WR)
+    def _connection(self) -> None:
+        resume = self.begun.is_set()
+        now = time.monotonic()
+        self.conn = conv.ProxyConnection(self.node, self.checkpoint.id, self.digest, now, resume=resume,
+                                         memory_limit=self.store.limit, room=max(0, self.store.room()))
+        sock = socket.create_connection((self.peer.host, self.peer.port), timeout=CONNECT_TIMEOUT)
         try:
-            self.link.settimeout(LINGER_AFTER_FAILURE)
-            while self.link.recv(65536):
-                pass
-        except OSError:
-            pass
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _keepalive(sock)
+            sock.settimeout(None)
+            self.link = PlainLink(sock)
+            self._flush()
+            hello = self._wait_for(conv.HelloReceived)
+            self.peer_name = hello.hello.node
+            self.peer_node = f"{hello.hello.node} ({self.peer})"
+            if not resume:
+                self._await_previous()
+            self.conn.begin(time.monotonic())
+            self._flush()
+            answered = self._wait_for(conv.BeginAnswered)
+            self._on_begun(answered, resume)
+            if self.conn.phase is conv.Phase.TRANSFER:
+                self._stream()
+            self._hold()
+        finally:
+            self.link.close()
 
-    def _report_failure(self, exc: BaseException) -> None:
-        if self.stop.is_set():
+    def _await_previous(self) -> None:
+        """Keep the order in which dumps connected, but never wait on a stuck predecessor long."""
+        if self.after is None:
             return
-        if self.checkpoint.state in (State.RESTORED, State.FAILED):
-            return
-        log.error("forwarding checkpoint %s to %s failed: %s; the checkpoint stays on this node "
-                  "(restore it here from the proxy's images_dir for a rollback), check the cache "
-                  "and its network, then dump again", self.checkpoint.id, self.peer_node,
-                  _describe(exc), extra=self.fields)
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        while not self.after.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline or self.stop.is_set():
+                return
+            self._tick()
 
-    def _connect(self) -> None:
-        host, port = self.peer.host, self.peer.port
-        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.link = PlainLink(sock)
-        self.link.send(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, self.node, self.digest)))
-        hello = self._next_event()
-        if isinstance(hello, wire.Error):
-            raise PeerGone(f"the cache refused us: {hello.message}")
-        if not isinstance(hello, wire.Hello) or hello.role is not wire.Role.CACHE:
-            raise wire.PeerProtocolError(f"expected the cache's HELLO, got {type(hello).__name__}")
-        if hello.digest not in (self.digest, wire.Digest.SHA256):
-            raise wire.PeerProtocolError(f"the cache chose digest {hello.digest.name}, which was not offered")
-        self.digest = hello.digest
-        self.peer_node = f"{hello.node} ({self.peer})"
-        self.link.settimeout(None)
-        if self.after is not None:
-            self.after.wait(CONNECT_TIMEOUT)
-        self.link.send(wire.encode_checkpoint_begin(self.checkpoint.id))
-        self.begin_sent = True
-        log.info("checkpoint %s: forwarding to %s", self.checkpoint.id, self.peer_node, extra=self.fields)
+    def _on_begun(self, answered: conv.BeginAnswered, resume: bool) -> None:
+        self.begun.set()
+        self.progressed = True
+        if answered.status is BeginStatus.RESTORED:
+            self._release("restored there earlier")
+            raise Settled
+        if answered.status is BeginStatus.GONE:
+            raise GiveUp(f"the cache no longer has checkpoint {self.checkpoint.id} (dropped or failed there)")
+        if answered.status is BeginStatus.COMPLETE:
+            self._delivered()
+        else:
+            self._continue_files(answered)
+        if resume:
+            self.reconnects += 1
+            down = time.monotonic() - self.lost_at
+            log.info("checkpoint %s: link to %s back after %.2f s; %s (resent so far: %d bytes, of them "
+                     "acknowledged before: %d)", self.checkpoint.id, self.peer_node, down,
+                     _describe_resume(answered), self.resent, self.resent_acked, extra=self.fields)
+        else:
+            log.info("checkpoint %s: forwarding to %s", self.checkpoint.id, self.peer_node, extra=self.fields)
 
+    def _continue_files(self, answered: conv.BeginAnswered) -> None:
+        """Where each file goes on from: what the cache holds, never below what it acknowledged."""
+        assert self.conn is not None
+        self.active = []
+        for out in self.outgoing:
+            if out.file_id >= answered.files:
+                self._restart_file(out, 0)
+            elif out.file_id in answered.held:
+                held = answered.held[out.file_id]
+                if held > out.sent:
+                    raise wire.PeerProtocolError(f"the cache says it holds {held} bytes of {out.image.name}, "
+                                                 f"{out.sent} were sent")
+                self._restart_file(out, held)
+                self.conn.continue_file(out.file_id)
+                self.active.append(out)
+            else:
+                out.ended, out.acked = True, out.image.size
+        self.next_to_begin = min(answered.files, len(self.outgoing))
+
+    def _restart_file(self, out: _Outgoing, offset: int) -> None:
+        self.resent += out.sent - offset
+        self.resent_acked += max(0, out.acked - offset)
+        self.bytes_sent -= out.sent - offset
+        out.hasher = new_hasher(self.digest)
+        hash_region(out.hasher, out.image.fd, 0, offset)
+        out.sent, out.ended = offset, False
+
+    # ---- streaming ------------------------------------------------------------------------------
     def _stream(self) -> None:
+        assert self.conn is not None
         while True:
             receiving = self.checkpoint.state is State.RECEIVING
             if not (self.wait_for_complete and receiving):
                 self._send_available()
             if self.checkpoint.state is State.FAILED:
-                self._send(wire.encode_checkpoint_end(False, len(self.outgoing), self.bytes_sent))
-                raise DumpFailed
-            if not receiving and not self.active and len(self.outgoing) == len(self.checkpoint.images):
+                self._dump_failed()
+            if not receiving and not self.active and self.next_to_begin == len(self.checkpoint.images):
                 break
-            self._drain_acks()
-            self._wait_for_work(0.5)
+            self._drain()
+            self._wait_for_work()
             if self.stop.is_set():
-                raise PeerGone("the daemon is stopping")
-        self._send(wire.encode_checkpoint_end(True, len(self.outgoing), self.bytes_sent))
+                raise Settled
+        self.conn.checkpoint_end(True, len(self.outgoing), self.bytes_sent, time.monotonic())
+        self._flush()
+        delivered = self._wait_for(conv.Delivered)
+        if not delivered.ok:
+            raise GiveUp(f"the cache rejected the checkpoint: {delivered.message}")
+        self._delivered()
 
-    def _wait_for_work(self, timeout: float) -> None:
+    def _dump_failed(self) -> None:
+        """Tell the cache (it drops its part), read its answer, and stop: capture logged why."""
+        assert self.conn is not None
+        self.conn.checkpoint_end(False, len(self.outgoing), self.bytes_sent, time.monotonic())
+        self._flush()
+        deadline = time.monotonic() + LINGER_AFTER_FAILURE
+        while not self.conn.closed and time.monotonic() < deadline:
+            self._pump(min(LOOK_EVERY, deadline - time.monotonic()))
+        raise Settled
+
+    def _wait_for_work(self) -> None:
         """Sleep until there is something to send (checked under the store's lock, so a
-        notification cannot slip between the check and the wait). Costs O(open files),
-        not O(files in the checkpoint): 10,000 small files stay linear."""
-        with self.store.cond:
-            if not self._has_work():
-                self.store.cond.wait(timeout)
+        change cannot slip between the check and the wait), or a timer is due. Costs
+        O(open files), not O(files in the checkpoint)."""
+        assert self.conn is not None
+        deadline = self.conn.next_deadline()
+        timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+        self.store.wait_until(self._has_work, self.stop, timeout)
+        self._tick()
 
     def _has_work(self) -> bool:
         checkpoint = self.checkpoint
@@ -186,155 +285,199 @@ class Forwarder:
             return True
         if self.wait_for_complete:
             return False
-        if len(checkpoint.images) > len(self.outgoing):
+        if len(checkpoint.images) > self.next_to_begin:
             return True
         return any(out.image.complete or out.image.size - out.sent >= SEND_STEP for out in self.active)
 
     def _send_available(self) -> None:
+        assert self.conn is not None
         images = self.checkpoint.images
         # Images are never removed from a checkpoint and dicts keep insertion order: the
-        # new ones are those past the count already begun. list() copies without letting
+        # new ones are those past the count already known. list() copies without letting
         # another thread run, unlike a Python-level loop over a dict that may grow.
-        fresh = list(itertools.islice(images.values(), len(self.outgoing), None))
-        batch: list[bytes] = []  # frames of complete small files, sent together
-        for image in fresh:
-            out = self.outgoing[image.name] = _Outgoing(image, len(self.outgoing), new_hasher(self.digest))
-            if image.complete and image.size <= SMALL_FILE:
-                self._frame_small(out, batch)
-                if len(batch) >= SMALL_BATCH:
-                    self._send(b"".join(batch))
-                    batch.clear()
+        for image in list(itertools.islice(images.values(), len(self.outgoing), None)):
+            self.outgoing.append(_Outgoing(image, len(self.outgoing), new_hasher(self.digest)))
+        small = 0
+        for out in self.outgoing[self.next_to_begin:]:
+            self.next_to_begin += 1
+            if out.image.complete and out.image.size <= SMALL_FILE:
+                self._frame_small(out)
+                small += 1
+                if small % SMALL_BATCH == 0:
+                    self._flush()
                 continue
-            batch.append(wire.encode_file_begin(out.file_id, image.name))
-            self._send(b"".join(batch))
-            batch.clear()
+            self.conn.file_begin(out.file_id, out.image.name, time.monotonic())
             self.active.append(out)
-        if batch:
-            self._send(b"".join(batch))
-        if self.active:
-            for out in self.active:
-                self._send_bytes(out)
-            self.active = [out for out in self.active if not out.ended]
+        self._flush()
+        for out in self.active:
+            self._send_bytes(out)
+        self.active = [out for out in self.active if not out.ended]
 
-    def _frame_small(self, out: _Outgoing, batch: list[bytes]) -> None:
-        """FILE_BEGIN, one buffered FILE_DATA and FILE_END appended to batch: the same
-        frames as for a large file, sent with other small files' in one system call."""
+    def _frame_small(self, out: _Outgoing) -> None:
+        """FILE_BEGIN, one buffered FILE_DATA and FILE_END: the same frames as for a large
+        file, queued to go with other small files' in one system call."""
+        assert self.conn is not None
+        now = time.monotonic()
         size = out.image.size
         data = os.pread(out.image.fd, size, 0) if size else b""
         if len(data) != size:
             raise OSError(f"{out.image.name}: read {len(data)} of {size} bytes from its memfd")
         out.hasher.update(data)
-        frames = [wire.encode_file_begin(out.file_id, out.image.name)]
+        self.conn.file_begin(out.file_id, out.image.name, now)
         if size:
-            frames.append(wire.encode_file_data(out.file_id, 0, data))
-        frames.append(wire.encode_file_end(out.file_id, size, out.hasher.digest()))
-        batch.extend(frames)
+            self.conn.file_data(out.file_id, 0, data, now)
+        self.conn.file_end(out.file_id, size, out.hasher.digest(), now)
         out.sent = size
         out.ended = True
         self.bytes_sent += size
 
     def _send_bytes(self, out: _Outgoing) -> None:
+        assert self.conn is not None and self.link is not None
         complete = out.image.complete
         end = out.image.size
         if not complete and end - out.sent < SEND_STEP:
             return
-        self.sending = True
-        try:
-            while out.sent < end:
-                n = min(end - out.sent, FRAME_PAYLOAD)
-                hash_region(out.hasher, out.image.fd, out.sent, n)
-                self._send(wire.encode_file_data_header(out.file_id, out.sent, n))
-                self.link.send_file(out.image.fd, out.sent, n)
-                out.sent += n
-                self.bytes_sent += n
-        finally:
-            self.sending = False
+        while out.sent < end:
+            n = min(end - out.sent, FRAME_PAYLOAD)
+            hash_region(out.hasher, out.image.fd, out.sent, n)
+            self.conn.file_data_header(out.file_id, out.sent, n, time.monotonic())
+            self._flush()
+            self.link.send_file(out.image.fd, out.sent, n)
+            out.sent += n
+            self.bytes_sent += n
         if complete and not out.ended:
-            self._send(wire.encode_file_end(out.file_id, out.sent, out.hasher.digest()))
+            self.conn.file_end(out.file_id, out.sent, out.hasher.digest(), time.monotonic())
+            self._flush()
             out.ended = True
 
-    def _send(self, frame: bytes) -> None:
-        assert self.link is not None
-        self.link.send(frame)
-
-    def _next_event(self) -> wire.Event:
-        assert self.link is not None
-        while True:
-            event = self.decoder.next_event()
-            if event is not None:
-                self._answered()
-                return event
-            data = self.link.recv(65536)
-            if not data:
-                raise PeerGone("the cache closed the connection")
-            self.decoder.feed(data)
-
-    def _answered(self) -> None:
-        """A frame from the cache after our CHECKPOINT_BEGIN: it holds our checkpoint now."""
-        if self.begin_sent:
-            self.begun.set()
-
-    def _drain_acks(self) -> None:
-        assert self.link is not None
-        data = self.link.recv_nowait(65536)
-        if data is None:
-            return
-        if not data:
-            raise PeerGone("the cache closed the connection mid-checkpoint")
-        self.decoder.feed(data)
-        while (event := self.decoder.next_event()) is not None:
-            self._answered()
-            if isinstance(event, wire.Error):
-                raise PeerGone(f"the cache reported: {event.message}")
-
-    def _await_done(self, started: float) -> None:
-        while True:
-            event = self._next_event()
-            if isinstance(event, wire.Error):
-                raise PeerGone(f"the cache reported: {event.message}")
-            if isinstance(event, wire.CheckpointDone):
-                break
-        if not event.ok:
-            raise PeerGone(f"the cache rejected the checkpoint: {event.message}")
+    # ---- after CHECKPOINT_DONE: custody -----------------------------------------------------------
+    def _delivered(self) -> None:
         self.store.delivered(self.checkpoint)
-        elapsed = time.monotonic() - started
+        elapsed = time.monotonic() - self.started
         log.info("checkpoint %s forwarded to %s: %d files, %d bytes in %.2f s (%.0f MB/s); verified by the cache",
                  self.checkpoint.id, self.peer_node, len(self.outgoing), self.bytes_sent, elapsed,
                  self.bytes_sent / max(elapsed, 1e-6) / 1e6, extra=self.fields | {"IMGMIG_BYTES": self.bytes_sent})
 
-    def _await_restored(self) -> None:
-        assert self.link is not None
-        self.link.settimeout(0.5)
+    def _hold(self) -> None:
+        """Until the checkpoint is restored (on the cache, or here) or the daemon stops."""
+        assert self.conn is not None
         while not self.stop.is_set():
-            if self.checkpoint.state is State.RESTORED:
-                self._send_drop()
-                return
-            try:
-                event = self._next_event()
-            except TimeoutError:
-                continue
-            except (OSError, PeerGone):
-                log.warning("link to %s closed before it reported checkpoint %s restored; this node keeps "
-                            "its copy for a rollback until it is restored here or memory is needed",
-                            self.peer_node, self.checkpoint.id, extra=self.fields)
-                return
-            if isinstance(event, wire.Restored) and event.checkpoint == self.checkpoint.id:
-                log.info("checkpoint %s was restored on %s; releasing this node's copy",
-                         self.checkpoint.id, self.peer_node, extra=self.fields)
-                self.store.drop(self.checkpoint)
-                return
+            if self.conn.closed:
+                raise LinkLost("the connection was closed")
+            if self.checkpoint.holder == custody.source(self.node) and not self.conn.drop_sent:
+                self.conn.drop(time.monotonic())
+                self._flush()
+            self._pump(LOOK_EVERY)
+        raise Settled
 
-    def _send_drop(self) -> None:
-        """Restored here (a rollback): the cache's copy must not be restored as well."""
+    def _release(self, how: str) -> None:
+        log.info("checkpoint %s was restored on %s (%s); releasing this node's copy",
+                 self.checkpoint.id, self.peer_node, how, extra=self.fields)
+        self.store.drop(self.checkpoint)
+
+    # ---- reading and the events ---------------------------------------------------------------------
+    def _wait_for(self, kind: type[conv.Event]) -> conv.Event:
+        while True:
+            if self.stop.is_set():
+                raise Settled
+            for event in self._pump(LOOK_EVERY):
+                if isinstance(event, kind):
+                    return event
+
+    def _drain(self) -> None:
+        """Read what the cache said without waiting (ACKs, CLAIM) while sending."""
+        self._pump(0.0)
+
+    def _pump(self, timeout: float) -> list[conv.Event]:
+        """Wait up to timeout for bytes, feed them, act on every event; return them."""
+        assert self.conn is not None and self.link is not None
+        if _readable(self.link.fileno(), timeout):
+            data = self.link.recv(65536)
+            if not data:
+                raise LinkLost("the cache closed the connection")
+            self.conn.receive_data(data, time.monotonic())
+        else:
+            self._tick()
+        events = []
         try:
-            self._send(wire.encode_drop(self.checkpoint.id))
-        except OSError as exc:
-            log.error("checkpoint %s was restored on this node, but %s could not be told to drop its copy "
-                      "(%s): do not restore it there, or the process runs twice; restart imgmig-cache "
-                      "there to discard it", self.checkpoint.id, self.peer_node, _describe(exc), extra=self.fields)
+            while (event := self.conn.next_event()) is not None:
+                self._on_event(event)
+                events.append(event)
+        except wire.PeerProtocolError as exc:
+            self.conn.refuse(exc.code, str(exc))
+            self._flush()
+            raise GiveUp(f"the cache broke the protocol: {exc}") from None
+        self._flush()
+        return events
+
+    def _tick(self) -> None:
+        assert self.conn is not None
+        dead = self.conn.handle_timeout(time.monotonic())
+        self._flush()
+        if dead is not None:
+            raise LinkLost(dead.reason)
+
+    def _on_event(self, event: conv.Event) -> None:
+        if isinstance(event, conv.Acked):
+            out = self.outgoing[event.file_id]
+            out.acked = max(out.acked, event.size)
+        elif isinstance(event, conv.ClaimRequested):
+            self._on_claim()
+        elif isinstance(event, conv.RestoredReported):
+            self._release("reported by the cache")
+            assert self.conn is not None
+            self.conn.confirm_restored(time.monotonic())
+            self._flush()
+            raise Settled
+        elif isinstance(event, conv.Confirmed):
+            log.info("checkpoint %s was restored on this node (rollback); %s told to drop its copy, and it did",
+                     self.checkpoint.id, self.peer_node, extra=self.fields)
+            raise Settled
+        elif isinstance(event, conv.PeerError):
+            self._on_peer_error(event)
+
+    def _on_claim(self) -> None:
+        assert self.conn is not None
+        granted, holder = custody.grant_to_peer(self.store, self.checkpoint, self.peer_name)
+        self.conn.grant(granted, holder, time.monotonic())
+        if granted:
+            log.info("checkpoint %s: the right to restore it is granted to %s", self.checkpoint.id,
+                     self.peer_node, extra=self.fields)
+        else:
+            log.warning("checkpoint %s: %s asked for the right to restore it; refused, it is held by %s",
+                        self.checkpoint.id, self.peer_node, holder, extra=self.fields)
+
+    def _on_peer_error(self, event: conv.PeerError) -> None:
+        if event.code == ErrorCode.INTERNAL:
+            raise LinkLost(f"the cache reported: {event.message}")
+        if event.code == ErrorCode.TOO_LARGE:
+            log.error("checkpoint %s cannot be forwarded: %s (the cache); this node keeps it, "
+                      "restore it here for a rollback", self.checkpoint.id, event.message, extra=self.fields)
+            raise GiveUp(event.message, logged=True)
+        raise GiveUp(f"the cache reported: {event.message}")
+
+    def _flush(self) -> None:
+        assert self.conn is not None and self.link is not None
+        data = self.conn.data_to_send()
+        if data:
+            self.link.send(data)
+
+    def _report_failure(self, reason: str) -> None:
+        if self.stop.is_set() or self.checkpoint.state in (State.RESTORED, State.FAILED):
             return
-        log.info("checkpoint %s was restored on this node (rollback); %s told to drop its copy",
-                 self.checkpoint.id, self.peer_node, extra=self.fields)
+        log.error("forwarding checkpoint %s to %s failed: %s; the checkpoint stays on this node "
+                  "(restore it here from the proxy's images_dir for a rollback), check the cache "
+                  "and its network, then dump again", self.checkpoint.id, self.peer_node, reason,
+                  extra=self.fields)
+
+
+def _describe_resume(answered: conv.BeginAnswered) -> str:
+    if answered.status is BeginStatus.COMPLETE:
+        return "the cache holds it complete"
+    if answered.status is BeginStatus.NEW:
+        return "the cache had none of it: sending it again"
+    held = sum(answered.held.values())
+    return f"resuming after {answered.files} files ({len(answered.held)} open, {held} bytes held there)"
 
 
 def _describe(exc: BaseException) -> str:

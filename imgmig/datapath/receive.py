@@ -1,8 +1,14 @@
-"""The cache's write side: one proxy connection delivers one checkpoint.
+"""The cache's write side: the driver of one CacheConnection (protocol/conversation.py).
 
-FILE_DATA payloads go link -> memfd (spliced on a plain link); each file's digest is
-computed from the memfd as it fills and checked against FILE_END before the file
-may be served.
+One proxy connection carries one checkpoint. FILE_DATA payloads go link -> memfd
+(spliced on a plain link); each file's digest is computed from the memfd as it fills
+and checked against FILE_END before the file may be served. This thread is the only
+writer to its link: what other threads want said (a restore asking for the right to
+restore, a restore that read everything) it finds in the store and says itself.
+
+A cut link leaves an unfinished checkpoint in `Transfers`, with its file order and
+digests so far, for `cache.resume_for` seconds: the proxy reconnects and continues
+each file where this cache's memfd ends.
 """
 
 from __future__ import annotations
@@ -11,55 +17,111 @@ import contextlib
 import hmac
 import logging
 import os
+import select
 import socket
 import threading
 import time
+from dataclasses import dataclass, field
 
+from imgmig.datapath import custody
 from imgmig.datapath.digest import LABELS, Digester, new_hasher, usable
 from imgmig.datapath.kernel_io import UntilHangup, hash_region
 from imgmig.datapath.link import PlainLink
 from imgmig.datapath.store import Checkpoint, Image, ImageStore, State, StoreError
+from imgmig.protocol import conversation as conv
 from imgmig.protocol import peer_wire as wire
+from imgmig.protocol.peer_wire import BeginStatus, ErrorCode
 from imgmig.system.systemd_glue import CHECKPOINT_COMPLETE_ID
 
 log = logging.getLogger(__name__)
 
-HELLO_TIMEOUT = 10.0
-ACK_EVERY = 16 << 20
 # Bytes spliced into a memfd are hashed and reported to the store in steps of at least
 # this much (and at FILE_END): the socket hands over ~64 KiB per splice, and a mapping,
 # a digest call and a store notification for each would cost more than the bytes.
 HASH_STEP = 4 << 20
+LOOK_EVERY = 0.2     # an idle link looks at the store this often (a restore may want the right)
+TAKEOVER_WAIT = 5.0  # a resume waits this long for the cut connection's thread to let go
+SETTLED_KEPT = 1024  # ids of restored/dropped checkpoints remembered, for a late resume
 
 
 class Refused(Exception):
-    def __init__(self, message: str, code: wire.ErrorCode = wire.ErrorCode.PROTOCOL) -> None:
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.PROTOCOL) -> None:
         super().__init__(message)
         self.code = code
 
 
+class LinkLost(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class Inbound:
+    """What the cache knows of one checkpoint's transfer, across connections."""
+    checkpoint: Checkpoint
+    order: wire.InboundCheckpoint
+    digest: wire.Digest
+    images: dict[int, Image] = field(default_factory=dict)
+    hashers: dict[int, Digester] = field(default_factory=dict)
+    attached: bool = False
+
+
+class Transfers:
+    """Every checkpoint a proxy is sending or holds here, by id (guarded by the store's lock)."""
+
+    def __init__(self, store: ImageStore, resume_for: float) -> None:
+        self.store = store
+        self.resume_for = resume_for
+        self.inbound: dict[str, Inbound] = {}
+        self.settled: dict[str, BeginStatus] = {}
+
+    def settle(self, checkpoint_id: str, status: BeginStatus) -> None:
+        with self.store.cond:
+            self.inbound.pop(checkpoint_id, None)
+            self.settled[checkpoint_id] = status
+            while len(self.settled) > SETTLED_KEPT:
+                del self.settled[next(iter(self.settled))]
+
+    def expire_later(self, inbound: Inbound) -> None:
+        """A cut transfer fails if its proxy does not come back within resume_for."""
+        threading.Thread(target=self._expire, args=(inbound,), name=f"expire-{inbound.checkpoint.id}",
+                         daemon=True).start()
+
+    def _expire(self, inbound: Inbound) -> None:
+        checkpoint = inbound.checkpoint
+        if self.store.wait_until(lambda: inbound.attached or checkpoint.state is not State.RECEIVING,
+                                 timeout=self.resume_for):
+            return
+        with self.store.cond:
+            if inbound.attached or checkpoint.state is not State.RECEIVING:
+                return
+            self.inbound.pop(checkpoint.id, None)
+        log.error("checkpoint %s from %s failed: its proxy did not come back within %.0f s (cache.resume_for) "
+                  "to finish it; it is dropped, dump again", checkpoint.id, checkpoint.origin, self.resume_for,
+                  extra={"IMGMIG_CHECKPOINT": checkpoint.id})
+        self.store.fail(checkpoint, "the proxy did not come back to resume it")
+        self.settle(checkpoint.id, BeginStatus.GONE)
+
+
 class ReceiveSession:
     def __init__(self, sock: socket.socket, address: str, store: ImageStore, node: str,
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, transfers: Transfers) -> None:
+        _keepalive(sock)
         self.link = PlainLink(sock)
         self.address = address
         self.store = store
         self.node = node
         self.stop = stop
-        self.decoder = wire.FrameDecoder()
-        self.order = wire.InboundCheckpoint()
-        self.checkpoint: Checkpoint | None = None
-        self.images: dict[int, Image] = {}
-        self.hashers: dict[int, Digester] = {}
+        self.transfers = transfers
+        self.conn = conv.CacheConnection(node, time.monotonic())
+        self.inbound: Inbound | None = None
         self.digest = wire.Digest.SHA256
-        self.unacked: dict[int, int] = {}
         self.pending: dict[int, list[int]] = {}  # file_id -> [offset, length] stored, not yet hashed
-        self.send_lock = threading.Lock()
-        self.outbox: list[bytes] = []  # queued ACK frames (guarded by send_lock)
-        self.done_sent = False  # CHECKPOINT_DONE went out (guarded by send_lock)
-        self.restored_early = False  # restored before CHECKPOINT_DONE went out
         self.peer = address
         self.started = time.monotonic()
+
+    @property
+    def checkpoint(self) -> Checkpoint | None:
+        return self.inbound.checkpoint if self.inbound is not None else None
 
     @property
     def fields(self) -> dict[str, object]:
@@ -70,117 +132,190 @@ class ReceiveSession:
 
     def run(self) -> None:
         try:
-            self.link.settimeout(HELLO_TIMEOUT)
             self._loop()
         except wire.PeerProtocolError as exc:
             self._refuse(str(exc), exc.code)
         except Refused as exc:
             self._refuse(str(exc), exc.code)
-        except TimeoutError:
-            self._refuse(f"no HELLO within {HELLO_TIMEOUT:.0f} s", wire.ErrorCode.PROTOCOL)
-        except OSError as exc:
-            self._fail_checkpoint(f"connection error: {exc.strerror or exc}")
+        except (OSError, LinkLost) as exc:
+            self._link_lost(_describe(exc))
         finally:
-            self.store.off_event(self._notify_restored)
+            self._detach()
             self.link.close()
 
+    # ---- the loop ------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self.stop.is_set():
-            payload = self.decoder.payload
+            if self.conn.closed:
+                self._flush_out()
+                return
+            payload = self.conn.payload
             if payload is not None:
-                if not self._splice_payload(*payload):
-                    return
+                self._splice_payload(*payload)
                 continue
-            event = self.decoder.next_event()
+            event = self.conn.next_event()
             if event is not None:
                 self._on_event(event)
                 continue
-            self._send_queued()
-            data = self.link.recv(65536)
-            if not data:
-                self._on_eof()
-                return
-            self.decoder.feed(data)
+            self._look_at_store()
+            self._flush_out()
+            self._read()
+
+    def _read(self) -> None:
+        """Wait for bytes (or a timer, or the store's news) and feed them to the machine."""
+        now = time.monotonic()
+        deadline = self.conn.next_deadline()
+        wait = LOOK_EVERY if deadline is None else max(0.0, min(deadline - now, LOOK_EVERY))
+        if not _readable(self.link.fileno(), wait):
+            dead = self.conn.handle_timeout(time.monotonic())
+            if dead is not None and self.inbound is None:
+                raise Refused(dead.reason)
+            if dead is not None:
+                raise LinkLost(dead.reason)
+            return
+        data = self.link.recv(65536)
+        if not data:
+            self._on_eof()
+            return
+        self.conn.receive_data(data, time.monotonic())
+
+    def _flush_out(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.link.send(data)
 
     def _on_eof(self) -> None:
-        if self.checkpoint is None and self.decoder.buffered:
+        if self.inbound is None and self.conn.decoder.buffered:
             log.error("connection from %s closed after %d bytes of an incomplete frame; nothing was received, "
-                      "check what connects to this port", self.peer, self.decoder.buffered, extra=self.fields)
-        if self.checkpoint is None or self.checkpoint.state is State.RECEIVING:
-            self._fail_checkpoint("the proxy closed the connection mid-checkpoint")
+                      "check what connects to this port", self.peer, self.conn.decoder.buffered, extra=self.fields)
+        raise LinkLost("the proxy closed the connection")
 
-    def _on_event(self, event: wire.Event) -> None:
-        self.order.check(event)
-        if isinstance(event, wire.Hello):
-            self._on_hello(event)
-        elif isinstance(event, wire.CheckpointBegin):
-            self._on_begin(event)
-        elif isinstance(event, wire.FileBegin):
+    def _look_at_store(self) -> None:
+        """Say what the store's other users want said: a restore wants the right, or read it all."""
+        checkpoint = self.checkpoint
+        if checkpoint is None or self.conn.closed:
+            return
+        now = time.monotonic()
+        if checkpoint.grant_wanted and not checkpoint.holder and not self.conn.claim_sent \
+                and self.conn.phase in (conv.Phase.TRANSFER, conv.Phase.ENDED, conv.Phase.HOLDING):
+            self.conn.claim(now)
+        if checkpoint.state is State.RESTORED and self.conn.phase is conv.Phase.HOLDING \
+                and not self.conn.restored_sent:
+            self.conn.restored(now)
+
+    # ---- events --------------------------------------------------------------------------
+    def _on_event(self, event: conv.Event) -> None:
+        now = time.monotonic()
+        if isinstance(event, conv.HelloReceived):
+            self.peer = f"{event.hello.node} ({self.address})"
+            self.digest = usable(event.hello.digest)
+            self.conn.accept_hello(self.digest, self.store.limit, max(0, self.store.room()), now)
+        elif isinstance(event, conv.BeginRequested):
+            self._on_begin(event, now)
+        elif isinstance(event, conv.FileBegun):
             self._on_file_begin(event)
-        elif isinstance(event, wire.FileData):
+        elif isinstance(event, conv.DataReceived):
             self._write_buffered(event)
-        elif isinstance(event, wire.FileEnd):
+        elif isinstance(event, conv.FileEnded):
             self._on_file_end(event)
-        elif isinstance(event, wire.CheckpointEnd):
+        elif isinstance(event, conv.CheckpointEnded):
             self._on_checkpoint_end(event)
-        elif isinstance(event, wire.Drop):
+        elif isinstance(event, conv.GrantAnswered):
+            self._on_grant(event)
+        elif isinstance(event, conv.DropRequested):
             self._on_drop()
-        elif isinstance(event, wire.Error):
-            raise Refused(f"the proxy reported error {event.code}: {event.message}")
+        elif isinstance(event, conv.Confirmed):
+            self._on_confirmed(event)
+        elif isinstance(event, conv.PeerError):
+            raise LinkLost(f"the proxy reported error {event.code}: {event.message}")
 
-    def _on_drop(self) -> None:
-        """The source node restored this checkpoint itself (a rollback): restoring it here
-        too would run the process twice, so this copy goes, even from a restore under way."""
-        assert self.checkpoint is not None
-        log.warning("checkpoint %s was restored on its source %s (a rollback); this copy is dropped so "
-                    "that the process cannot run twice", self.checkpoint.id, self.peer, extra=self.fields)
-        self.store.fail(self.checkpoint, "restored on the source node (rollback)")
+    def _on_begin(self, event: conv.BeginRequested, now: float) -> None:
+        if event.resume:
+            status, inbound = self._resume(event.checkpoint)
+        else:
+            status, inbound = BeginStatus.NEW, self._new(event.checkpoint)
+        self.inbound = inbound
+        self.conn.begun(status, inbound.order if status is BeginStatus.RESUMED else None, now)
+        if status is BeginStatus.NEW and inbound is not None:
+            inbound.order = self.conn.order
+        verb = {BeginStatus.NEW: "begins", BeginStatus.RESUMED: "resumes",
+                BeginStatus.COMPLETE: "is complete here; link back"}.get(status)
+        if verb is not None:
+            log.info("checkpoint %s %s from %s", event.checkpoint, verb, self.peer, extra=self.fields)
+        else:
+            log.info("checkpoint %s from %s: already %s here, nothing to resume", event.checkpoint, self.peer,
+                     "restored" if status is BeginStatus.RESTORED else "dropped", extra=self.fields)
 
-    def _on_hello(self, hello: wire.Hello) -> None:
-        self.peer = f"{hello.node} ({self.address})"
-        self.digest = usable(hello.digest)
-        self._send(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.CACHE, self.node, self.digest)))
-        self.link.settimeout(None)
-
-    def _on_begin(self, begin: wire.CheckpointBegin) -> None:
-        if begin.resume:
-            raise Refused("resuming a checkpoint is not supported by this cache yet; send it again")
+    def _new(self, checkpoint_id: str) -> Inbound:
         try:
-            self.checkpoint = self.store.begin(begin.checkpoint, self.peer)
+            checkpoint = self.store.begin(checkpoint_id, self.peer)
         except StoreError as exc:
             raise Refused(str(exc)) from None
         self.started = time.monotonic()
-        log.info("checkpoint %s begins from %s", begin.checkpoint, self.peer, extra=self.fields)
+        inbound = Inbound(checkpoint, wire.InboundCheckpoint(), self.digest, attached=True)
+        with self.store.cond:
+            self.transfers.inbound[checkpoint_id] = inbound
+        return inbound
 
-    def _on_file_begin(self, event: wire.FileBegin) -> None:
-        assert self.checkpoint is not None
-        self.images[event.file_id] = self.store.add_image(self.checkpoint, event.name)
-        self.hashers[event.file_id] = new_hasher(self.digest)
-        self.unacked[event.file_id] = 0
+    def _resume(self, checkpoint_id: str) -> tuple[BeginStatus, Inbound | None]:
+        transfers = self.transfers
+        with self.store.cond:
+            settled = transfers.settled.get(checkpoint_id)
+            if settled is not None:
+                return settled, None
+        inbound = transfers.inbound.get(checkpoint_id) or self._adopted(checkpoint_id)
+        if inbound is None:
+            return BeginStatus.NEW, self._new(checkpoint_id)
+        if not self.store.wait_until(lambda: not inbound.attached, self.stop, TAKEOVER_WAIT):
+            raise Refused(f"checkpoint {checkpoint_id} is still attached to its previous connection; "
+                          f"the proxy retries", ErrorCode.INTERNAL)
+        if inbound.digest is not self.digest:
+            raise Refused(f"checkpoint {checkpoint_id} was begun with another digest", ErrorCode.PROTOCOL)
+        with self.store.cond:
+            inbound.attached = True
+            state = inbound.checkpoint.state
+        self.started = time.monotonic()
+        if state is State.RECEIVING:
+            return BeginStatus.RESUMED, inbound
+        if state is State.COMPLETE:
+            return BeginStatus.COMPLETE, inbound
+        return (BeginStatus.RESTORED if state is State.RESTORED else BeginStatus.GONE), None
 
-    def _splice_payload(self, file_id: int, offset: int, left: int) -> bool:
-        self.order.check_payload(file_id, offset, 0)
+    def _adopted(self, checkpoint_id: str) -> Inbound | None:
+        """A complete checkpoint this cache took back from the fd store after a restart."""
+        checkpoint = self.store.get(checkpoint_id)
+        if checkpoint is None or checkpoint.state is not State.COMPLETE:
+            return None
+        inbound = Inbound(checkpoint, wire.InboundCheckpoint(), self.digest)
+        with self.store.cond:
+            self.transfers.inbound.setdefault(checkpoint_id, inbound)
+        return inbound
+
+    def _on_file_begin(self, event: conv.FileBegun) -> None:
+        inbound = self._inbound()
+        inbound.images[event.file_id] = self.store.add_image(inbound.checkpoint, event.name)
+        inbound.hashers[event.file_id] = new_hasher(self.digest)
+
+    def _splice_payload(self, file_id: int, offset: int, left: int) -> None:
         self._wait_for_room()
-        image = self.images[file_id]
+        image = self._inbound().images[file_id]
         moved = self.link.recv_into_file(image.fd, offset, left)
         if not moved:
             self._on_eof()
-            return False
-        self.order.check_payload(file_id, offset, moved)
-        self.decoder.consume_payload(moved)
+        self.conn.consume_payload(moved, time.monotonic())
         self._stored(file_id, image, offset, moved)
-        return True
 
-    def _write_buffered(self, event: wire.FileData) -> None:
+    def _write_buffered(self, event: conv.DataReceived) -> None:
         self._wait_for_room()
-        image = self.images[event.file_id]
+        inbound = self._inbound()
+        image = inbound.images[event.file_id]
         written = 0
         while written < len(event.data):
             written += os.pwrite(image.fd, event.data[written:], event.offset + written)
         if event.file_id in self.pending:  # joins the range hashed from the memfd
             self._stored(event.file_id, image, event.offset, len(event.data))
         else:  # the bytes are at hand (small files): no mapping needed
-            self.hashers[event.file_id].update(event.data)
+            inbound.hashers[event.file_id].update(event.data)
             self._account(event.file_id, image, len(event.data))
 
     def _stored(self, file_id: int, image: Image, offset: int, n: int) -> None:
@@ -199,99 +334,154 @@ class ReceiveSession:
         pending = self.pending.pop(file_id, None)
         if pending is None:
             return
-        image = self.images[file_id]
-        hash_region(self.hashers[file_id], image.fd, pending[0], pending[1])
+        inbound = self._inbound()
+        image = inbound.images[file_id]
+        hash_region(inbound.hashers[file_id], image.fd, pending[0], pending[1])
         self._account(file_id, image, pending[1])
 
     def _account(self, file_id: int, image: Image, n: int) -> None:
-        assert self.checkpoint is not None
-        self.store.grew(self.checkpoint, image, n)
-        self.unacked[file_id] += n
-        if self.unacked[file_id] >= ACK_EVERY:
-            self._ack(file_id)
+        checkpoint = self._inbound().checkpoint
+        self.store.grew(checkpoint, image, n)
+        if checkpoint.size > self.store.limit:
+            self._too_large(checkpoint)
+        self.conn.stored(file_id, image.size, n, time.monotonic())
 
-    def _ack(self, file_id: int) -> None:
-        """Queued, sent before the next wait for data (or with the next frame): with many
-        small files, one send carries the ACKs of every file one recv() brought."""
-        self.unacked[file_id] = 0
-        with self.send_lock:
-            self.outbox.append(wire.encode_ack(file_id, self.images[file_id].size))
-
-    def _send_queued(self) -> None:
-        if self.outbox:
-            self._send(b"")
+    def _too_large(self, checkpoint: Checkpoint) -> None:
+        raise Refused(f"checkpoint {checkpoint.id} has grown to {_mib(checkpoint.size)}, over this cache's "
+                      f"memory.limit of {_mib(self.store.limit)}; it cannot fit here (raise memory.limit)",
+                      ErrorCode.TOO_LARGE)
 
     def _wait_for_room(self) -> None:
+        checkpoint = self._inbound().checkpoint
+        if self.store.room() > 0:
+            return
+        if checkpoint.size >= self.store.limit:
+            self._too_large(checkpoint)
         proxy_gone = UntilHangup(self.stop, self.link.fileno())
-        if self.store.room() <= 0 and not proxy_gone.is_set():
+        if not proxy_gone.is_set():
             self.store.wait_for_room(proxy_gone, f"receiving from {self.peer}")
 
-    def _on_file_end(self, event: wire.FileEnd) -> None:
+    def _on_file_end(self, event: conv.FileEnded) -> None:
         self._flush(event.file_id)
-        image = self.images[event.file_id]
-        digest = self.hashers.pop(event.file_id).digest()
+        inbound = self._inbound()
+        image = inbound.images[event.file_id]
+        digest = inbound.hashers.pop(event.file_id).digest()
         if not hmac.compare_digest(digest, event.digest):
             raise Refused(f"{image.name}: {LABELS[self.digest]} digest mismatch (got {digest.hex()[:16]}..., "
-                          f"the proxy sent {event.digest.hex()[:16]}...)", wire.ErrorCode.DIGEST_MISMATCH)
+                          f"the proxy sent {event.digest.hex()[:16]}...)", ErrorCode.DIGEST_MISMATCH)
         self.store.finish_image(image, digest)
-        self._ack(event.file_id)
+        self.conn.file_verified(event.file_id, image.size, time.monotonic())
 
-    def _on_checkpoint_end(self, event: wire.CheckpointEnd) -> None:
-        assert self.checkpoint is not None
+    def _on_checkpoint_end(self, event: conv.CheckpointEnded) -> None:
+        checkpoint = self._inbound().checkpoint
+        now = time.monotonic()
         if not event.clean:
-            self._fail_checkpoint("the proxy reports the dump did not finish (CRIU failed or died)")
-            self._send(wire.encode_checkpoint_done(False, "dump did not finish; checkpoint dropped"))
+            self._fail("the proxy reports the dump did not finish (CRIU failed or died)")
+            self.conn.done(False, "dump did not finish; checkpoint dropped", now)
             return
-        # Listen before completing: a restore that already read every file finishes the
-        # moment the checkpoint is complete, and its "restored" must not be missed.
-        self.store.on_event(self._notify_restored)
-        self.store.complete(self.checkpoint, clean=True)
-        elapsed = time.monotonic() - self.started
-        size = self.checkpoint.size
+        self.store.complete(checkpoint, clean=True)
+        elapsed = now - self.started
+        size = checkpoint.size
         log.info("checkpoint %s complete from %s: %d files, %d bytes in %.2f s (%.0f MB/s), %s digests verified",
-                 self.checkpoint.id, self.peer, len(self.images), size, elapsed,
+                 checkpoint.id, self.peer, len(checkpoint.images), size, elapsed,
                  size / max(elapsed, 1e-6) / 1e6, LABELS[self.digest],
                  extra=self.fields | {"IMGMIG_BYTES": size, "MESSAGE_ID": CHECKPOINT_COMPLETE_ID})
-        with self.send_lock:  # RESTORED may only follow CHECKPOINT_DONE on the wire
-            self._send_locked(wire.encode_checkpoint_done(True, f"{len(self.images)} files verified"))
-            self.done_sent = True
-            restored_early, self.restored_early = self.restored_early, False
-        if restored_early:
-            self._notify_restored("restored", self.checkpoint)
+        self.conn.done(True, f"{len(checkpoint.images)} files verified", now)
 
-    def _notify_restored(self, event: str, checkpoint: Checkpoint) -> None:
-        if event == "restored" and checkpoint is self.checkpoint:
-            with self.send_lock:
-                if not self.done_sent:
-                    self.restored_early = True
-                    return
-            with contextlib.suppress(OSError):
-                self._send(wire.encode_restored(checkpoint.id))
+    def _on_grant(self, event: conv.GrantAnswered) -> None:
+        checkpoint = self._inbound().checkpoint
+        custody.answer_claim(self.store, checkpoint, event.granted, event.holder)
+        if event.granted:
+            log.info("checkpoint %s: %s granted this node the right to restore it", checkpoint.id, self.peer,
+                     extra=self.fields)
 
-    def _send(self, frame: bytes) -> None:
-        with self.send_lock:
-            self._send_locked(frame)
+    def _on_drop(self) -> None:
+        """The source node restored this checkpoint itself (a rollback): restoring it here
+        too would run the process twice, so this copy goes, even from a restore under way."""
+        checkpoint = self._inbound().checkpoint
+        log.warning("checkpoint %s was restored on its source %s (a rollback); this copy is dropped so "
+                    "that the process cannot run twice", checkpoint.id, self.peer, extra=self.fields)
+        self.store.fail(checkpoint, "restored on the source node (rollback)")
+        self.transfers.settle(checkpoint.id, BeginStatus.GONE)
+        self.conn.confirm_drop(time.monotonic())
 
-    def _send_locked(self, frame: bytes) -> None:
-        if self.outbox:
-            frame = b"".join([*self.outbox, frame])
-            self.outbox.clear()
-        if frame:
-            self.link.send(frame)
+    def _on_confirmed(self, event: conv.Confirmed) -> None:
+        if event.kind is wire.FrameType.RESTORED:
+            self.transfers.settle(self._inbound().checkpoint.id, BeginStatus.RESTORED)
 
-    def _refuse(self, reason: str, code: wire.ErrorCode) -> None:
-        dropped = ""
-        if self.checkpoint is not None and self.checkpoint.state is State.RECEIVING:
-            self.store.fail(self.checkpoint, reason)  # one log line for both: the refusal says it
-            dropped = f"; checkpoint {self.checkpoint.id} is dropped, dump it again"
-        log.error("connection from %s refused: %s%s", self.peer, reason, dropped, extra=self.fields)
-        with contextlib.suppress(OSError):
-            self._send(wire.encode_error(code, reason))
+    # ---- endings ---------------------------------------------------------------------------
+    def _inbound(self) -> Inbound:
+        assert self.inbound is not None
+        return self.inbound
 
-    def _fail_checkpoint(self, reason: str) -> None:
-        if self.checkpoint is None or self.checkpoint.state is not State.RECEIVING:
+    def _detach(self) -> None:
+        """Leave the transfer for the next connection: everything stored is hashed and counted."""
+        inbound = self.inbound
+        if inbound is None:
             return
-        log.error("checkpoint %s from %s failed: %s; it is dropped, dump again once the link is back",
-                  self.checkpoint.id, self.peer, reason, extra=self.fields)
-        self.store.fail(self.checkpoint, reason)
+        if inbound.checkpoint.state is State.RECEIVING:
+            for file_id in list(self.pending):
+                self._flush(file_id)
+        with self.store.cond:
+            was_attached, inbound.attached = inbound.attached, False
+            self.store.changed()
+        if was_attached and inbound.checkpoint.state is State.RECEIVING:
+            self.transfers.expire_later(inbound)
 
+    def _link_lost(self, reason: str) -> None:
+        checkpoint = self.checkpoint
+        if self.stop.is_set() or checkpoint is None:
+            return
+        if checkpoint.state is State.RECEIVING:
+            log.warning("link from %s lost mid-checkpoint %s (%s); it is kept %.0f s for the proxy to resume",
+                        self.peer, checkpoint.id, reason, self.transfers.resume_for, extra=self.fields)
+        elif checkpoint.state is State.COMPLETE:
+            log.info("link from %s closed (%s); checkpoint %s stays here, complete", self.peer, reason,
+                     checkpoint.id, extra=self.fields)
+
+    def _refuse(self, reason: str, code: ErrorCode) -> None:
+        dropped = ""
+        checkpoint = self.checkpoint
+        if checkpoint is not None and checkpoint.state is State.RECEIVING:
+            self._fail(reason, log_it=False)  # one log line for both: the refusal says it
+            dropped = f"; checkpoint {checkpoint.id} is dropped, dump it again"
+        log.error("connection from %s refused: %s%s", self.peer, reason, dropped, extra=self.fields)
+        self.conn.refuse(code, reason)
+        with contextlib.suppress(OSError):
+            self._flush_out()
+
+    def _fail(self, reason: str, log_it: bool = True) -> None:
+        checkpoint = self._inbound().checkpoint
+        if checkpoint.state is not State.RECEIVING:
+            return
+        if log_it:
+            log.error("checkpoint %s from %s failed: %s; it is dropped, dump again",
+                      checkpoint.id, self.peer, reason, extra=self.fields)
+        self.store.fail(checkpoint, reason)
+        self.transfers.settle(checkpoint.id, BeginStatus.GONE)
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLRDHUP)
+    return bool(poller.poll(int(timeout * 1000)))
+
+
+def _keepalive(sock: socket.socket) -> None:
+    """A peer that vanishes without a FIN or RST (power off, cable) is noticed by TCP too,
+    even inside a blocking splice: keepalive probes and a bound on unacknowledged data."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 15), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3),
+                          ("TCP_USER_TIMEOUT", 45_000)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"

@@ -12,7 +12,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 
+from imgmig.datapath.custody import NoRight
 from imgmig.datapath.kernel_io import UntilHangup, grow_pipe, splice_out
 from imgmig.datapath.store import Checkpoint, CheckpointFailed, ImageStore, Interrupted
 from imgmig.protocol import criu_wire
@@ -29,8 +31,13 @@ class _Hangup(Exception):
 
 
 class ServeSession:
-    def __init__(self, sock: socket.socket, store: ImageStore, stop: threading.Event, role: str) -> None:
+    """`gate(checkpoint)` runs before the first reply from a claimed checkpoint: it raises
+    NoRight when this node may not restore it (custody.py)."""
+
+    def __init__(self, sock: socket.socket, store: ImageStore, stop: threading.Event, role: str,
+                 gate: Callable[[Checkpoint], None] | None = None) -> None:
         self.sock = sock
+        self.gate = gate
         self.store = store
         self.stop = stop
         self.role = role
@@ -57,6 +64,11 @@ class ServeSession:
         except CheckpointFailed as exc:
             log.error("restore from checkpoint %s stopped: %s; run the dump again, then the restore",
                       self.checkpoint.id if self.checkpoint else "?", exc)
+        except NoRight as exc:
+            log.error("restore of checkpoint %s on the %s refused: %s; CRIU's restore fails here",
+                      self.checkpoint.id if self.checkpoint else "?", self.role, exc,
+                      extra={"IMGMIG_CHECKPOINT": self.checkpoint.id if self.checkpoint else ""})
+            self._refused()
         except (_Hangup, BrokenPipeError, ConnectionError):
             log.warning("restore connection on the %s closed by CRIU while being served", self.role)
         finally:
@@ -72,21 +84,19 @@ class ServeSession:
             self._handle(self.protocol.receive(b""))
 
     def _answer(self, name: str) -> None:
-        checkpoint = self._checkpoint()
         waiter = UntilHangup(self.stop, self.sock.fileno())
         while True:
             try:
-                image = self.store.wait_image(checkpoint, name, waiter)
+                image = self.store.wait_image(self._checkpoint(), name, waiter)
                 break
             except Interrupted:
                 raise _Hangup from None
             except CheckpointFailed:
-                if self.answered or self.stop.is_set():
+                if self.answered or self.stop.is_set() or self.checkpoint is None:
                     raise
                 log.warning("checkpoint %s failed before this restore read from it; waiting for the next",
-                            checkpoint.id)
+                            self.checkpoint.id)
                 self.checkpoint = None
-                checkpoint = self._checkpoint()
         self.answered.add(name)
         self.sock.sendall(self.protocol.reply(image is not None))
 
@@ -95,15 +105,25 @@ class ServeSession:
             self.checkpoint = self.store.claim(UntilHangup(self.stop, self.sock.fileno()))
             if self.checkpoint is None:
                 raise _Hangup
+            if self.gate is not None:
+                self.gate(self.checkpoint)
             log.info("restore connected on the %s: serving checkpoint %s", self.role, self.checkpoint.id,
                      extra={"IMGMIG_CHECKPOINT": self.checkpoint.id})
         return self.checkpoint
+
+    def _refused(self) -> None:
+        """The checkpoint stays for whoever holds the right; this connection served nothing."""
+        if self.checkpoint is not None:
+            self.store.unclaim(self.checkpoint)
+            self.checkpoint = None
 
     def _send_image(self, name: str, pipe_w: int) -> None:
         checkpoint = self._checkpoint()
         try:
             with self.store.using(checkpoint):
                 image = checkpoint.images[name]
+                if image.fd < 0:
+                    raise CheckpointFailed(f"checkpoint {checkpoint.id} was dropped: {checkpoint.reason or 'released'}")
                 os.set_blocking(pipe_w, True)
                 if image.size > SMALL_IMAGE:
                     grow_pipe(pipe_w)  # CRIU's 64 KiB pipe: 16 times the wake-ups per byte on both sides

@@ -3,6 +3,9 @@
 Writers (capture on the proxy, the peer receiver on the cache) put bytes into an
 image's memfd themselves (splice) and report growth here; readers (serve, forward)
 wait on the store's condition for bytes, completion or failure. Nothing touches disk.
+There is one way to wait for anything here: a predicate checked under the store's
+condition (`wait_until`); every change notifies it, and `generation` counts the
+changes of checkpoint state for those that mirror the store (the fd store).
 """
 
 from __future__ import annotations
@@ -75,6 +78,11 @@ class Checkpoint:
     users: int = 0
     dropped: bool = False
     delivered: bool = False
+    # The right to restore it (docs/protocol.md, "Handoff"): the node that holds it, "" while
+    # nobody does. On the cache, a restore sets grant_wanted and waits for holder or refused_by.
+    holder: str = ""
+    grant_wanted: bool = False
+    refused_by: str = ""
 
     @property
     def size(self) -> int:
@@ -95,20 +103,30 @@ class ImageStore:
         self._checkpoints: dict[str, Checkpoint] = {}
         self._held = 0
         self.bytes_in = 0  # every byte ever stored: STATUS derives transfer rates from it
-        self._listeners: list[Callable[[str, Checkpoint], None]] = []
+        self.generation = 0  # counts changes of checkpoint state (begun, complete, failed, gone)
 
     # ---- observation -------------------------------------------------------------
-    def on_event(self, listener: Callable[[str, Checkpoint], None]) -> None:
-        """Call listener(event, checkpoint) on 'begin', 'complete', 'failed', 'restored', 'dropped', 'adopted'."""
-        self._listeners.append(listener)
+    def wait_until(self, predicate: Callable[[], object], stop: threading.Event | None = None,
+                   timeout: float | None = None) -> bool:
+        """Block until predicate() holds, checked under the store's lock after every change.
+        False if `stop` is set or `timeout` seconds pass first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            while not predicate():
+                left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+                if left <= 0 or (stop is not None and stop.is_set()):
+                    return False
+                self.cond.wait(left)
+            return True
 
-    def off_event(self, listener: Callable[[str, Checkpoint], None]) -> None:
-        if listener in self._listeners:
-            self._listeners.remove(listener)
+    def changed(self) -> None:
+        """Wake every waiter after a change made under `cond` (a field of a checkpoint)."""
+        with self.cond:
+            self._changed_locked()
 
-    def _emit(self, event: str, checkpoint: Checkpoint) -> None:
-        for listener in list(self._listeners):
-            listener(event, checkpoint)
+    def _changed_locked(self) -> None:
+        self.generation += 1
+        self.cond.notify_all()
 
     @property
     def held(self) -> int:
@@ -129,8 +147,7 @@ class ImageStore:
                 raise StoreError(f"checkpoint {checkpoint_id} already exists")
             checkpoint = Checkpoint(checkpoint_id, origin)
             self._checkpoints[checkpoint_id] = checkpoint
-            self.cond.notify_all()
-        self._emit("begin", checkpoint)
+            self._changed_locked()
         return checkpoint
 
     def adopt(self, checkpoint_id: str, origin: str, images: list[Image]) -> Checkpoint:
@@ -142,8 +159,7 @@ class ImageStore:
                 raise StoreError(f"checkpoint {checkpoint_id} already exists")
             self._checkpoints[checkpoint_id] = checkpoint
             self._held += checkpoint.size
-            self.cond.notify_all()
-        self._emit("adopted", checkpoint)
+            self._changed_locked()
         return checkpoint
 
     def add_image(self, checkpoint: Checkpoint, name: str) -> Image:
@@ -182,10 +198,9 @@ class ImageStore:
         """Block until the store is under its limit; log once if it has to wait. A checkpoint
         that becomes delivered while we wait is evicted then, not only on entry."""
         logged = False
-        while True:
-            with self.cond:
-                evicted = self._evict_delivered_locked()
-                if not evicted:
+        with self.cond:
+            while True:
+                if not self._evict_delivered_locked():
                     if self._held < self.limit:
                         return True
                     if stop.is_set():
@@ -196,8 +211,6 @@ class ImageStore:
                                     "store", _mib(self._held), _mib(self.limit), what)
                         logged = True
                     self.cond.wait(0.5)
-            for checkpoint in evicted:
-                self._emit("dropped", checkpoint)
 
     def grew(self, checkpoint: Checkpoint, image: Image, n: int) -> None:
         with self.cond:
@@ -221,8 +234,7 @@ class ImageStore:
             checkpoint.clean = clean
             checkpoint.finished = time.monotonic()
             checkpoint.state = State.COMPLETE
-            self.cond.notify_all()
-        self._emit("complete", checkpoint)
+            self._changed_locked()
 
     def fail(self, checkpoint: Checkpoint, reason: str) -> None:
         """A checkpoint that can never be restored: its images are released at once."""
@@ -233,7 +245,7 @@ class ImageStore:
             checkpoint.reason = reason
             checkpoint.finished = time.monotonic()
             self._drop_locked(checkpoint)
-        self._emit("failed", checkpoint)
+            self._changed_locked()
 
     # ---- reading -----------------------------------------------------------------
     def claim(self, stop: threading.Event) -> Checkpoint | None:
@@ -277,12 +289,11 @@ class ImageStore:
                 return
             checkpoint.state = State.RESTORED
             self._drop_locked(checkpoint)
-        self._emit("restored", checkpoint)
+            self._changed_locked()
 
     def drop(self, checkpoint: Checkpoint) -> None:
         with self.cond:
             self._drop_locked(checkpoint)
-        self._emit("dropped", checkpoint)
 
     @contextmanager
     def using(self, checkpoint: Checkpoint) -> Iterator[Checkpoint]:
@@ -305,7 +316,7 @@ class ImageStore:
         self._held -= checkpoint.size
         if not checkpoint.users:
             _close_images(checkpoint)
-        self.cond.notify_all()
+        self._changed_locked()
 
     def close(self) -> None:
         for checkpoint in self.checkpoints():

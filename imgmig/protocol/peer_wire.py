@@ -10,11 +10,11 @@ socket into the image's memfd without Python ever holding it.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 
 MAGIC = b"IMGMIG"
-VERSION = 1
+VERSION = 2
 MAX_CONTROL_FRAME = 64 * 1024
 MAX_DATA_PAYLOAD = 4 * 1024 * 1024
 MAX_NAME = 255
@@ -34,6 +34,11 @@ class FrameType(IntEnum):
     RESTORED = 9
     ERROR = 10
     DROP = 11
+    BEGUN = 12
+    CLAIM = 13
+    GRANT = 14
+    CONFIRM = 15
+    PING = 16
 
 
 class Role(IntEnum):
@@ -57,6 +62,17 @@ class ErrorCode(IntEnum):
     DUPLICATE_FILE = 4
     DIGEST_MISMATCH = 5
     INTERNAL = 6
+    TOO_LARGE = 7
+    TIMEOUT = 8
+
+
+class BeginStatus(IntEnum):
+    """What the cache holds of a checkpoint when it answers CHECKPOINT_BEGIN."""
+    NEW = 0        # nothing: send every file from offset 0
+    RESUMED = 1    # part of it: continue each file from the offsets in BEGUN
+    COMPLETE = 2   # all of it, verified: nothing to send
+    RESTORED = 3   # a restore here read all of it: nothing to send
+    GONE = 4       # it was dropped or failed here: do not send it again
 
 
 class PeerProtocolError(ValueError):
@@ -75,6 +91,8 @@ class Hello:
     digest: Digest = Digest.SHA256
     auth: Auth = Auth.NONE
     auth_data: bytes = b""
+    memory_limit: int = 0  # the sender's memory.limit in bytes
+    room: int = 0          # of which free when it said HELLO
 
 
 @dataclass(frozen=True)
@@ -139,8 +157,48 @@ class Drop:
     checkpoint: str
 
 
+@dataclass(frozen=True)
+class Begun:
+    """Cache to proxy, the answer to CHECKPOINT_BEGIN: from now on the checkpoint is in
+    the cache's store. `files` FILE_BEGINs are known (file ids 0..files-1); those in `held`
+    are still open, with the bytes held of each; every other known file is complete."""
+    status: BeginStatus
+    checkpoint: str
+    files: int = 0
+    held: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Cache to proxy: a restore wants this checkpoint; may the cache serve it?"""
+    checkpoint: str
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Proxy to cache: the answer to CLAIM; `holder` names the node that holds the right."""
+    granted: bool
+    checkpoint: str
+    holder: str
+
+
+@dataclass(frozen=True)
+class Confirm:
+    """Either way: the frame of type `kind` (CHECKPOINT_DONE, RESTORED, DROP) about this
+    checkpoint has been acted upon."""
+    kind: FrameType
+    checkpoint: str
+
+
+@dataclass(frozen=True)
+class Ping:
+    """Either way, on an idle link: I am alive."""
+
+
 Event = (Hello | CheckpointBegin | FileBegin | FileData | FileEnd | CheckpointEnd | Ack
-         | CheckpointDone | Restored | Error | Drop)
+         | CheckpointDone | Restored | Error | Drop | Begun | Claim | Grant | Confirm | Ping)
+CONFIRMABLE = (FrameType.CHECKPOINT_DONE, FrameType.RESTORED, FrameType.DROP)
+MAX_HELD = 4096  # open files listed in one BEGUN (13 bytes each: well under a control frame)
 
 _U8, _U16, _U32, _U64 = (struct.Struct(f">{c}") for c in "BHIQ")
 _HEAD = struct.Struct(">IB")
@@ -169,7 +227,8 @@ def encode_hello(hello: Hello) -> bytes:
     if len(hello.auth_data) > MAX_MESSAGE:
         raise ValueError("auth data too long")
     body = (MAGIC + _U16.pack(hello.version) + bytes([hello.role, hello.digest, hello.auth])
-            + _str8(hello.node) + _U16.pack(len(hello.auth_data)) + hello.auth_data)
+            + _str8(hello.node) + _U16.pack(len(hello.auth_data)) + hello.auth_data
+            + _U64.pack(hello.memory_limit) + _U64.pack(hello.room))
     return _frame(FrameType.HELLO, body)
 
 
@@ -218,6 +277,33 @@ def encode_drop(checkpoint: str) -> bytes:
 
 def encode_error(code: ErrorCode, message: str) -> bytes:
     return _frame(FrameType.ERROR, _U16.pack(code) + _str16(message))
+
+
+def encode_begun(status: BeginStatus, checkpoint: str, files: int = 0,
+                 held: tuple[tuple[int, int], ...] = ()) -> bytes:
+    if len(held) > MAX_HELD:
+        raise ValueError(f"{len(held)} open files, at most {MAX_HELD} fit in BEGUN")
+    body = bytes([status]) + _str8(checkpoint) + _U32.pack(files) + _U16.pack(len(held))
+    body += b"".join(_U32.pack(file_id) + _U64.pack(size) for file_id, size in held)
+    return _frame(FrameType.BEGUN, body)
+
+
+def encode_claim(checkpoint: str) -> bytes:
+    return _frame(FrameType.CLAIM, _str8(checkpoint))
+
+
+def encode_grant(granted: bool, checkpoint: str, holder: str) -> bytes:
+    return _frame(FrameType.GRANT, bytes([int(granted)]) + _str8(checkpoint) + _str8(holder))
+
+
+def encode_confirm(kind: FrameType, checkpoint: str) -> bytes:
+    if kind not in CONFIRMABLE:
+        raise ValueError(f"{kind.name} is not confirmed")
+    return _frame(FrameType.CONFIRM, bytes([kind]) + _str8(checkpoint))
+
+
+def encode_ping() -> bytes:
+    return _frame(FrameType.PING, b"")
 
 
 class _Body:
@@ -292,7 +378,24 @@ def _decode_hello(body: _Body) -> Hello:
         raise PeerProtocolError(f"HELLO: {exc}") from None
     if hello.auth is Auth.NONE and auth_data:
         raise PeerProtocolError("HELLO: auth data present without an auth method")
-    return hello
+    return replace(hello, memory_limit=body.u64(), room=body.u64())
+
+
+def _decode_begun(body: _Body) -> Begun:
+    try:
+        status = BeginStatus(body.u8())
+    except ValueError as exc:
+        raise PeerProtocolError(f"BEGUN: {exc}") from None
+    checkpoint, files = body.name("checkpoint id"), body.u32()
+    held = tuple((body.u32(), body.u64()) for _ in range(body.u16()))
+    return Begun(status, checkpoint, files, held)
+
+
+def _decode_confirm(body: _Body) -> Confirm:
+    kind = body.u8()
+    if kind not in CONFIRMABLE:
+        raise PeerProtocolError(f"CONFIRM of frame type {kind}, which is never confirmed")
+    return Confirm(FrameType(kind), body.name("checkpoint id"))
 
 
 def _decode_control(kind: FrameType, data: bytes) -> Event:
@@ -318,6 +421,17 @@ def _decode_control(kind: FrameType, data: bytes) -> Event:
         event = Restored(body.name("checkpoint id"))
     elif kind is FrameType.DROP:
         event = Drop(body.name("checkpoint id"))
+    elif kind is FrameType.BEGUN:
+        event = _decode_begun(body)
+    elif kind is FrameType.CLAIM:
+        event = Claim(body.name("checkpoint id"))
+    elif kind is FrameType.GRANT:
+        granted = body.flag()
+        event = Grant(granted, body.name("checkpoint id"), body.name("holder"))
+    elif kind is FrameType.CONFIRM:
+        event = _decode_confirm(body)
+    elif kind is FrameType.PING:
+        event = Ping()
     else:
         event = Error(body.u16(), body.message())
     body.end()
@@ -402,7 +516,9 @@ class InboundCheckpoint:
     """The cache's view of one proxy connection: checks that frames come in a legal order.
 
     HELLO, CHECKPOINT_BEGIN, then FILE_BEGIN/FILE_DATA/FILE_END in any interleaving,
-    then CHECKPOINT_END. Offsets must be contiguous; a name may appear once.
+    then CHECKPOINT_END. File ids count up from 0, offsets are contiguous, a name may
+    appear once. The cache keeps this object across connections: a resumed checkpoint
+    continues from what it says was received (`held()`).
     """
 
     def __init__(self) -> None:
@@ -454,9 +570,15 @@ class InboundCheckpoint:
                                     f"expected {self._received[file_id]}")
         self._received[file_id] += length
 
+    def held(self) -> tuple[int, tuple[tuple[int, int], ...]]:
+        """What BEGUN reports on a resume: files known, and the bytes received of each open one."""
+        return len(self._names), tuple(sorted((file_id, self._received[file_id]) for file_id in self._open))
+
     def _file_begin(self, event: FileBegin) -> None:
         if event.file_id in self._names:
             raise PeerProtocolError(f"file id {event.file_id} used twice")
+        if event.file_id != len(self._names):
+            raise PeerProtocolError(f"FILE_BEGIN with file id {event.file_id}, expected {len(self._names)}")
         if event.name in self._name_set:
             raise PeerProtocolError(f"file {event.name} sent twice in checkpoint {self.checkpoint}",
                                     ErrorCode.DUPLICATE_FILE)

@@ -11,9 +11,10 @@ import logging
 import socket
 
 from imgmig.config import Config, is_allowed
-from imgmig.datapath.receive import ReceiveSession
+from imgmig.datapath import custody
+from imgmig.datapath.receive import ReceiveSession, Transfers
 from imgmig.datapath.serve import ServeSession
-from imgmig.datapath.store import ImageStore
+from imgmig.datapath.store import Checkpoint, ImageStore
 from imgmig.protocol import peer_wire as wire
 from imgmig.roles.daemon import Daemon, Listener
 from imgmig.roles.endpoints import SERVE_SOCKET, Endpoint
@@ -31,6 +32,7 @@ class Cache:
             Listener(Endpoint("serve", path=config.cache.images_dir / SERVE_SOCKET), self._on_restore),
         ], self.status)
         self.receiving: dict[int, ReceiveSession] = {}
+        self.transfers = Transfers(self.store, config.cache.resume_for)
         self.receive_rate = RateMeter()
 
     def status(self) -> str:
@@ -55,7 +57,7 @@ class Cache:
             finally:
                 conn.close()
             return
-        session = ReceiveSession(conn, address, self.store, self.config.node, self.daemon.stop)
+        session = ReceiveSession(conn, address, self.store, self.config.node, self.daemon.stop, self.transfers)
         self.receiving[id(session)] = session
         try:
             session.run()
@@ -63,4 +65,8 @@ class Cache:
             del self.receiving[id(session)]
 
     def _on_restore(self, conn: socket.socket, _peer: str) -> None:
-        ServeSession(conn, self.store, self.daemon.stop, "cache").run()
+        ServeSession(conn, self.store, self.daemon.stop, "cache", gate=self._await_right).run()
+
+    def _await_right(self, checkpoint: Checkpoint) -> None:
+        """Serve nothing before the proxy granted this node the right to restore it."""
+        custody.await_grant(self.store, checkpoint, self.config.cache.grant_timeout, self.daemon.stop)

@@ -14,11 +14,12 @@ import threading
 import time
 
 from imgmig.config import Config, require_proxy_peer
+from imgmig.datapath import custody
 from imgmig.datapath.capture import CaptureSession
 from imgmig.datapath.digest import NAMES, usable
 from imgmig.datapath.forward import Forwarder
 from imgmig.datapath.serve import ServeSession
-from imgmig.datapath.store import ImageStore
+from imgmig.datapath.store import Checkpoint, ImageStore
 from imgmig.roles.daemon import Daemon, Listener
 from imgmig.roles.endpoints import CAPTURE_SOCKET, SERVE_SOCKET, Endpoint
 from imgmig.roles.status import RateMeter, describe_store, human_rate
@@ -72,7 +73,7 @@ class Proxy:
             checkpoint = self.store.begin(self.new_checkpoint_id(), self.config.node)
             forwarder = Forwarder(self.store, checkpoint, self.peer, self.config.node, self.daemon.stop,
                                   wait_for_complete=self.config.store_and_forward, after=self.last_begun,
-                                  digest=self.digest)
+                                  digest=self.digest, reconnect_for=self.config.proxy.reconnect_for)
             self.last_begun = forwarder.begun
         self.daemon.spawn(f"forward-{checkpoint.id}", self._forward, forwarder)
         CaptureSession(conn, self.store, checkpoint, self.daemon.stop).run()
@@ -86,4 +87,8 @@ class Proxy:
             self.forwarded_before += forwarder.bytes_sent
 
     def _on_restore(self, conn: socket.socket, _peer: str) -> None:
-        ServeSession(conn, self.store, self.daemon.stop, "proxy").run()
+        ServeSession(conn, self.store, self.daemon.stop, "proxy", gate=self._take_right).run()
+
+    def _take_right(self, checkpoint: Checkpoint) -> None:
+        """A rollback here takes the right to restore the checkpoint, unless the cache holds it."""
+        custody.take_for_rollback(self.store, checkpoint, self.config.node)

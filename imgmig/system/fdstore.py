@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from imgmig.datapath.store import Checkpoint, Image, ImageStore
+from imgmig.datapath.store import Checkpoint, Image, ImageStore, State
 from imgmig.system import systemd_glue
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,9 @@ class FdStore:
             self.entries[entry.fdname] = entry
             self.serial = max(self.serial, _serial(entry.fdname))
         if self.enabled:
-            self.store.on_event(self._on_event)
             self._ensure_meta()
             self._write_meta()
+            threading.Thread(target=self._follow, name="fdstore", daemon=True).start()
         return checkpoints
 
     def _rebuild(self, entries: list[_Entry], fds: dict[str, int]) -> list[Checkpoint]:
@@ -92,16 +92,30 @@ class FdStore:
                             "MESSAGE_ID": systemd_glue.CHECKPOINT_KEPT_ID})
         return adopted
 
-    # ---- store events ------------------------------------------------------------
-    def _on_event(self, event: str, checkpoint: Checkpoint) -> None:
-        if event == "complete":
-            self._keep(checkpoint)
-        elif event in ("restored", "dropped", "failed"):
-            self._release(checkpoint)
+    # ---- following the store ----------------------------------------------------
+    def _follow(self) -> None:
+        """Mirror the store for the life of the daemon: wait for a change of checkpoint
+        state, then keep what became complete and release what is gone."""
+        seen = -1
+        while True:
+            seen = self._next_change(seen)
+            present = {checkpoint.id: checkpoint for checkpoint in self.store.checkpoints()}
+            for checkpoint in present.values():
+                if checkpoint.state is State.COMPLETE:
+                    self._keep(checkpoint)
+            with self.lock:
+                gone = {e.checkpoint for e in self.entries.values()} - set(present)
+            for checkpoint_id in gone:
+                self._release(checkpoint_id)
+
+    def _next_change(self, seen: int) -> int:
+        self.store.wait_until(lambda: self.store.generation != seen)
+        return self.store.generation
 
     def _keep(self, checkpoint: Checkpoint) -> None:
         with self.lock, self.store.using(checkpoint):
             known = {(e.checkpoint, e.image) for e in self.entries.values()}
+            added = 0
             for image in checkpoint.images.values():
                 if (checkpoint.id, image.name) in known or image.fd < 0:
                     continue
@@ -117,11 +131,13 @@ class FdStore:
                                  "IMGMIG_BYTES": image.size})
                 self.entries[fdname] = _Entry(fdname, checkpoint.id, checkpoint.origin, image.name,
                                               image.size, image.digest.hex() if image.digest else None)
-            self._write_meta()
+                added += 1
+            if added:
+                self._write_meta()
 
-    def _release(self, checkpoint: Checkpoint) -> None:
+    def _release(self, checkpoint_id: str) -> None:
         with self.lock:
-            names = [name for name, e in self.entries.items() if e.checkpoint == checkpoint.id]
+            names = [name for name, e in self.entries.items() if e.checkpoint == checkpoint_id]
             for name in names:
                 self._forget(name)
                 del self.entries[name]

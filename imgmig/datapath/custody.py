@@ -1,0 +1,81 @@
+"""Who may restore a checkpoint: the right that makes a migration exactly-once.
+
+The proxy is the one place that decides (docs/protocol.md, "Handoff"). A rollback on
+the source takes the right directly from its store; the cache asks for it (CLAIM) on
+the checkpoint's connection and serves nothing before the proxy granted it. Both
+sides keep the answer in the checkpoint (`holder`, `refused_by`) under the store's
+condition, so a serve thread and a link driver meet there without calling each other.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from imgmig.datapath.store import Checkpoint, CheckpointFailed, ImageStore, State
+
+
+def source(node: str) -> str:
+    """How the right is named when a rollback on the source node holds it."""
+    return f"{node} (the source, rollback)"
+
+
+def destination(node: str) -> str:
+    """How the right is named when the cache on the destination node holds it."""
+    return f"{node} (the destination)"
+
+
+class NoRight(Exception):
+    """The restore may not have this checkpoint; the text names who holds the right."""
+
+
+def take_for_rollback(store: ImageStore, checkpoint: Checkpoint, node: str) -> None:
+    """Proxy: a restore on this node takes the right, unless the cache was granted it."""
+    with store.cond:
+        if checkpoint.holder and checkpoint.holder != source(node):
+            raise NoRight(f"the right to restore it is held by {checkpoint.holder}, which was granted it")
+        checkpoint.holder = source(node)
+        store.changed()
+
+
+def grant_to_peer(store: ImageStore, checkpoint: Checkpoint, peer: str) -> tuple[bool, str]:
+    """Proxy: answer the cache's CLAIM from node `peer`. Returns (granted, holder)."""
+    with store.cond:
+        if checkpoint.holder and checkpoint.holder != destination(peer):
+            return False, checkpoint.holder
+        checkpoint.holder = destination(peer)
+        store.changed()
+        return True, checkpoint.holder
+
+
+def await_grant(store: ImageStore, checkpoint: Checkpoint, timeout: float, stop: threading.Event) -> None:
+    """Cache: ask for the right (the link driver sends CLAIM) and wait for the answer."""
+    with store.cond:
+        if checkpoint.holder:
+            return
+        checkpoint.grant_wanted = True
+        store.changed()
+    answered = store.wait_until(lambda: checkpoint.holder or checkpoint.refused_by
+                                or checkpoint.state is State.FAILED, stop, timeout)
+    with store.cond:
+        checkpoint.grant_wanted = False
+        if checkpoint.holder:
+            return
+        if checkpoint.state is State.FAILED:
+            raise CheckpointFailed(f"checkpoint {checkpoint.id} failed: {checkpoint.reason}")
+        refused_by, checkpoint.refused_by = checkpoint.refused_by, ""
+    if refused_by:
+        raise NoRight(f"the right to restore it is held by {refused_by}")
+    if not answered and not stop.is_set():
+        raise NoRight(f"its source did not grant the right to restore it within {timeout:.0f} s "
+                      f"(cache.grant_timeout); the link to it may be down")
+    raise NoRight("the daemon is stopping")
+
+
+def answer_claim(store: ImageStore, checkpoint: Checkpoint, granted: bool, holder: str) -> None:
+    """Cache: the proxy's GRANT arrived."""
+    with store.cond:
+        if granted:
+            checkpoint.holder = holder
+        else:
+            checkpoint.refused_by = holder
+        store.changed()
