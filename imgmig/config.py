@@ -43,6 +43,7 @@ class ProxyConfig:
     images_dir: Path
     peer: HostPort | None
     reconnect_for: float = 300.0
+    keep_restored_for: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ _SCHEMA: dict[str, Any] = {
     "node": None,
     "transfer": None,
     "digest": None,
-    "proxy": {"images_dir": None, "peer": None, "reconnect_for": None},
+    "proxy": {"images_dir": None, "peer": None, "reconnect_for": None, "keep_restored_for": None},
     "cache": {"images_dir": None, "listen": None, "allow": None, "grant_timeout": None, "resume_for": None},
     "memory": {"limit": None},
 }
@@ -208,6 +209,8 @@ def _build(raw: Any, where: str) -> Config:
         images_dir=_path(proxy_raw.get("images_dir"), "proxy.images_dir", "/run/imgmig/proxy", where),
         peer=_host_port(proxy_raw.get("peer"), "proxy.peer", where, required_port=True),
         reconnect_for=_seconds(proxy_raw.get("reconnect_for", 300), "proxy.reconnect_for", where),
+        keep_restored_for=_seconds(proxy_raw.get("keep_restored_for", 600), "proxy.keep_restored_for", where,
+                                   zero=True),
     )
     listen = _host_port(cache_raw.get("listen"), "cache.listen", where, required_port=False)
     cache = CacheConfig(
@@ -226,9 +229,11 @@ def _build(raw: Any, where: str) -> Config:
                   transfer=transfer, digest=digest, source=where)
 
 
-def _seconds(value: Any, key: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400:
-        raise _fail(where, key, value, "expected a number of seconds, more than 0 and at most 86400")
+def _seconds(value: Any, key: str, where: str, zero: bool = False) -> float:
+    least = 0 if zero else 1e-9
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not least <= value <= 86400:
+        raise _fail(where, key, value, f"expected a number of seconds, {'0' if zero else 'more than 0'} "
+                                       f"to 86400")
     return float(value)
 
 

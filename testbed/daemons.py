@@ -106,7 +106,9 @@ def write_config(path: Path, *, node: str, proxy_dir: Path, cache_dir: Path, pee
     config = {
         "node": node,
         "transfer": transfer,
-        "proxy": {"images_dir": str(proxy_dir), **({"peer": peer} if peer else {})},
+        # keep_restored_for 1: the proxy releases its copy 1 s after the cache reports a restore
+        # (10 min by default, docs/config.md), so that a test sees it released
+        "proxy": {"images_dir": str(proxy_dir), "keep_restored_for": 1, **({"peer": peer} if peer else {})},
         "cache": {"images_dir": str(cache_dir), "listen": listen, "allow": allow},
         "memory": {"limit": memory_limit},
     }

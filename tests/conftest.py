@@ -136,8 +136,10 @@ class Pair:
 
 def write_config(tmp: Path, *, port: int, memory_limit: str = "1GiB", allow: str = "[127.0.0.1]",
                  transfer: str = "streaming", cache_host: str = "127.0.0.1", peer_port: int | None = None,
-                 digest: str = "xxh3-128", proxy_extra: str = "", cache_extra: str = "") -> Path:
-    """proxy_extra / cache_extra: more YAML lines for those sections, e.g. "  reconnect_for: 2\n"."""
+                 digest: str = "xxh3-128", proxy_extra: str = "  keep_restored_for: 1\n",
+                 cache_extra: str = "") -> Path:
+    """proxy_extra / cache_extra: more YAML lines for those sections, e.g. "  reconnect_for: 2\n".
+    The proxy keeps a copy restored on the cache 1 s (not the default 10 min) unless told otherwise."""
     path = tmp / "imgmig.yaml"
     path.write_text(
         f"node: test-node\n"

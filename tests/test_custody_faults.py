@@ -104,7 +104,7 @@ def test_link_cut_at_twenty_random_points_resumes_without_resending_acknowledged
     assert len(pair.proxy_log.matching(r"link to .* lost while it carried checkpoint")) == CUTS
     assert not pair.proxy_log.errors(new=False) and not pair.cache_log.errors(new=False)
     pair.cache_log.wait_for(r"restored from the cache: 2 files served")
-    pair.proxy_log.wait_for(r"was restored on .*releasing this node's copy")
+    pair.proxy_log.wait_for(r"releasing this node's copy")
 
 
 def test_cut_after_delivery_keeps_the_custody_conversation(daemons):
@@ -117,7 +117,7 @@ def test_cut_after_delivery_keeps_the_custody_conversation(daemons):
     assert cut(pair.port)
     pair.proxy_log.wait_for(r"back after .*the cache holds it complete")
     assert_restores(Restore(pair.cache_dir, restore_order(images)).result(IO_TIMEOUT), images)
-    pair.proxy_log.wait_for(r"was restored on .*releasing this node's copy")
+    pair.proxy_log.wait_for(r"releasing this node's copy")
     assert not pair.proxy_log.errors(new=False) and not pair.cache_log.errors(new=False)
 
 
@@ -140,3 +140,50 @@ def test_cut_mid_small_checkpoint_resumes(daemons, seed):
     client.close()
     assert_restores(waiting.result(), images)
     pair.proxy_log.wait_for(r"back after .*resuming after")
+
+
+def _race(pair, rng: random.Random, tag: str) -> tuple[str, str]:
+    """A rollback on the source and a restore on the destination, started `offset` apart."""
+    images = checkpoint_images(tag)
+    dump(pair.proxy_dir, images)
+    pair.proxy_log.wait_for(r"forwarded to .*verified by the cache", count=int(tag.rsplit("-", 1)[1]) + 1)
+    offsets = {"proxy": rng.uniform(0, 0.1), "cache": rng.uniform(0, 0.1)}
+    results: dict[str, object] = {}
+
+    def attempt(role: str) -> None:
+        time.sleep(offsets[role])
+        restore_ = Restore(pair.proxy_dir if role == "proxy" else pair.cache_dir, restore_order(images))
+        try:
+            assert_restores(restore_.result(IO_TIMEOUT), images)
+            results[role] = "restored"
+        except (AssertionError, OSError) as exc:
+            results[role] = f"refused ({type(exc).__name__})"
+
+    threads = [threading.Thread(target=attempt, args=(role,)) for role in offsets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(IO_TIMEOUT * 2)
+    return results["proxy"], results["cache"]  # type: ignore[return-value]
+
+
+def test_rollback_and_destination_restore_race_exactly_one_wins(daemons):
+    """The proxy decides: whichever takes the right first restores, the other is refused,
+    including a rollback that comes after the destination's restore read everything (the
+    proxy keeps its copy then, keep_restored_for, and refuses it rather than let it wait)."""
+    pair = daemons(proxy_extra="  keep_restored_for: 60\n")
+    rng = random.Random(int(os.environ.get("IMGMIG_FAULT_SEED", "8")))
+    outcomes = [_race(pair, rng, f"race-{n}") for n in range(20)]
+    winners = [("proxy" if proxy == "restored" else "") + ("cache" if cache == "restored" else "")
+               for proxy, cache in outcomes]
+    print(f"\nFAULT TABLE handoff race: 20 rounds; rollback won {winners.count('proxy')}, destination won "
+          f"{winners.count('cache')}, both {winners.count('proxycache')}, neither {winners.count('')}")
+    assert all(len(w) in (5, 6) and w in ("proxy", "cache") for w in winners), outcomes
+    # every refusal named the holder, on both nodes
+    cache_refused = pair.cache_log.matching(r"restore of checkpoint \S+ on the cache refused: the right to "
+                                            r"restore it is held by test-node \(the source, rollback\)")
+    proxy_refused = pair.proxy_log.matching(r"restore of checkpoint \S+ on the proxy refused: the right to "
+                                            r"restore it is held by test-node \(the destination\)")
+    assert len(cache_refused) == winners.count("proxy") and len(proxy_refused) == winners.count("cache")
+    assert len(pair.proxy_log.matching(r"asked for the right to restore it; refused, it is held by "
+                                       r"test-node \(the source, rollback\)")) <= winners.count("proxy")

@@ -194,7 +194,7 @@ def test_interleaved_files(daemons):
     pair.cache_log.wait_for(r"complete from .*9 files.*xxh3-128 digests verified")
     assert_restores(restore(pair.cache_dir, restore_order(images)), images)
     pair.cache_log.wait_for(r"restored from the cache: 9 files served; its memory is released")
-    pair.proxy_log.wait_for(r"was restored on .*releasing this node's copy")
+    pair.proxy_log.wait_for(r"releasing this node's copy")
     assert not pair.proxy_log.errors(new=False) and not pair.cache_log.errors(new=False)
 
 
@@ -403,7 +403,7 @@ def test_fake_proxy_drops_mid_file(daemons):
 
 
 def test_cache_killed_mid_transfer_keeps_checkpoint_for_rollback(daemons):
-    pair = daemons(proxy_extra="  reconnect_for: 1\n")
+    pair = daemons(proxy_extra="  reconnect_for: 1\n  keep_restored_for: 1\n")
     pair.set_marks()
     images = checkpoint_images("rollback-after-cache-death", big=64 << 20)
     client = criu_sim.DumpClient(pair.proxy_dir)

@@ -74,6 +74,7 @@ def await_grant(store: ImageStore, checkpoint: Checkpoint, timeout: float, stop:
 def answer_claim(store: ImageStore, checkpoint: Checkpoint, granted: bool, holder: str) -> None:
     """Cache: the proxy's GRANT arrived."""
     with store.cond:
+        checkpoint.grant_wanted = False  # answered: the link driver must not ask again
         if granted:
             checkpoint.holder = holder
         else:

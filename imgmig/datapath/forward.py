@@ -65,6 +65,10 @@ class Settled(Exception):
     """Nothing is left to say about this checkpoint."""
 
 
+class Retained(Settled):
+    """Restored on the cache: this node keeps its copy for `keep_restored_for` seconds."""
+
+
 @dataclass
 class _Outgoing:
     image: Image
@@ -79,7 +83,7 @@ class Forwarder:
     def __init__(self, store: ImageStore, checkpoint: Checkpoint, peer: HostPort, node: str,
                  stop: threading.Event, *, wait_for_complete: bool = False,
                  after: threading.Event | None = None, digest: wire.Digest = wire.Digest.SHA256,
-                 reconnect_for: float = 300.0) -> None:
+                 reconnect_for: float = 300.0, keep_restored_for: float = 600.0) -> None:
         self.store = store
         self.checkpoint = checkpoint
         self.peer = peer
@@ -87,6 +91,7 @@ class Forwarder:
         self.stop = stop
         self.wait_for_complete = wait_for_complete
         self.reconnect_for = reconnect_for
+        self.keep_restored_for = keep_restored_for
         self.link: PlainLink | None = None
         self.conn: conv.ProxyConnection | None = None
         self.outgoing: list[_Outgoing] = []  # by file id
@@ -117,8 +122,22 @@ class Forwarder:
         try:
             with self.store.using(self.checkpoint):
                 self._until_settled()
+        except Retained:
+            self._keep_after_restored()
         finally:
             self.begun.set()
+
+    def _keep_after_restored(self) -> None:
+        """A bare `criu restore --stream` on the cache read everything; whether it then
+        succeeded nobody here can tell. The safe side: keep this copy (the right stays with
+        the cache, so it is not restored here by accident) until it is released, evicted
+        for memory, or keep_restored_for has passed."""
+        checkpoint = self.checkpoint
+        if self.store.wait_until(lambda: checkpoint.dropped, self.stop, self.keep_restored_for) or self.stop.is_set():
+            return
+        log.info("checkpoint %s: kept %.0f s after its restore on %s (proxy.keep_restored_for); releasing this "
+                 "node's copy", checkpoint.id, self.keep_restored_for, self.peer_node, extra=self.fields)
+        self.store.drop(checkpoint)
 
     def _until_settled(self) -> None:
         lost_at: float | None = None
@@ -127,11 +146,16 @@ class Forwarder:
             try:
                 self._connection()
                 return
+            except Retained:
+                raise
             except Settled:
                 return
             except GiveUp as exc:
                 if not exc.logged:
                     self._report_failure(str(exc))
+                return
+            except wire.PeerProtocolError as exc:
+                self._report_failure(f"the cache broke the protocol: {exc}")
                 return
             except (OSError, LinkLost) as exc:
                 reason = _describe(exc)
@@ -145,6 +169,12 @@ class Forwarder:
                                 self.reconnect_for, extra=self.fields)
             elif lost_at is None:
                 lost_at = now
+                log.warning("checkpoint %s: cannot reach the cache at %s (%s); retrying for up to %.0f s "
+                            "(proxy.reconnect_for); the checkpoint stays on this node meanwhile, a rollback "
+                            "restore here is possible", self.checkpoint.id, self.peer, reason,
+                            self.reconnect_for, extra=self.fields)
+            if self.checkpoint.state is State.RESTORED and not self.checkpoint.delivered:
+                return  # rolled back here; the cache never had it whole, and cannot get the right to it
             if now - lost_at > self.reconnect_for:
                 self._report_failure(f"{reason}; no working link for {self.reconnect_for:.0f} s")
                 return
@@ -193,8 +223,7 @@ class Forwarder:
         self.begun.set()
         self.progressed = True
         if answered.status is BeginStatus.RESTORED:
-            self._release("restored there earlier")
-            raise Settled
+            self._restored_there()
         if answered.status is BeginStatus.GONE:
             raise GiveUp(f"the cache no longer has checkpoint {self.checkpoint.id} (dropped or failed there)")
         if answered.status is BeginStatus.COMPLETE:
@@ -219,9 +248,9 @@ class Forwarder:
                 self._restart_file(out, 0)
             elif out.file_id in answered.held:
                 held = answered.held[out.file_id]
-                if held > out.sent:
+                if held > out.image.size:  # above `sent` is fine: a sendfile cut midway
                     raise wire.PeerProtocolError(f"the cache says it holds {held} bytes of {out.image.name}, "
-                                                 f"{out.sent} were sent")
+                                                 f"which has {out.image.size}")
                 self._restart_file(out, held)
                 self.conn.continue_file(out.file_id)
                 self.active.append(out)
@@ -230,7 +259,7 @@ class Forwarder:
         self.next_to_begin = min(answered.files, len(self.outgoing))
 
     def _restart_file(self, out: _Outgoing, offset: int) -> None:
-        self.resent += out.sent - offset
+        self.resent += max(0, out.sent - offset)
         self.resent_acked += max(0, out.acked - offset)
         self.bytes_sent -= out.sent - offset
         out.hasher = new_hasher(self.digest)
@@ -370,6 +399,15 @@ class Forwarder:
             self._pump(LOOK_EVERY)
         raise Settled
 
+    def _restored_there(self) -> None:
+        if self.keep_restored_for <= 0:
+            self._release("reported by the cache")
+            raise Settled
+        log.info("checkpoint %s was restored on %s (reported by the cache); this node keeps its copy %.0f s "
+                 "(proxy.keep_restored_for): whether CRIU's restore there succeeded is not known here",
+                 self.checkpoint.id, self.peer_node, self.keep_restored_for, extra=self.fields)
+        raise Retained
+
     def _release(self, how: str) -> None:
         log.info("checkpoint %s was restored on %s (%s); releasing this node's copy",
                  self.checkpoint.id, self.peer_node, how, extra=self.fields)
@@ -424,11 +462,10 @@ class Forwarder:
         elif isinstance(event, conv.ClaimRequested):
             self._on_claim()
         elif isinstance(event, conv.RestoredReported):
-            self._release("reported by the cache")
             assert self.conn is not None
             self.conn.confirm_restored(time.monotonic())
             self._flush()
-            raise Settled
+            self._restored_there()
         elif isinstance(event, conv.Confirmed):
             log.info("checkpoint %s was restored on this node (rollback); %s told to drop its copy, and it did",
                      self.checkpoint.id, self.peer_node, extra=self.fields)

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 # this much (and at FILE_END): the socket hands over ~64 KiB per splice, and a mapping,
 # a digest call and a store notification for each would cost more than the bytes.
 HASH_STEP = 4 << 20
-LOOK_EVERY = 0.2     # an idle link looks at the store this often (a restore may want the right)
+LOOK_EVERY = 0.05    # an idle link looks at the store this often (a restore may want the right)
 TAKEOVER_WAIT = 5.0  # a resume waits this long for the cut connection's thread to let go
 SETTLED_KEPT = 1024  # ids of restored/dropped checkpoints remembered, for a late resume
 
@@ -401,6 +401,9 @@ class ReceiveSession:
         checkpoint = self._inbound().checkpoint
         log.warning("checkpoint %s was restored on its source %s (a rollback); this copy is dropped so "
                     "that the process cannot run twice", checkpoint.id, self.peer, extra=self.fields)
+        assert self.conn.peer is not None
+        with self.store.cond:  # a restore waiting here is refused, not sent on to the next checkpoint
+            checkpoint.refused_by = custody.source(self.conn.peer.node)
         self.store.fail(checkpoint, "restored on the source node (rollback)")
         self.transfers.settle(checkpoint.id, BeginStatus.GONE)
         self.conn.confirm_drop(time.monotonic())

@@ -32,12 +32,14 @@ class _Hangup(Exception):
 
 class ServeSession:
     """`gate(checkpoint)` runs before the first reply from a claimed checkpoint: it raises
-    NoRight when this node may not restore it (custody.py)."""
+    NoRight when this node may not restore it (custody.py); `mine` is how this node is
+    named when it holds that right."""
 
     def __init__(self, sock: socket.socket, store: ImageStore, stop: threading.Event, role: str,
-                 gate: Callable[[Checkpoint], None] | None = None) -> None:
+                 gate: Callable[[Checkpoint], None] | None = None, mine: str = "") -> None:
         self.sock = sock
         self.gate = gate
+        self.mine = mine
         self.store = store
         self.stop = stop
         self.role = role
@@ -94,6 +96,8 @@ class ServeSession:
             except CheckpointFailed:
                 if self.answered or self.stop.is_set() or self.checkpoint is None:
                     raise
+                if self.checkpoint.refused_by:
+                    raise NoRight(f"the right to restore it is held by {self.checkpoint.refused_by}") from None
                 log.warning("checkpoint %s failed before this restore read from it; waiting for the next",
                             self.checkpoint.id)
                 self.checkpoint = None
@@ -102,7 +106,7 @@ class ServeSession:
 
     def _checkpoint(self) -> Checkpoint:
         if self.checkpoint is None:
-            self.checkpoint = self.store.claim(UntilHangup(self.stop, self.sock.fileno()))
+            self.checkpoint = self.store.claim(UntilHangup(self.stop, self.sock.fileno()), self.mine)
             if self.checkpoint is None:
                 raise _Hangup
             if self.gate is not None:

@@ -248,15 +248,20 @@ class ImageStore:
             self._changed_locked()
 
     # ---- reading -----------------------------------------------------------------
-    def claim(self, stop: threading.Event) -> Checkpoint | None:
-        """For a restore: the oldest checkpoint neither restored nor being restored,
-        else the next to arrive. None when the daemon is stopping."""
+    def claim(self, stop: threading.Event, mine: str = "") -> Checkpoint | None:
+        """For a restore: the oldest checkpoint neither restored nor being restored whose
+        right to restore nobody else holds (`holder` is empty or `mine`), else the newest
+        one somebody else holds (the restore is then refused, naming the holder, rather
+        than left waiting), else the next to arrive. None when the daemon is stopping."""
         with self.cond:
             while not stop.is_set():
-                for checkpoint in self._checkpoints.values():
-                    if checkpoint.state in (State.RECEIVING, State.COMPLETE) and not checkpoint.claimed:
-                        checkpoint.claimed = True
-                        return checkpoint
+                free = [c for c in self._checkpoints.values()
+                        if c.state in (State.RECEIVING, State.COMPLETE) and not c.claimed]
+                ours = [c for c in free if c.holder in ("", mine)]
+                chosen = ours[0] if ours else (free[-1] if free else None)
+                if chosen is not None:
+                    chosen.claimed = True
+                    return chosen
                 self.cond.wait(0.5)
         return None
 

@@ -65,7 +65,8 @@ class Cache:
             del self.receiving[id(session)]
 
     def _on_restore(self, conn: socket.socket, _peer: str) -> None:
-        ServeSession(conn, self.store, self.daemon.stop, "cache", gate=self._await_right).run()
+        ServeSession(conn, self.store, self.daemon.stop, "cache", gate=self._await_right,
+                     mine=custody.destination(self.config.node)).run()
 
     def _await_right(self, checkpoint: Checkpoint) -> None:
         """Serve nothing before the proxy granted this node the right to restore it."""

@@ -73,7 +73,8 @@ class Proxy:
             checkpoint = self.store.begin(self.new_checkpoint_id(), self.config.node)
             forwarder = Forwarder(self.store, checkpoint, self.peer, self.config.node, self.daemon.stop,
                                   wait_for_complete=self.config.store_and_forward, after=self.last_begun,
-                                  digest=self.digest, reconnect_for=self.config.proxy.reconnect_for)
+                                  digest=self.digest, reconnect_for=self.config.proxy.reconnect_for,
+                                  keep_restored_for=self.config.proxy.keep_restored_for)
             self.last_begun = forwarder.begun
         self.daemon.spawn(f"forward-{checkpoint.id}", self._forward, forwarder)
         CaptureSession(conn, self.store, checkpoint, self.daemon.stop).run()
@@ -87,7 +88,8 @@ class Proxy:
             self.forwarded_before += forwarder.bytes_sent
 
     def _on_restore(self, conn: socket.socket, _peer: str) -> None:
-        ServeSession(conn, self.store, self.daemon.stop, "proxy", gate=self._take_right).run()
+        ServeSession(conn, self.store, self.daemon.stop, "proxy", gate=self._take_right,
+                     mine=custody.source(self.config.node)).run()
 
     def _take_right(self, checkpoint: Checkpoint) -> None:
         """A rollback here takes the right to restore the checkpoint, unless the cache holds it."""
