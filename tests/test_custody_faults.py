@@ -187,3 +187,55 @@ def test_rollback_and_destination_restore_race_exactly_one_wins(daemons):
     assert len(cache_refused) == winners.count("proxy") and len(proxy_refused) == winners.count("cache")
     assert len(pair.proxy_log.matching(r"asked for the right to restore it; refused, it is held by "
                                        r"test-node \(the source, rollback\)")) <= winners.count("proxy")
+
+
+def test_checkpoint_over_the_cache_limit_fails_fast_and_the_next_flows(daemons, tmp_path):
+    """The cache (32 MiB) cannot hold a 48 MiB checkpoint: it refuses it within a second of
+    outgrowing the limit, one line on each node gives size and limit, the proxy keeps its
+    copy for a rollback, and the next checkpoint arrives and is restored."""
+    pair = daemons(roles=("proxy",))
+    from conftest import start_daemon, write_config
+    cache_tmp = tmp_path / "small-cache"
+    cache_tmp.mkdir()
+    config = write_config(cache_tmp, port=pair.port, memory_limit="32MiB")
+    config.write_text(config.read_text().replace(str(cache_tmp / "cache"), str(pair.cache_dir)))
+    pair.daemons["cache"] = start_daemon("cache", config, cache_tmp)
+    big = checkpoint_images("too-big", big=48 << 20)
+    dump(pair.proxy_dir, big)
+    outgrew = pair.proxy_log.wait_for(r"captured: 9 files")
+    cache_line = one_line(pair.cache_log, r"refused: checkpoint \S+ has grown to 3\d\.\d MiB, over this cache's "
+                                          r"memory.limit of 32\.0 MiB")
+    proxy_line = one_line(pair.proxy_log, r"checkpoint \S+ cannot be forwarded: .*memory.limit of 32\.0 MiB.*"
+                                          r"this node keeps it")
+    assert outgrew and cache_line and proxy_line
+    later = checkpoint_images("fits")
+    waiting = Restore(pair.cache_dir, restore_order(later))
+    dump(pair.proxy_dir, later)
+    assert_restores(waiting.result(), later)
+    assert_restores(Restore(pair.proxy_dir, restore_order(big)).result(), big)  # the rollback copy
+
+
+def test_dump_over_the_proxy_limit_fails_cleanly(daemons):
+    """A dump that alone outgrows the proxy's memory.limit is refused at once (CRIU's pipes
+    are closed, so CRIU fails the dump and resumes the process); the next dump flows."""
+    pair = daemons(memory_limit="16MiB")
+    client = criu_sim.DumpClient(pair.proxy_dir)
+    pages = client.open_image("pages-1.img")
+    with pytest.raises(OSError):
+        criu_sim.write_all(pages, b"p" * (24 << 20))
+    os.close(pages)
+    client.close()
+    one_line(pair.proxy_log, r"checkpoint \S+ failed: it has grown to 16\.\d MiB, which this proxy's "
+                             r"memory.limit of 16\.0 MiB cannot hold; CRIU's dump is refused")
+    good = checkpoint_images("after-too-big")
+    waiting = Restore(pair.cache_dir, restore_order(good))
+    dump(pair.proxy_dir, good)
+    assert_restores(waiting.result(), good)
+
+
+def one_line(log, pattern: str) -> str:
+    """Exactly one ERROR line in the log, and it matches pattern."""
+    log.wait_for(pattern, timeout=10)
+    errors = log.errors(new=False)
+    assert len(errors) == 1 and re.search(pattern, errors[0]), "\n".join(errors)
+    return errors[0]

@@ -617,14 +617,17 @@ WEDGED_DUMP = textwrap.dedent("""
     client = criu_sim.DumpClient(sys.argv[1])
     pages = client.open_image("pages-1.img")
     print("ready", flush=True)
-    criu_sim.write_all(pages, b"w" * (24 << 20))
+    criu_sim.write_all(pages, b"w" * (12 << 20))
 """)
 
 
 def test_dump_dying_while_waiting_for_memory_frees_it(daemons):
-    """A dump blocked by the proxy's memory limit that then dies must not hold that memory
-    forever: the capture notices CRIU is gone, fails the checkpoint and releases it."""
-    pair = daemons(memory_limit="16MiB")
+    """A dump blocked by the proxy's memory limit (an earlier checkpoint, not yet delivered,
+    holds most of it) that then dies must not hold that memory forever: the capture notices
+    CRIU is gone, fails the checkpoint and releases it."""
+    pair = daemons(memory_limit="16MiB", roles=("proxy",))
+    dump(pair.proxy_dir, checkpoint_images("held", big=10 << 20))
+    pair.proxy_log.wait_for(r"captured: 9 files")
     child = subprocess.Popen([PYTHON, "-c", WEDGED_DUMP, str(pair.proxy_dir)], stdout=subprocess.PIPE,
                              env=dict(os.environ, PYTHONPATH=str(REPO)))
     try:
@@ -635,9 +638,9 @@ def test_dump_dying_while_waiting_for_memory_frees_it(daemons):
         child.wait()
         child.stdout.close()
     pair.proxy_log.wait_for(r"checkpoint .* failed: the dump ended without inventory.img")
-    after = checkpoint_images("after-wedge")
+    after = checkpoint_images("after-wedge", big=1000)
     dump(pair.proxy_dir, after)
-    assert_restores(restore(pair.cache_dir, restore_order(after)), after)
+    pair.proxy_log.wait_for(r"captured: 9 files", count=2)
 
 
 def test_sha256_digest_when_configured(daemons):

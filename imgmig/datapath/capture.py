@@ -48,6 +48,13 @@ class CaptureSession:
         self.epoll.register(self.sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
         try:
             while (self.control_open or self.pipes) and not self.stop.is_set():
+                if self.checkpoint.size >= self.store.limit:
+                    # It alone fills the store: waiting for room would wait forever. Closing
+                    # CRIU's pipes fails the dump, and CRIU resumes the process on this node.
+                    self.error = (f"it has grown to {_mib(self.checkpoint.size)}, which this proxy's "
+                                  f"memory.limit of {_mib(self.store.limit)} cannot hold; CRIU's dump is "
+                                  f"refused and the process goes on running here (raise memory.limit)")
+                    break
                 if self.store.room() <= 0 and not self.criu_gone.is_set():
                     self.store.wait_for_room(self.criu_gone, f"checkpoint {self.checkpoint.id} capture")
                 for fd, _ in self.epoll.poll(0.5):
@@ -143,3 +150,7 @@ class CaptureSession:
             log.error("checkpoint %s failed: %s; it cannot be restored and is dropped; check CRIU's log "
                       "and dump again", self.checkpoint.id, self.error, extra=fields)
             self.store.fail(self.checkpoint, self.error)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"

@@ -374,6 +374,7 @@ class Forwarder:
             self.link.send_file(out.image.fd, out.sent, n)
             out.sent += n
             self.bytes_sent += n
+            self._drain()  # an ERROR (too large, bad digest) stops the sending at once
         if complete and not out.ended:
             self.conn.file_end(out.file_id, out.sent, out.hasher.digest(), time.monotonic())
             self._flush()

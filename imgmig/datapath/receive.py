@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 HASH_STEP = 4 << 20
 LOOK_EVERY = 0.05    # an idle link looks at the store this often (a restore may want the right)
 TAKEOVER_WAIT = 5.0  # a resume waits this long for the cut connection's thread to let go
+LINGER = 2.0         # after an ERROR, how long the proxy may take to read it and close
 SETTLED_KEPT = 1024  # ids of restored/dropped checkpoints remembered, for a late resume
 
 
@@ -452,6 +453,16 @@ class ReceiveSession:
         self.conn.refuse(code, reason)
         with contextlib.suppress(OSError):
             self._flush_out()
+            self._linger()
+
+    def _linger(self) -> None:
+        """Let the proxy read the ERROR: closing with its frames unread would reset the
+        connection, and it would see a reset instead of the reason."""
+        self.link.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + LINGER
+        while time.monotonic() < deadline and _readable(self.link.fileno(), deadline - time.monotonic()):
+            if not self.link.recv(1 << 20):
+                return
 
     def _fail(self, reason: str, log_it: bool = True) -> None:
         checkpoint = self._inbound().checkpoint
