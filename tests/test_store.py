@@ -11,7 +11,16 @@ from collections.abc import Callable
 
 import pytest
 
-from imgmig.datapath.store import IMAGE_OVERHEAD, PAGE, CheckpointFailed, DuplicateImage, ImageStore, Interrupted, State, StoreError
+from imgmig.datapath.store import (
+    IMAGE_OVERHEAD,
+    PAGE,
+    CheckpointFailed,
+    DuplicateImage,
+    ImageStore,
+    Interrupted,
+    State,
+    StoreError,
+)
 
 WAIT = 10.0  # bound on any wait for another thread; never reached when things work
 

@@ -18,6 +18,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from imgmig.config import DEFAULT_MAX_FILES
+from imgmig.datapath.kernel_io import retry_out_of_fds
+
 log = logging.getLogger(__name__)
 
 # F_SEAL_FUTURE_WRITE (Linux 5.1), unlike F_SEAL_WRITE, allows read-only mappings that a
@@ -38,6 +41,10 @@ class StoreError(Exception):
 
 
 class DuplicateImage(StoreError):
+    pass
+
+
+class TooManyFiles(StoreError):
     pass
 
 
@@ -104,8 +111,9 @@ class Checkpoint:
 class ImageStore:
     """All checkpoints one daemon holds, and the memory limit over them."""
 
-    def __init__(self, limit: int, *, serve_only_complete: bool = False) -> None:
+    def __init__(self, limit: int, *, serve_only_complete: bool = False, max_files: int = DEFAULT_MAX_FILES) -> None:
         self.limit = limit
+        self.max_files = max_files
         self.serve_only_complete = serve_only_complete
         self.cond = threading.Condition()
         self._checkpoints: dict[str, Checkpoint] = {}
@@ -164,16 +172,30 @@ class ImageStore:
         return checkpoint
 
     def add_image(self, checkpoint: Checkpoint, name: str) -> Image:
+        """A new empty image. Raises DuplicateImage, TooManyFiles, or OSError (out of fds,
+        after a short back-off)."""
         with self.cond:
-            if name in checkpoint.images:
-                raise DuplicateImage(f"{name} sent twice in checkpoint {checkpoint.id}; "
-                                     f"the first copy is kept and the second refused")
-            label = f"imgmig:{name}".encode()[:_MEMFD_NAME_MAX].decode(errors="ignore")
-            fd = os.memfd_create(label, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            self._check_new_image_locked(checkpoint, name)
+        label = f"imgmig:{name}".encode()[:_MEMFD_NAME_MAX].decode(errors="ignore")
+        fd = retry_out_of_fds(lambda: os.memfd_create(label, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING), "a memfd")
+        with self.cond:
+            try:
+                self._check_new_image_locked(checkpoint, name)  # the lock was let go for memfd_create
+            except StoreError:
+                os.close(fd)
+                raise
             image = Image(name, fd)
             checkpoint.images[name] = image
             self._charge_locked(checkpoint, image)
             return image
+
+    def _check_new_image_locked(self, checkpoint: Checkpoint, name: str) -> None:
+        if name in checkpoint.images:
+            raise DuplicateImage(f"{name} sent twice in checkpoint {checkpoint.id}; "
+                                 f"the first copy is kept and the second refused")
+        if len(checkpoint.images) >= self.max_files:
+            raise TooManyFiles(f"checkpoint {checkpoint.id} has more than {self.max_files} files (max_files); "
+                               f"real dumps have hundreds: raise max_files if this one is genuine")
 
     def _charge_locked(self, checkpoint: Checkpoint, image: Image) -> None:
         cost = image.cost()

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 class Cache:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.store = ImageStore(config.memory_limit, serve_only_complete=config.store_and_forward)
+        self.store = ImageStore(config.memory_limit, serve_only_complete=config.store_and_forward,
+                                max_files=config.max_files)
         self.daemon = Daemon("imgmig-cache", [
             Listener(Endpoint("peer", tcp=config.cache.listen), self._on_proxy),
             Listener(Endpoint("serve", path=config.cache.images_dir / SERVE_SOCKET), self._on_restore),
