@@ -136,15 +136,20 @@ class Pair:
 
 def write_config(tmp: Path, *, port: int, memory_limit: str = "1GiB", allow: str = "[127.0.0.1]",
                  transfer: str = "streaming", cache_host: str = "127.0.0.1", peer_port: int | None = None,
-                 digest: str = "xxh3-128") -> Path:
+                 digest: str = "xxh3-128", max_files: int | None = None,
+                 cache_keys: dict[str, object] | None = None) -> Path:
+    """`cache_keys` adds keys to the cache section, e.g. {"idle_timeout": 2}."""
     path = tmp / "imgmig.yaml"
+    more_cache = "".join(f"  {key}: {value}\n" for key, value in (cache_keys or {}).items())
     path.write_text(
-        f"node: test-node\n"
+        (f"max_files: {max_files}\n" if max_files is not None else "")
+        + f"node: test-node\n"
         f"transfer: {transfer}\n"
         f"digest: {digest}\n"
         f"proxy:\n  images_dir: {tmp / 'proxy'}\n  peer: '{cache_host}:{peer_port or port}'\n"
         f"cache:\n  images_dir: {tmp / 'cache'}\n  listen: '{cache_host}:{port}'\n  allow: {allow}\n"
-        f"memory:\n  limit: {memory_limit}\n")
+        + more_cache
+        + f"memory:\n  limit: {memory_limit}\n")
     return path
 
 

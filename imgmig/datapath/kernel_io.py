@@ -58,8 +58,10 @@ class BurstLog:
     flood the journal too. Events within `quiet` seconds of the last line are counted and
     the count goes into the next line."""
 
-    def __init__(self, quiet: float = 10.0) -> None:
+    def __init__(self, quiet: float = 10.0, logger: logging.Logger = log, level: int = logging.WARNING) -> None:
         self.quiet = quiet
+        self.logger = logger
+        self.level = level
         self.lock = threading.Lock()
         self.last = -quiet
         self.suppressed = 0
@@ -72,7 +74,7 @@ class BurstLog:
                 return
             self.last, suppressed, self.suppressed = now, self.suppressed, 0
         more = f" ({suppressed} more since the last such line)" if suppressed else ""
-        log.warning(message + more, *args)
+        self.logger.log(self.level, message + more, *args)
 
 
 fd_exhaustion = BurstLog()
