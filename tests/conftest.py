@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -153,7 +154,8 @@ def write_config(tmp: Path, *, port: int, memory_limit: str = "1GiB", allow: str
     return path
 
 
-def start_daemon(role: str, config: Path, tmp: Path) -> Daemon:
+def start_daemon(role: str, config: Path, tmp: Path, nofile: int | None = None) -> Daemon:
+    """`nofile`: the daemon's RLIMIT_NOFILE (soft and hard), to run it out of fds on purpose."""
     env = {key: value for key, value in os.environ.items()
            if key not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "JOURNAL_STREAM",
                           "INVOCATION_ID", "WATCHDOG_USEC", "WATCHDOG_PID")}
@@ -161,7 +163,9 @@ def start_daemon(role: str, config: Path, tmp: Path) -> Daemon:
     log_path = tmp / f"{role}.log"
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen([PYTHON, "-m", "imgmig", role, "--config", str(config)], cwd=REPO, env=env,
-                                   stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
+                                   stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                   preexec_fn=None if nofile is None else lambda: resource.setrlimit(
+                                       resource.RLIMIT_NOFILE, (nofile, nofile)))
     daemon = Daemon(role, process, Log(log_path, f"imgmig-{role}"))
     wait_until(lambda: process.poll() is not None or daemon.log.matching(r"listening"), START_TIMEOUT,
                f"imgmig-{role} to listen")
@@ -172,10 +176,11 @@ def start_daemon(role: str, config: Path, tmp: Path) -> Daemon:
 
 @pytest.fixture
 def daemons(tmp_path: Path) -> Iterator[Callable[..., Pair]]:
-    """Factory: daemons(memory_limit="64MiB", roles=("cache", "proxy"), ...) -> Pair."""
+    """Factory: daemons(memory_limit="64MiB", roles=("cache", "proxy"), cache_nofile=100, ...) -> Pair."""
     pairs: list[Pair] = []
 
-    def start(roles: tuple[str, ...] = ("cache", "proxy"), **options: object) -> Pair:
+    def start(roles: tuple[str, ...] = ("cache", "proxy"), cache_nofile: int | None = None,
+              **options: object) -> Pair:
         tmp = tmp_path / f"pair{len(pairs)}"
         tmp.mkdir()
         port = free_port()
@@ -183,7 +188,7 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., Pair]]:
         pair = Pair(tmp, config, tmp / "proxy", tmp / "cache", port)
         pairs.append(pair)
         for role in roles:
-            pair.daemons[role] = start_daemon(role, config, tmp)
+            pair.daemons[role] = start_daemon(role, config, tmp, cache_nofile if role == "cache" else None)
         return pair
 
     yield start
