@@ -8,6 +8,7 @@ driven with real pipes, files and sockets passed by SCM_RIGHTS.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -120,6 +121,26 @@ def test_serve_refuses_a_file_or_socket_for_a_pipe(daemons):
             keep.seek(0)
             assert keep.read() == b"", "nothing was written to the file"
         pair.set_marks()
+    still_serving(pair, earlier)
+
+
+def test_too_many_fds_in_one_message(daemons):
+    """More fds than any message may carry: the kernel cuts them off; one line says so."""
+    pair = daemons()
+    earlier = earlier_checkpoint(pair)
+    before = open_fds(pair.proxy.process.pid)
+    pipes = [os.pipe() for _ in range(20)]
+    sock = criu_sim.connect(pair.proxy_dir)
+    sock.settimeout(IO_TIMEOUT)
+    socket.send_fds(sock, [criu_wire.encode_request("pages-1.img"), b"\0"], [r for r, _ in pipes])
+    assert sock.recv(1) == b""
+    sock.close()
+    for pipe in pipes:
+        os.close(pipe[0])
+        os.close(pipe[1])
+    one_error(pair.proxy_log, r"checkpoint .* failed: protocol error from CRIU: the kernel cut off the fds CRIU "
+                              r"passed", ignore=FORWARDER_ECHO)
+    wait_until(lambda: open_fds(pair.proxy.process.pid) <= before, 10, "the proxy to close every fd it got")
     still_serving(pair, earlier)
 
 
@@ -370,11 +391,21 @@ def test_connections_per_peer_are_capped(daemons):
 # ---- running out of file descriptors --------------------------------------------------------------
 
 def file_begin_flood(pair: Pair, checkpoint: str, files: int) -> socket.socket:
-    """HELLO, CHECKPOINT_BEGIN, then `files` FILE_BEGIN frames: each asks the cache for a memfd."""
-    sock = fake_proxy(pair, checkpoint)
-    frames = b"".join(wire.encode_file_begin(n, f"flood-{n:06d}.img") for n in range(files))
-    sock.sendall(frames)
+    """HELLO, CHECKPOINT_BEGIN, then `files` FILE_BEGIN frames, without waiting for answers:
+    each FILE_BEGIN asks the cache for a memfd."""
+    sock = peer_connect(pair)
+    frames = [wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "flooder", wire.Digest.SHA256)),
+              wire.encode_checkpoint_begin(checkpoint),
+              *(wire.encode_file_begin(n, f"flood-{n:06d}.img") for n in range(files))]
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # refused before it all went out
+        sock.sendall(b"".join(frames))
     return sock
+
+
+def refused_for_want_of_fds(sock: socket.socket) -> None:
+    events = wait_received_eof(sock)
+    sock.close()
+    assert isinstance(events[-1], wire.Error) and "file descriptors" in events[-1].message, events
 
 
 def test_file_begin_flood_against_a_low_fd_limit(daemons):
@@ -387,10 +418,8 @@ def test_file_begin_flood_against_a_low_fd_limit(daemons):
     assert len(wire.encode_file_begin(0, "flood-000000.img")) * 40_000 > 1_000_000
     pair.cache_log.wait_for(r"out of file descriptors or kernel memory \(EMFILE\) creating a memfd", new=True)
     crowd = [peer_connect(pair) for _ in range(12)]  # arrive while the fds are gone: they wait in the backlog
-    events = wait_received_eof(flood)
-    flood.close()
-    assert isinstance(events[-1], wire.Error) and "file descriptors" in events[-1].message, events
-    pair.cache_log.wait_for(r"connection from fake-proxy .* refused: out of file descriptors .*checkpoint flood is "
+    refused_for_want_of_fds(flood)
+    pair.cache_log.wait_for(r"connection from flooder .* refused: out of file descriptors .*checkpoint flood is "
                             r"dropped", new=True)
     for sock in crowd:
         sock.close()
@@ -406,8 +435,7 @@ def test_many_floods_at_once_leave_the_cache_serving(daemons):
     earlier = earlier_checkpoint(pair)
     floods = [file_begin_flood(pair, f"flood-{n}", 5_000) for n in range(4)]
     for sock in floods:
-        wait_received_eof(sock)
-        sock.close()
+        refused_for_want_of_fds(sock)
     assert pair.cache.process.poll() is None
     pair.cache_log.wait_for(r"out of file descriptors or kernel memory", new=True)
     assert not [line for line in pair.cache_log.lines() if "Traceback" in line]

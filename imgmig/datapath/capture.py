@@ -75,7 +75,7 @@ class CaptureSession:
         if flags & socket.MSG_CTRUNC:
             for fd in fds:
                 os.close(fd)
-            raise OSError(errno.EMFILE, "the kernel dropped the pipes CRIU passed: too many open files")
+            raise criu_wire.CriuProtocolError(criu_wire.FDS_CUT_OFF)
         if not data:
             for fd in fds:
                 os.close(fd)

@@ -42,7 +42,11 @@ class ServeSession:
     def run(self) -> None:
         try:
             while not self.stop.is_set():
-                data, fds, _, _ = socket.recv_fds(self.sock, 4096, 4)
+                data, fds, flags, _ = socket.recv_fds(self.sock, 4096, 4)
+                if flags & socket.MSG_CTRUNC:
+                    for fd in fds:
+                        os.close(fd)
+                    raise criu_wire.CriuProtocolError(criu_wire.FDS_CUT_OFF)
                 if not data:
                     for fd in fds:
                         os.close(fd)

@@ -25,6 +25,12 @@ class CriuProtocolError(ValueError):
     """The CRIU peer sent something this protocol does not allow."""
 
 
+# recvmsg's MSG_CTRUNC: fds were passed but not all were received. Each message carries one
+# pipe, so either CRIU passed more than it should, or the receiver had no fd numbers left.
+FDS_CUT_OFF = ("the kernel cut off the fds CRIU passed (this daemon is out of file descriptors, "
+               "or CRIU passed more than one per message)")
+
+
 @dataclass(frozen=True)
 class ImageOffered:
     """Capture: CRIU will write `name` into the pipe whose read end is `fd`."""
