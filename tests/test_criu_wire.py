@@ -141,6 +141,16 @@ def test_capture_stray_fds_handed_back(fds):
     assert conn.fds_to_close() == []
 
 
+def test_capture_bad_request_behind_a_good_one_hands_the_good_fd_back(fds):
+    """One read brings a good request with its pipe, then garbage: the error comes, and the
+    good request's pipe is not lost with the event that never got out."""
+    fd = fds()
+    conn = CaptureConnection()
+    with pytest.raises(CriuProtocolError, match="invalid image file name"):
+        conn.receive(INVENTORY_REQUEST + b"\0" + criu_wire.encode_request(".."), [fd])
+    assert conn.fds_to_close() == [fd]
+
+
 def test_capture_mid_message_on_partial_length():
     conn = CaptureConnection()
     assert not conn.mid_message
@@ -300,4 +310,14 @@ def test_serve_stray_fds(fds):
     fd = fds()
     conn = ServeConnection()
     conn.receive(b"\x0f", [fd])
+    assert conn.fds_to_close() == [fd]
+
+
+def test_serve_bad_request_behind_a_good_one_hands_the_pipe_back(fds):
+    fd = fds()
+    conn = ServeConnection()
+    assert conn.receive(INVENTORY_REQUEST) == [ImageRequested("inventory.img")]
+    conn.reply(True)
+    with pytest.raises(CriuProtocolError):
+        conn.receive(b"\0" + criu_wire.encode_request("a/b"), [fd])
     assert conn.fds_to_close() == [fd]

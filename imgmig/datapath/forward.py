@@ -91,6 +91,8 @@ class Forwarder:
         self.store.on_event(self._on_store_event)
         try:
             with self.store.using(self.checkpoint):
+                if self.wait_for_complete:
+                    self._await_captured()
                 self._connect()
                 self._stream()
             self._await_done(started)
@@ -104,6 +106,14 @@ class Forwarder:
             self.begun.set()
             if self.link is not None:
                 self.link.close()
+
+    def _await_captured(self) -> None:
+        """Store-and-forward connects once the dump has ended: a link opened at the start
+        would carry nothing for the whole dump, and the cache fails a checkpoint whose
+        link is idle for cache.idle_timeout."""
+        with self.store.cond:
+            while self.checkpoint.state is State.RECEIVING and not self.stop.is_set():
+                self.store.cond.wait(0.5)
 
     def _on_store_event(self, event: str, checkpoint: Checkpoint) -> None:
         """A dump that fails while the cache back-pressures us would leave this thread

@@ -12,13 +12,16 @@ import hmac
 import logging
 import os
 import socket
+import struct
 import threading
 import time
+from collections.abc import Callable
 
+from imgmig.config import DEFAULT_IDLE_TIMEOUT
 from imgmig.datapath.digest import LABELS, Digester, new_hasher, usable
-from imgmig.datapath.kernel_io import UntilHangup, hash_region
+from imgmig.datapath.kernel_io import UntilHangup, hash_region, out_of_fds
 from imgmig.datapath.link import PlainLink
-from imgmig.datapath.store import Checkpoint, Image, ImageStore, State, StoreError
+from imgmig.datapath.store import Checkpoint, Image, ImageStore, State, StoreError, TooManyFiles
 from imgmig.protocol import peer_wire as wire
 from imgmig.system.systemd_glue import CHECKPOINT_COMPLETE_ID
 
@@ -40,8 +43,11 @@ class Refused(Exception):
 
 class ReceiveSession:
     def __init__(self, sock: socket.socket, address: str, store: ImageStore, node: str,
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, *, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                 on_hello: Callable[[], None] | None = None) -> None:
         self.link = PlainLink(sock)
+        self.idle_timeout = idle_timeout
+        self.on_hello = on_hello  # the connection is past its handshake (admission counts it so)
         self.address = address
         self.store = store
         self.node = node
@@ -78,8 +84,13 @@ class ReceiveSession:
             self._refuse(str(exc), exc.code)
         except TimeoutError:
             self._refuse(f"no HELLO within {HELLO_TIMEOUT:.0f} s", wire.ErrorCode.PROTOCOL)
+        except BlockingIOError:  # SO_RCVTIMEO/SO_SNDTIMEO: see _set_idle_timeout
+            self._refuse(f"nothing moved for {self.idle_timeout:g} s (cache.idle_timeout)", wire.ErrorCode.REFUSED)
         except OSError as exc:
-            self._fail_checkpoint(f"connection error: {exc.strerror or exc}")
+            if out_of_fds(exc):
+                self._refuse(f"out of file descriptors ({exc.strerror}); raise LimitNOFILE", wire.ErrorCode.INTERNAL)
+            else:
+                self._fail_checkpoint(f"connection error: {exc.strerror or exc}")
         finally:
             self.store.off_event(self._notify_restored)
             self.link.close()
@@ -141,6 +152,18 @@ class ReceiveSession:
         self.digest = usable(hello.digest)
         self._send(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.CACHE, self.node, self.digest)))
         self.link.settimeout(None)
+        self._set_idle_timeout(self.idle_timeout)
+        if self.on_hello is not None:
+            self.on_hello()
+
+    def _set_idle_timeout(self, seconds: float) -> None:
+        """A checkpoint being received fails if no byte moves either way for `seconds`
+        (0: never, once it is received). Kernel timeouts, not Python's: they also bound the
+        splice from the socket, and they end a blocking recv or send with EAGAIN."""
+        whole = int(seconds)
+        timeval = struct.pack("@ll", whole, int((seconds - whole) * 1e6))
+        for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            self.link.sock.setsockopt(socket.SOL_SOCKET, option, timeval)
 
     def _on_begin(self, begin: wire.CheckpointBegin) -> None:
         if begin.resume:
@@ -154,7 +177,10 @@ class ReceiveSession:
 
     def _on_file_begin(self, event: wire.FileBegin) -> None:
         assert self.checkpoint is not None
-        self.images[event.file_id] = self.store.add_image(self.checkpoint, event.name)
+        try:
+            self.images[event.file_id] = self.store.add_image(self.checkpoint, event.name)
+        except TooManyFiles as exc:
+            raise Refused(str(exc), wire.ErrorCode.REFUSED) from None
         self.hashers[event.file_id] = new_hasher(self.digest)
         self.unacked[event.file_id] = 0
 
@@ -238,6 +264,7 @@ class ReceiveSession:
 
     def _on_checkpoint_end(self, event: wire.CheckpointEnd) -> None:
         assert self.checkpoint is not None
+        self._set_idle_timeout(0)  # the link now waits for a restore, which may take its time
         if not event.clean:
             self._fail_checkpoint("the proxy reports the dump did not finish (CRIU failed or died)")
             self._send(wire.encode_checkpoint_done(False, "dump did not finish; checkpoint dropped"))

@@ -25,6 +25,12 @@ class CriuProtocolError(ValueError):
     """The CRIU peer sent something this protocol does not allow."""
 
 
+# recvmsg's MSG_CTRUNC: fds were passed but not all were received. Each message carries one
+# pipe, so either CRIU passed more than it should, or the receiver had no fd numbers left.
+FDS_CUT_OFF = ("the kernel cut off the fds CRIU passed (this daemon is out of file descriptors, "
+               "or CRIU passed more than one per message)")
+
+
 @dataclass(frozen=True)
 class ImageOffered:
     """Capture: CRIU will write `name` into the pipe whose read end is `fd`."""
@@ -163,6 +169,11 @@ class _FrameReader:
         del self._buf[:1]
         return self._fds.popleft()
 
+    def give_back(self, fds: list[int]) -> None:
+        """Fds of events never handed out (a later message in the same read was bad):
+        stray_fds() returns them, so the I/O layer closes every fd it received."""
+        self._fds.extend(fds)
+
     def stray_fds(self) -> list[int]:
         fds = list(self._fds)
         self._fds.clear()
@@ -183,18 +194,22 @@ class CaptureConnection:
     def receive(self, data: bytes, fds: list[int] | None = None) -> list[ImageOffered]:
         self._reader.feed(data, fds or [])
         events: list[ImageOffered] = []
-        while True:
-            if self._pending_name is None:
-                body = self._reader.frame()
-                if body is None:
-                    break
-                self._pending_name = decode_request_body(body)
-            else:
-                fd = self._reader.passed_fd()
-                if fd is None:
-                    break
-                events.append(ImageOffered(self._pending_name, fd))
-                self._pending_name = None
+        try:
+            while True:
+                if self._pending_name is None:
+                    body = self._reader.frame()
+                    if body is None:
+                        break
+                    self._pending_name = decode_request_body(body)
+                else:
+                    fd = self._reader.passed_fd()
+                    if fd is None:
+                        break
+                    events.append(ImageOffered(self._pending_name, fd))
+                    self._pending_name = None
+        except CriuProtocolError:
+            self._reader.give_back([event.fd for event in events])
+            raise
         return events
 
     def fds_to_close(self) -> list[int]:
@@ -217,22 +232,26 @@ class ServeConnection:
     def receive(self, data: bytes, fds: list[int] | None = None) -> list[ImageRequested | PipeGiven]:
         self._reader.feed(data, fds or [])
         events: list[ImageRequested | PipeGiven] = []
-        while self._awaiting_reply is None:
-            if self._awaiting_fd is not None:
-                fd = self._reader.passed_fd()
-                if fd is None:
+        try:
+            while self._awaiting_reply is None:
+                if self._awaiting_fd is not None:
+                    fd = self._reader.passed_fd()
+                    if fd is None:
+                        break
+                    events.append(PipeGiven(self._awaiting_fd, fd))
+                    self._awaiting_fd = None
+                    continue
+                body = self._reader.frame()
+                if body is None:
                     break
-                events.append(PipeGiven(self._awaiting_fd, fd))
-                self._awaiting_fd = None
-                continue
-            body = self._reader.frame()
-            if body is None:
-                break
-            name = decode_request_body(body)
-            self._awaiting_reply = name
-            events.append(ImageRequested(name))
-        if self._awaiting_reply is not None and self._reader.pending_bytes:
-            raise CriuProtocolError("CRIU sent data before our reply")
+                name = decode_request_body(body)
+                self._awaiting_reply = name
+                events.append(ImageRequested(name))
+            if self._awaiting_reply is not None and self._reader.pending_bytes:
+                raise CriuProtocolError("CRIU sent data before our reply")
+        except CriuProtocolError:
+            self._reader.give_back([event.fd for event in events if isinstance(event, PipeGiven)])
+            raise
         return events
 
     def reply(self, exists: bool) -> bytes:
