@@ -31,7 +31,7 @@ LOG_TIMEOUT = 20.0
 # command is repeatable and fast and writes no example database into the tree;
 # IMGMIG_FUZZ_EXAMPLES=N (tools/fuzz-long.sh) runs N random examples per property instead.
 FUZZ_EXAMPLES = int(os.environ.get("IMGMIG_FUZZ_EXAMPLES", "0"))
-settings.register_profile("imgmig-short", derandomize=True, max_examples=150, deadline=None, database=None,
+settings.register_profile("imgmig-short", derandomize=True, max_examples=100, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow])
 if FUZZ_EXAMPLES:
     settings.register_profile("imgmig-long", max_examples=FUZZ_EXAMPLES, deadline=None, database=None,

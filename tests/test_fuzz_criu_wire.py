@@ -381,6 +381,22 @@ def test_serve_mutated_conversations_consistent_or_refused(data, conversation, s
                [b.fds_given.index(e.fd) for e in b.events if isinstance(e, PipeGiven)]
 
 
+@given(st.data(), serve_conversation(), st.lists(st.booleans(), min_size=1, max_size=4), read_sizes)
+def test_serve_pipes_only_for_images_answered_present(data, conversation, answers, sizes):
+    """Whatever CRIU sends, a pipe is handed out only right after we said its image exists."""
+    turns = [data.draw(mutated(turn)) for turn in conversation[0]] or [data.draw(mutated([]))]
+    with pipe_fds() as fds:
+        outcome = run_serve([recvmsg_reads(turn, sizes, fds) for turn in turns], answers)
+        assert_fds_accounted(outcome, fds)
+    asked = 0
+    for i, event in enumerate(outcome.events):
+        if isinstance(event, ImageRequested):
+            asked += 1
+        else:
+            assert i > 0 and outcome.events[i - 1] == ImageRequested(event.name)
+            assert answers[(asked - 1) % len(answers)], "a pipe for an image we said was absent"
+
+
 # ---- the body decoder alone -------------------------------------------------------------
 
 @given(request())
