@@ -184,11 +184,6 @@ def merge(events: list[wire.Event]) -> list[wire.Event]:
             else item for item in merged]
 
 
-def split_frames(events: list[wire.Event]) -> list[wire.Event]:
-    """The sent events as merge() shows them: consecutive contiguous FILE_DATA join."""
-    return merge(events)
-
-
 # ---- FrameDecoder -----------------------------------------------------------------------
 
 @given(st.lists(frame(), max_size=8), drivers)
@@ -196,7 +191,7 @@ def test_frames_round_trip_however_cut_and_spliced(frames, driver):
     stream = b"".join(data for data, _ in frames)
     outcome = decode(stream, driver)
     assert outcome.error is None
-    sent = split_frames([event for _, event in frames])
+    sent = merge([event for _, event in frames])
     assert len(outcome.events) == len(sent)
     assert all(matches(got, want) for got, want in zip(outcome.events, sent, strict=True))
     assert (outcome.buffered, outcome.in_payload) == (0, False)
