@@ -20,12 +20,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = "/usr/bin/python3"
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
 LOG_TIMEOUT = 20.0
+
+# Fuzz tests (tests/test_fuzz_*.py): a short run with fixed seeds by default, so the test
+# command is repeatable and fast and writes no example database into the tree;
+# IMGMIG_FUZZ_EXAMPLES=N (tools/fuzz-long.sh) runs N random examples per property instead.
+FUZZ_EXAMPLES = int(os.environ.get("IMGMIG_FUZZ_EXAMPLES", "0"))
+settings.register_profile("imgmig-short", derandomize=True, max_examples=100, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+if FUZZ_EXAMPLES:
+    settings.register_profile("imgmig-long", max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("imgmig-long" if FUZZ_EXAMPLES else "imgmig-short")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -458,6 +458,27 @@ def test_garbage_on_capture_socket(daemons, kind):
     _after(pair, earlier)
 
 
+def test_more_fds_than_requests_on_capture_socket(daemons):
+    """Pipe fds passed without requests: one refusal line, every one of them closed."""
+    pair = daemons()
+    earlier = _earlier_then(pair)
+    fd_dir = Path(f"/proc/{pair.proxy.process.pid}/fd")
+    before = len(list(fd_dir.iterdir()))
+    pipes = [os.pipe() for _ in range(3)]
+    sock = criu_sim.connect(pair.proxy_dir)
+    sock.settimeout(IO_TIMEOUT)
+    socket.send_fds(sock, [b"\0"], [r for r, _ in pipes])
+    assert sock.recv(1) == b"", "the capture connection is dropped"
+    sock.close()
+    one_error(pair.proxy_log, r"protocol error from CRIU: 3 pipe fds passed without the requests",
+              ignore=FORWARDER_ECHO)
+    for r, w in pipes:
+        os.close(r)
+        os.close(w)
+    wait_until(lambda: len(list(fd_dir.iterdir())) <= before, 10, "the proxy to close the fds CRIU passed")
+    _after(pair, earlier)
+
+
 @pytest.mark.parametrize("kind", GARBAGE)
 def test_garbage_on_serve_socket(daemons, kind):
     pair = daemons()

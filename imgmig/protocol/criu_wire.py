@@ -18,17 +18,18 @@ from dataclasses import dataclass
 
 MAX_MESSAGE = 4096  # a request is a file name: anything larger is garbage
 MAX_NAME = 255
+MAX_QUEUED_FDS = 1  # an fd may arrive ahead of its dummy byte, but never more than one
 _LEN = struct.Struct("<I" if sys.byteorder == "little" else ">I")
-
-
-class CriuProtocolError(ValueError):
-    """The CRIU peer sent something this protocol does not allow."""
 
 
 # recvmsg's MSG_CTRUNC: fds were passed but not all were received. Each message carries one
 # pipe, so either CRIU passed more than it should, or the receiver had no fd numbers left.
 FDS_CUT_OFF = ("the kernel cut off the fds CRIU passed (this daemon is out of file descriptors, "
                "or CRIU passed more than one per message)")
+
+
+class CriuProtocolError(ValueError):
+    """The CRIU peer sent something this protocol does not allow."""
 
 
 @dataclass(frozen=True)
@@ -169,10 +170,14 @@ class _FrameReader:
         del self._buf[:1]
         return self._fds.popleft()
 
+    def check_queued_fds(self) -> None:
+        """Unmatched fds would pile up (a peer can pass 16 per message): refuse them."""
+        if len(self._fds) > MAX_QUEUED_FDS:
+            raise CriuProtocolError(f"{len(self._fds)} pipe fds passed without the requests they belong to")
+
     def give_back(self, fds: list[int]) -> None:
-        """Fds of events never handed out (a later message in the same read was bad):
-        stray_fds() returns them, so the I/O layer closes every fd it received."""
-        self._fds.extend(fds)
+        """Fds of events a failed receive() never returned: fds_to_close() must hand them out."""
+        self._fds.extendleft(reversed(fds))
 
     def stray_fds(self) -> list[int]:
         fds = list(self._fds)
@@ -182,6 +187,10 @@ class _FrameReader:
     @property
     def pending_bytes(self) -> int:
         return len(self._buf)
+
+    @property
+    def pending_fds(self) -> int:
+        return len(self._fds)
 
 
 class CaptureConnection:
@@ -195,22 +204,26 @@ class CaptureConnection:
         self._reader.feed(data, fds or [])
         events: list[ImageOffered] = []
         try:
-            while True:
-                if self._pending_name is None:
-                    body = self._reader.frame()
-                    if body is None:
-                        break
-                    self._pending_name = decode_request_body(body)
-                else:
-                    fd = self._reader.passed_fd()
-                    if fd is None:
-                        break
-                    events.append(ImageOffered(self._pending_name, fd))
-                    self._pending_name = None
+            self._decode(events)
+            self._reader.check_queued_fds()
         except CriuProtocolError:
             self._reader.give_back([event.fd for event in events])
             raise
         return events
+
+    def _decode(self, events: list[ImageOffered]) -> None:
+        while True:
+            if self._pending_name is None:
+                body = self._reader.frame()
+                if body is None:
+                    return
+                self._pending_name = decode_request_body(body)
+            else:
+                fd = self._reader.passed_fd()
+                if fd is None:
+                    return
+                events.append(ImageOffered(self._pending_name, fd))
+                self._pending_name = None
 
     def fds_to_close(self) -> list[int]:
         """Fds received but not handed out in an event (on error or close)."""
@@ -233,26 +246,30 @@ class ServeConnection:
         self._reader.feed(data, fds or [])
         events: list[ImageRequested | PipeGiven] = []
         try:
-            while self._awaiting_reply is None:
-                if self._awaiting_fd is not None:
-                    fd = self._reader.passed_fd()
-                    if fd is None:
-                        break
-                    events.append(PipeGiven(self._awaiting_fd, fd))
-                    self._awaiting_fd = None
-                    continue
-                body = self._reader.frame()
-                if body is None:
-                    break
-                name = decode_request_body(body)
-                self._awaiting_reply = name
-                events.append(ImageRequested(name))
-            if self._awaiting_reply is not None and self._reader.pending_bytes:
-                raise CriuProtocolError("CRIU sent data before our reply")
+            self._decode(events)
+            self._reader.check_queued_fds()
         except CriuProtocolError:
             self._reader.give_back([event.fd for event in events if isinstance(event, PipeGiven)])
             raise
         return events
+
+    def _decode(self, events: list[ImageRequested | PipeGiven]) -> None:
+        while self._awaiting_reply is None:
+            if self._awaiting_fd is not None:
+                fd = self._reader.passed_fd()
+                if fd is None:
+                    break
+                events.append(PipeGiven(self._awaiting_fd, fd))
+                self._awaiting_fd = None
+                continue
+            body = self._reader.frame()
+            if body is None:
+                break
+            name = decode_request_body(body)
+            self._awaiting_reply = name
+            events.append(ImageRequested(name))
+        if self._awaiting_reply is not None and self._reader.pending_bytes:
+            raise CriuProtocolError("CRIU sent data before our reply")
 
     def reply(self, exists: bool) -> bytes:
         if self._awaiting_reply is None:
