@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import tempfile
 import time
@@ -230,6 +231,10 @@ def test_a_thousand_bad_criu_connections_leak_no_fd(daemons):
         wait_until(lambda pid=pid, role=role: open_fds(pid) <= before[role], 30,
                    f"imgmig-{role} to hold no more fds than before the 1,000 connections ({before[role]})")
     assert not [line for line in pair.proxy_log.lines() + pair.cache_log.lines() if "Traceback" in line]
+    capture_errors = [line for line in pair.proxy_log.errors() if not re.search(FORWARDER_ECHO, line)]
+    assert len(capture_errors) == 500, "one line per refused dump connection"
+    serve_errors = pair.cache_log.matching(r"ERROR restore connection", new=True)
+    assert len(serve_errors) == 500, "one line per refused restore connection"
     still_serving(pair, earlier)
 
 
