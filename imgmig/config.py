@@ -20,6 +20,10 @@ DEFAULT_PATH = "/etc/imgmig/imgmig.yaml"
 DEFAULT_PORT = 9996
 TRANSFER_MODES = ("streaming", "store-and-forward")
 DIGESTS = ("xxh3-128", "sha256")
+DEFAULT_MAX_FILES = 100_000  # real CRIU dumps have hundreds; each file costs an fd and a page
+DEFAULT_MAX_HANDSHAKES = 16
+DEFAULT_MAX_CONNECTIONS_PER_PEER = 64  # a proxy keeps one connection per held checkpoint
+DEFAULT_IDLE_TIMEOUT = 60.0
 
 _UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -51,6 +55,9 @@ class CacheConfig:
     images_dir: Path
     listen: HostPort
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    max_handshakes: int = DEFAULT_MAX_HANDSHAKES
+    max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     grant_timeout: float = 30.0
     resume_for: float = 600.0
 
@@ -63,6 +70,7 @@ class Config:
     memory_limit: int
     transfer: str = "streaming"
     digest: str = "xxh3-128"
+    max_files: int = DEFAULT_MAX_FILES
     source: str = field(default="<defaults>", compare=False)
 
     @property
@@ -74,8 +82,10 @@ _SCHEMA: dict[str, Any] = {
     "node": None,
     "transfer": None,
     "digest": None,
+    "max_files": None,
     "proxy": {"images_dir": None, "peer": None, "reconnect_for": None, "keep_restored_for": None},
-    "cache": {"images_dir": None, "listen": None, "allow": None, "grant_timeout": None, "resume_for": None},
+    "cache": {"images_dir": None, "listen": None, "allow": None, "max_handshakes": None,
+              "max_connections_per_peer": None, "idle_timeout": None, "grant_timeout": None, "resume_for": None},
     "memory": {"limit": None},
 }
 
@@ -217,6 +227,12 @@ def _build(raw: Any, where: str) -> Config:
         images_dir=_path(cache_raw.get("images_dir"), "cache.images_dir", "/run/imgmig/cache", where),
         listen=listen or HostPort("0.0.0.0", DEFAULT_PORT),
         allow=_allow(cache_raw.get("allow", ["127.0.0.1", "::1"]), where),
+        max_handshakes=_count(cache_raw.get("max_handshakes", DEFAULT_MAX_HANDSHAKES), "cache.max_handshakes",
+                              where),
+        max_connections_per_peer=_count(cache_raw.get("max_connections_per_peer",
+                                                      DEFAULT_MAX_CONNECTIONS_PER_PEER),
+                                        "cache.max_connections_per_peer", where),
+        idle_timeout=_seconds(cache_raw.get("idle_timeout", DEFAULT_IDLE_TIMEOUT), "cache.idle_timeout", where),
         grant_timeout=_seconds(cache_raw.get("grant_timeout", 30), "cache.grant_timeout", where),
         resume_for=_seconds(cache_raw.get("resume_for", 600), "cache.resume_for", where),
     )
@@ -225,15 +241,23 @@ def _build(raw: Any, where: str) -> Config:
         limit = parse_size(limit_raw, total_memory_bytes())
     except ValueError as exc:
         raise _fail(where, "memory.limit", limit_raw, str(exc)) from None
+    max_files = _count(raw.get("max_files", DEFAULT_MAX_FILES), "max_files", where)
     return Config(node=node, proxy=proxy, cache=cache, memory_limit=limit,
-                  transfer=transfer, digest=digest, source=where)
+                  transfer=transfer, digest=digest, max_files=max_files, source=where)
+
+
+def _count(value: Any, key: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _fail(where, key, value, "expected a whole number of at least 1")
+    return value
 
 
 def _seconds(value: Any, key: str, where: str, zero: bool = False) -> float:
-    least = 0 if zero else 1e-9
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not least <= value <= 86400:
-        raise _fail(where, key, value, f"expected a number of seconds, {'0' if zero else 'more than 0'} "
-                                       f"to 86400")
+    """A duration; `zero` allows 0 (meaning: at once)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf \
+            or (value == 0 and not zero):
+        expected = "a number of seconds, 0 or more" if zero else "a number of seconds greater than 0"
+        raise _fail(where, key, value, f"expected {expected}")
     return float(value)
 
 

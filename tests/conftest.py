@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -19,12 +20,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = "/usr/bin/python3"
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
 LOG_TIMEOUT = 20.0
+
+# Fuzz tests (tests/test_fuzz_*.py): a short run with fixed seeds by default, so the test
+# command is repeatable and fast and writes no example database into the tree;
+# IMGMIG_FUZZ_EXAMPLES=N (tools/fuzz-long.sh) runs N random examples per property instead.
+FUZZ_EXAMPLES = int(os.environ.get("IMGMIG_FUZZ_EXAMPLES", "0"))
+settings.register_profile("imgmig-short", derandomize=True, max_examples=100, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+if FUZZ_EXAMPLES:
+    settings.register_profile("imgmig-long", max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("imgmig-long" if FUZZ_EXAMPLES else "imgmig-short")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -136,22 +149,29 @@ class Pair:
 
 def write_config(tmp: Path, *, port: int, memory_limit: str = "1GiB", allow: str = "[127.0.0.1]",
                  transfer: str = "streaming", cache_host: str = "127.0.0.1", peer_port: int | None = None,
-                 digest: str = "xxh3-128", proxy_extra: str = "  keep_restored_for: 1\n",
-                 cache_extra: str = "") -> Path:
-    """proxy_extra / cache_extra: more YAML lines for those sections, e.g. "  reconnect_for: 2\n".
-    The proxy keeps a copy restored on the cache 1 s (not the default 10 min) unless told otherwise."""
+                 digest: str = "xxh3-128", max_files: int | None = None,
+                 cache_keys: dict[str, object] | None = None, proxy_keys: dict[str, object] | None = None) -> Path:
+    """`cache_keys` / `proxy_keys` add keys to those sections, e.g. {"idle_timeout": 2}. The proxy
+    keeps a copy restored on the cache 1 s (keep_restored_for; 10 min by default) unless told otherwise."""
     path = tmp / "imgmig.yaml"
+    more_cache = "".join(f"  {key}: {value}\n" for key, value in (cache_keys or {}).items())
+    proxy_keys = {"keep_restored_for": 1} | (proxy_keys or {})
+    more_proxy = "".join(f"  {key}: {value}\n" for key, value in proxy_keys.items())
     path.write_text(
-        f"node: test-node\n"
+        (f"max_files: {max_files}\n" if max_files is not None else "")
+        + f"node: test-node\n"
         f"transfer: {transfer}\n"
         f"digest: {digest}\n"
-        f"proxy:\n  images_dir: {tmp / 'proxy'}\n  peer: '{cache_host}:{peer_port or port}'\n{proxy_extra}"
-        f"cache:\n  images_dir: {tmp / 'cache'}\n  listen: '{cache_host}:{port}'\n  allow: {allow}\n{cache_extra}"
-        f"memory:\n  limit: {memory_limit}\n")
+        f"proxy:\n  images_dir: {tmp / 'proxy'}\n  peer: '{cache_host}:{peer_port or port}'\n"
+        + more_proxy
+        + f"cache:\n  images_dir: {tmp / 'cache'}\n  listen: '{cache_host}:{port}'\n  allow: {allow}\n"
+        + more_cache
+        + f"memory:\n  limit: {memory_limit}\n")
     return path
 
 
-def start_daemon(role: str, config: Path, tmp: Path) -> Daemon:
+def start_daemon(role: str, config: Path, tmp: Path, nofile: int | None = None) -> Daemon:
+    """`nofile`: the daemon's RLIMIT_NOFILE (soft and hard), to run it out of fds on purpose."""
     env = {key: value for key, value in os.environ.items()
            if key not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "JOURNAL_STREAM",
                           "INVOCATION_ID", "WATCHDOG_USEC", "WATCHDOG_PID")}
@@ -159,7 +179,9 @@ def start_daemon(role: str, config: Path, tmp: Path) -> Daemon:
     log_path = tmp / f"{role}.log"
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen([PYTHON, "-m", "imgmig", role, "--config", str(config)], cwd=REPO, env=env,
-                                   stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
+                                   stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                   preexec_fn=None if nofile is None else lambda: resource.setrlimit(
+                                       resource.RLIMIT_NOFILE, (nofile, nofile)))
     daemon = Daemon(role, process, Log(log_path, f"imgmig-{role}"))
     wait_until(lambda: process.poll() is not None or daemon.log.matching(r"listening"), START_TIMEOUT,
                f"imgmig-{role} to listen")
@@ -170,10 +192,11 @@ def start_daemon(role: str, config: Path, tmp: Path) -> Daemon:
 
 @pytest.fixture
 def daemons(tmp_path: Path) -> Iterator[Callable[..., Pair]]:
-    """Factory: daemons(memory_limit="64MiB", roles=("cache", "proxy"), ...) -> Pair."""
+    """Factory: daemons(memory_limit="64MiB", roles=("cache", "proxy"), cache_nofile=100, ...) -> Pair."""
     pairs: list[Pair] = []
 
-    def start(roles: tuple[str, ...] = ("cache", "proxy"), **options: object) -> Pair:
+    def start(roles: tuple[str, ...] = ("cache", "proxy"), cache_nofile: int | None = None,
+              **options: object) -> Pair:
         tmp = tmp_path / f"pair{len(pairs)}"
         tmp.mkdir()
         port = free_port()
@@ -181,7 +204,7 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., Pair]]:
         pair = Pair(tmp, config, tmp / "proxy", tmp / "cache", port)
         pairs.append(pair)
         for role in roles:
-            pair.daemons[role] = start_daemon(role, config, tmp)
+            pair.daemons[role] = start_daemon(role, config, tmp, cache_nofile if role == "cache" else None)
         return pair
 
     yield start

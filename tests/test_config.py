@@ -114,6 +114,15 @@ BAD_VALUES = [
     ("memory: {limit: [1]}", "memory.limit", "[1]"),
     ("memory: {limit: 1e999GiB}", "memory.limit", "'1e999GiB'"),
     ("memory: {limit: nan%}", "memory.limit", "'nan%'"),
+    ("max_files: 0", "max_files", "0"),
+    ("max_files: many", "max_files", "'many'"),
+    ("max_files: 1.5", "max_files", "1.5"),
+    ("cache: {max_handshakes: 0}", "cache.max_handshakes", "0"),
+    ("cache: {max_handshakes: true}", "cache.max_handshakes", "True"),
+    ("cache: {max_connections_per_peer: -1}", "cache.max_connections_per_peer", "-1"),
+    ("cache: {idle_timeout: 0}", "cache.idle_timeout", "0"),
+    ("cache: {idle_timeout: 60s}", "cache.idle_timeout", "'60s'"),
+    ("cache: {idle_timeout: .inf}", "cache.idle_timeout", "inf"),
     ("proxy: 5", "proxy", "5"),
     ("cache: [a]", "cache", "['a']"),
     ("memory: 8GiB", "memory", "'8GiB'"),
@@ -193,6 +202,16 @@ def test_unreadable_and_non_utf8_files(tmp_path):
 ])
 def test_sizes(value, expected):
     assert config.parse_size(value, 100 << 20) == expected
+
+
+def test_limits_defaults_and_values():
+    default = config.parse("")
+    assert default.max_files == 100_000
+    assert (default.cache.max_handshakes, default.cache.max_connections_per_peer, default.cache.idle_timeout) == \
+        (16, 64, 60.0)
+    cfg = config.parse("max_files: 500\ncache: {max_handshakes: 4, max_connections_per_peer: 2, idle_timeout: 2.5}")
+    assert cfg.max_files == 500
+    assert (cfg.cache.max_handshakes, cfg.cache.max_connections_per_peer, cfg.cache.idle_timeout) == (4, 2, 2.5)
 
 
 def test_percent_limit_in_file_uses_ram():

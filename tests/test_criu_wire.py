@@ -141,6 +141,16 @@ def test_capture_stray_fds_handed_back(fds):
     assert conn.fds_to_close() == []
 
 
+def test_capture_bad_request_behind_a_good_one_hands_the_good_fd_back(fds):
+    """One read brings a good request with its pipe, then garbage: the error comes, and the
+    good request's pipe is not lost with the event that never got out."""
+    fd = fds()
+    conn = CaptureConnection()
+    with pytest.raises(CriuProtocolError, match="invalid image file name"):
+        conn.receive(INVENTORY_REQUEST + b"\0" + criu_wire.encode_request(".."), [fd])
+    assert conn.fds_to_close() == [fd]
+
+
 def test_capture_mid_message_on_partial_length():
     conn = CaptureConnection()
     assert not conn.mid_message
@@ -301,3 +311,53 @@ def test_serve_stray_fds(fds):
     conn = ServeConnection()
     conn.receive(b"\x0f", [fd])
     assert conn.fds_to_close() == [fd]
+
+
+def test_serve_bad_request_behind_a_good_one_hands_the_pipe_back(fds):
+    fd = fds()
+    conn = ServeConnection()
+    assert conn.receive(INVENTORY_REQUEST) == [ImageRequested("inventory.img")]
+    conn.reply(True)
+    with pytest.raises(CriuProtocolError):
+        conn.receive(b"\0" + criu_wire.encode_request("a/b"), [fd])
+    assert conn.fds_to_close() == [fd]
+
+
+# ---- regressions found by tests/test_fuzz_criu_wire.py ---------------------------------
+
+def test_capture_fd_of_a_good_request_is_handed_back_when_the_next_one_is_bad(fds):
+    """An offer decoded before a bad frame in the same read never reaches the caller:
+    its fd must come out of fds_to_close(), not leak."""
+    fd = fds()
+    conn = CaptureConnection()
+    conn.receive(INVENTORY_REQUEST)
+    with pytest.raises(CriuProtocolError, match="frame length"):
+        conn.receive(b"\0" + b"\xff\xff\xff\xff", [fd])
+    assert conn.fds_to_close() == [fd]
+
+
+def test_serve_fd_of_a_good_pipe_is_handed_back_when_the_next_request_is_bad(fds):
+    fd = fds()
+    conn = ServeConnection()
+    conn.receive(INVENTORY_REQUEST)
+    conn.reply(True)
+    with pytest.raises(CriuProtocolError, match="frame length"):
+        conn.receive(b"\0" + bytes(4), [fd])
+    assert conn.fds_to_close() == [fd]
+
+
+def test_capture_more_fds_than_requests_refused(fds):
+    """A peer passing fds with no request to use them must not make us hold them all."""
+    a, b = fds(), fds()
+    conn = CaptureConnection()
+    with pytest.raises(CriuProtocolError, match="2 pipe fds passed without"):
+        conn.receive(b"\0", [a, b])
+    assert conn.fds_to_close() == [a, b]
+
+
+def test_serve_more_fds_than_requests_refused(fds):
+    a, b = fds(), fds()
+    conn = ServeConnection()
+    with pytest.raises(CriuProtocolError, match="2 pipe fds passed without"):
+        conn.receive(INVENTORY_REQUEST[:2], [a, b])
+    assert conn.fds_to_close() == [a, b]

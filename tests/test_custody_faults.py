@@ -171,7 +171,7 @@ def test_rollback_and_destination_restore_race_exactly_one_wins(daemons):
     """The proxy decides: whichever takes the right first restores, the other is refused,
     including a rollback that comes after the destination's restore read everything (the
     proxy keeps its copy then, keep_restored_for, and refuses it rather than let it wait)."""
-    pair = daemons(proxy_extra="  keep_restored_for: 60\n")
+    pair = daemons(proxy_keys={"keep_restored_for": 60})
     rng = random.Random(int(os.environ.get("IMGMIG_FAULT_SEED", "8")))
     outcomes = [_race(pair, rng, f"race-{n}") for n in range(20)]
     winners = [("proxy" if proxy == "restored" else "") + ("cache" if cache == "restored" else "")

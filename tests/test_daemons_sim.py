@@ -385,7 +385,7 @@ def test_dump_dies_while_a_restore_waits(daemons):
 def test_fake_proxy_drops_mid_file(daemons):
     """A proxy that never comes back: its part is kept cache.resume_for seconds, then dropped,
     and a restore that waited on it goes on to the next checkpoint."""
-    pair = daemons(cache_extra="  resume_for: 1\n")
+    pair = daemons(cache_keys={"resume_for": 1})
     waiting = Restore(pair.cache_dir, restore_order(checkpoint_images("good")))
     pair.set_marks()
     sock = fake_proxy(pair, "fake-1")
@@ -403,7 +403,7 @@ def test_fake_proxy_drops_mid_file(daemons):
 
 
 def test_cache_killed_mid_transfer_keeps_checkpoint_for_rollback(daemons):
-    pair = daemons(proxy_extra="  reconnect_for: 1\n  keep_restored_for: 1\n")
+    pair = daemons(proxy_keys={"reconnect_for": 1})
     pair.set_marks()
     images = checkpoint_images("rollback-after-cache-death", big=64 << 20)
     client = criu_sim.DumpClient(pair.proxy_dir)
@@ -460,6 +460,27 @@ def test_garbage_on_capture_socket(daemons, kind):
     sock.close()
     error = one_error(pair.proxy_log, r"checkpoint .* failed: protocol error from CRIU", ignore=FORWARDER_ECHO)
     assert "dump again" in error
+    _after(pair, earlier)
+
+
+def test_more_fds_than_requests_on_capture_socket(daemons):
+    """Pipe fds passed without requests: one refusal line, every one of them closed."""
+    pair = daemons()
+    earlier = _earlier_then(pair)
+    fd_dir = Path(f"/proc/{pair.proxy.process.pid}/fd")
+    before = len(list(fd_dir.iterdir()))
+    pipes = [os.pipe() for _ in range(3)]
+    sock = criu_sim.connect(pair.proxy_dir)
+    sock.settimeout(IO_TIMEOUT)
+    socket.send_fds(sock, [b"\0"], [r for r, _ in pipes])
+    assert sock.recv(1) == b"", "the capture connection is dropped"
+    sock.close()
+    one_error(pair.proxy_log, r"protocol error from CRIU: 3 pipe fds passed without the requests",
+              ignore=FORWARDER_ECHO)
+    for r, w in pipes:
+        os.close(r)
+        os.close(w)
+    wait_until(lambda: len(list(fd_dir.iterdir())) <= before, 10, "the proxy to close the fds CRIU passed")
     _after(pair, earlier)
 
 

@@ -12,7 +12,16 @@ from collections.abc import Callable
 
 import pytest
 
-from imgmig.datapath.store import CheckpointFailed, DuplicateImage, ImageStore, Interrupted, State, StoreError
+from imgmig.datapath.store import (
+    IMAGE_OVERHEAD,
+    PAGE,
+    CheckpointFailed,
+    DuplicateImage,
+    ImageStore,
+    Interrupted,
+    State,
+    StoreError,
+)
 
 WAIT = 10.0  # bound on any wait for another thread; never reached when things work
 
@@ -87,7 +96,7 @@ def test_memfd_per_image(store):
     assert not os.get_inheritable(a.fd), "memfds are close-on-exec"
     write(store, checkpoint, a, b"hello")
     assert os.pread(a.fd, 10, 0) == b"hello"
-    assert a.size == 5 and checkpoint.size == 5 and store.held == 5
+    assert a.size == 5 and checkpoint.size == 5 and store.held == 2 * IMAGE_OVERHEAD + PAGE
 
 
 def test_duplicate_names_refused(store):
@@ -228,11 +237,11 @@ def test_restored_releases_memory(store):
     fd = image.fd
     other = store.begin("cp-2", "node")
     complete_image(store, other, "a.img", b"a" * 10)
-    assert store.held == 4106
+    assert store.held == 2 * IMAGE_OVERHEAD + 4096 // PAGE * PAGE + PAGE
     store.complete(checkpoint, clean=True)
     store.restored(checkpoint)
     assert checkpoint.state is State.RESTORED
-    assert store.held == 10
+    assert store.held == IMAGE_OVERHEAD + PAGE
     assert store.get("cp") is None and store.get("cp-2") is other
     assert image.fd == -1
     assert not is_memfd_of(fd, "pages-1.img")
@@ -249,7 +258,7 @@ def test_restored_only_from_complete(store):
     checkpoint = store.begin("cp", "node")
     complete_image(store, checkpoint, "a.img", b"a")
     store.restored(checkpoint)
-    assert checkpoint.state is State.RECEIVING and store.held == 1
+    assert checkpoint.state is State.RECEIVING and store.held == IMAGE_OVERHEAD + PAGE
 
 
 def test_drop_and_fail_release_memory(store):
@@ -257,14 +266,51 @@ def test_drop_and_fail_release_memory(store):
     complete_image(store, dropped, "a.img", b"a" * 100)
     failed = store.begin("cp-2", "node")
     fd = complete_image(store, failed, "b.img", b"b" * 50).fd
-    assert store.held == 150
+    assert store.held == 2 * (IMAGE_OVERHEAD + PAGE)
     store.drop(dropped)
-    assert store.held == 50
+    assert store.held == IMAGE_OVERHEAD + PAGE
     store.fail(failed, "broken")
     assert store.held == 0
     assert failed.state is State.FAILED and failed.reason == "broken"
     assert not is_memfd_of(fd, "b.img")
     assert store.checkpoints() == []
+
+
+def test_memory_limit_counts_pages_held():
+    """15,000 one-byte images hold 15,000 pages in the kernel, not 15 kB: the limit sees that."""
+    store = ImageStore(1 << 20)
+    checkpoint = store.begin("cp", "node")
+    written = 0
+    while store.room() > 0:
+        complete_image(store, checkpoint, f"f{written}.img", b"x")
+        written += 1
+    assert written == -(-(1 << 20) // (PAGE + IMAGE_OVERHEAD)), "each 1-byte image costs a page and its inode"
+    assert checkpoint.size == written
+    image = checkpoint.images["f0.img"]
+    assert os.fstat(image.fd).st_blocks * 512 == PAGE, "the kernel does hold a whole page for one byte"
+    store.fail(checkpoint, "test over")
+    assert store.held == 0
+
+
+def test_empty_image_costs_its_overhead_and_growth_is_counted_in_pages(store):
+    checkpoint = store.begin("cp", "node")
+    image = store.add_image(checkpoint, "a.img")
+    assert store.held == IMAGE_OVERHEAD
+    write(store, checkpoint, image, b"a" * (PAGE + 1))
+    assert store.held == IMAGE_OVERHEAD + 2 * PAGE
+    write(store, checkpoint, image, b"a" * (PAGE - 1))
+    assert store.held == IMAGE_OVERHEAD + 2 * PAGE
+
+
+def test_longest_name_gets_a_memfd_and_keeps_its_name(store):
+    """memfd_create takes 249 bytes of name: the debug label is cut, the image's name is not."""
+    checkpoint = store.begin("cp", "node")
+    name = "é" * 120 + "x.img"  # 245 bytes, multi-byte characters across the cut
+    longest = "n" * 251 + ".img"
+    for each in (name, longest):
+        image = store.add_image(checkpoint, each)
+        assert image.name == each and checkpoint.images[each] is image
+        assert os.readlink(f"/proc/self/fd/{image.fd}").startswith("/memfd:imgmig:")
 
 
 def test_growth_after_drop_not_counted(store):
@@ -354,7 +400,7 @@ def test_memory_limit_wait_for_room(stop, caplog):
     store = ImageStore(1 << 20)
     checkpoint = store.begin("cp", "node")
     complete_image(store, checkpoint, "pages-1.img", b"p" * (1 << 20))
-    assert store.room() == 0
+    assert store.room() == -IMAGE_OVERHEAD
     with caplog.at_level(logging.WARNING, logger="imgmig.datapath.store"):
         waiter = Background(lambda: store.wait_for_room(stop, "capture of cp-2"))
         assert not waiter.done.wait(0.2), "no room: the writer waits"
@@ -388,12 +434,12 @@ def test_memory_limit_evicts_delivered_checkpoints_first(stop, caplog):
     complete_image(store, delivered, "a.img", b"a" * (1 << 19))
     store.complete(delivered, clean=True)
     store.delivered(delivered)
-    assert store.room() == 0
+    assert store.room() == -2 * IMAGE_OVERHEAD
     with caplog.at_level(logging.WARNING, logger="imgmig.datapath.store"):
         assert store.wait_for_room(stop, "capture") is True
     assert store.get("cp-delivered") is None, "a delivered checkpoint makes room"
     assert store.get("cp-claimed") is claimed, "a checkpoint being restored is never evicted"
-    assert store.held == 1 << 19
+    assert store.held == IMAGE_OVERHEAD + (1 << 19)
     assert any("evicting checkpoint cp-delivered" in r.getMessage() for r in caplog.records)
     store.close()
 

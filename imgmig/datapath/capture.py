@@ -15,8 +15,8 @@ import socket
 import threading
 import time
 
-from imgmig.datapath.kernel_io import CHUNK, UntilHangup, grow_pipe
-from imgmig.datapath.store import Checkpoint, DuplicateImage, Image, ImageStore
+from imgmig.datapath.kernel_io import CHUNK, UntilHangup, grow_pipe, out_of_fds, pipe_end_problem
+from imgmig.datapath.store import Checkpoint, DuplicateImage, Image, ImageStore, TooManyFiles
 from imgmig.protocol import criu_wire
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class CaptureSession:
         self.epoll.register(self.sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
         try:
             while (self.control_open or self.pipes) and not self.stop.is_set():
-                if self.checkpoint.size >= self.store.limit:
+                if self.checkpoint.charged >= self.store.limit:
                     # It alone fills the store: waiting for room would wait forever. Closing
                     # CRIU's pipes fails the dump, and CRIU resumes the process on this node.
                     self.error = (f"it has grown to {_mib(self.checkpoint.size)}, which this proxy's "
@@ -64,26 +64,50 @@ class CaptureSession:
                         self._on_pipe(fd)
         except criu_wire.CriuProtocolError as exc:
             self.error = f"protocol error from CRIU: {exc}"
+        except TooManyFiles as exc:
+            self.error = str(exc)
+        except OSError as exc:
+            if not out_of_fds(exc):
+                raise
+            self.error = f"out of file descriptors ({exc.strerror}) for its images; raise LimitNOFILE"
         finally:
             self._finish()
 
     def _on_control(self) -> None:
         try:
-            data, fds, _, _ = socket.recv_fds(self.sock, 4096, 16)
+            data, fds, flags, _ = socket.recv_fds(self.sock, 4096, 16)
         except OSError as exc:
-            data, fds = b"", []
+            data, fds, flags = b"", [], 0
             self.error = f"capture connection error: {exc.strerror}"
+        if flags & socket.MSG_CTRUNC:
+            for fd in fds:
+                os.close(fd)
+            raise criu_wire.CriuProtocolError(criu_wire.FDS_CUT_OFF)
         if not data:
             for fd in fds:
                 os.close(fd)
             self._close_control()
             return
-        for offer in self.protocol.receive(data, fds):
-            self._accept_image(offer)
+        offers = self.protocol.receive(data, fds)
+        for n, offer in enumerate(offers):
+            try:
+                self._accept_image(offer)
+            except BaseException:
+                for later in offers[n + 1:]:
+                    os.close(later.fd)
+                raise
 
     def _accept_image(self, offer: criu_wire.ImageOffered) -> None:
+        """Take the pipe CRIU will write `offer.name` into; the fd is closed on any refusal."""
+        problem = pipe_end_problem(offer.fd, write=False)
+        if problem is not None:
+            os.close(offer.fd)
+            raise criu_wire.CriuProtocolError(f"CRIU passed for {offer.name} {problem}")
         try:
             image = self.store.add_image(self.checkpoint, offer.name)
+        except (TooManyFiles, OSError):
+            os.close(offer.fd)
+            raise
         except DuplicateImage as exc:
             log.error("checkpoint %s: %s; CRIU's pipe is closed so that its dump fails loudly",
                       self.checkpoint.id, exc, extra={"IMGMIG_CHECKPOINT": self.checkpoint.id,

@@ -121,11 +121,19 @@ class Forwarder:
     def run(self) -> None:
         try:
             with self.store.using(self.checkpoint):
+                if self.wait_for_complete:
+                    self._await_captured()
                 self._until_settled()
         except Retained:
             self._keep_after_restored()
         finally:
             self.begun.set()
+
+    def _await_captured(self) -> None:
+        """Store-and-forward connects once the dump has ended: a link opened at the start
+        would carry nothing for the whole dump, and the cache fails a checkpoint whose
+        link is idle for cache.idle_timeout."""
+        self.store.wait_until(lambda: self.checkpoint.state is not State.RECEIVING, self.stop)
 
     def _keep_after_restored(self) -> None:
         """A bare `criu restore --stream` on the cache read everything; whether it then
@@ -135,8 +143,8 @@ class Forwarder:
         checkpoint = self.checkpoint
         if self.store.wait_until(lambda: checkpoint.dropped, self.stop, self.keep_restored_for) or self.stop.is_set():
             return
-        log.info("checkpoint %s: kept %.0f s after its restore on %s (proxy.keep_restored_for); releasing this "
-                 "node's copy", checkpoint.id, self.keep_restored_for, self.peer_node, extra=self.fields)
+        log.info("checkpoint %s was restored on %s %.0f s ago (proxy.keep_restored_for); releasing this "
+                 "node's copy", checkpoint.id, self.peer_node, self.keep_restored_for, extra=self.fields)
         self.store.drop(checkpoint)
 
     def _until_settled(self) -> None:

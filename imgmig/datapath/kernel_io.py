@@ -8,17 +8,29 @@ read-only mapping of the memfd.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import logging
 import mmap
 import os
 import select
+import stat
 import threading
-from typing import Protocol
+import time
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHUNK = 1 << 20
 PIPE_SIZE = 1 << 20
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _PAGE = mmap.ALLOCATIONGRANULARITY
+# Out of fds (per process, system-wide) or of the kernel memory behind them: a daemon
+# under a flood of connections or files sees these; they end one checkpoint, never the daemon.
+FD_EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+FD_PATIENCE = 2.0  # seconds a new memfd or pipe waits for fds to be freed before giving up
 
 
 class Hasher(Protocol):
@@ -32,9 +44,79 @@ def grow_pipe(fd: int, size: int = PIPE_SIZE) -> None:
 
 
 def make_pipe() -> tuple[int, int]:
-    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    read_end, write_end = retry_out_of_fds(lambda: os.pipe2(os.O_CLOEXEC), "a pipe")
     grow_pipe(write_end)
     return read_end, write_end
+
+
+def out_of_fds(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in FD_EXHAUSTION
+
+
+class BurstLog:
+    """One warning per burst of the same trouble, not one per event: a flood must not
+    flood the journal too. Events within `quiet` seconds of the last line are counted and
+    the count goes into the next line."""
+
+    def __init__(self, quiet: float = 10.0, logger: logging.Logger = log, level: int = logging.WARNING) -> None:
+        self.quiet = quiet
+        self.logger = logger
+        self.level = level
+        self.lock = threading.Lock()
+        self.last = -quiet
+        self.suppressed = 0
+
+    def warn(self, message: str, *args: object) -> None:
+        with self.lock:
+            now = time.monotonic()
+            if now - self.last < self.quiet:
+                self.suppressed += 1
+                return
+            self.last, suppressed, self.suppressed = now, self.suppressed, 0
+        more = f" ({suppressed} more since the last such line)" if suppressed else ""
+        self.logger.log(self.level, message + more, *args)
+
+
+fd_exhaustion = BurstLog()
+
+
+def report_out_of_fds(exc: OSError, what: str) -> None:
+    fd_exhaustion.warn("out of file descriptors or kernel memory (%s) creating %s; backing off and going "
+                       "on, the connection that holds the most may fail; raise LimitNOFILE if this is load, "
+                       "check cache.allow and the connection caps if it is not",
+                       errno.errorcode.get(exc.errno or 0, exc.errno), what)
+
+
+def retry_out_of_fds(make: Callable[[], T], what: str, patience: float = FD_PATIENCE) -> T:
+    """make(), retried with a growing back-off while the process is out of fds: another
+    connection may give some back (a flood's checkpoint that fails frees its memfds)."""
+    deadline = time.monotonic() + patience
+    delay = 0.01
+    while True:
+        try:
+            return make()
+        except OSError as exc:
+            if not out_of_fds(exc):
+                raise
+            report_out_of_fds(exc, what)
+            if time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)
+
+
+def pipe_end_problem(fd: int, *, write: bool) -> str | None:
+    """Why fd is not the pipe end CRIU must pass (None if it is): splicing into a regular
+    file or a socket would write where no image belongs, or fail deep in the data path."""
+    want = "write" if write else "read"
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISFIFO(mode):
+        kind = "a regular file" if stat.S_ISREG(mode) else "a socket" if stat.S_ISSOCK(mode) else "another kind of fd"
+        return f"{kind}, not the {want} end of a pipe"
+    access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    if access != (os.O_WRONLY if write else os.O_RDONLY):
+        return f"a pipe end open for {'reading' if write else 'writing'}, not the {want} end of a pipe"
+    return None
 
 
 def hash_region(hasher: Hasher, fd: int, offset: int, length: int) -> None:

@@ -19,15 +19,18 @@ import logging
 import os
 import select
 import socket
+import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from imgmig.config import DEFAULT_IDLE_TIMEOUT
 from imgmig.datapath import custody
 from imgmig.datapath.digest import LABELS, Digester, new_hasher, usable
-from imgmig.datapath.kernel_io import UntilHangup, hash_region
+from imgmig.datapath.kernel_io import UntilHangup, hash_region, out_of_fds
 from imgmig.datapath.link import PlainLink
-from imgmig.datapath.store import Checkpoint, Image, ImageStore, State, StoreError
+from imgmig.datapath.store import Checkpoint, Image, ImageStore, State, StoreError, TooManyFiles
 from imgmig.protocol import conversation as conv
 from imgmig.protocol import peer_wire as wire
 from imgmig.protocol.peer_wire import BeginStatus, ErrorCode
@@ -105,9 +108,12 @@ class Transfers:
 
 class ReceiveSession:
     def __init__(self, sock: socket.socket, address: str, store: ImageStore, node: str,
-                 stop: threading.Event, transfers: Transfers) -> None:
+                 stop: threading.Event, transfers: Transfers, *, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                 on_hello: Callable[[], None] | None = None) -> None:
         _keepalive(sock)
         self.link = PlainLink(sock)
+        self.idle_timeout = idle_timeout
+        self.on_hello = on_hello  # the connection is past its handshake (admission counts it so)
         self.address = address
         self.store = store
         self.node = node
@@ -138,8 +144,15 @@ class ReceiveSession:
             self._refuse(str(exc), exc.code)
         except Refused as exc:
             self._refuse(str(exc), exc.code)
-        except (OSError, LinkLost) as exc:
-            self._link_lost(_describe(exc))
+        except BlockingIOError:  # SO_RCVTIMEO/SO_SNDTIMEO ended a blocking splice or send
+            self._idle()
+        except OSError as exc:
+            if out_of_fds(exc):
+                self._refuse(f"out of file descriptors ({exc.strerror}); raise LimitNOFILE", ErrorCode.INTERNAL)
+            else:
+                self._link_lost(_describe(exc))
+        except LinkLost as exc:
+            self._link_lost(str(exc))
         finally:
             self._detach()
             self.link.close()
@@ -167,7 +180,11 @@ class ReceiveSession:
         now = time.monotonic()
         deadline = self.conn.next_deadline()
         wait = LOOK_EVERY if deadline is None else max(0.0, min(deadline - now, LOOK_EVERY))
+        if self._transferring:
+            wait = max(0.0, min(wait, self.conn.last_heard + self.idle_timeout - now))
         if not _readable(self.link.fileno(), wait):
+            if self._transferring and time.monotonic() - self.conn.last_heard >= self.idle_timeout:
+                raise BlockingIOError
             dead = self.conn.handle_timeout(time.monotonic())
             if dead is not None and self.inbound is None:
                 raise Refused(dead.reason)
@@ -179,6 +196,23 @@ class ReceiveSession:
             self._on_eof()
             return
         self.conn.receive_data(data, time.monotonic())
+
+    @property
+    def _transferring(self) -> bool:
+        """Between HELLO and CHECKPOINT_END a stalled link fails the checkpoint (cache.idle_timeout);
+        afterwards it waits for the restore as long as that takes."""
+        return self.conn.phase in (conv.Phase.BEGIN, conv.Phase.TRANSFER)
+
+    def _idle(self) -> None:
+        self._refuse(f"nothing moved for {self.idle_timeout:g} s (cache.idle_timeout)", ErrorCode.REFUSED)
+
+    def _set_idle_timeout(self, seconds: float) -> None:
+        """Kernel timeouts too, not only Python's: they also bound a blocking splice from the
+        socket or send to it, which end with EAGAIN (0: never)."""
+        whole = int(seconds)
+        timeval = struct.pack("@ll", whole, int((seconds - whole) * 1e6))
+        for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            self.link.sock.setsockopt(socket.SOL_SOCKET, option, timeval)
 
     def _flush_out(self) -> None:
         data = self.conn.data_to_send()
@@ -211,6 +245,9 @@ class ReceiveSession:
             self.peer = f"{event.hello.node} ({self.address})"
             self.digest = usable(event.hello.digest)
             self.conn.accept_hello(self.digest, self.store.limit, max(0, self.store.room()), now)
+            self._set_idle_timeout(self.idle_timeout)
+            if self.on_hello is not None:
+                self.on_hello()
         elif isinstance(event, conv.BeginRequested):
             self._on_begin(event, now)
         elif isinstance(event, conv.FileBegun):
@@ -294,7 +331,10 @@ class ReceiveSession:
 
     def _on_file_begin(self, event: conv.FileBegun) -> None:
         inbound = self._inbound()
-        inbound.images[event.file_id] = self.store.add_image(inbound.checkpoint, event.name)
+        try:
+            inbound.images[event.file_id] = self.store.add_image(inbound.checkpoint, event.name)
+        except TooManyFiles as exc:
+            raise Refused(str(exc), ErrorCode.REFUSED) from None
         inbound.hashers[event.file_id] = new_hasher(self.digest)
 
     def _splice_payload(self, file_id: int, offset: int, left: int) -> None:
@@ -343,7 +383,7 @@ class ReceiveSession:
     def _account(self, file_id: int, image: Image, n: int) -> None:
         checkpoint = self._inbound().checkpoint
         self.store.grew(checkpoint, image, n)
-        if checkpoint.size > self.store.limit:
+        if checkpoint.charged > self.store.limit:
             self._too_large(checkpoint)
         self.conn.stored(file_id, image.size, n, time.monotonic())
 
@@ -356,7 +396,7 @@ class ReceiveSession:
         checkpoint = self._inbound().checkpoint
         if self.store.room() > 0:
             return
-        if checkpoint.size >= self.store.limit:
+        if checkpoint.charged >= self.store.limit:
             self._too_large(checkpoint)
         proxy_gone = UntilHangup(self.stop, self.link.fileno())
         if not proxy_gone.is_set():
@@ -376,6 +416,7 @@ class ReceiveSession:
     def _on_checkpoint_end(self, event: conv.CheckpointEnded) -> None:
         checkpoint = self._inbound().checkpoint
         now = time.monotonic()
+        self._set_idle_timeout(0)  # the link now waits for a restore, which may take its time
         if not event.clean:
             self._fail("the proxy reports the dump did not finish (CRIU failed or died)")
             self.conn.done(False, "dump did not finish; checkpoint dropped", now)

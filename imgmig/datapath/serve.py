@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from imgmig.datapath.custody import NoRight
-from imgmig.datapath.kernel_io import UntilHangup, grow_pipe, splice_out
+from imgmig.datapath.kernel_io import UntilHangup, grow_pipe, pipe_end_problem, splice_out
 from imgmig.datapath.store import Checkpoint, CheckpointFailed, ImageStore, Interrupted
 from imgmig.protocol import criu_wire
 from imgmig.system.systemd_glue import CHECKPOINT_RESTORED_ID
@@ -51,7 +51,11 @@ class ServeSession:
     def run(self) -> None:
         try:
             while not self.stop.is_set():
-                data, fds, _, _ = socket.recv_fds(self.sock, 4096, 4)
+                data, fds, flags, _ = socket.recv_fds(self.sock, 4096, 4)
+                if flags & socket.MSG_CTRUNC:
+                    for fd in fds:
+                        os.close(fd)
+                    raise criu_wire.CriuProtocolError(criu_wire.FDS_CUT_OFF)
                 if not data:
                     for fd in fds:
                         os.close(fd)
@@ -124,6 +128,9 @@ class ServeSession:
     def _send_image(self, name: str, pipe_w: int) -> None:
         checkpoint = self._checkpoint()
         try:
+            problem = pipe_end_problem(pipe_w, write=True)
+            if problem is not None:
+                raise criu_wire.CriuProtocolError(f"CRIU passed for {name} {problem}")
             with self.store.using(checkpoint):
                 image = checkpoint.images[name]
                 if image.fd < 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import fcntl
 import logging
+import mmap
 import os
 import threading
 import time
@@ -20,12 +21,22 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from imgmig.config import DEFAULT_MAX_FILES
+from imgmig.datapath.kernel_io import retry_out_of_fds
+
 log = logging.getLogger(__name__)
 
 # F_SEAL_FUTURE_WRITE (Linux 5.1), unlike F_SEAL_WRITE, allows read-only mappings that a
 # forwarder may still hold while the image is sealed.
 F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL
+# What the memory limit counts is what the kernel holds: a memfd's bytes in whole pages,
+# plus its inode, dentry and file (about 1.3 KiB of slab per memfd, measured here).
+PAGE = mmap.PAGESIZE
+IMAGE_OVERHEAD = 1 << 10
+# memfd_create's name argument is at most 249 bytes; the name is only a debugging aid
+# (/proc/PID/fd), the image's real name is kept in the store.
+_MEMFD_NAME_MAX = 249
 
 
 class StoreError(Exception):
@@ -33,6 +44,10 @@ class StoreError(Exception):
 
 
 class DuplicateImage(StoreError):
+    pass
+
+
+class TooManyFiles(StoreError):
     pass
 
 
@@ -58,6 +73,10 @@ class Image:
     size: int = 0
     complete: bool = False
     digest: bytes | None = None
+    charged: int = 0  # what the memory limit counts for this image (see cost())
+
+    def cost(self) -> int:
+        return IMAGE_OVERHEAD + -(-self.size // PAGE) * PAGE
 
     def seal(self) -> None:
         """A complete image can no longer change: what is served is what arrived."""
@@ -89,6 +108,10 @@ class Checkpoint:
         return sum(image.size for image in self.images.values())
 
     @property
+    def charged(self) -> int:
+        return sum(image.charged for image in self.images.values())
+
+    @property
     def done_receiving(self) -> bool:
         return self.state is not State.RECEIVING
 
@@ -96,8 +119,9 @@ class Checkpoint:
 class ImageStore:
     """All checkpoints one daemon holds, and the memory limit over them."""
 
-    def __init__(self, limit: int, *, serve_only_complete: bool = False) -> None:
+    def __init__(self, limit: int, *, serve_only_complete: bool = False, max_files: int = DEFAULT_MAX_FILES) -> None:
         self.limit = limit
+        self.max_files = max_files
         self.serve_only_complete = serve_only_complete
         self.cond = threading.Condition()
         self._checkpoints: dict[str, Checkpoint] = {}
@@ -158,19 +182,42 @@ class ImageStore:
             if checkpoint_id in self._checkpoints:
                 raise StoreError(f"checkpoint {checkpoint_id} already exists")
             self._checkpoints[checkpoint_id] = checkpoint
-            self._held += checkpoint.size
+            for image in images:
+                self._charge_locked(checkpoint, image)
             self._changed_locked()
         return checkpoint
 
     def add_image(self, checkpoint: Checkpoint, name: str) -> Image:
+        """A new empty image. Raises DuplicateImage, TooManyFiles, or OSError (out of fds,
+        after a short back-off)."""
         with self.cond:
-            if name in checkpoint.images:
-                raise DuplicateImage(f"{name} sent twice in checkpoint {checkpoint.id}; "
-                                     f"the first copy is kept and the second refused")
-            fd = os.memfd_create(f"imgmig:{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            self._check_new_image_locked(checkpoint, name)
+        label = f"imgmig:{name}".encode()[:_MEMFD_NAME_MAX].decode(errors="ignore")
+        fd = retry_out_of_fds(lambda: os.memfd_create(label, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING), "a memfd")
+        with self.cond:
+            try:
+                self._check_new_image_locked(checkpoint, name)  # the lock was let go for memfd_create
+            except StoreError:
+                os.close(fd)
+                raise
             image = Image(name, fd)
             checkpoint.images[name] = image
+            self._charge_locked(checkpoint, image)
             return image
+
+    def _check_new_image_locked(self, checkpoint: Checkpoint, name: str) -> None:
+        if name in checkpoint.images:
+            raise DuplicateImage(f"{name} sent twice in checkpoint {checkpoint.id}; "
+                                 f"the first copy is kept and the second refused")
+        if len(checkpoint.images) >= self.max_files:
+            raise TooManyFiles(f"checkpoint {checkpoint.id} has more than {self.max_files} files (max_files); "
+                               f"real dumps have hundreds: raise max_files if this one is genuine")
+
+    def _charge_locked(self, checkpoint: Checkpoint, image: Image) -> None:
+        cost = image.cost()
+        if not checkpoint.dropped:
+            self._held += cost - image.charged
+        image.charged = cost
 
     def room(self) -> int:
         return self.limit - self._held
@@ -216,8 +263,7 @@ class ImageStore:
         with self.cond:
             image.size += n
             self.bytes_in += n
-            if not checkpoint.dropped:
-                self._held += n
+            self._charge_locked(checkpoint, image)
             self.cond.notify_all()
 
     def finish_image(self, image: Image, digest: bytes | None = None) -> None:
@@ -318,7 +364,7 @@ class ImageStore:
         if self._checkpoints.pop(checkpoint.id, None) is None:
             return
         checkpoint.dropped = True
-        self._held -= checkpoint.size
+        self._held -= checkpoint.charged
         if not checkpoint.users:
             _close_images(checkpoint)
         self._changed_locked()

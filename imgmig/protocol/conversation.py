@@ -177,6 +177,11 @@ class _Side:
     def closed(self) -> bool:
         return self.phase is Phase.CLOSED
 
+    @property
+    def last_heard(self) -> float:
+        """When the peer last sent a byte (a PING counts)."""
+        return self._last_heard
+
     def receive_data(self, data: bytes, now: float) -> None:
         """Bytes read from the link (b"" is not end of stream here: the driver handles EOF)."""
         if data:

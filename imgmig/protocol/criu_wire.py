@@ -18,7 +18,14 @@ from dataclasses import dataclass
 
 MAX_MESSAGE = 4096  # a request is a file name: anything larger is garbage
 MAX_NAME = 255
+MAX_QUEUED_FDS = 1  # an fd may arrive ahead of its dummy byte, but never more than one
 _LEN = struct.Struct("<I" if sys.byteorder == "little" else ">I")
+
+
+# recvmsg's MSG_CTRUNC: fds were passed but not all were received. Each message carries one
+# pipe, so either CRIU passed more than it should, or the receiver had no fd numbers left.
+FDS_CUT_OFF = ("the kernel cut off the fds CRIU passed (this daemon is out of file descriptors, "
+               "or CRIU passed more than one per message)")
 
 
 class CriuProtocolError(ValueError):
@@ -163,6 +170,15 @@ class _FrameReader:
         del self._buf[:1]
         return self._fds.popleft()
 
+    def check_queued_fds(self) -> None:
+        """Unmatched fds would pile up (a peer can pass 16 per message): refuse them."""
+        if len(self._fds) > MAX_QUEUED_FDS:
+            raise CriuProtocolError(f"{len(self._fds)} pipe fds passed without the requests they belong to")
+
+    def give_back(self, fds: list[int]) -> None:
+        """Fds of events a failed receive() never returned: fds_to_close() must hand them out."""
+        self._fds.extendleft(reversed(fds))
+
     def stray_fds(self) -> list[int]:
         fds = list(self._fds)
         self._fds.clear()
@@ -171,6 +187,10 @@ class _FrameReader:
     @property
     def pending_bytes(self) -> int:
         return len(self._buf)
+
+    @property
+    def pending_fds(self) -> int:
+        return len(self._fds)
 
 
 class CaptureConnection:
@@ -183,19 +203,27 @@ class CaptureConnection:
     def receive(self, data: bytes, fds: list[int] | None = None) -> list[ImageOffered]:
         self._reader.feed(data, fds or [])
         events: list[ImageOffered] = []
+        try:
+            self._decode(events)
+            self._reader.check_queued_fds()
+        except CriuProtocolError:
+            self._reader.give_back([event.fd for event in events])
+            raise
+        return events
+
+    def _decode(self, events: list[ImageOffered]) -> None:
         while True:
             if self._pending_name is None:
                 body = self._reader.frame()
                 if body is None:
-                    break
+                    return
                 self._pending_name = decode_request_body(body)
             else:
                 fd = self._reader.passed_fd()
                 if fd is None:
-                    break
+                    return
                 events.append(ImageOffered(self._pending_name, fd))
                 self._pending_name = None
-        return events
 
     def fds_to_close(self) -> list[int]:
         """Fds received but not handed out in an event (on error or close)."""
@@ -217,6 +245,15 @@ class ServeConnection:
     def receive(self, data: bytes, fds: list[int] | None = None) -> list[ImageRequested | PipeGiven]:
         self._reader.feed(data, fds or [])
         events: list[ImageRequested | PipeGiven] = []
+        try:
+            self._decode(events)
+            self._reader.check_queued_fds()
+        except CriuProtocolError:
+            self._reader.give_back([event.fd for event in events if isinstance(event, PipeGiven)])
+            raise
+        return events
+
+    def _decode(self, events: list[ImageRequested | PipeGiven]) -> None:
         while self._awaiting_reply is None:
             if self._awaiting_fd is not None:
                 fd = self._reader.passed_fd()
@@ -233,7 +270,6 @@ class ServeConnection:
             events.append(ImageRequested(name))
         if self._awaiting_reply is not None and self._reader.pending_bytes:
             raise CriuProtocolError("CRIU sent data before our reply")
-        return events
 
     def reply(self, exists: bool) -> bytes:
         if self._awaiting_reply is None:

@@ -16,6 +16,7 @@ from imgmig.datapath.receive import ReceiveSession, Transfers
 from imgmig.datapath.serve import ServeSession
 from imgmig.datapath.store import Checkpoint, ImageStore
 from imgmig.protocol import peer_wire as wire
+from imgmig.roles.admission import Admission
 from imgmig.roles.daemon import Daemon, Listener
 from imgmig.roles.endpoints import SERVE_SOCKET, Endpoint
 from imgmig.roles.status import RateMeter, describe_store, human_rate
@@ -26,9 +27,11 @@ log = logging.getLogger(__name__)
 class Cache:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.store = ImageStore(config.memory_limit, serve_only_complete=config.store_and_forward)
+        self.store = ImageStore(config.memory_limit, serve_only_complete=config.store_and_forward,
+                                max_files=config.max_files)
+        self.admission = Admission(config.cache.max_handshakes, config.cache.max_connections_per_peer, config.source)
         self.daemon = Daemon("imgmig-cache", [
-            Listener(Endpoint("peer", tcp=config.cache.listen), self._on_proxy),
+            Listener(Endpoint("peer", tcp=config.cache.listen), self._on_proxy, self.admission),
             Listener(Endpoint("serve", path=config.cache.images_dir / SERVE_SOCKET), self._on_restore),
         ], self.status)
         self.receiving: dict[int, ReceiveSession] = {}
@@ -57,7 +60,9 @@ class Cache:
             finally:
                 conn.close()
             return
-        session = ReceiveSession(conn, address, self.store, self.config.node, self.daemon.stop, self.transfers)
+        session = ReceiveSession(conn, address, self.store, self.config.node, self.daemon.stop, self.transfers,
+                                 idle_timeout=self.config.cache.idle_timeout,
+                                 on_hello=lambda: self.admission.established(conn))
         self.receiving[id(session)] = session
         try:
             session.run()

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from imgmig.datapath.kernel_io import BurstLog, out_of_fds, report_out_of_fds
+from imgmig.roles.admission import Admission
 from imgmig.roles.endpoints import Endpoint, bind, match_passed
 from imgmig.system import systemd_glue
 
@@ -22,12 +24,14 @@ log = logging.getLogger(__name__)
 Handler = Callable[[socket.socket, str], None]
 STATUS_EVERY = 2.0
 JOIN_TIMEOUT = 5.0
+ACCEPT_BACKOFF = 0.1  # out of fds: the connection waits in the backlog while others free some
 
 
 @dataclass
 class Listener:
     endpoint: Endpoint
     handler: Handler
+    admission: Admission | None = None  # caps on connections (docs/config.md); None: no caps
 
 
 class Daemon:
@@ -39,6 +43,7 @@ class Daemon:
         self.sockets: dict[str, socket.socket] = {}
         self.threads: set[threading.Thread] = set()
         self.owns_socket_files = False
+        self.no_threads = BurstLog(logger=log, level=logging.ERROR)
 
     def open_sockets(self, passed_fds: list[int]) -> None:
         """Take systemd's sockets if any were passed, else bind the config's own."""
@@ -97,13 +102,37 @@ class Daemon:
     def _accept(self, sock: socket.socket, listener: Listener) -> None:
         try:
             conn, address = sock.accept()
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:
+            if not out_of_fds(exc):
+                raise
+            report_out_of_fds(exc, f"a {listener.endpoint.kind} connection")
+            self.stop.wait(ACCEPT_BACKOFF)
             return
         conn.setblocking(True)
         peer = address[0] if isinstance(address, tuple) else "local"
         # systemd's dual-stack socket shows IPv4 peers as ::ffff:a.b.c.d; operators expect a.b.c.d.
         peer = peer.removeprefix("::ffff:") if "." in peer else peer
-        self.spawn(f"{listener.endpoint.kind}-{peer}", listener.handler, conn, peer)
+        admission = listener.admission
+        if admission is not None and not admission.admit(conn, peer):
+            conn.close()
+            return
+        try:
+            self.spawn(f"{listener.endpoint.kind}-{peer}", self._handle, listener, conn, peer)
+        except RuntimeError as exc:  # out of threads: refuse this one, keep serving the others
+            self.no_threads.warn("%s: connection from %s refused: cannot start a thread (%s)", self.name, peer, exc)
+            if admission is not None:
+                admission.release(conn)
+            conn.close()
+
+    @staticmethod
+    def _handle(listener: Listener, conn: socket.socket, peer: str) -> None:
+        try:
+            listener.handler(conn, peer)
+        finally:
+            if listener.admission is not None:
+                listener.admission.release(conn)
 
     def spawn(self, name: str, target: Callable[..., None], *args: object) -> None:
         def guarded() -> None:
@@ -117,7 +146,11 @@ class Daemon:
 
         thread = threading.Thread(target=guarded, name=name, daemon=True)
         self.threads.add(thread)
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError:
+            self.threads.discard(thread)
+            raise
 
     def _shutdown(self, selector: selectors.BaseSelector) -> None:
         self.stop.set()

@@ -18,6 +18,7 @@ from imgmig.datapath import custody
 from imgmig.datapath.capture import CaptureSession
 from imgmig.datapath.digest import NAMES, usable
 from imgmig.datapath.forward import Forwarder
+from imgmig.datapath.kernel_io import out_of_fds
 from imgmig.datapath.serve import ServeSession
 from imgmig.datapath.store import Checkpoint, ImageStore
 from imgmig.roles.daemon import Daemon, Listener
@@ -31,7 +32,7 @@ class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.peer = require_proxy_peer(config)
-        self.store = ImageStore(config.memory_limit)
+        self.store = ImageStore(config.memory_limit, max_files=config.max_files)
         self.counter = itertools.count(1)
         self.begin_lock = threading.Lock()
         self.digest = usable(NAMES[config.digest])
@@ -77,7 +78,17 @@ class Proxy:
                                   keep_restored_for=self.config.proxy.keep_restored_for)
             self.last_begun = forwarder.begun
         self.daemon.spawn(f"forward-{checkpoint.id}", self._forward, forwarder)
-        CaptureSession(conn, self.store, checkpoint, self.daemon.stop).run()
+        try:
+            session = CaptureSession(conn, self.store, checkpoint, self.daemon.stop)
+        except OSError as exc:
+            if not out_of_fds(exc):
+                raise
+            log.error("checkpoint %s failed: out of file descriptors (%s) to capture it; raise LimitNOFILE "
+                      "and dump again", checkpoint.id, exc.strerror, extra={"IMGMIG_CHECKPOINT": checkpoint.id})
+            self.store.fail(checkpoint, "out of file descriptors")
+            conn.close()
+            return
+        session.run()
 
     def _forward(self, forwarder: Forwarder) -> None:
         self.forwarders.add(forwarder)

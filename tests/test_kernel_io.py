@@ -1,0 +1,70 @@
+"""kernel_io's guards: which fds count as CRIU's pipe ends, the out-of-fds back-off and its log."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import tempfile
+
+import pytest
+
+from imgmig.datapath import kernel_io
+from imgmig.datapath.kernel_io import BurstLog, pipe_end_problem, retry_out_of_fds
+
+
+def test_pipe_end_problem_names_what_was_passed():
+    read_end, write_end = os.pipe()
+    left, right = socket.socketpair()
+    with tempfile.TemporaryFile() as file:
+        try:
+            assert pipe_end_problem(read_end, write=False) is None
+            assert pipe_end_problem(write_end, write=True) is None
+            assert pipe_end_problem(write_end, write=False) == ("a pipe end open for writing, "
+                                                                "not the read end of a pipe")
+            assert pipe_end_problem(read_end, write=True) == "a pipe end open for reading, not the write end of a pipe"
+            assert pipe_end_problem(file.fileno(), write=True) == "a regular file, not the write end of a pipe"
+            assert pipe_end_problem(left.fileno(), write=False) == "a socket, not the read end of a pipe"
+        finally:
+            for fd in (read_end, write_end):
+                os.close(fd)
+            left.close()
+            right.close()
+
+
+def test_burst_log_says_it_once_then_counts(caplog):
+    burst = BurstLog(quiet=60)
+    with caplog.at_level(logging.WARNING, logger="imgmig.datapath.kernel_io"):
+        for _ in range(100):
+            burst.warn("out of %s", "fds")
+        burst.last -= 61  # the burst is over
+        burst.warn("out of %s", "fds")
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == ["out of fds", "out of fds (99 more since the last such line)"]
+
+
+def test_retry_out_of_fds_waits_for_fds_then_gives_up(monkeypatch):
+    monkeypatch.setattr(kernel_io, "fd_exhaustion", BurstLog())
+    attempts = []
+
+    def flaky() -> int:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return 7
+
+    assert retry_out_of_fds(flaky, "a memfd") == 7 and len(attempts) == 3
+
+    def never() -> int:
+        raise OSError(errno.ENFILE, "Too many open files in system")
+
+    with pytest.raises(OSError) as info:
+        retry_out_of_fds(never, "a pipe", patience=0.1)
+    assert info.value.errno == errno.ENFILE
+
+    def other() -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    with pytest.raises(OSError):
+        retry_out_of_fds(other, "x")  # not exhaustion: no retry, raised at once
