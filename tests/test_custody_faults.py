@@ -239,3 +239,22 @@ def one_line(log, pattern: str) -> str:
     errors = log.errors(new=False)
     assert len(errors) == 1 and re.search(pattern, errors[0]), "\n".join(errors)
     return errors[0]
+
+
+def test_with_the_link_down_a_restore_waits_grant_timeout_then_is_refused(daemons):
+    """The source is gone (its proxy killed): nobody can grant the right, so after
+    cache.grant_timeout the restore is refused (CRIU fails), with one line naming why."""
+    pair = daemons(cache_keys={"grant_timeout": 1.5})
+    images = checkpoint_images("no-grant")
+    dump(pair.proxy_dir, images)
+    pair.cache_log.wait_for(r"complete from")
+    pair.proxy.kill()
+    pair.cache_log.wait_for(r"link from .* closed .*stays here, complete")
+    started = time.monotonic()
+    attempt = Restore(pair.cache_dir, restore_order(images))
+    with pytest.raises(OSError):
+        attempt.result()
+    waited = time.monotonic() - started
+    assert 1.4 < waited < 5, f"refused after {waited:.1f} s, not after the 1.5 s grant_timeout"
+    one_line(pair.cache_log, r"restore of checkpoint \S+ on the cache refused: its source did not grant the "
+                             r"right to restore it within 1\.5 s \(cache.grant_timeout\)")

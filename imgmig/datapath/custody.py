@@ -66,7 +66,7 @@ def await_grant(store: ImageStore, checkpoint: Checkpoint, timeout: float, stop:
     if refused_by:
         raise NoRight(f"the right to restore it is held by {refused_by}")
     if not answered and not stop.is_set():
-        raise NoRight(f"its source did not grant the right to restore it within {timeout:.0f} s "
+        raise NoRight(f"its source did not grant the right to restore it within {timeout:g} s "
                       f"(cache.grant_timeout); the link to it may be down")
     raise NoRight("the daemon is stopping")
 
