@@ -378,3 +378,85 @@ def test_fd_store_keeps_a_checkpoint_over_a_restart(tmp_path: Path, notify_socke
         tcp.close()
         unix.close()
     assert "taken back from systemd's fd store" in log.read_text()
+
+
+def _frames_until(sock: socket.socket, decoder, kind: type) -> object:
+    while True:
+        event = decoder.next_event()
+        if isinstance(event, kind):
+            return event
+        if event is None:
+            data = sock.recv(65536)
+            assert data, f"the cache closed the connection before {kind.__name__}"
+            decoder.feed(data)
+
+
+def test_fd_store_keeps_a_checkpoint_still_arriving_and_the_proxy_resumes_it(tmp_path: Path,
+                                                                              notify_socket) -> None:
+    """Restart the cache in the middle of a transfer: the images that arrived so far come back
+    from the fd store, BEGUN says how far each got, and the proxy sends only the rest."""
+    import hashlib
+
+    from imgmig.protocol import peer_wire as wire
+    notify, notes = notify_socket
+    port = free_port()
+    config = write_config(tmp_path, port)
+    serve_path = tmp_path / "cache" / "streamer-serve.sock"
+    tcp = socket.create_server(("127.0.0.1", port))
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(str(serve_path))
+    unix.listen(8)
+    pages, inventory = os.urandom(6 << 20), b"inventory" * 100
+    hello = wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "test-a"))
+    log = tmp_path / "log"
+    first = _run_with_fds(cache_argv(config), [tcp, unix], {}, notify, log)
+    try:
+        notes.wait_for("READY", "1")
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(hello + wire.encode_checkpoint_begin("test-a-2") + wire.encode_file_begin(0, "pages-1.img"))
+        for offset in range(0, 3 << 20, 1 << 20):
+            sock.sendall(wire.encode_file_data(0, offset, pages[offset:offset + (1 << 20)]))
+        _frames_until(sock, wire.FrameDecoder(), wire.Begun)
+        deadline = time.monotonic() + 10
+        while not any(name.startswith("img-") for name in notes.stored):
+            assert time.monotonic() < deadline, f"the arriving image was not stored: {notes.stored}"
+            notes.poll()
+        time.sleep(0.5)  # let the cache read what is on the way
+    finally:
+        assert stop(first) == 0, log.read_text()
+    sock.close()
+    notes.poll()
+    stored = dict(notes.stored)
+
+    second = _run_with_fds(cache_argv(config), [unix, tcp], stored, notify, log)
+    try:
+        notes.wait_for("READY", "1")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            decoder = wire.FrameDecoder()
+            sock.sendall(hello + wire.encode_checkpoint_begin("test-a-2", resume=True))
+            begun = _frames_until(sock, decoder, wire.Begun)
+            assert begun.status is wire.BeginStatus.RESUMED and begun.files == 1, begun
+            (file_id, held), = begun.held
+            assert file_id == 0 and 0 < held <= 3 << 20, begun
+            for offset in range(held, len(pages), 1 << 20):
+                sock.sendall(wire.encode_file_data(0, offset, pages[offset:offset + (1 << 20)]))
+            sock.sendall(wire.encode_file_end(0, len(pages), hashlib.sha256(pages).digest())
+                         + wire.encode_file_begin(1, "inventory.img") + wire.encode_file_data(1, 0, inventory)
+                         + wire.encode_file_end(1, len(inventory), hashlib.sha256(inventory).digest())
+                         + wire.encode_checkpoint_end(True, 2, len(pages) + len(inventory)))
+            done = _frames_until(sock, decoder, wire.CheckpointDone)
+            assert done.ok, done
+            restoring = threading.Thread(target=lambda: got.update(_restore_all(serve_path, ["inventory.img",
+                                                                                            "pages-1.img"])))
+            got: dict[str, bytes | None] = {}
+            restoring.start()
+            _frames_until(sock, decoder, wire.Claim)
+            sock.sendall(wire.encode_grant(True, "test-a-2", "test-b (the destination)"))
+            restoring.join(20)
+        assert got == {"inventory.img": inventory, "pages-1.img": pages}, "what was restored is what was sent"
+    finally:
+        assert stop(second) == 0, log.read_text()
+        tcp.close()
+        unix.close()
+    assert "taken back from systemd's fd store after a restart: 1 files" in log.read_text()
+    assert "still arriving" in log.read_text()

@@ -320,11 +320,19 @@ class ReceiveSession:
         return (BeginStatus.RESTORED if state is State.RESTORED else BeginStatus.GONE), None
 
     def _adopted(self, checkpoint_id: str) -> Inbound | None:
-        """A complete checkpoint this cache took back from the fd store after a restart."""
+        """A checkpoint this cache took back from the fd store after a restart: complete, or
+        still arriving (its files continue where their memfds end; their digests so far are
+        taken again from the memfds)."""
         checkpoint = self.store.get(checkpoint_id)
-        if checkpoint is None or checkpoint.state is not State.COMPLETE:
+        if checkpoint is None or checkpoint.state not in (State.COMPLETE, State.RECEIVING):
             return None
-        inbound = Inbound(checkpoint, wire.InboundCheckpoint(), self.digest)
+        images = list(checkpoint.images.values())
+        order = wire.InboundCheckpoint.taken_back(checkpoint_id, [(i.name, i.size, i.complete) for i in images])
+        inbound = Inbound(checkpoint, order, self.digest, dict(enumerate(images)))
+        for file_id, image in inbound.images.items():
+            if not image.complete:
+                inbound.hashers[file_id] = new_hasher(self.digest)
+                hash_region(inbound.hashers[file_id], image.fd, 0, image.size)
         with self.store.cond:
             self.transfers.inbound.setdefault(checkpoint_id, inbound)
         return inbound

@@ -127,7 +127,7 @@ class ImageStore:
         self._checkpoints: dict[str, Checkpoint] = {}
         self._held = 0
         self.bytes_in = 0  # every byte ever stored: STATUS derives transfer rates from it
-        self.generation = 0  # counts changes of checkpoint state (begun, complete, failed, gone)
+        self.generation = 0  # counts changes of checkpoints (begun, a file added or complete, complete, gone)
 
     # ---- observation -------------------------------------------------------------
     def wait_until(self, predicate: Callable[[], object], stop: threading.Event | None = None,
@@ -174,10 +174,12 @@ class ImageStore:
             self._changed_locked()
         return checkpoint
 
-    def adopt(self, checkpoint_id: str, origin: str, images: list[Image]) -> Checkpoint:
-        """A complete checkpoint taken back from systemd's fd store after a restart."""
+    def adopt(self, checkpoint_id: str, origin: str, images: list[Image], complete: bool = True) -> Checkpoint:
+        """A checkpoint taken back from systemd's fd store after a restart: complete, or
+        (complete=False, on the cache) still arriving, for its proxy to resume."""
         checkpoint = Checkpoint(checkpoint_id, origin, {image.name: image for image in images},
-                                State.COMPLETE, clean=True, finished=time.monotonic())
+                                State.COMPLETE if complete else State.RECEIVING, clean=complete,
+                                finished=time.monotonic() if complete else None)
         with self.cond:
             if checkpoint_id in self._checkpoints:
                 raise StoreError(f"checkpoint {checkpoint_id} already exists")
@@ -203,6 +205,7 @@ class ImageStore:
             image = Image(name, fd)
             checkpoint.images[name] = image
             self._charge_locked(checkpoint, image)
+            self._changed_locked()
             return image
 
     def _check_new_image_locked(self, checkpoint: Checkpoint, name: str) -> None:
@@ -271,7 +274,7 @@ class ImageStore:
         with self.cond:
             image.digest = digest
             image.complete = True
-            self.cond.notify_all()
+            self._changed_locked()
 
     def complete(self, checkpoint: Checkpoint, clean: bool) -> None:
         with self.cond:

@@ -570,6 +570,20 @@ class InboundCheckpoint:
                                     f"expected {self._received[file_id]}")
         self._received[file_id] += length
 
+    @classmethod
+    def taken_back(cls, checkpoint: str, files: list[tuple[str, int, bool]]) -> InboundCheckpoint:
+        """The order of a transfer kept over a restart: files by id as (name, bytes held, ended)."""
+        order = cls()
+        order.hello = Hello(VERSION, Role.PROXY, checkpoint)  # the handshake happened on an earlier connection
+        order.checkpoint = checkpoint
+        for file_id, (name, size, ended) in enumerate(files):
+            order._names[file_id] = name
+            order._name_set.add(name)
+            order._received[file_id] = size
+            if not ended:
+                order._open.add(file_id)
+        return order
+
     def held(self) -> tuple[int, tuple[tuple[int, int], ...]]:
         """What BEGUN reports on a resume: files known, and the bytes received of each open one."""
         return len(self._names), tuple(sorted((file_id, self._received[file_id]) for file_id in self._open))

@@ -1,8 +1,12 @@
-"""Keep complete checkpoints across `systemctl restart` in systemd's fd store.
+"""Keep checkpoints across `systemctl restart` in systemd's fd store.
 
 Every image of a complete checkpoint is a sealed memfd; it is handed to systemd with
-FDSTORE=1 and FDNAME=img-<n>. One more memfd, FDNAME=imgmig-meta, holds the JSON
-that says what the image fds are (checkpoint id, origin, image name, size, digest).
+FDSTORE=1 and FDNAME=img-<n>. On the cache, the images of a checkpoint still arriving
+are handed over as they begin, so that its proxy can resume it after a restart: an
+unfinished image's bytes are what its memfd holds (they are written in order), and the
+proxy continues from there. One more memfd, FDNAME=imgmig-meta, holds the JSON that
+says what the image fds are (checkpoint id, origin, image name, file id, size, digest,
+whether it and its checkpoint are complete).
 On start the daemon takes the fds back (LISTEN_FDNAMES), rebuilds those checkpoints
 from the metadata, and only then reports READY. When a checkpoint is restored,
 dropped or failed its fds leave the store (FDSTOREREMOVE=1).
@@ -29,7 +33,7 @@ log = logging.getLogger(__name__)
 
 META_NAME = "imgmig-meta"
 IMAGE_PREFIX = "img-"
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclass
@@ -40,6 +44,8 @@ class _Entry:
     image: str
     size: int
     digest: str | None
+    complete: bool = True             # the image (False: still arriving, its memfd says how far)
+    checkpoint_complete: bool = True  # its checkpoint (False: a transfer to resume)
 
 
 class FdStore:
@@ -61,7 +67,7 @@ class FdStore:
         entries = _read_meta(meta_fd) if meta_fd >= 0 else []
         if meta_fd >= 0:
             self.meta_fd = meta_fd
-        usable = [e for e in entries if e.fdname in stored and _fits(stored[e.fdname], e.size)]
+        usable = [e for e in entries if e.fdname in stored and _fits(stored[e.fdname], e.size, e.complete)]
         checkpoints = self._rebuild(usable, stored)
         for name in set(stored) - {e.fdname for e in usable}:
             log.warning("fd store: %s is not described by the metadata; released", name)
@@ -82,12 +88,13 @@ class FdStore:
             grouped.setdefault(entry.checkpoint, []).append(entry)
         adopted = []
         for checkpoint_id, group in grouped.items():
-            images = [Image(e.image, fds[e.fdname], e.size, True, bytes.fromhex(e.digest) if e.digest else None)
-                      for e in group]
-            checkpoint = self.store.adopt(checkpoint_id, group[0].origin, images)
+            images = [Image(e.image, fds[e.fdname], os.fstat(fds[e.fdname]).st_size, e.complete,
+                            bytes.fromhex(e.digest) if e.digest else None) for e in group]
+            complete = all(e.checkpoint_complete for e in group)
+            checkpoint = self.store.adopt(checkpoint_id, group[0].origin, images, complete)
             adopted.append(checkpoint)
-            log.info("checkpoint %s taken back from systemd's fd store after a restart: %d files, %d bytes",
-                     checkpoint_id, len(images), checkpoint.size,
+            log.info("checkpoint %s taken back from systemd's fd store after a restart: %d files, %d bytes%s",
+                     checkpoint_id, len(images), checkpoint.size, "" if complete else ", still arriving",
                      extra={"IMGMIG_CHECKPOINT": checkpoint_id, "IMGMIG_BYTES": checkpoint.size,
                             "MESSAGE_ID": systemd_glue.CHECKPOINT_KEPT_ID})
         return adopted
@@ -101,7 +108,7 @@ class FdStore:
             seen = self._next_change(seen)
             present = {checkpoint.id: checkpoint for checkpoint in self.store.checkpoints()}
             for checkpoint in present.values():
-                if checkpoint.state is State.COMPLETE:
+                if checkpoint.state is State.COMPLETE or (self.role == "cache" and checkpoint.state is State.RECEIVING):
                     self._keep(checkpoint)
             with self.lock:
                 gone = {e.checkpoint for e in self.entries.values()} - set(present)
@@ -114,10 +121,15 @@ class FdStore:
 
     def _keep(self, checkpoint: Checkpoint) -> None:
         with self.lock, self.store.using(checkpoint):
-            known = {(e.checkpoint, e.image) for e in self.entries.values()}
+            known = {(e.checkpoint, e.image): e for e in self.entries.values()}
             added = 0
-            for image in checkpoint.images.values():
-                if (checkpoint.id, image.name) in known or image.fd < 0:
+            complete = checkpoint.state is State.COMPLETE
+            for image in list(checkpoint.images.values()):
+                entry = known.get((checkpoint.id, image.name))
+                if entry is not None:
+                    added += _refresh(entry, image, complete)
+                    continue
+                if image.fd < 0:
                     continue
                 self.serial += 1
                 fdname = f"{IMAGE_PREFIX}{self.serial}"
@@ -130,7 +142,8 @@ class FdStore:
                           extra={"IMGMIG_CHECKPOINT": checkpoint.id, "IMGMIG_FILE": image.name,
                                  "IMGMIG_BYTES": image.size})
                 self.entries[fdname] = _Entry(fdname, checkpoint.id, checkpoint.origin, image.name,
-                                              image.size, image.digest.hex() if image.digest else None)
+                                              image.size, image.digest.hex() if image.digest else None,
+                                              image.complete, complete)
                 added += 1
             if added:
                 self._write_meta()
@@ -179,11 +192,22 @@ def _read_meta(fd: int) -> list[_Entry]:
         return []
 
 
-def _fits(fd: int, size: int) -> bool:
+def _refresh(entry: _Entry, image: Image, checkpoint_complete: bool) -> int:
+    """Bring an entry up to date with its image; 1 if it changed."""
+    now = (image.size, image.digest.hex() if image.digest else None, image.complete, checkpoint_complete)
+    if now == (entry.size, entry.digest, entry.complete, entry.checkpoint_complete):
+        return 0
+    entry.size, entry.digest, entry.complete, entry.checkpoint_complete = now
+    return 1
+
+
+def _fits(fd: int, size: int, complete: bool) -> bool:
+    """A complete image must have its size; an unfinished one at least what was recorded."""
     try:
-        return os.fstat(fd).st_size == size
+        actual = os.fstat(fd).st_size
     except OSError:
         return False
+    return actual == size if complete else actual >= size
 
 
 def _serial(fdname: str) -> int:
