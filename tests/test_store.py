@@ -17,11 +17,13 @@ from imgmig.datapath.store import (
     PAGE,
     CheckpointFailed,
     DuplicateImage,
+    Image,
     ImageStore,
     Interrupted,
     State,
     StoreError,
 )
+from imgmig.protocol.peer_wire import BeginStatus
 
 WAIT = 10.0  # bound on any wait for another thread; never reached when things work
 
@@ -472,3 +474,17 @@ def test_close_releases_everything():
     store.close()
     assert store.held == 0 and store.checkpoints() == []
     assert not any(is_memfd_of(fd, "a.img") for fd in fds)
+
+
+def test_a_checkpoint_taken_back_still_arriving_expires_unless_resumed(caplog):
+    """After a cache restart, a transfer nobody resumes within cache.resume_for fails."""
+    from imgmig.datapath.receive import Transfers
+    store = ImageStore(1 << 30)
+    transfers = Transfers(store, resume_for=0.3)
+    fd = os.memfd_create("part", os.MFD_CLOEXEC)
+    os.write(fd, b"partial")
+    checkpoint = store.adopt("cp", "node-a", [Image("pages-1.img", fd, 7, False)], complete=False)
+    assert checkpoint.state is State.RECEIVING and transfers.inbound == {}
+    assert store.wait_until(lambda: checkpoint.state is State.FAILED, timeout=WAIT)
+    assert transfers.settled["cp"] is BeginStatus.GONE
+    assert "its proxy did not come back within 0 s (cache.resume_for)" in caplog.text

@@ -77,6 +77,33 @@ class Transfers:
         self.resume_for = resume_for
         self.inbound: dict[str, Inbound] = {}
         self.settled: dict[str, BeginStatus] = {}
+        threading.Thread(target=self._watch_taken_back, name="taken-back", daemon=True).start()
+
+    def _watch_taken_back(self) -> None:
+        """A checkpoint still arriving that came back from the fd store after a restart has
+        no connection yet: it too fails if its proxy does not resume it within resume_for."""
+        watched: set[str] = set()
+
+        def unwatched() -> list[Checkpoint]:
+            return [c for c in self.store.checkpoints() if c.state is State.RECEIVING
+                    and c.id not in self.inbound and c.id not in watched]
+
+        while True:
+            self.store.wait_until(unwatched)
+            for checkpoint in unwatched():
+                watched.add(checkpoint.id)
+                threading.Thread(target=self._expire_taken_back, args=(checkpoint,), daemon=True,
+                                 name=f"expire-{checkpoint.id}").start()
+
+    def _expire_taken_back(self, checkpoint: Checkpoint) -> None:
+        if self.store.wait_until(lambda: checkpoint.id in self.inbound or checkpoint.state is not State.RECEIVING,
+                                 timeout=self.resume_for):
+            return
+        log.error("checkpoint %s from %s failed: its proxy did not come back within %.0f s (cache.resume_for) "
+                  "to finish it after this cache restarted; it is dropped, dump again", checkpoint.id,
+                  checkpoint.origin, self.resume_for, extra={"IMGMIG_CHECKPOINT": checkpoint.id})
+        self.store.fail(checkpoint, "the proxy did not come back to resume it")
+        self.settle(checkpoint.id, BeginStatus.GONE)
 
     def settle(self, checkpoint_id: str, status: BeginStatus) -> None:
         with self.store.cond:
@@ -285,14 +312,14 @@ class ReceiveSession:
                      "restored" if status is BeginStatus.RESTORED else "dropped", extra=self.fields)
 
     def _new(self, checkpoint_id: str) -> Inbound:
-        try:
-            checkpoint = self.store.begin(checkpoint_id, self.peer)
-        except StoreError as exc:
-            raise Refused(str(exc)) from None
-        self.started = time.monotonic()
-        inbound = Inbound(checkpoint, wire.InboundCheckpoint(), self.digest, attached=True)
-        with self.store.cond:
+        with self.store.cond:  # begun and registered at once: no waiter sees one without the other
+            try:
+                checkpoint = self.store.begin(checkpoint_id, self.peer)
+            except StoreError as exc:
+                raise Refused(str(exc)) from None
+            inbound = Inbound(checkpoint, wire.InboundCheckpoint(), self.digest, attached=True)
             self.transfers.inbound[checkpoint_id] = inbound
+        self.started = time.monotonic()
         return inbound
 
     def _resume(self, checkpoint_id: str) -> tuple[BeginStatus, Inbound | None]:
