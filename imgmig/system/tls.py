@@ -80,13 +80,14 @@ def load_identity(tls: TlsConfig, node: str) -> Identity:
     ca = _load_cert(tls.ca, "the cluster CA certificate (`imgmig pki init --dir DIR` makes one)")
     cert = _load_cert(tls.cert, f"this node's certificate ({ISSUE_HINT})")
     key = _load_key(key_file)
-    now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)  # cryptography 38: naive UTC
+    now = datetime.datetime.now(datetime.UTC)
     for path, item in ((tls.ca, ca), (tls.cert, cert)):
-        if item.not_valid_after < now:
-            raise ConfigError(f"{path}: the certificate expired on {item.not_valid_after:%Y-%m-%d %H:%M} UTC; "
+        not_before, not_after = validity(item)
+        if not_after < now:
+            raise ConfigError(f"{path}: the certificate expired on {not_after:%Y-%m-%d %H:%M} UTC; "
                               f"{ISSUE_HINT}, install it and run `systemctl reload imgmig-cache imgmig-proxy`")
-        if item.not_valid_before > now:
-            raise ConfigError(f"{path}: the certificate is not valid before {item.not_valid_before:%Y-%m-%d %H:%M} "
+        if not_before > now:
+            raise ConfigError(f"{path}: the certificate is not valid before {not_before:%Y-%m-%d %H:%M} "
                               f"UTC; check this node's clock")
     if not _signed_by(cert, ca):
         raise ConfigError(f"{tls.cert}: not signed by the CA in {tls.ca}; {ISSUE_HINT} with that CA")
@@ -97,7 +98,16 @@ def load_identity(tls: TlsConfig, node: str) -> Identity:
     if named != node:
         raise ConfigError(f"{tls.cert}: the certificate names node {named!r} but this node is {node!r} (key "
                           f"'node'); issue one with `imgmig pki issue {node} --dir DIR` or fix 'node'")
-    return Identity(node, cert.not_valid_after, tls.ca.read_text(), tls.cert, key_file)
+    return Identity(node, validity(cert)[1], tls.ca.read_text(), tls.cert, key_file)
+
+
+def validity(cert: x509.Certificate) -> tuple[datetime.datetime, datetime.datetime]:
+    """not-before and not-after as aware UTC times: cryptography >= 42 has *_utc (and deprecates
+    the naive ones), bookworm's 38 only the naive ones."""
+    if hasattr(cert, "not_valid_after_utc"):
+        return cert.not_valid_before_utc, cert.not_valid_after_utc
+    return (cert.not_valid_before.replace(tzinfo=datetime.UTC),
+            cert.not_valid_after.replace(tzinfo=datetime.UTC))
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -174,6 +184,9 @@ class Trust:
         identity = load_identity(self.tls, self.node)
         try:
             server = _context(identity, ssl.PROTOCOL_TLS_SERVER)
+            # No session resumption (every link authenticates in full), and no tickets left
+            # unread in a peer that hangs up early, which would turn its close into a reset.
+            server.num_tickets = 0
             by_node = _context(identity, ssl.PROTOCOL_TLS_CLIENT)
             by_host = _context(identity, ssl.PROTOCOL_TLS_CLIENT, check_hostname=True)
         except (ssl.SSLError, OSError) as exc:
