@@ -149,6 +149,15 @@ def test_plaintext_to_a_tls_port(daemons):
     refused_and_still_serving(pair, r"it does not speak TLS", "after-plaintext")
 
 
+def test_garbage_that_starts_like_tls(daemons):
+    pair = start(daemons)
+    with connect(pair) as sock:
+        sock.sendall(b"\x16" + b"\xff" * 64)
+        with contextlib.suppress(ConnectionResetError):
+            sock.recv(100)
+    refused_and_still_serving(pair, r"TLS handshake failed: ", "after-garbage")
+
+
 @pytest.mark.parametrize("node, auth, reason", [
     ("test-node", wire.Auth.TLS, r"HELLO says node 'test-node' but its certificate names 'fake-proxy'"),
     ("fake-proxy", wire.Auth.NONE, r"HELLO offers auth method 0 on a TLS link; .*no downgrade"),
@@ -430,9 +439,14 @@ def test_dead_peer_is_noticed_by_keepalive(tmp_path):
         errors = [text for text in pair.cache.log().splitlines() if ": ERROR " in text]
         assert errors == [line], errors
         pair.cache.wait_released()
+        # the proxy's end notices too, and keeps the checkpoint for a rollback
+        proxy_line = pair.proxy.wait_log("failed: the link broke", timeout=DEAD_PEER + 20)
+        assert "stays on this node" in proxy_line
         os.close(pages)
         client.close()
         netns.run_in(nodes.b.netns, ["ip", "link", "set", nodes.b.veth, "up"])
+        netns.run_in(nodes.a.netns, ["ip", "neigh", "flush", "dev", nodes.a.veth])  # forget the failed lookups
+        wait_until(lambda: _reachable(nodes.a.netns, nodes.b.address), 30, "node B to be reachable again")
         images = checkpoint_images("after-dead-peer")
         result: dict[str, object] = {}
         reader = threading.Thread(target=lambda: result.update(got=restore(pair.cache_dir, restore_order(images))))
@@ -440,3 +454,11 @@ def test_dead_peer_is_noticed_by_keepalive(tmp_path):
         dump(pair.proxy_dir, images)
         reader.join(60)
         assert_restores(result["got"], images)  # type: ignore[arg-type]
+
+
+def _reachable(netns_name: str, address: str) -> bool:
+    """A TCP connection from node A to the cache's port opens (and closes at once: the
+    cache takes it for a port probe)."""
+    probe = f"import socket; socket.create_connection(({address!r}, 9996), timeout=1).close()"
+    from testbed import netns
+    return netns.run_in(netns_name, [PYTHON, "-c", probe], check=False, capture_output=True).returncode == 0

@@ -49,6 +49,11 @@ class LinkRefused(ConnectionError):
     is one line for the log."""
 
 
+class PeerRefusedUs(LinkRefused):
+    """The peer ended the handshake: the refusal is its own, and it logs it; this side only
+    reports it as a warning."""
+
+
 class _Deadline:
     """A per-operation timeout (settimeout) or, until the first settimeout, a total deadline."""
 
@@ -140,14 +145,14 @@ class TlsLink(_Deadline):
     frames from other threads while its receiver waits for data, and one SSL object must
     never be used by two threads at once."""
 
-    def __init__(self, sock: ssl.SSLSocket, deadline: float) -> None:
+    def __init__(self, sock: ssl.SSLSocket, handshake_left: float) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.peer_node: str | None = None  # set once the handshake authenticated the peer
         self.lock = threading.Lock()
         self.buffer = bytearray(RECV_STEP)
         self.ktls_send = False
-        self.arm_deadline(deadline)
+        self.arm_deadline(handshake_left)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -305,8 +310,8 @@ def _broken(exc: ssl.SSLError) -> ConnectionError:
     if "did not return a certificate" in reason or "certificate required" in reason:
         return LinkRefused("it sent no client certificate: every proxy needs one (imgmig pki issue)")
     if "alert" in reason:
-        return LinkRefused(f"the peer refused the TLS session ({reason}): it does not accept this node's "
-                           f"certificate, or this node is not allowed there")
+        return PeerRefusedUs(f"the peer refused the TLS session ({reason}): it does not accept this node's "
+                             f"certificate, or this node is not allowed there")
     return ConnectionError(f"TLS failed: {reason}")
 
 
@@ -364,15 +369,19 @@ def open_link(peer: HostPort, expected_node: str | None, trust: Trust | None, se
 def accept_link(sock: socket.socket, trust: Trust | None, settings: LinkConfig) -> Link:
     """The cache's side: on an accepted socket, (with TLS) handshake within
     settings.handshake_timeout, which goes on to cover HELLO. The link's peer_node is the
-    node the proxy's certificate names (None with TLS off)."""
-    keep_alive(sock, settings.dead_peer_timeout)
-    if trust is None:
-        plain = PlainLink(sock)
-        plain.arm_deadline(settings.handshake_timeout)
-        return plain
-    deadline = time.monotonic() + settings.handshake_timeout
-    _expect_tls(sock, settings.handshake_timeout)
-    wrapped = trust.server_context().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    node the proxy's certificate names (None with TLS off). Closes sock on failure."""
+    try:
+        keep_alive(sock, settings.dead_peer_timeout)
+        if trust is None:
+            plain = PlainLink(sock)
+            plain.arm_deadline(settings.handshake_timeout)
+            return plain
+        deadline = time.monotonic() + settings.handshake_timeout
+        _expect_tls(sock, settings.handshake_timeout)
+        wrapped = trust.server_context().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    except BaseException:
+        sock.close()
+        raise
     link = TlsLink(wrapped, deadline - time.monotonic())
     try:
         _handshake(link, settings.handshake_timeout, "the proxy")
@@ -408,9 +417,13 @@ def _handshake(link: TlsLink, timeout: float, peer: str) -> None:
         link.handshake()
     except TimeoutError:
         raise LinkRefused(f"no TLS handshake from {peer} within {timeout:.0f} s") from None
+    except LinkRefused:
+        raise
     except (ConnectionResetError, BrokenPipeError):
-        raise LinkRefused(f"{peer} closed the connection during the TLS handshake (it does not accept this "
-                          f"node's certificate?)") from None
+        raise PeerRefusedUs(f"{peer} closed the connection during the TLS handshake (it does not accept this "
+                            f"node's certificate?)") from None
+    except ConnectionError as exc:
+        raise LinkRefused(f"TLS handshake failed: {exc}") from None
 
 
 _path_logged = threading.Event()

@@ -12,7 +12,7 @@ import logging
 import socket
 
 from imgmig.config import Config, is_allowed
-from imgmig.datapath.link import Link, LinkRefused, accept_link
+from imgmig.datapath.link import Link, LinkRefused, PeerRefusedUs, accept_link
 from imgmig.datapath.receive import ReceiveSession
 from imgmig.datapath.serve import ServeSession
 from imgmig.datapath.store import ImageStore
@@ -58,11 +58,13 @@ class Cache:
             return
         try:
             link = accept_link(conn, self.trust, self.config.link)
+        except PeerRefusedUs as exc:
+            log.warning("connection from %s ended: %s", address, exc, extra={"IMGMIG_PEER": address})
+            return
         except LinkRefused as exc:
             log.error("connection from %s refused: %s", address, exc, extra={"IMGMIG_PEER": address})
             return
         except OSError:  # gone before the handshake: a port probe, nothing to report
-            conn.close()
             return
         if not is_allowed(self.config, address, link.peer_node):
             self._refuse_unallowed(link, address, f"node {link.peer_node} ({address})")
