@@ -106,10 +106,12 @@ class Forwarder:
         finally:
             self.store.off_event(self._on_store_event)
             self.begun.set()
-            if self.link is not None:
+            if self.link is not None and delivered:
+                self.link.close()
+            elif self.link is not None:
                 # An undelivered checkpoint ends with a reset: a FIN would queue behind bytes that a
                 # cache waiting for memory does not read, and it would wait on.
-                self.link.close() if delivered else self.link.abort()
+                self.link.abort()
 
     def _on_store_event(self, event: str, checkpoint: Checkpoint) -> None:
         """A dump that fails while the cache back-pressures us would leave this thread
