@@ -181,8 +181,9 @@ def test_install_leaves_units_off_and_they_verify(nodes, pki: Path) -> None:
     missing = node_a.run("imgmig", "check-config", check=False)
     assert missing.returncode == 2 and "/etc/imgmig/tls/ca.crt: missing" in missing.stderr, missing
     assert "imgmig pki init" in missing.stderr
-    _install_tls(node_a, pki, "imgmig-a")  # the shipped config's node is the hostname
-    assert "tls: on; node imgmig-a" in node_a.run("imgmig", "check-config").stdout
+    hostname = node_a.run("python3", "-c", "import socket; print(socket.gethostname())").stdout.strip()
+    _install_tls(node_a, pki, hostname)  # the shipped config's node is the hostname
+    assert f"tls: on; node {hostname}" in node_a.run("imgmig", "check-config").stdout
     _check_units(node_b)
 
 
