@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import Pki
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = "/usr/bin/python3"
@@ -105,9 +106,10 @@ def notify_socket(tmp_path: Path) -> Iterator[tuple[Path, Notifications]]:
     sock.close()
 
 
-def write_config(tmp_path: Path, port: int) -> Path:
+def write_config(tmp_path: Path, port: int, pki: Pki) -> Path:
     config = tmp_path / "imgmig.yaml"
-    config.write_text(f"node: test-b\nmemory: {{limit: 64MiB}}\n"
+    config.write_text(f"node: test-node\nmemory: {{limit: 64MiB}}\n"
+                      f"tls: {{ca: {pki.ca}, cert: {pki.cert('test-node')}, key: {pki.key('test-node')}}}\n"
                       f"proxy: {{images_dir: {tmp_path}/proxy, peer: '127.0.0.1:{port}'}}\n"
                       f"cache: {{images_dir: {tmp_path}/cache, listen: '127.0.0.1:{port}', allow: [127.0.0.1]}}\n")
     (tmp_path / "cache").mkdir(exist_ok=True)
@@ -159,10 +161,10 @@ def cache_argv(config: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("unix_first", [True, False], ids=["unix-then-tcp", "tcp-then-unix"])
-def test_cache_ready_status_stopping_any_fd_order(tmp_path: Path, notify_socket, unix_first: bool) -> None:
+def test_cache_ready_status_stopping_any_fd_order(tmp_path: Path, notify_socket, pki: Pki, unix_first: bool) -> None:
     notify, notes = notify_socket
     port = free_port()
-    config = write_config(tmp_path, port)
+    config = write_config(tmp_path, port, pki)
     serve = tmp_path / "cache" / "streamer-serve.sock"
     listen = [str(serve), f"127.0.0.1:{port}"]
     proc = activate(listen if unix_first else listen[::-1], cache_argv(config), notify, tmp_path / "log")
@@ -183,10 +185,10 @@ def test_cache_ready_status_stopping_any_fd_order(tmp_path: Path, notify_socket,
     assert notes.stored.get("imgmig-meta") is not None, "the fd-store metadata memfd was not stored"
 
 
-def test_mismatched_port_refused_with_one_line(tmp_path: Path, notify_socket) -> None:
+def test_mismatched_port_refused_with_one_line(tmp_path: Path, notify_socket, pki: Pki) -> None:
     notify, notes = notify_socket
     port, other = free_port(), free_port()
-    config = write_config(tmp_path, port)   # config says `port`, the "socket unit" says `other`
+    config = write_config(tmp_path, port, pki)   # config says `port`, the "socket unit" says `other`
     serve = tmp_path / "cache" / "streamer-serve.sock"
     proc = activate([str(serve), f"127.0.0.1:{other}"], cache_argv(config), notify, tmp_path / "log")
     try:
@@ -204,9 +206,9 @@ def test_mismatched_port_refused_with_one_line(tmp_path: Path, notify_socket) ->
     assert any("refused to start" in status for status in notes.statuses())
 
 
-def test_proxy_identifies_its_two_unix_sockets(tmp_path: Path, notify_socket) -> None:
+def test_proxy_identifies_its_two_unix_sockets(tmp_path: Path, notify_socket, pki: Pki) -> None:
     notify, notes = notify_socket
-    config = write_config(tmp_path, free_port())
+    config = write_config(tmp_path, free_port(), pki)
     capture, serve = tmp_path / "proxy" / "streamer-capture.sock", tmp_path / "proxy" / "streamer-serve.sock"
     argv = [PYTHON, "-m", "imgmig", "proxy", "--config", str(config)]
     proc = activate([str(serve), str(capture)], argv, notify, tmp_path / "log")
@@ -222,10 +224,10 @@ def test_proxy_identifies_its_two_unix_sockets(tmp_path: Path, notify_socket) ->
     assert f"capture {capture}" in log and f"serve {serve}" in log, log
 
 
-def test_watchdog_keepalives(tmp_path: Path, notify_socket) -> None:
+def test_watchdog_keepalives(tmp_path: Path, notify_socket, pki: Pki) -> None:
     notify, notes = notify_socket
     port = free_port()
-    config = write_config(tmp_path, port)
+    config = write_config(tmp_path, port, pki)
     serve = tmp_path / "cache" / "streamer-serve.sock"
     proc = activate([str(serve), f"127.0.0.1:{port}"], cache_argv(config), notify, tmp_path / "log",
                     ("-E", "WATCHDOG_USEC=400000"))
@@ -242,13 +244,13 @@ def test_watchdog_keepalives(tmp_path: Path, notify_socket) -> None:
 
 # ---- the fd store over a restart ------------------------------------------------------
 
-def _send_checkpoint(port: int, checkpoint: str, files: dict[str, bytes]) -> None:
-    """Deliver one checkpoint to the cache the way a proxy does."""
+def _send_checkpoint(port: int, checkpoint: str, files: dict[str, bytes], pki: Pki) -> None:
+    """Deliver one checkpoint to the cache the way a proxy (node fake-proxy) does, over TLS."""
     import hashlib
 
     from imgmig.protocol import peer_wire as wire
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "test-a")))
+    with pki.client("fake-proxy").wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10)) as sock:
+        sock.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "fake-proxy", auth=wire.Auth.TLS)))
         sock.sendall(wire.encode_checkpoint_begin(checkpoint))
         for file_id, (name, data) in enumerate(files.items()):
             sock.sendall(wire.encode_file_begin(file_id, name))
@@ -304,10 +306,10 @@ def _run_with_fds(argv: list[str], sockets: list[socket.socket], stored: dict[st
                                 pass_fds=numbers, start_new_session=True)
 
 
-def test_fd_store_keeps_a_checkpoint_over_a_restart(tmp_path: Path, notify_socket) -> None:
+def test_fd_store_keeps_a_checkpoint_over_a_restart(tmp_path: Path, notify_socket, pki: Pki) -> None:
     notify, notes = notify_socket
     port = free_port()
-    config = write_config(tmp_path, port)
+    config = write_config(tmp_path, port, pki)
     serve_path = tmp_path / "cache" / "streamer-serve.sock"
     tcp = socket.create_server(("127.0.0.1", port))
     unix = socket.socket(socket.AF_UNIX)
@@ -318,7 +320,7 @@ def test_fd_store_keeps_a_checkpoint_over_a_restart(tmp_path: Path, notify_socke
     first = _run_with_fds(cache_argv(config), [tcp, unix], {}, notify, log)
     try:
         notes.wait_for("READY", "1")
-        _send_checkpoint(port, "test-a-1", files)
+        _send_checkpoint(port, "fake-proxy-1", files, pki)
         deadline = time.monotonic() + 10
         while len([n for n in notes.stored if n.startswith("img-")]) < len(files):
             assert time.monotonic() < deadline, f"images not stored: {notes.stored}"

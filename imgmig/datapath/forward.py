@@ -15,12 +15,13 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from imgmig.config import HostPort
 from imgmig.datapath.digest import Digester, new_hasher, usable
 from imgmig.datapath.kernel_io import hash_region
-from imgmig.datapath.link import PlainLink
+from imgmig.datapath.link import Link, TlsLink
 from imgmig.datapath.store import Checkpoint, Image, ImageStore, State
 from imgmig.protocol import peer_wire as wire
 
@@ -58,15 +59,16 @@ class _Outgoing:
 
 class Forwarder:
     def __init__(self, store: ImageStore, checkpoint: Checkpoint, peer: HostPort, node: str,
-                 stop: threading.Event, *, wait_for_complete: bool = False,
+                 stop: threading.Event, connect: Callable[[], Link], *, wait_for_complete: bool = False,
                  after: threading.Event | None = None, digest: wire.Digest = wire.Digest.SHA256) -> None:
+        self.connect = connect  # link.open_link with this proxy's peer and trust
         self.store = store
         self.checkpoint = checkpoint
         self.peer = peer
         self.node = node
         self.stop = stop
         self.wait_for_complete = wait_for_complete
-        self.link: PlainLink | None = None
+        self.link: Link | None = None
         self.decoder = wire.FrameDecoder()
         self.outgoing: dict[str, _Outgoing] = {}
         self.active: list[_Outgoing] = []  # begun, not yet ended
@@ -89,6 +91,7 @@ class Forwarder:
     def run(self) -> None:
         started = time.monotonic()
         self.store.on_event(self._on_store_event)
+        delivered = False
         try:
             with self.store.using(self.checkpoint):
                 if self.wait_for_complete:
@@ -96,6 +99,7 @@ class Forwarder:
                 self._connect()
                 self._stream()
             self._await_done(started)
+            delivered = True
             self._await_restored()
         except DumpFailed:
             self._linger()
@@ -104,8 +108,12 @@ class Forwarder:
         finally:
             self.store.off_event(self._on_store_event)
             self.begun.set()
-            if self.link is not None:
+            if self.link is not None and delivered:
                 self.link.close()
+            elif self.link is not None:
+                # An undelivered checkpoint ends with a reset: a FIN would queue behind bytes that a
+                # cache waiting for memory does not read, and it would wait on.
+                self.link.abort()
 
     def _await_captured(self) -> None:
         """Store-and-forward connects once the dump has ended: a link opened at the start
@@ -145,16 +153,17 @@ class Forwarder:
                   _describe(exc), extra=self.fields)
 
     def _connect(self) -> None:
-        host, port = self.peer.host, self.peer.port
-        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.link = PlainLink(sock)
-        self.link.send(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, self.node, self.digest)))
+        self.link = self.connect()
+        auth = wire.Auth.TLS if isinstance(self.link, TlsLink) else wire.Auth.NONE
+        self.link.send(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, self.node, self.digest, auth)))
         hello = self._next_event()
         if isinstance(hello, wire.Error):
             raise PeerGone(f"the cache refused us: {hello.message}")
         if not isinstance(hello, wire.Hello) or hello.role is not wire.Role.CACHE:
             raise wire.PeerProtocolError(f"expected the cache's HELLO, got {type(hello).__name__}")
+        if self.link.peer_node is not None and hello.node != self.link.peer_node:
+            raise PeerGone(f"the cache calls itself {hello.node!r} in HELLO but its certificate names "
+                           f"{self.link.peer_node!r}")
         if hello.digest not in (self.digest, wire.Digest.SHA256):
             raise wire.PeerProtocolError(f"the cache chose digest {hello.digest.name}, which was not offered")
         self.digest = hello.digest

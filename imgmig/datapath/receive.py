@@ -20,14 +20,13 @@ from collections.abc import Callable
 from imgmig.config import DEFAULT_IDLE_TIMEOUT
 from imgmig.datapath.digest import LABELS, Digester, new_hasher, usable
 from imgmig.datapath.kernel_io import UntilHangup, hash_region, out_of_fds
-from imgmig.datapath.link import PlainLink
+from imgmig.datapath.link import Link
 from imgmig.datapath.store import Checkpoint, Image, ImageStore, State, StoreError, TooManyFiles
 from imgmig.protocol import peer_wire as wire
 from imgmig.system.systemd_glue import CHECKPOINT_COMPLETE_ID
 
 log = logging.getLogger(__name__)
 
-HELLO_TIMEOUT = 10.0
 ACK_EVERY = 16 << 20
 # Bytes spliced into a memfd are hashed and reported to the store in steps of at least
 # this much (and at FILE_END): the socket hands over ~64 KiB per splice, and a mapping,
@@ -42,10 +41,10 @@ class Refused(Exception):
 
 
 class ReceiveSession:
-    def __init__(self, sock: socket.socket, address: str, store: ImageStore, node: str,
+    def __init__(self, link: Link, address: str, store: ImageStore, node: str,
                  stop: threading.Event, *, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                  on_hello: Callable[[], None] | None = None) -> None:
-        self.link = PlainLink(sock)
+        self.link = link  # from link.accept_link: its peer_node is the proxy's authenticated name
         self.idle_timeout = idle_timeout
         self.on_hello = on_hello  # the connection is past its handshake (admission counts it so)
         self.address = address
@@ -65,6 +64,7 @@ class ReceiveSession:
         self.done_sent = False  # CHECKPOINT_DONE went out (guarded by send_lock)
         self.restored_early = False  # restored before CHECKPOINT_DONE went out
         self.peer = address
+        self.sender = ""  # the node named in HELLO (with TLS: the certificate's)
         self.started = time.monotonic()
 
     @property
@@ -76,14 +76,13 @@ class ReceiveSession:
 
     def run(self) -> None:
         try:
-            self.link.settimeout(HELLO_TIMEOUT)
             self._loop()
         except wire.PeerProtocolError as exc:
             self._refuse(str(exc), exc.code)
         except Refused as exc:
             self._refuse(str(exc), exc.code)
         except TimeoutError:
-            self._refuse(f"no HELLO within {HELLO_TIMEOUT:.0f} s", wire.ErrorCode.PROTOCOL)
+            self._refuse("no HELLO within link.handshake_timeout", wire.ErrorCode.PROTOCOL)
         except BlockingIOError:  # SO_RCVTIMEO/SO_SNDTIMEO: see _set_idle_timeout
             self._refuse(f"nothing moved for {self.idle_timeout:g} s (cache.idle_timeout)", wire.ErrorCode.REFUSED)
         except OSError as exc:
@@ -148,7 +147,15 @@ class ReceiveSession:
         self.store.fail(self.checkpoint, "restored on the source node (rollback)")
 
     def _on_hello(self, hello: wire.Hello) -> None:
+        authenticated = self.link.peer_node
+        if authenticated is not None and hello.auth is not wire.Auth.TLS:
+            raise Refused(f"HELLO offers auth method {hello.auth.value} on a TLS link; this cache takes only "
+                          f"{wire.Auth.TLS.value} (TLS), no downgrade", wire.ErrorCode.REFUSED)
+        if authenticated is not None and hello.node != authenticated:
+            raise Refused(f"HELLO says node {hello.node!r} but its certificate names {authenticated!r}",
+                          wire.ErrorCode.REFUSED)
         self.peer = f"{hello.node} ({self.address})"
+        self.sender = hello.node
         self.digest = usable(hello.digest)
         self._send(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.CACHE, self.node, self.digest)))
         self.link.settimeout(None)
@@ -168,6 +175,10 @@ class ReceiveSession:
     def _on_begin(self, begin: wire.CheckpointBegin) -> None:
         if begin.resume:
             raise Refused("resuming a checkpoint is not supported by this cache yet; send it again")
+        if not begin.checkpoint.startswith(f"{self.sender}-"):
+            # ids are bound to the sender's (authenticated) node: none can take or block another's
+            raise Refused(f"checkpoint id {begin.checkpoint!r} does not start with the sender's node name "
+                          f"{self.sender!r}-", wire.ErrorCode.REFUSED)
         try:
             self.checkpoint = self.store.begin(begin.checkpoint, self.peer)
         except StoreError as exc:
