@@ -92,6 +92,15 @@ class PlainLink(_Deadline):
         super().settimeout(timeout)
         self.sock.settimeout(timeout)
 
+    def set_idle_timeout(self, seconds: float) -> None:
+        """Waits longer than `seconds` (0: no limit) end the transfer. Kernel timeouts, not
+        Python's, which would make the socket non-blocking: they also bound the splice from
+        the socket, and end a blocking recv or send with EAGAIN (BlockingIOError)."""
+        whole = int(seconds)
+        timeval = struct.pack("@ll", whole, int((seconds - whole) * 1e6))
+        for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            self.sock.setsockopt(socket.SOL_SOCKET, option, timeval)
+
     def _before_wait(self) -> None:
         if self.deadline is not None:
             self.sock.settimeout(self.wait_time())
@@ -163,6 +172,10 @@ class TlsLink(_Deadline):
         # the kernel; only then may sendfile write to this socket.
         uses_ktls = getattr(self.sock._sslobj, "uses_ktls_for_send", None)
         self.ktls_send = bool(uses_ktls and uses_ktls())
+
+    def set_idle_timeout(self, seconds: float) -> None:
+        """Waits longer than `seconds` (0: no limit) end the transfer with TimeoutError."""
+        self.settimeout(seconds or None)
 
     def send(self, data: bytes) -> None:
         with memoryview(data) as view:

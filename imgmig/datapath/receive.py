@@ -11,8 +11,6 @@ import contextlib
 import hmac
 import logging
 import os
-import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +45,7 @@ class ReceiveSession:
         self.link = link  # from link.accept_link: its peer_node is the proxy's authenticated name
         self.idle_timeout = idle_timeout
         self.on_hello = on_hello  # the connection is past its handshake (admission counts it so)
+        self.greeted = False  # HELLO came: a deadline now is the idle one, not the handshake's
         self.address = address
         self.store = store
         self.node = node
@@ -81,10 +80,8 @@ class ReceiveSession:
             self._refuse(str(exc), exc.code)
         except Refused as exc:
             self._refuse(str(exc), exc.code)
-        except TimeoutError:
-            self._refuse("no HELLO within link.handshake_timeout", wire.ErrorCode.PROTOCOL)
-        except BlockingIOError:  # SO_RCVTIMEO/SO_SNDTIMEO: see _set_idle_timeout
-            self._refuse(f"nothing moved for {self.idle_timeout:g} s (cache.idle_timeout)", wire.ErrorCode.REFUSED)
+        except (TimeoutError, BlockingIOError):  # a deadline: see Link.set_idle_timeout
+            self._on_deadline()
         except OSError as exc:
             if out_of_fds(exc):
                 self._refuse(f"out of file descriptors ({exc.strerror}); raise LimitNOFILE", wire.ErrorCode.INTERNAL)
@@ -159,18 +156,16 @@ class ReceiveSession:
         self.digest = usable(hello.digest)
         self._send(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.CACHE, self.node, self.digest)))
         self.link.settimeout(None)
-        self._set_idle_timeout(self.idle_timeout)
+        self.link.set_idle_timeout(self.idle_timeout)
+        self.greeted = True
         if self.on_hello is not None:
             self.on_hello()
 
-    def _set_idle_timeout(self, seconds: float) -> None:
-        """A checkpoint being received fails if no byte moves either way for `seconds`
-        (0: never, once it is received). Kernel timeouts, not Python's: they also bound the
-        splice from the socket, and they end a blocking recv or send with EAGAIN."""
-        whole = int(seconds)
-        timeval = struct.pack("@ll", whole, int((seconds - whole) * 1e6))
-        for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
-            self.link.sock.setsockopt(socket.SOL_SOCKET, option, timeval)
+    def _on_deadline(self) -> None:
+        if self.greeted:
+            self._refuse(f"nothing moved for {self.idle_timeout:g} s (cache.idle_timeout)", wire.ErrorCode.REFUSED)
+        else:
+            self._refuse("no HELLO within link.handshake_timeout", wire.ErrorCode.PROTOCOL)
 
     def _on_begin(self, begin: wire.CheckpointBegin) -> None:
         if begin.resume:
@@ -275,7 +270,7 @@ class ReceiveSession:
 
     def _on_checkpoint_end(self, event: wire.CheckpointEnd) -> None:
         assert self.checkpoint is not None
-        self._set_idle_timeout(0)  # the link now waits for a restore, which may take its time
+        self.link.set_idle_timeout(0)  # the link now waits for a restore, which may take its time
         if not event.clean:
             self._fail_checkpoint("the proxy reports the dump did not finish (CRIU failed or died)")
             self._send(wire.encode_checkpoint_done(False, "dump did not finish; checkpoint dropped"))
