@@ -56,6 +56,12 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     if sim.get("throughput"):
         link["imgmig_sim_MBps"] = summary([r["link_MBps"] for r in sim["throughput"]])
         link["imgmig_sim_end_to_end_MBps"] = summary([r["end_to_end_MBps"] for r in sim["throughput"]])
+    plain = (results.get("simulated_tls_off") or {}).get("throughput") or []
+    if plain:
+        link["imgmig_sim_tls_off_MBps"] = summary([r["link_MBps"] for r in plain])
+        if "imgmig_sim_MBps" in link:
+            link["ratio_tls_on/off"] = ratio(link["imgmig_sim_MBps"]["median"],
+                                             link["imgmig_sim_tls_off_MBps"]["median"])
     size = _target_size(results) if runs else None
     real = [r for r in runs if r["method"] == "imgmig" and r["mib"] == size and r["mode"] == "warm"]
     if real and all("link_MBps" in r for r in real):
@@ -64,7 +70,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         link["ratio_imgmig_sim/socat"] = ratio(link["imgmig_sim_MBps"]["median"], link["socat_128k_MBps"]["median"])
     out["link"] = link
     daemons: dict[str, Any] = {}
-    for label, rows in (("simulated", sim.get("throughput") or []), ("real", real)):
+    for label, rows in (("simulated", sim.get("throughput") or []), ("simulated, TLS off", plain), ("real", real)):
         for name in ("proxy", "cache"):
             figs = [r["daemons"][name] for r in rows if "daemons" in r and r["daemons"][name].get("cpu_s_per_GB")]
             if figs:
@@ -188,8 +194,11 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{_fmt(r['dump into proxy (forwarding held) / dump to tmpfs'])} |")
     link = s.get("link", {})
     lines += ["", "## 3. Link A -> B (MB/s)", "", "| what | MB/s |", "|---|---|",
-              f"| imgmig proxy-to-cache, simulated 1 GiB checkpoint (cache: CHECKPOINT_BEGIN to verified end) | "
+              f"| imgmig proxy-to-cache, simulated 1 GiB, TLS on (cache: CHECKPOINT_BEGIN to verified end) | "
               f"{_fmt(link.get('imgmig_sim_MBps'), 0)} |",
+              f"| the same with tls: off (no encryption: sendfile and splice) | "
+              f"{_fmt(link.get('imgmig_sim_tls_off_MBps'), 0)} |",
+              f"| ratio TLS on / TLS off, simulated proxy-to-cache | {_fmt(link.get('ratio_tls_on/off'))} |",
               f"| imgmig end to end, simulated (dump start to last byte read by the restore) | "
               f"{_fmt(link.get('imgmig_sim_end_to_end_MBps'), 0)} |",
               f"| imgmig proxy-to-cache during the real 1 GiB dumps (bounded by CRIU's dump rate) | "

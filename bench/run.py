@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
                 results["simulated"] = simulated.run_all(
                     pair, size=plan["sim_mib"] * MIB, reps=plan["reps"], small_count=plan["small_files"],
                     small_size=4096, concurrent_size=plan["concurrent_mib"] * MIB, log=log)
+            log("simulated CRIU client with tls: off, beside the TLS-on figures above")
+            with daemons.proxy_and_cache(workdir / "sim-plain", nodes.a, nodes.b, port=9994, memory_limit="60%",
+                                         tls=False) as pair:
+                results["simulated_tls_off"] = simulated.tls_off(pair, size=plan["sim_mib"] * MIB,
+                                                                 reps=plan["reps"], log=log)
             if not args.skip_real:
                 criu = testbed_criu.find_criu()
                 with RealBench(criu, nodes, workdir, log) as bench:

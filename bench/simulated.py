@@ -150,6 +150,27 @@ def _daemon_figures(stats: object, moved: int) -> dict[str, float]:
     }
 
 
+def throughput(session: Session, source: Source, reps: int, log=print) -> list[dict[str, object]]:
+    """`reps` checkpoints of source.size bytes, after a small warm-up one."""
+    session.one(Source(4 * MIB), monitor=False)  # warm-up: imports, first connections
+    runs = []
+    for i in range(reps):
+        prewarm(3 * source.size)
+        runs.append(session.one(source))
+        log(f"  sim {source.size // MIB} MiB #{i + 1}: end-to-end {runs[-1]['end_to_end_MBps']:.0f} MB/s, "
+            f"link {runs[-1]['link_MBps']:.0f} MB/s")
+    return runs
+
+
+def tls_off(pair: Pair, *, size: int, reps: int, log=print) -> dict[str, object]:
+    """The throughput runs again on a pair with `tls: off`, to set beside the TLS-on ones."""
+    source = Source(size)
+    try:
+        return {"throughput": throughput(Session(pair), source, reps, log)}
+    finally:
+        source.close()
+
+
 def run_all(pair: Pair, *, size: int, reps: int, small_count: int, small_size: int,
             concurrent_size: int, log=print) -> dict[str, object]:
     """The simulated-client part of the benchmark, on one streaming pair."""
@@ -157,14 +178,7 @@ def run_all(pair: Pair, *, size: int, reps: int, small_count: int, small_size: i
     source = Source(size)
     results: dict[str, object] = {}
     try:
-        session.one(Source(4 * MIB), monitor=False)  # warm-up: imports, first connections
-        runs = []
-        for i in range(reps):
-            prewarm(3 * size)
-            runs.append(session.one(source))
-            log(f"  sim {size // MIB} MiB #{i + 1}: end-to-end {runs[-1]['end_to_end_MBps']:.0f} MB/s, "
-                f"link {runs[-1]['link_MBps']:.0f} MB/s")
-        results["throughput"] = runs
+        results["throughput"] = throughput(session, source, reps, log)
         small = []
         for i in range(reps):
             small.append(session.small_files(small_count, small_size))

@@ -24,6 +24,11 @@ DEFAULT_MAX_FILES = 100_000  # real CRIU dumps have hundreds; each file costs an
 DEFAULT_MAX_HANDSHAKES = 16
 DEFAULT_MAX_CONNECTIONS_PER_PEER = 64  # a proxy keeps one connection per held checkpoint
 DEFAULT_IDLE_TIMEOUT = 60.0
+TLS_DIR = Path("/etc/imgmig/tls")
+HANDSHAKE_TIMEOUT = 10.0
+DEAD_PEER_TIMEOUT = 60.0
+# An allow entry made only of these characters is meant as an address, never a node name.
+_ADDRESS_CHARS = set("0123456789abcdefABCDEF.:/")
 
 _UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -46,6 +51,7 @@ class HostPort:
 class ProxyConfig:
     images_dir: Path
     peer: HostPort | None
+    peer_node: str | None = None  # `NAME@host:port`: the node the cache's certificate must name
     reconnect_for: float = 300.0
     keep_restored_for: float = 600.0
 
@@ -60,6 +66,21 @@ class CacheConfig:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     grant_timeout: float = 30.0
     resume_for: float = 600.0
+    allow_nodes: tuple[str, ...] = ()  # node names, matched against the proxy's certificate
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Where this node's CA, certificate and key are (read at start and on reload)."""
+    ca: Path = TLS_DIR / "ca.crt"
+    cert: Path = TLS_DIR / "node.crt"
+    key: Path = TLS_DIR / "node.key"
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    handshake_timeout: float = HANDSHAKE_TIMEOUT  # TLS handshake plus HELLO, in total
+    dead_peer_timeout: float = DEAD_PEER_TIMEOUT  # TCP keepalive / user timeout
 
 
 @dataclass(frozen=True)
@@ -71,6 +92,8 @@ class Config:
     transfer: str = "streaming"
     digest: str = "xxh3-128"
     max_files: int = DEFAULT_MAX_FILES
+    tls: TlsConfig | None = TlsConfig()  # None: `tls: off` (a lab only)
+    link: LinkConfig = LinkConfig()
     source: str = field(default="<defaults>", compare=False)
 
     @property
@@ -87,6 +110,8 @@ _SCHEMA: dict[str, Any] = {
     "cache": {"images_dir": None, "listen": None, "allow": None, "max_handshakes": None,
               "max_connections_per_peer": None, "idle_timeout": None, "grant_timeout": None, "resume_for": None},
     "memory": {"limit": None},
+    "tls": {"ca": None, "cert": None, "key": None},
+    "link": {"handshake_timeout": None, "dead_peer_timeout": None},
 }
 
 
@@ -187,8 +212,13 @@ def _check_keys(raw: Any, schema: dict[str, Any], prefix: str, where: str) -> No
         if key not in schema:
             known = ", ".join(f"{prefix}{k}" for k in schema)
             raise ConfigError(f"{where}: unknown key '{full}'; known keys here: {known}")
-        if isinstance(schema[key], dict) and value is not None:
+        if isinstance(schema[key], dict) and value is not None and not _is_off(value):
             _check_keys(value, schema[key], f"{full}.", where)
+
+
+def _is_off(value: Any) -> bool:
+    """`tls: off` (YAML reads a bare off as false)."""
+    return value is False or value == "off"
 
 
 def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
@@ -215,18 +245,22 @@ def _build(raw: Any, where: str) -> Config:
     if digest not in DIGESTS:
         raise _fail(where, "digest", digest, "expected one of " + ", ".join(DIGESTS))
     proxy_raw, cache_raw = _section(raw, "proxy"), _section(raw, "cache")
+    peer_node, peer_text = _split_peer(proxy_raw.get("peer"), where)
     proxy = ProxyConfig(
         images_dir=_path(proxy_raw.get("images_dir"), "proxy.images_dir", "/run/imgmig/proxy", where),
-        peer=_host_port(proxy_raw.get("peer"), "proxy.peer", where, required_port=True),
+        peer=_host_port(peer_text, "proxy.peer", where, required_port=True),
+        peer_node=peer_node,
         reconnect_for=_seconds(proxy_raw.get("reconnect_for", 300), "proxy.reconnect_for", where),
         keep_restored_for=_seconds(proxy_raw.get("keep_restored_for", 600), "proxy.keep_restored_for", where,
                                    zero=True),
     )
     listen = _host_port(cache_raw.get("listen"), "cache.listen", where, required_port=False)
+    networks, nodes = _allow(cache_raw.get("allow", ["127.0.0.1", "::1"]), where)
     cache = CacheConfig(
         images_dir=_path(cache_raw.get("images_dir"), "cache.images_dir", "/run/imgmig/cache", where),
         listen=listen or HostPort("0.0.0.0", DEFAULT_PORT),
-        allow=_allow(cache_raw.get("allow", ["127.0.0.1", "::1"]), where),
+        allow=networks,
+        allow_nodes=nodes,
         max_handshakes=_count(cache_raw.get("max_handshakes", DEFAULT_MAX_HANDSHAKES), "cache.max_handshakes",
                               where),
         max_connections_per_peer=_count(cache_raw.get("max_connections_per_peer",
@@ -242,8 +276,9 @@ def _build(raw: Any, where: str) -> Config:
     except ValueError as exc:
         raise _fail(where, "memory.limit", limit_raw, str(exc)) from None
     max_files = _count(raw.get("max_files", DEFAULT_MAX_FILES), "max_files", where)
-    return Config(node=node, proxy=proxy, cache=cache, memory_limit=limit,
-                  transfer=transfer, digest=digest, max_files=max_files, source=where)
+    return Config(node=node, proxy=proxy, cache=cache, memory_limit=limit, transfer=transfer, digest=digest,
+                  max_files=max_files, tls=_tls(raw.get("tls"), where), link=_link(_section(raw, "link"), where),
+                  source=where)
 
 
 def _count(value: Any, key: str, where: str) -> int:
@@ -261,6 +296,37 @@ def _seconds(value: Any, key: str, where: str, zero: bool = False) -> float:
     return float(value)
 
 
+def _valid_node_name(name: Any) -> bool:
+    return isinstance(name, str) and 0 < len(name.encode()) <= 64 and name.isprintable()
+
+
+def _split_peer(value: Any, where: str) -> tuple[str | None, Any]:
+    """`node-b@10.0.0.2:9996` -> ("node-b", "10.0.0.2:9996"); without `NAME@`, no node."""
+    if not isinstance(value, str) or "@" not in value:
+        return None, value
+    name, _, address = value.rpartition("@")
+    if not _valid_node_name(name) or " " in name:
+        raise _fail(where, "proxy.peer", value, "expected NODE@host:port with the cache's node name before @")
+    return name, address
+
+
+def _tls(value: Any, where: str) -> TlsConfig | None:
+    if _is_off(value):
+        return None
+    raw = value or {}
+    default = TlsConfig()
+    return TlsConfig(ca=_path(raw.get("ca"), "tls.ca", str(default.ca), where),
+                     cert=_path(raw.get("cert"), "tls.cert", str(default.cert), where),
+                     key=_path(raw.get("key"), "tls.key", str(default.key), where))
+
+
+def _link(raw: dict[str, Any], where: str) -> LinkConfig:
+    return LinkConfig(
+        handshake_timeout=_seconds(raw.get("handshake_timeout", HANDSHAKE_TIMEOUT), "link.handshake_timeout", where),
+        dead_peer_timeout=_seconds(raw.get("dead_peer_timeout", DEAD_PEER_TIMEOUT), "link.dead_peer_timeout", where),
+    )
+
+
 def _host_port(value: Any, key: str, where: str, *, required_port: bool) -> HostPort | None:
     if value is None:
         return None
@@ -272,16 +338,23 @@ def _host_port(value: Any, key: str, where: str, *, required_port: bool) -> Host
         raise _fail(where, key, value, f"{exc}; expected host:port, e.g. 10.0.0.2:9996") from None
 
 
-def _allow(value: Any, where: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+def _allow(value: Any, where: str) -> tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
+                                              tuple[str, ...]]:
+    """Addresses and CIDRs, and node names (which only a TLS certificate can prove)."""
     if not isinstance(value, list):
-        raise _fail(where, "cache.allow", value, "expected a list of addresses or CIDRs")
-    networks = []
+        raise _fail(where, "cache.allow", value, "expected a list of addresses, CIDRs or node names")
+    networks, nodes = [], []
     for item in value:
         try:
             networks.append(ipaddress.ip_network(str(item), strict=False))
+            continue
         except ValueError:
-            raise _fail(where, "cache.allow", item, "expected an IP address or CIDR like 10.0.0.0/24") from None
-    return tuple(networks)
+            pass
+        if set(str(item)) <= _ADDRESS_CHARS or not _valid_node_name(item) or " " in item:
+            raise _fail(where, "cache.allow", item, "expected an IP address, a CIDR like 10.0.0.0/24 "
+                        "or a node name") from None
+        nodes.append(item)
+    return tuple(networks), tuple(nodes)
 
 
 def require_proxy_peer(config: Config) -> HostPort:
@@ -291,7 +364,11 @@ def require_proxy_peer(config: Config) -> HostPort:
     return config.proxy.peer
 
 
-def is_allowed(config: Config, address: str) -> bool:
+def is_allowed(config: Config, address: str, node: str | None = None) -> bool:
+    """May this proxy send checkpoints? `node` is the name its certificate proves (None
+    before the handshake, or with TLS off: node names then never match)."""
+    if node is not None and node in config.cache.allow_nodes:
+        return True
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 CACHE = Path(os.environ.get("IMGMIG_TESTBED_CACHE", "/var/cache/imgmig-testbed"))
 MIRROR = os.environ.get("IMGMIG_DEBIAN_MIRROR", "http://deb.debian.org/debian")
-PACKAGES = ["systemd", "systemd-sysv", "dbus", "python3", "python3-systemd", "python3-yaml", "python3-psutil"]
+PACKAGES = ["systemd", "systemd-sysv", "dbus", "python3", "python3-systemd", "python3-yaml", "python3-psutil",
+            "python3-cryptography", "procps"]
 READY_MARK = ".imgmig-tree-ready"
 # Units that cannot work in a container and would only make the system "degraded".
 MASKED = ["systemd-modules-load.service", "systemd-networkd-wait-online.service", "getty@tty1.service",
@@ -37,6 +38,7 @@ def tree(suite: str) -> Path:
     """The cached bootable tree for a Debian suite, built on first use."""
     root = CACHE / f"nspawn-{suite}"
     if (root / READY_MARK).exists():
+        _complete(root, suite)
         return root
     partial = CACHE / f"nspawn-{suite}.partial"
     shutil.rmtree(partial, ignore_errors=True)
@@ -47,6 +49,20 @@ def tree(suite: str) -> Path:
     shutil.rmtree(root, ignore_errors=True)
     partial.rename(root)
     return root
+
+
+def _complete(root: Path, suite: str) -> None:
+    """A tree cached before PACKAGES grew gets the new packages (from the Debian mirror)."""
+    mark = root / READY_MARK
+    missing = [package for package in PACKAGES if package not in mark.read_text().split()[1:]]
+    if not missing:
+        return
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["chroot", str(root), "apt-get", "install", "-y", "--no-install-recommends", *missing]
+    if subprocess.run(install, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+        subprocess.run(["chroot", str(root), "apt-get", "update"], env=env, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(install, env=env, check=True, stdout=subprocess.DEVNULL)
+    mark.write_text(f"{suite} {' '.join(PACKAGES)}\n")
 
 
 def _populate(suite: str, root: Path) -> None:

@@ -102,8 +102,10 @@ class Daemon:
 
 
 def write_config(path: Path, *, node: str, proxy_dir: Path, cache_dir: Path, peer: str | None,
-                 listen: str, allow: list[str], memory_limit: str, transfer: str) -> Path:
-    config = {
+                 listen: str, allow: list[str], memory_limit: str, transfer: str,
+                 tls_dir: Path | None = None, dead_peer_timeout: float | None = None) -> Path:
+    """A config for `node`; with tls_dir (made by make_pki) TLS is on, else `tls: off`."""
+    config: dict[str, object] = {
         "node": node,
         "transfer": transfer,
         # keep_restored_for 1: the proxy releases its copy 1 s after the cache reports a restore
@@ -111,9 +113,24 @@ def write_config(path: Path, *, node: str, proxy_dir: Path, cache_dir: Path, pee
         "proxy": {"images_dir": str(proxy_dir), "keep_restored_for": 1, **({"peer": peer} if peer else {})},
         "cache": {"images_dir": str(cache_dir), "listen": listen, "allow": allow},
         "memory": {"limit": memory_limit},
+        "tls": "off" if tls_dir is None else {"ca": str(tls_dir / "ca.crt"), "cert": str(tls_dir / f"{node}.crt"),
+                                               "key": str(tls_dir / f"{node}.key")},
     }
+    if dead_peer_timeout is not None:
+        config["link"] = {"dead_peer_timeout": dead_peer_timeout}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def make_pki(directory: Path, nodes: dict[str, str]) -> Path:
+    """A cluster CA and a certificate per node (name -> address), with imgmig's own pki code."""
+    from imgmig.commands.pki import init_ca, issue_node
+
+    if not (directory / "ca.crt").exists():
+        init_ca(directory)
+    for name, address in nodes.items():
+        issue_node(directory, name, ips=[address])
+    return directory
 
 
 def start(role: str, node: Node | None, config_path: Path, images_dir: Path, log_path: Path,
@@ -164,16 +181,20 @@ class Pair:
 @contextlib.contextmanager
 def proxy_and_cache(workdir: Path, node_a: Node, node_b: Node, *, port: int = DEFAULT_PORT,
                     transfer: str = "streaming", memory_limit: str = "50%", start_cache: bool = True,
-                    verbose: bool = False) -> Iterator[Pair]:
+                    verbose: bool = False, tls: bool = True, dead_peer_timeout: float | None = None) -> Iterator[Pair]:
     """Start imgmig-cache on node B (unless start_cache is False: an unreachable cache)
     and imgmig-proxy on node A, forwarding to B; stop both on exit (SIGTERM). The caller
-    checks pair.stop()'s statuses when it wants clean exits asserted."""
+    checks pair.stop()'s statuses when it wants clean exits asserted. With tls (the
+    default) both run mutual TLS with a PKI made under workdir; the proxy names its peer
+    `node-b@address:port` and the cache allows node-a by name."""
     workdir.mkdir(parents=True, exist_ok=True)
     proxy_dir, cache_dir = workdir / "proxy", workdir / "cache"
+    tls_dir = make_pki(workdir / "pki", {"node-a": node_a.address, "node-b": node_b.address}) if tls else None
+    peer = f"node-b@{node_b.address}:{port}" if tls else f"{node_b.address}:{port}"
     common = {"proxy_dir": proxy_dir, "cache_dir": cache_dir, "memory_limit": memory_limit,
-              "transfer": transfer, "peer": f"{node_b.address}:{port}"}
+              "transfer": transfer, "peer": peer, "tls_dir": tls_dir, "dead_peer_timeout": dead_peer_timeout}
     cache_conf = write_config(workdir / "cache.yaml", node="node-b", listen=f"{node_b.address}:{port}",
-                              allow=[f"{node_a.address}/32"], **common)
+                              allow=["node-a"] if tls else [f"{node_a.address}/32"], **common)
     proxy_conf = write_config(workdir / "proxy.yaml", node="node-a", listen=f"127.0.0.1:{port}",
                               allow=["127.0.0.1"], **common)
     cache = proxy = None

@@ -32,6 +32,8 @@ def run(mib: int, transfer: str, keep: bool) -> int:
             say(f"node A: netns {nodes.a.netns} {nodes.a.address} runs imgmig-proxy ({pair.proxy_dir})")
             say(f"node B: netns {nodes.b.netns} {nodes.b.address} runs imgmig-cache ({pair.cache_dir}), "
                 f"transfer {transfer}")
+            say(f"link: mutual TLS 1.3, keys made by `imgmig pki` in {workdir / 'pki'}; the proxy expects "
+                f"node-b, the cache allows node-a")
             return _migrate_once(criu, pair, workdir, mib)
     finally:
         if keep:

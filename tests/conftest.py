@@ -13,6 +13,7 @@ import re
 import resource
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+from imgmig.commands.pki import init_ca, issue_node
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = "/usr/bin/python3"
@@ -117,6 +120,45 @@ class Daemon:
         self.process.wait()
 
 
+@dataclass(frozen=True)
+class Pki:
+    """A cluster CA made with imgmig's own `pki` code, and certificates for test nodes."""
+    dir: Path
+
+    def cert(self, node: str) -> Path:
+        return self.dir / f"{node}.crt"
+
+    def key(self, node: str) -> Path:
+        return self.dir / f"{node}.key"
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "ca.crt"
+
+    def client(self, node: str = "fake-proxy", *, ca: Path | None = None) -> ssl.SSLContext:
+        """A TLS 1.3 client context presenting node's certificate; trusts `ca` (default this CA)
+        without checking the cache's name (tests of the cache side)."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.check_hostname = False
+        context.load_verify_locations(ca or self.ca)
+        if node:
+            context.load_cert_chain(self.cert(node), self.key(node))
+        return context
+
+
+TEST_NODES = ("test-node", "fake-proxy", "other-node")
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    directory = tmp_path_factory.mktemp("pki")
+    init_ca(directory)
+    for node in TEST_NODES:
+        issue_node(directory, node, ips=["127.0.0.1"])
+    return Pki(directory)
+
+
 @dataclass
 class Pair:
     tmp: Path
@@ -124,6 +166,7 @@ class Pair:
     proxy_dir: Path
     cache_dir: Path
     port: int
+    pki: Pki | None = None  # None: the pair runs with tls: off
     daemons: dict[str, Daemon] = field(default_factory=dict)
 
     @property
@@ -149,24 +192,30 @@ class Pair:
 
 def write_config(tmp: Path, *, port: int, memory_limit: str = "1GiB", allow: str = "[127.0.0.1]",
                  transfer: str = "streaming", cache_host: str = "127.0.0.1", peer_port: int | None = None,
-                 digest: str = "xxh3-128", max_files: int | None = None,
-                 cache_keys: dict[str, object] | None = None, proxy_keys: dict[str, object] | None = None) -> Path:
+                 digest: str = "xxh3-128", pki: Pki | None = None, node: str = "test-node",
+                 peer_node: str | None = None, handshake_timeout: float = 10, dead_peer_timeout: float = 60,
+                 max_files: int | None = None, cache_keys: dict[str, object] | None = None,
+                 proxy_keys: dict[str, object] | None = None) -> Path:
     """`cache_keys` / `proxy_keys` add keys to those sections, e.g. {"idle_timeout": 2}. The proxy
     keeps a copy restored on the cache 1 s (keep_restored_for; 10 min by default) unless told otherwise."""
     path = tmp / "imgmig.yaml"
+    tls = "tls: off\n" if pki is None else f"tls:\n  ca: {pki.ca}\n  cert: {pki.cert(node)}\n  key: {pki.key(node)}\n"
+    peer = f"{peer_node}@" if peer_node else ""
     more_cache = "".join(f"  {key}: {value}\n" for key, value in (cache_keys or {}).items())
     proxy_keys = {"keep_restored_for": 1} | (proxy_keys or {})
     more_proxy = "".join(f"  {key}: {value}\n" for key, value in proxy_keys.items())
     path.write_text(
         (f"max_files: {max_files}\n" if max_files is not None else "")
-        + f"node: test-node\n"
+        + f"node: {node}\n"
         f"transfer: {transfer}\n"
         f"digest: {digest}\n"
-        f"proxy:\n  images_dir: {tmp / 'proxy'}\n  peer: '{cache_host}:{peer_port or port}'\n"
+        f"proxy:\n  images_dir: {tmp / 'proxy'}\n  peer: '{peer}{cache_host}:{peer_port or port}'\n"
         + more_proxy
         + f"cache:\n  images_dir: {tmp / 'cache'}\n  listen: '{cache_host}:{port}'\n  allow: {allow}\n"
         + more_cache
-        + f"memory:\n  limit: {memory_limit}\n")
+        + f"memory:\n  limit: {memory_limit}\n"
+        f"link:\n  handshake_timeout: {handshake_timeout}\n  dead_peer_timeout: {dead_peer_timeout}\n"
+        f"{tls}")
     return path
 
 
@@ -191,17 +240,19 @@ def start_daemon(role: str, config: Path, tmp: Path, nofile: int | None = None) 
 
 
 @pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., Pair]]:
-    """Factory: daemons(memory_limit="64MiB", roles=("cache", "proxy"), cache_nofile=100, ...) -> Pair."""
+def daemons(tmp_path: Path, pki: Pki) -> Iterator[Callable[..., Pair]]:
+    """Factory: daemons(memory_limit="64MiB", roles=("cache", "proxy"), tls=True, cache_nofile=100, ...) -> Pair.
+    TLS is on by default, with the session's PKI (both daemons are node test-node)."""
     pairs: list[Pair] = []
 
-    def start(roles: tuple[str, ...] = ("cache", "proxy"), cache_nofile: int | None = None,
+    def start(roles: tuple[str, ...] = ("cache", "proxy"), tls: bool = True, cache_nofile: int | None = None,
               **options: object) -> Pair:
         tmp = tmp_path / f"pair{len(pairs)}"
         tmp.mkdir()
         port = free_port()
-        config = write_config(tmp, port=port, **options)  # type: ignore[arg-type]
-        pair = Pair(tmp, config, tmp / "proxy", tmp / "cache", port)
+        used = options.pop("pki", pki) if tls else None  # type: ignore[assignment]
+        config = write_config(tmp, port=port, pki=used, **options)  # type: ignore[arg-type]
+        pair = Pair(tmp, config, tmp / "proxy", tmp / "cache", port, used)
         pairs.append(pair)
         for role in roles:
             pair.daemons[role] = start_daemon(role, config, tmp, cache_nofile if role == "cache" else None)

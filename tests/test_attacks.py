@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import socket
+import ssl
 import tempfile
 import time
 
@@ -286,8 +287,8 @@ def test_cache_refuses_more_files_than_max_files(daemons):
     events = wait_received_eof(sock)
     sock.close()
     assert isinstance(events[-1], wire.Error) and events[-1].code == wire.ErrorCode.REFUSED, events
-    one_error(pair.cache_log, r"connection from fake-proxy .* refused: checkpoint too-many has more than 20 files "
-                              r"\(max_files\).*checkpoint too-many is dropped")
+    one_error(pair.cache_log, r"connection from fake-proxy .* refused: checkpoint fake-proxy-too-many has more "
+                              r"than 20 files \(max_files\).*checkpoint fake-proxy-too-many is dropped")
     still_serving(pair, earlier)
 
 
@@ -308,7 +309,7 @@ def test_stalled_checkpoint_fails_after_idle_timeout(daemons):
     assert 1.4 < stalled_for < 10, f"closed after {stalled_for:.1f} s, not after the 1.5 s idle timeout"
     assert isinstance(events[-1], wire.Error) and "idle_timeout" in events[-1].message, events
     one_error(pair.cache_log, r"connection from fake-proxy .* refused: nothing moved for 1\.5 s "
-                              r"\(cache\.idle_timeout\); checkpoint stalled is dropped")
+                              r"\(cache\.idle_timeout\); checkpoint fake-proxy-stalled is dropped")
     images = checkpoint_images("after-stall")
     dump(pair.proxy_dir, images)
     assert_restores(waiting.result(), images)
@@ -325,7 +326,7 @@ def test_stall_after_a_restore_began_fails_that_restore_cleanly(daemons):
                  + wire.encode_file_end(0, len(inventory), xxhash.xxh3_128(inventory).digest()))
     client.sock.sendall(criu_wire.encode_request("inventory.img"))
     read_events(sock, until=lambda event: isinstance(event, wire.Claim))  # the restore asks for the right
-    sock.sendall(wire.encode_grant(True, "stalls-later", "test-node (the destination)"))
+    sock.sendall(wire.encode_grant(True, "fake-proxy-stalls-later", "test-node (the destination)"))
     assert client._reply(), "inventory.img is there"
     read_end, write_end = os.pipe()
     socket.send_fds(client.sock, [b"\0"], [write_end])
@@ -338,7 +339,7 @@ def test_stall_after_a_restore_began_fails_that_restore_cleanly(daemons):
     wait_received_eof(sock)
     sock.close()
     pair.cache_log.wait_for(r"refused: nothing moved for 1 s \(cache\.idle_timeout\)", new=True)
-    pair.cache_log.wait_for(r"restore from checkpoint stalls-later stopped: .*failed", new=True)
+    pair.cache_log.wait_for(r"restore from checkpoint fake-proxy-stalls-later stopped: .*failed", new=True)
     good_checkpoint(pair, "after-the-stall")
 
 
@@ -356,13 +357,22 @@ def test_idle_timeout_does_not_cut_a_received_checkpoint(daemons):
 
 # ---- connection caps ------------------------------------------------------------------------------
 
-def hello(sock: socket.socket) -> None:
-    sock.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "holder", wire.Digest.SHA256)))
+def proxy_hello(pair: Pair) -> bytes:
+    auth = wire.Auth.NONE if pair.pki is None else wire.Auth.TLS
+    return wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "fake-proxy", wire.Digest.SHA256, auth))
+
+
+def hello(pair: Pair, sock: socket.socket) -> socket.socket:
+    """Take a raw connection past its handshake (TLS when the pair runs it, then HELLO)."""
+    if pair.pki is not None and not isinstance(sock, ssl.SSLSocket):
+        sock = pair.pki.client("fake-proxy").wrap_socket(sock)
+    sock.sendall(proxy_hello(pair))
     read_events(sock, until=lambda event: isinstance(event, wire.Hello))
+    return sock
 
 
 def refused_at_once(pair: Pair) -> None:
-    sock = peer_connect(pair)
+    sock = peer_connect(pair, tls=False)  # the cap acts before any TLS byte
     sock.settimeout(5)
     assert sock.recv(1) == b"", "a connection over the cap is closed at once"
     sock.close()
@@ -371,13 +381,13 @@ def refused_at_once(pair: Pair) -> None:
 def test_connections_still_in_their_handshake_are_capped(daemons):
     pair = daemons(cache_keys={"max_handshakes": 3})
     earlier = earlier_checkpoint(pair)
-    silent = [peer_connect(pair) for _ in range(3)]  # connected, never say HELLO
+    silent = [peer_connect(pair, tls=False) for _ in range(3)]  # connected, never start TLS or HELLO
     time.sleep(0.3)
     refused_at_once(pair)
     line = one_error(pair.cache_log, r"connection from 127\.0\.0\.1 refused: 3 connections are still in their "
                                      r"handshake \(cache\.max_handshakes\)")
     assert str(pair.config) in line
-    hello(silent[0])  # past its handshake: a slot is free again, for the real proxy
+    silent[0] = hello(pair, silent[0])  # past its handshake: a slot is free again, for the real proxy
     still_serving(pair, earlier)
     for sock in silent:
         sock.close()
@@ -387,8 +397,7 @@ def test_connections_per_peer_are_capped(daemons):
     pair = daemons(cache_keys={"max_connections_per_peer": 3})
     earlier = earlier_checkpoint(pair)  # its link stays open until it is restored: one of the three
     held = [peer_connect(pair) for _ in range(2)]
-    for sock in held:
-        hello(sock)
+    held = [hello(pair, sock) for sock in held]
     refused_at_once(pair)
     one_error(pair.cache_log, r"connection from 127\.0\.0\.1 refused: 127\.0\.0\.1 already holds 3 "
                               r"connections \(cache\.max_connections_per_peer\)")
@@ -409,8 +418,7 @@ def file_begin_flood(pair: Pair, checkpoint: str, files: int) -> socket.socket:
     """HELLO, CHECKPOINT_BEGIN, then `files` FILE_BEGIN frames, without waiting for answers:
     each FILE_BEGIN asks the cache for a memfd."""
     sock = peer_connect(pair)
-    frames = [wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "flooder", wire.Digest.SHA256)),
-              wire.encode_checkpoint_begin(checkpoint),
+    frames = [proxy_hello(pair), wire.encode_checkpoint_begin(f"fake-proxy-{checkpoint}"),
               *(wire.encode_file_begin(n, f"flood-{n:06d}.img") for n in range(files))]
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # refused before it all went out
         sock.sendall(b"".join(frames))
@@ -432,10 +440,11 @@ def test_file_begin_flood_against_a_low_fd_limit(daemons):
     flood = file_begin_flood(pair, "flood", 40_000)
     assert len(wire.encode_file_begin(0, "flood-000000.img")) * 40_000 > 1_000_000
     pair.cache_log.wait_for(r"out of file descriptors or kernel memory \(EMFILE\) creating a memfd", new=True)
-    crowd = [peer_connect(pair) for _ in range(12)]  # arrive while the fds are gone: they wait in the backlog
+    # they arrive while the fds are gone, and wait in the backlog
+    crowd = [peer_connect(pair, tls=False) for _ in range(12)]
     refused_for_want_of_fds(flood)
-    pair.cache_log.wait_for(r"connection from flooder .* refused: out of file descriptors .*checkpoint flood is "
-                            r"dropped", new=True)
+    pair.cache_log.wait_for(r"connection from fake-proxy .* refused: out of file descriptors "
+                            r".*checkpoint fake-proxy-flood is dropped", new=True)
     for sock in crowd:
         sock.close()
     time.sleep(0.3)

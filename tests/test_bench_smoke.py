@@ -60,6 +60,9 @@ def test_writes_json_with_every_measurement(smoke: Path) -> None:
         assert all(value is not None and value > 0 for value in row["ratios"].values()), row["ratios"]
     assert summary["link"]["socat_128k_MBps"]["median"] > 0 and summary["link"]["iperf3_MBps"] > 0
     assert summary["link"]["imgmig_sim_MBps"]["median"] > 0
+    assert summary["link"]["imgmig_sim_tls_off_MBps"]["median"] > 0, "TLS on and off side by side"
+    assert summary["link"]["ratio_tls_on/off"] > 0
+    assert "proxy (simulated, TLS off)" in summary["daemons"]
     assert {"proxy (simulated)", "cache (simulated)", "proxy (real)", "cache (real)"} <= set(summary["daemons"])
     for figures in summary["daemons"].values():
         assert figures["cpu_s_per_GB"]["median"] > 0

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import Pki
 
 from imgmig import config
 from imgmig.config import ConfigError, HostPort
@@ -67,6 +68,33 @@ def test_empty_sections_take_defaults():
     assert cfg.cache.listen.port == config.DEFAULT_PORT
 
 
+def test_tls_on_by_default_and_off_for_a_lab():
+    assert config.parse("").tls == config.TlsConfig(Path("/etc/imgmig/tls/ca.crt"), Path("/etc/imgmig/tls/node.crt"),
+                                                    Path("/etc/imgmig/tls/node.key"))
+    assert config.parse("tls: {cert: /x/n.crt}").tls == config.TlsConfig(cert=Path("/x/n.crt"))
+    assert config.parse("tls: off").tls is None
+    assert config.parse("tls: 'off'").tls is None
+    assert config.parse("link: {handshake_timeout: 2.5}").link == config.LinkConfig(2.5, 60)
+
+
+def test_peer_may_name_the_cache_node():
+    cfg = config.parse("proxy: {peer: 'node-b@10.0.0.2:9996'}")
+    assert cfg.proxy.peer == HostPort("10.0.0.2", 9996) and cfg.proxy.peer_node == "node-b"
+    cfg = config.parse("proxy: {peer: 'node-b@[fd00::2]:9996'}")
+    assert cfg.proxy.peer == HostPort("fd00::2", 9996) and cfg.proxy.peer_node == "node-b"
+    assert config.parse("proxy: {peer: '10.0.0.2:9996'}").proxy.peer_node is None
+
+
+def test_allow_takes_node_names_which_only_a_certificate_proves():
+    cfg = config.parse("cache: {allow: [node-a, 10.0.0.0/24]}")
+    assert cfg.cache.allow_nodes == ("node-a",)
+    assert cfg.cache.allow == (ipaddress.ip_network("10.0.0.0/24"),)
+    assert config.is_allowed(cfg, "192.168.0.1", "node-a")
+    assert not config.is_allowed(cfg, "192.168.0.1")
+    assert not config.is_allowed(cfg, "192.168.0.1", "node-b")
+    assert config.is_allowed(cfg, "10.0.0.7", "node-b")
+
+
 def test_require_proxy_peer():
     with pytest.raises(ConfigError, match=r"proxy\.peer"):
         config.require_proxy_peer(config.parse(""))
@@ -99,7 +127,15 @@ BAD_VALUES = [
     ("cache: {listen: [1]}", "cache.listen", "[1]"),
     ("cache: {allow: 10.0.0.1}", "cache.allow", "'10.0.0.1'"),
     ("cache: {allow: [10.0.0.0/33]}", "cache.allow", "'10.0.0.0/33'"),
-    ("cache: {allow: [not-an-ip]}", "cache.allow", "'not-an-ip'"),
+    ("cache: {allow: [10.0.0.300]}", "cache.allow", "'10.0.0.300'"),
+    ("cache: {allow: ['two words']}", "cache.allow", "'two words'"),
+    ("proxy: {peer: '@10.0.0.2:9996'}", "proxy.peer", "'@10.0.0.2:9996'"),
+    ("proxy: {peer: 'node-b@10.0.0.2'}", "proxy.peer", "'10.0.0.2'"),
+    ("tls: {ca: relative.crt}", "tls.ca", "'relative.crt'"),
+    ("tls: {key: 5}", "tls.key", "5"),
+    ("tls: on", "tls", "True"),
+    ("link: {handshake_timeout: 0}", "link.handshake_timeout", "0"),
+    ("link: {dead_peer_timeout: soon}", "link.dead_peer_timeout", "'soon'"),
     ("memory: {limit: lots}", "memory.limit", "'lots'"),
     ("memory: {limit: 0}", "memory.limit", "0"),
     ("memory: {limit: 1000}", "memory.limit", "1000"),
@@ -263,12 +299,27 @@ def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
 
 def test_check_config_valid(tmp_path):
     path = tmp_path / "ok.yaml"
-    path.write_text(VALID)
+    path.write_text(VALID + "tls: off\n")
     result = run("check-config", str(path))
     assert result.returncode == 0, result.stderr
     assert f"{path}: valid" in result.stdout
     assert "10.0.0.2:9000" in result.stdout
+    assert "tls: OFF" in result.stdout, "check-config must say that TLS is off"
     assert result.stderr == ""
+
+
+def test_check_config_checks_the_tls_files(tmp_path, pki):
+    path = tmp_path / "ok.yaml"
+    tls = f"tls: {{ca: {pki.ca}, cert: {pki.cert('test-node')}, key: {pki.key('test-node')}}}\n"
+    path.write_text(VALID.replace("node-a", "test-node") + tls)
+    result = run("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "tls: on; node test-node" in result.stdout
+    path.write_text(VALID + tls)
+    result = run("check-config", str(path))
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1
+    assert "names node 'test-node' but this node is 'node-a'" in result.stderr
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -293,9 +344,12 @@ def test_check_config_missing_file(tmp_path):
     assert len(result.stderr.splitlines()) == 1 and "cannot read" in result.stderr
 
 
-def daemon_config(tmp_path: Path, extra: str = "", peer: str | None = "127.0.0.1:1") -> Path:
+def daemon_config(tmp_path: Path, extra: str = "", peer: str | None = "127.0.0.1:1", pki: Pki | None = None) -> Path:
+    """A config for one daemon (node test-node), with the session PKI's files when given."""
     proxy_dir, cache_dir = tmp_path / "proxy", tmp_path / "cache"
-    text = f"node: t\nproxy:\n  images_dir: {proxy_dir}\n"
+    text = f"node: test-node\nproxy:\n  images_dir: {proxy_dir}\n"
+    if pki is not None:
+        extra += f"tls: {{ca: {pki.ca}, cert: {pki.cert('test-node')}, key: {pki.key('test-node')}}}\n"
     if peer is not None:
         text += f"  peer: '{peer}'\n"
     text += f"cache:\n  images_dir: {cache_dir}\n  listen: '127.0.0.1:1'\n" + extra
@@ -334,10 +388,10 @@ def test_proxy_refuses_without_peer(tmp_path):
     assert not (tmp_path / "proxy").exists()
 
 
-def test_cache_refuses_port_in_use(tmp_path):
+def test_cache_refuses_port_in_use(tmp_path, pki):
     holder, port = _port_in_use()
     with holder:
-        path = daemon_config(tmp_path)
+        path = daemon_config(tmp_path, pki=pki)
         path.write_text(path.read_text().replace("127.0.0.1:1'", f"127.0.0.1:{port}'"))
         result = run("cache", "--config", str(path))
     assert result.returncode == 2
@@ -346,8 +400,8 @@ def test_cache_refuses_port_in_use(tmp_path):
     assert f"cannot listen on 127.0.0.1:{port}" in lines[0]
 
 
-def test_cache_refuses_unresolvable_listen_host(tmp_path):
-    path = daemon_config(tmp_path)
+def test_cache_refuses_unresolvable_listen_host(tmp_path, pki):
+    path = daemon_config(tmp_path, pki=pki)
     path.write_text(path.read_text().replace("listen: '127.0.0.1:1'", "listen: 'no-such-host.invalid:9996'"))
     result = run("cache", "--config", str(path))
     assert result.returncode == 2
@@ -356,10 +410,10 @@ def test_cache_refuses_unresolvable_listen_host(tmp_path):
     assert "no-such-host.invalid" in lines[0]
 
 
-def test_daemon_refuses_images_dir_under_a_file(tmp_path):
+def test_daemon_refuses_images_dir_under_a_file(tmp_path, pki):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    path = daemon_config(tmp_path)
+    path = daemon_config(tmp_path, pki=pki)
     path.write_text(path.read_text().replace(str(tmp_path / "proxy"), str(blocker / "proxy")))
     result = run("proxy", "--config", str(path))
     assert result.returncode == 2
@@ -368,10 +422,10 @@ def test_daemon_refuses_images_dir_under_a_file(tmp_path):
     assert str(blocker / "proxy") in lines[0]
 
 
-def test_daemon_refuses_non_socket_in_place_of_socket(tmp_path):
+def test_daemon_refuses_non_socket_in_place_of_socket(tmp_path, pki):
     (tmp_path / "proxy").mkdir()
     (tmp_path / "proxy" / "streamer-capture.sock").write_text("not a socket")
-    result = run("proxy", "--config", str(daemon_config(tmp_path)))
+    result = run("proxy", "--config", str(daemon_config(tmp_path, pki=pki)))
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr

@@ -197,7 +197,7 @@ def test_checkpoint_over_the_cache_limit_fails_fast_and_the_next_flows(daemons, 
     from conftest import start_daemon, write_config
     cache_tmp = tmp_path / "small-cache"
     cache_tmp.mkdir()
-    config = write_config(cache_tmp, port=pair.port, memory_limit="32MiB")
+    config = write_config(cache_tmp, port=pair.port, memory_limit="32MiB", pki=pair.pki)
     config.write_text(config.read_text().replace(str(cache_tmp / "cache"), str(pair.cache_dir)))
     pair.daemons["cache"] = start_daemon("cache", config, cache_tmp)
     big = checkpoint_images("too-big", big=48 << 20)

@@ -128,12 +128,15 @@ def one_error(log, pattern: str, ignore: str | None = None) -> str:
     return errors[0]
 
 
-def peer_connect(pair: Pair, source: str = "127.0.0.1") -> socket.socket:
+def peer_connect(pair: Pair, source: str = "127.0.0.1", tls: bool = True) -> socket.socket:
+    """A connection to the cache as node fake-proxy (TLS when the pair runs it, unless tls=False)."""
     sock = socket.socket()
     sock.settimeout(IO_TIMEOUT)
     sock.bind((source, 0))
     sock.connect(("127.0.0.1", pair.port))
-    return sock
+    if pair.pki is None or not tls:
+        return sock
+    return pair.pki.client("fake-proxy").wrap_socket(sock)
 
 
 def read_events(sock: socket.socket, until: Callable[[wire.Event], bool] | None = None) -> list[wire.Event]:
@@ -155,12 +158,14 @@ def read_events(sock: socket.socket, until: Callable[[wire.Event], bool] | None 
 
 
 def fake_proxy(pair: Pair, checkpoint: str, digest: wire.Digest = wire.Digest.SHA256) -> socket.socket:
+    """Node fake-proxy, past HELLO, has begun checkpoint `fake-proxy-<checkpoint>`."""
     sock = peer_connect(pair)
-    sock.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "fake-proxy", digest)))
+    auth = wire.Auth.NONE if pair.pki is None else wire.Auth.TLS
+    sock.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "fake-proxy", digest, auth)))
     events = read_events(sock, until=lambda e: isinstance(e, wire.Hello))
     assert isinstance(events[-1], wire.Hello) and events[-1].role is wire.Role.CACHE
     assert events[-1].digest is digest, "the cache must verify with the digest the proxy offers"
-    sock.sendall(wire.encode_checkpoint_begin(checkpoint))
+    sock.sendall(wire.encode_checkpoint_begin(f"fake-proxy-{checkpoint}"))
     return sock
 
 
@@ -391,11 +396,12 @@ def test_fake_proxy_drops_mid_file(daemons):
     sock = fake_proxy(pair, "fake-1")
     sock.sendall(wire.encode_file_begin(0, "pages-1.img"))
     sock.sendall(wire.encode_file_data_header(0, 0, 100_000) + b"x" * 5000)
-    pair.cache_log.wait_for(r"checkpoint fake-1 begins from fake-proxy")
+    pair.cache_log.wait_for(r"checkpoint fake-proxy-fake-1 begins from fake-proxy")
     sock.close()
-    pair.cache_log.wait_for(r"link from fake-proxy .* lost mid-checkpoint fake-1 .*kept 1 s for the proxy to resume")
-    error = one_error(pair.cache_log, r"checkpoint fake-1 from fake-proxy .* failed: its proxy did not come back "
-                                      r"within 1 s \(cache.resume_for\)")
+    pair.cache_log.wait_for(r"link from fake-proxy .* lost mid-checkpoint fake-proxy-fake-1 "
+                            r".*kept 1 s for the proxy to resume")
+    error = one_error(pair.cache_log, r"checkpoint fake-proxy-fake-1 from fake-proxy .* failed: its proxy did not "
+                                      r"come back within 1 s \(cache.resume_for\)")
     assert "dump again" in error
     images = checkpoint_images("good")
     dump(pair.proxy_dir, images)
@@ -541,7 +547,7 @@ def test_fewer_than_four_bytes_then_gone(daemons, where):
 def test_address_not_allowed(daemons):
     pair = daemons()
     earlier = _earlier_then(pair)
-    sock = peer_connect(pair, source="127.0.0.2")
+    sock = peer_connect(pair, source="127.0.0.2", tls=False)  # refused before any handshake
     sock.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "intruder")))
     events = wait_received_eof(sock)
     sock.close()
@@ -565,7 +571,8 @@ def test_digest_mismatch_never_served(daemons):
     events = wait_received_eof(sock)
     sock.close()
     assert isinstance(events[-1], wire.Error) and events[-1].code == wire.ErrorCode.DIGEST_MISMATCH, events
-    one_error(pair.cache_log, r"refused: inventory\.img: sha256 digest mismatch.*checkpoint bad-digest is dropped")
+    one_error(pair.cache_log,
+              r"refused: inventory\.img: sha256 digest mismatch.*checkpoint fake-proxy-bad-digest is dropped")
     dump(pair.proxy_dir, good)
     got = waiting.result()
     assert got["inventory.img"] != bad_inventory

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from imgmig.commands.pki import init_ca, issue_node
 from testbed import containers, migrate, netns, workload
 from testbed import criu as testbed_criu
 
@@ -90,6 +91,24 @@ def _install(node: containers.Container, deb: Path) -> None:
              timeout=300.0)
 
 
+@pytest.fixture(scope="module")
+def pki(workdir: Path) -> Path:
+    """The cluster CA, made on the host by `imgmig pki`'s code; certificates per test."""
+    directory = workdir / "pki"
+    init_ca(directory)
+    return directory
+
+
+def _install_tls(node: containers.Container, pki: Path, name: str, address: str | None = None) -> None:
+    """What an operator does: `imgmig pki issue NAME`, then copy the files to the node's
+    /etc/imgmig/tls/ (the key root-only: the unit passes it to the service as a credential)."""
+    issue_node(pki, name, ips=[address] if address else [])
+    for source, dest, mode in ((pki / "ca.crt", "ca.crt", 0o644), (pki / f"{name}.crt", "node.crt", 0o644),
+                               (pki / f"{name}.key", "node.key", 0o600)):
+        node.copy_in(source, f"/etc/imgmig/tls/{dest}")
+        os.chmod(node.root / "etc/imgmig/tls" / dest, mode)
+
+
 def _journal(node: containers.Container, *match: str) -> list[dict[str, str]]:
     out = node.run("journalctl", "--no-pager", "-o", "json", *match, check=False).stdout
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
@@ -153,20 +172,31 @@ def nodes(deb: Path, criu: list[str], workdir: Path) -> Iterator[tuple[container
         yield node_a, node_b, pair
 
 
-def test_install_leaves_units_off_and_they_verify(nodes) -> None:
+def test_install_leaves_units_off_and_they_verify(nodes, pki: Path) -> None:
     node_a, node_b, _ = nodes
     _not_enabled_or_started(node_a)
     node_a.run("test", "-f", "/etc/imgmig/imgmig.yaml")
     assert "/etc/imgmig/imgmig.yaml" in node_a.run("dpkg-query", "--control-show", "imgmig", "conffiles").stdout
-    node_a.run("imgmig", "check-config")
+    # TLS is on as shipped: without keys check-config names the missing file and what to run.
+    missing = node_a.run("imgmig", "check-config", check=False)
+    assert missing.returncode == 2 and "/etc/imgmig/tls/ca.crt: missing" in missing.stderr, missing
+    assert "imgmig pki init" in missing.stderr
+    hostname = node_a.run("python3", "-c", "import socket; print(socket.gethostname())").stdout.strip()
+    _install_tls(node_a, pki, hostname)  # the shipped config's node is the hostname
+    assert f"tls: on; node {hostname}" in node_a.run("imgmig", "check-config").stdout
     _check_units(node_b)
 
 
-def test_migration_through_the_units_survives_a_cache_restart(nodes, criu: list[str], workdir: Path) -> None:
+def test_migration_through_the_units_survives_a_cache_restart(nodes, criu: list[str], workdir: Path,
+                                                              pki: Path) -> None:
+    """With mutual TLS: keys made by `imgmig pki`, each node's key passed as a credential, the
+    proxy naming the cache's node and the cache allowing node-a by name."""
     node_a, node_b, pair = nodes
-    node_a.write("/etc/imgmig/imgmig.yaml", f"node: node-a\nproxy:\n  peer: {pair.b.address}:{PORT}\n")
+    _install_tls(node_a, pki, "node-a", pair.a.address)
+    _install_tls(node_b, pki, "node-b", pair.b.address)
+    node_a.write("/etc/imgmig/imgmig.yaml", f"node: node-a\nproxy:\n  peer: node-b@{pair.b.address}:{PORT}\n")
     node_b.write("/etc/imgmig/imgmig.yaml", f"node: node-b\ncache:\n  listen: 0.0.0.0:{PORT}\n"
-                                             f"  allow: [{pair.a.address}]\n")
+                                             f"  allow: [node-a]\n")
     node_b.systemctl("start", "imgmig-cache.socket")
     node_a.systemctl("start", "imgmig-proxy.socket")
     proxy_dir = node_a.root / "run/imgmig/proxy"
@@ -225,6 +255,10 @@ def test_migration_through_the_units_survives_a_cache_restart(nodes, criu: list[
           "the cache to release the restored checkpoint", 10)
     proxy_story = _journal(node_a, "-u", "imgmig-proxy", f"IMGMIG_CHECKPOINT={checkpoint}")
     assert proxy_story, "the proxy logged nothing for the checkpoint"
+    for node, unit in ((node_a, "imgmig-proxy"), (node_b, "imgmig-cache")):
+        started = [entry["MESSAGE"] for entry in _journal(node, "-u", unit) if "TLS on" in entry.get("MESSAGE", "")]
+        assert started and "/run/credentials/" not in started[-1], started
+        assert not _journal(node, "-u", unit, "-p", "err"), f"{unit} logged errors"
 
 
 def test_mismatched_socket_unit_is_refused_in_one_line(nodes) -> None:
@@ -248,12 +282,16 @@ def test_mismatched_socket_unit_is_refused_in_one_line(nodes) -> None:
         node_b.systemctl("restart", "imgmig-cache.socket")
 
 
-def test_installs_and_starts_on_bookworm(deb: Path, workdir: Path) -> None:
+def test_installs_and_starts_on_bookworm(deb: Path, workdir: Path, pki: Path) -> None:
+    """systemd 252: the key arrives as a credential, and `systemctl reload` takes a renewed
+    certificate (same key) without a restart."""
     root = _tree("bookworm")
     with containers.booted(root, "imgmig-bookworm", workdir=workdir, extra=["--private-network"]) as node:
         _install(node, deb)
         _not_enabled_or_started(node)
         _check_units(node)
+        node.write("/etc/imgmig/imgmig.yaml", "node: node-old\n")
+        _install_tls(node, pki, "node-old")
         node.systemctl("start", "imgmig-cache.socket")
         # The first connection activates the service (here: a restore that finds nothing and leaves).
         import socket
@@ -262,3 +300,9 @@ def test_installs_and_starts_on_bookworm(deb: Path, workdir: Path) -> None:
             _wait(lambda: _ready(node, "imgmig-cache.service")["ActiveState"] == "active", "READY on bookworm")
         status = _ready(node, "imgmig-cache.service")
         assert status["StatusText"].startswith("0 checkpoints"), status
+        pid = status["MainPID"]
+        _install_tls(node, pki, "node-old")  # renewed: `pki issue` again keeps the key
+        node.systemctl("reload", "imgmig-cache.service")
+        _wait(lambda: any("TLS reloaded" in entry.get("MESSAGE", "")
+                          for entry in _journal(node, "-u", "imgmig-cache")), "the reload on bookworm")
+        assert _ready(node, "imgmig-cache.service")["MainPID"] == pid, "reload must not restart the daemon"

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import Pki
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = "/usr/bin/python3"
@@ -106,9 +107,10 @@ def notify_socket(tmp_path: Path) -> Iterator[tuple[Path, Notifications]]:
     sock.close()
 
 
-def write_config(tmp_path: Path, port: int) -> Path:
+def write_config(tmp_path: Path, port: int, pki: Pki) -> Path:
     config = tmp_path / "imgmig.yaml"
-    config.write_text(f"node: test-b\nmemory: {{limit: 64MiB}}\n"
+    config.write_text(f"node: test-node\nmemory: {{limit: 64MiB}}\n"
+                      f"tls: {{ca: {pki.ca}, cert: {pki.cert('test-node')}, key: {pki.key('test-node')}}}\n"
                       f"proxy: {{images_dir: {tmp_path}/proxy, peer: '127.0.0.1:{port}'}}\n"
                       f"cache: {{images_dir: {tmp_path}/cache, listen: '127.0.0.1:{port}', allow: [127.0.0.1]}}\n")
     (tmp_path / "cache").mkdir(exist_ok=True)
@@ -160,10 +162,10 @@ def cache_argv(config: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("unix_first", [True, False], ids=["unix-then-tcp", "tcp-then-unix"])
-def test_cache_ready_status_stopping_any_fd_order(tmp_path: Path, notify_socket, unix_first: bool) -> None:
+def test_cache_ready_status_stopping_any_fd_order(tmp_path: Path, notify_socket, pki: Pki, unix_first: bool) -> None:
     notify, notes = notify_socket
     port = free_port()
-    config = write_config(tmp_path, port)
+    config = write_config(tmp_path, port, pki)
     serve = tmp_path / "cache" / "streamer-serve.sock"
     listen = [str(serve), f"127.0.0.1:{port}"]
     proc = activate(listen if unix_first else listen[::-1], cache_argv(config), notify, tmp_path / "log")
@@ -184,10 +186,10 @@ def test_cache_ready_status_stopping_any_fd_order(tmp_path: Path, notify_socket,
     assert notes.stored.get("imgmig-meta") is not None, "the fd-store metadata memfd was not stored"
 
 
-def test_mismatched_port_refused_with_one_line(tmp_path: Path, notify_socket) -> None:
+def test_mismatched_port_refused_with_one_line(tmp_path: Path, notify_socket, pki: Pki) -> None:
     notify, notes = notify_socket
     port, other = free_port(), free_port()
-    config = write_config(tmp_path, port)   # config says `port`, the "socket unit" says `other`
+    config = write_config(tmp_path, port, pki)   # config says `port`, the "socket unit" says `other`
     serve = tmp_path / "cache" / "streamer-serve.sock"
     proc = activate([str(serve), f"127.0.0.1:{other}"], cache_argv(config), notify, tmp_path / "log")
     try:
@@ -205,9 +207,9 @@ def test_mismatched_port_refused_with_one_line(tmp_path: Path, notify_socket) ->
     assert any("refused to start" in status for status in notes.statuses())
 
 
-def test_proxy_identifies_its_two_unix_sockets(tmp_path: Path, notify_socket) -> None:
+def test_proxy_identifies_its_two_unix_sockets(tmp_path: Path, notify_socket, pki: Pki) -> None:
     notify, notes = notify_socket
-    config = write_config(tmp_path, free_port())
+    config = write_config(tmp_path, free_port(), pki)
     capture, serve = tmp_path / "proxy" / "streamer-capture.sock", tmp_path / "proxy" / "streamer-serve.sock"
     argv = [PYTHON, "-m", "imgmig", "proxy", "--config", str(config)]
     proc = activate([str(serve), str(capture)], argv, notify, tmp_path / "log")
@@ -223,10 +225,10 @@ def test_proxy_identifies_its_two_unix_sockets(tmp_path: Path, notify_socket) ->
     assert f"capture {capture}" in log and f"serve {serve}" in log, log
 
 
-def test_watchdog_keepalives(tmp_path: Path, notify_socket) -> None:
+def test_watchdog_keepalives(tmp_path: Path, notify_socket, pki: Pki) -> None:
     notify, notes = notify_socket
     port = free_port()
-    config = write_config(tmp_path, port)
+    config = write_config(tmp_path, port, pki)
     serve = tmp_path / "cache" / "streamer-serve.sock"
     proc = activate([str(serve), f"127.0.0.1:{port}"], cache_argv(config), notify, tmp_path / "log",
                     ("-E", "WATCHDOG_USEC=400000"))
@@ -243,13 +245,13 @@ def test_watchdog_keepalives(tmp_path: Path, notify_socket) -> None:
 
 # ---- the fd store over a restart ------------------------------------------------------
 
-def _send_checkpoint(port: int, checkpoint: str, files: dict[str, bytes]) -> None:
-    """Deliver one checkpoint to the cache the way a proxy does."""
+def _send_checkpoint(port: int, checkpoint: str, files: dict[str, bytes], pki: Pki) -> None:
+    """Deliver one checkpoint to the cache the way a proxy (node fake-proxy) does, over TLS."""
     import hashlib
 
     from imgmig.protocol import peer_wire as wire
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "test-a")))
+    with pki.client("fake-proxy").wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10)) as sock:
+        sock.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "fake-proxy", auth=wire.Auth.TLS)))
         sock.sendall(wire.encode_checkpoint_begin(checkpoint))
         for file_id, (name, data) in enumerate(files.items()):
             sock.sendall(wire.encode_file_begin(file_id, name))
@@ -269,14 +271,14 @@ def _send_checkpoint(port: int, checkpoint: str, files: dict[str, bytes]) -> Non
                 decoder.feed(data)
 
 
-def _link_back_and_grant(port: int, checkpoint: str) -> threading.Thread:
+def _link_back_and_grant(port: int, checkpoint: str, pki: Pki) -> threading.Thread:
     """The proxy's side after the cache restarted: resume the checkpoint's conversation
     (the cache has it complete) and grant the restore its right (docs/protocol.md)."""
     from imgmig.protocol import peer_wire as wire
 
     def run() -> None:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "test-a"))
+        with pki.client("fake-proxy").wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10)) as sock:
+            sock.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "fake-proxy", auth=wire.Auth.TLS))
                          + wire.encode_checkpoint_begin(checkpoint, resume=True))
             decoder = wire.FrameDecoder()
             while True:
@@ -334,10 +336,10 @@ def _run_with_fds(argv: list[str], sockets: list[socket.socket], stored: dict[st
                                 pass_fds=numbers, start_new_session=True)
 
 
-def test_fd_store_keeps_a_checkpoint_over_a_restart(tmp_path: Path, notify_socket) -> None:
+def test_fd_store_keeps_a_checkpoint_over_a_restart(tmp_path: Path, notify_socket, pki: Pki) -> None:
     notify, notes = notify_socket
     port = free_port()
-    config = write_config(tmp_path, port)
+    config = write_config(tmp_path, port, pki)
     serve_path = tmp_path / "cache" / "streamer-serve.sock"
     tcp = socket.create_server(("127.0.0.1", port))
     unix = socket.socket(socket.AF_UNIX)
@@ -348,7 +350,7 @@ def test_fd_store_keeps_a_checkpoint_over_a_restart(tmp_path: Path, notify_socke
     first = _run_with_fds(cache_argv(config), [tcp, unix], {}, notify, log)
     try:
         notes.wait_for("READY", "1")
-        _send_checkpoint(port, "test-a-1", files)
+        _send_checkpoint(port, "fake-proxy-1", files, pki)
         deadline = time.monotonic() + 10
         while len([n for n in notes.stored if n.startswith("img-")]) < len(files):
             assert time.monotonic() < deadline, f"images not stored: {notes.stored}"
@@ -364,7 +366,7 @@ def test_fd_store_keeps_a_checkpoint_over_a_restart(tmp_path: Path, notify_socke
     try:
         ready = notes.wait_for("READY", "1")
         assert ready["STATUS"].startswith("1 checkpoint,"), ready
-        proxy = _link_back_and_grant(port, "test-a-1")
+        proxy = _link_back_and_grant(port, "fake-proxy-1", pki)
         got = _restore_all(serve_path, [*files, "absent.img"])
         proxy.join(10)
         assert not proxy.is_alive(), "the cache reported the restore and closed the link"
@@ -391,8 +393,8 @@ def _frames_until(sock: socket.socket, decoder, kind: type) -> object:
             decoder.feed(data)
 
 
-def test_fd_store_keeps_a_checkpoint_still_arriving_and_the_proxy_resumes_it(tmp_path: Path,
-                                                                              notify_socket) -> None:
+def test_fd_store_keeps_a_checkpoint_still_arriving_and_the_proxy_resumes_it(tmp_path: Path, notify_socket,
+                                                                              pki: Pki) -> None:
     """Restart the cache in the middle of a transfer: the images that arrived so far come back
     from the fd store, BEGUN says how far each got, and the proxy sends only the rest."""
     import hashlib
@@ -400,20 +402,24 @@ def test_fd_store_keeps_a_checkpoint_still_arriving_and_the_proxy_resumes_it(tmp
     from imgmig.protocol import peer_wire as wire
     notify, notes = notify_socket
     port = free_port()
-    config = write_config(tmp_path, port)
+    config = write_config(tmp_path, port, pki)
     serve_path = tmp_path / "cache" / "streamer-serve.sock"
     tcp = socket.create_server(("127.0.0.1", port))
     unix = socket.socket(socket.AF_UNIX)
     unix.bind(str(serve_path))
     unix.listen(8)
     pages, inventory = os.urandom(6 << 20), b"inventory" * 100
-    hello = wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "test-a"))
+    hello = wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "fake-proxy", auth=wire.Auth.TLS))
+
+    def connect() -> socket.socket:
+        return pki.client("fake-proxy").wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10))
+
     log = tmp_path / "log"
     first = _run_with_fds(cache_argv(config), [tcp, unix], {}, notify, log)
     try:
         notes.wait_for("READY", "1")
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        sock.sendall(hello + wire.encode_checkpoint_begin("test-a-2") + wire.encode_file_begin(0, "pages-1.img"))
+        sock = connect()
+        sock.sendall(hello + wire.encode_checkpoint_begin("fake-proxy-2") + wire.encode_file_begin(0, "pages-1.img"))
         for offset in range(0, 3 << 20, 1 << 20):
             sock.sendall(wire.encode_file_data(0, offset, pages[offset:offset + (1 << 20)]))
         _frames_until(sock, wire.FrameDecoder(), wire.Begun)
@@ -431,9 +437,9 @@ def test_fd_store_keeps_a_checkpoint_still_arriving_and_the_proxy_resumes_it(tmp
     second = _run_with_fds(cache_argv(config), [unix, tcp], stored, notify, log)
     try:
         notes.wait_for("READY", "1")
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        with connect() as sock:
             decoder = wire.FrameDecoder()
-            sock.sendall(hello + wire.encode_checkpoint_begin("test-a-2", resume=True))
+            sock.sendall(hello + wire.encode_checkpoint_begin("fake-proxy-2", resume=True))
             begun = _frames_until(sock, decoder, wire.Begun)
             assert begun.status is wire.BeginStatus.RESUMED and begun.files == 1, begun
             (file_id, held), = begun.held
@@ -451,7 +457,7 @@ def test_fd_store_keeps_a_checkpoint_still_arriving_and_the_proxy_resumes_it(tmp
             got: dict[str, bytes | None] = {}
             restoring.start()
             _frames_until(sock, decoder, wire.Claim)
-            sock.sendall(wire.encode_grant(True, "test-a-2", "test-b (the destination)"))
+            sock.sendall(wire.encode_grant(True, "fake-proxy-2", "test-node (the destination)"))
             restoring.join(20)
         assert got == {"inventory.img": inventory, "pages-1.img": pages}, "what was restored is what was sent"
     finally:

@@ -13,6 +13,7 @@ PACKAGES=(
     python3-psutil
     python3-systemd    # sd_notify, socket activation, journald
     python3-xxhash     # XXH3-128 file digests (without it: SHA-256)
+    python3-cryptography # imgmig pki and the TLS files' checks
     python3-pytest
     python3-hypothesis # the fuzz tests (tests/test_fuzz_*.py)
     python3-venv       # tools/test.sh makes a venv for ruff

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from imgmig import __version__, config
 from imgmig.config import Config, ConfigError
-from imgmig.system import systemd_glue
+from imgmig.system import systemd_glue, tls
 from imgmig.system.fdstore import FdStore
 
 log = logging.getLogger("imgmig")
@@ -34,6 +34,7 @@ def _daemon_main(role: str, build: Callable[[Config], object], argv: list[str] |
         log.error("%s", exc)
         systemd_glue.notify(f"STATUS=refused to start: {exc}")
         return EXIT_CONFIG
+    tls.log_start(role_object.trust, cfg.source)  # type: ignore[attr-defined]
     # Checkpoints kept in systemd's fd store over a restart are back before READY=1.
     FdStore(role_object.store, role).take_back(passed.stored)  # type: ignore[attr-defined]
     return daemon.run()
@@ -55,8 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check-config", help="validate a config file and say what it sets")
     check.add_argument("file", nargs="?", default=config.DEFAULT_PATH)
+    check.set_defaults(run=lambda args: check_config(args.file))
+    from imgmig.commands import pki
+    pki.add_parser(commands)
     args = parser.parse_args(argv)
-    return check_config(args.file)
+    return args.run(args)
 
 
 def check_config(path: str) -> int:
@@ -66,11 +70,28 @@ def check_config(path: str) -> int:
         print(f"imgmig: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     peer = cfg.proxy.peer or "not set (the proxy role cannot run)"
+    if cfg.proxy.peer_node:
+        peer = f"{cfg.proxy.peer_node}@{peer} (its certificate must name {cfg.proxy.peer_node})"
     print(f"{path}: valid")
     print(f"  node {cfg.node}; transfer {cfg.transfer}; digest {cfg.digest}; memory limit {cfg.memory_limit} bytes")
     print(f"  proxy: images_dir {cfg.proxy.images_dir}, peer {peer}")
-    allow = ", ".join(str(net) for net in cfg.cache.allow) or "nobody"
+    allow = ", ".join([*(str(net) for net in cfg.cache.allow), *cfg.cache.allow_nodes]) or "nobody"
     print(f"  cache: images_dir {cfg.cache.images_dir}, listen {cfg.cache.listen}, allow {allow}")
+    return check_tls(cfg)
+
+
+def check_tls(cfg: Config) -> int:
+    if cfg.tls is None:
+        print("  tls: OFF: any process reaching the cache's port can send it checkpoints and images cross "
+              "the network in clear text; use tls: off only in a lab")
+        return 0
+    try:
+        identity = tls.load_identity(cfg.tls, cfg.node)
+    except ConfigError as exc:
+        print(f"imgmig: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"  tls: on; node {identity.node}, certificate {cfg.tls.cert} valid until "
+          f"{identity.not_after:%Y-%m-%d} UTC, key {identity.key}, CA {cfg.tls.ca}")
     return 0
 
 

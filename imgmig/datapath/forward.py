@@ -16,17 +16,17 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from imgmig.config import HostPort
 from imgmig.datapath import custody
 from imgmig.datapath.digest import Digester, new_hasher, usable
 from imgmig.datapath.kernel_io import hash_region
-from imgmig.datapath.link import PlainLink
-from imgmig.datapath.receive import _keepalive, _readable
+from imgmig.datapath.link import Link, LinkRefused, TlsLink
+from imgmig.datapath.receive import receive_within
 from imgmig.datapath.store import Checkpoint, Image, ImageStore, State
 from imgmig.protocol import conversation as conv
 from imgmig.protocol import peer_wire as wire
@@ -43,7 +43,7 @@ SEND_STEP = 1 << 20
 # its FILE_BEGIN and FILE_END in a single send: small files are bound by system calls.
 SMALL_FILE = 64 << 10
 SMALL_BATCH = 32  # small files per send
-CONNECT_TIMEOUT = 10.0
+PREVIOUS_WAIT = 10.0  # longest a checkpoint's BEGIN waits for the previous checkpoint's
 LINGER_AFTER_FAILURE = 2.0
 LOOK_EVERY = 0.2      # an idle link looks at the store this often (a rollback may take the right)
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 2.0
@@ -81,9 +81,10 @@ class _Outgoing:
 
 class Forwarder:
     def __init__(self, store: ImageStore, checkpoint: Checkpoint, peer: HostPort, node: str,
-                 stop: threading.Event, *, wait_for_complete: bool = False,
+                 stop: threading.Event, connect: Callable[[], Link], *, wait_for_complete: bool = False,
                  after: threading.Event | None = None, digest: wire.Digest = wire.Digest.SHA256,
                  reconnect_for: float = 300.0, keep_restored_for: float = 600.0) -> None:
+        self.connect = connect  # link.open_link with this proxy's peer and trust
         self.store = store
         self.checkpoint = checkpoint
         self.peer = peer
@@ -92,7 +93,7 @@ class Forwarder:
         self.wait_for_complete = wait_for_complete
         self.reconnect_for = reconnect_for
         self.keep_restored_for = keep_restored_for
-        self.link: PlainLink | None = None
+        self.link: Link | None = None
         self.conn: conv.ProxyConnection | None = None
         self.outgoing: list[_Outgoing] = []  # by file id
         self.next_to_begin = 0               # file id of the first file not begun on this connection
@@ -165,6 +166,9 @@ class Forwarder:
             except wire.PeerProtocolError as exc:
                 self._report_failure(f"the cache broke the protocol: {exc}")
                 return
+            except LinkRefused as exc:  # not authenticated: trying again will not help
+                self._report_failure(str(exc))
+                return
             except (OSError, LinkLost) as exc:
                 reason = _describe(exc)
             now = time.monotonic()
@@ -192,19 +196,22 @@ class Forwarder:
 
     def _connection(self) -> None:
         resume = self.begun.is_set()
-        now = time.monotonic()
-        self.conn = conv.ProxyConnection(self.node, self.checkpoint.id, self.digest, now, resume=resume,
-                                         memory_limit=self.store.limit, room=max(0, self.store.room()))
-        sock = socket.create_connection((self.peer.host, self.peer.port), timeout=CONNECT_TIMEOUT)
+        self.conn = None
+        self.link = self.connect()
+        delivered = False
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _keepalive(sock)
-            sock.settimeout(None)
-            self.link = PlainLink(sock)
+            auth = wire.Auth.TLS if isinstance(self.link, TlsLink) else wire.Auth.NONE
+            self.conn = conv.ProxyConnection(self.node, self.checkpoint.id, self.digest, time.monotonic(),
+                                             resume=resume, auth=auth, memory_limit=self.store.limit,
+                                             room=max(0, self.store.room()))
             self._flush()
-            hello = self._wait_for(conv.HelloReceived)
-            self.peer_name = hello.hello.node
-            self.peer_node = f"{hello.hello.node} ({self.peer})"
+            hello = self._wait_for(conv.HelloReceived).hello
+            if self.link.peer_node is not None and hello.node != self.link.peer_node:
+                raise GiveUp(f"the cache calls itself {hello.node!r} in HELLO but its certificate names "
+                             f"{self.link.peer_node!r}")
+            self.link.settimeout(None)  # the handshake deadline is over; the machine keeps time now
+            self.peer_name = hello.node
+            self.peer_node = f"{hello.node} ({self.peer})"
             if not resume:
                 self._await_previous()
             self.conn.begin(time.monotonic())
@@ -213,15 +220,21 @@ class Forwarder:
             self._on_begun(answered, resume)
             if self.conn.phase is conv.Phase.TRANSFER:
                 self._stream()
+            delivered = True
             self._hold()
         finally:
-            self.link.close()
+            if delivered:
+                self.link.close()
+            else:
+                # An undelivered checkpoint ends with a reset: a FIN would queue behind bytes that a
+                # cache waiting for memory does not read, and it would wait on.
+                self.link.abort()
 
     def _await_previous(self) -> None:
         """Keep the order in which dumps connected, but never wait on a stuck predecessor long."""
         if self.after is None:
             return
-        deadline = time.monotonic() + CONNECT_TIMEOUT
+        deadline = time.monotonic() + PREVIOUS_WAIT
         while not self.after.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
             if time.monotonic() >= deadline or self.stop.is_set():
                 return
@@ -438,13 +451,13 @@ class Forwarder:
     def _pump(self, timeout: float) -> list[conv.Event]:
         """Wait up to timeout for bytes, feed them, act on every event; return them."""
         assert self.conn is not None and self.link is not None
-        if _readable(self.link.fileno(), timeout):
-            data = self.link.recv(65536)
-            if not data:
-                raise LinkLost("the cache closed the connection")
-            self.conn.receive_data(data, time.monotonic())
-        else:
+        data = receive_within(self.link, timeout)
+        if data is None:
             self._tick()
+        elif not data:
+            raise LinkLost("the cache closed the connection")
+        else:
+            self.conn.receive_data(data, time.monotonic())
         events = []
         try:
             while (event := self.conn.next_event()) is not None:

@@ -19,7 +19,6 @@ import logging
 import os
 import select
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from imgmig.config import DEFAULT_IDLE_TIMEOUT
 from imgmig.datapath import custody
 from imgmig.datapath.digest import LABELS, Digester, new_hasher, usable
 from imgmig.datapath.kernel_io import UntilHangup, hash_region, out_of_fds
-from imgmig.datapath.link import PlainLink
+from imgmig.datapath.link import Link
 from imgmig.datapath.store import Checkpoint, Image, ImageStore, State, StoreError, TooManyFiles
 from imgmig.protocol import conversation as conv
 from imgmig.protocol import peer_wire as wire
@@ -134,11 +133,12 @@ class Transfers:
 
 
 class ReceiveSession:
-    def __init__(self, sock: socket.socket, address: str, store: ImageStore, node: str,
+    def __init__(self, link: Link, address: str, store: ImageStore, node: str,
                  stop: threading.Event, transfers: Transfers, *, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                  on_hello: Callable[[], None] | None = None) -> None:
-        _keepalive(sock)
-        self.link = PlainLink(sock)
+        self.link = link  # from link.accept_link: its peer_node is the proxy's authenticated name
+        self.greeted = False  # HELLO came: a deadline now is the idle one, not the handshake's
+        self.sender = ""  # the node named in HELLO (with TLS: the certificate's)
         self.idle_timeout = idle_timeout
         self.on_hello = on_hello  # the connection is past its handshake (admission counts it so)
         self.address = address
@@ -171,8 +171,8 @@ class ReceiveSession:
             self._refuse(str(exc), exc.code)
         except Refused as exc:
             self._refuse(str(exc), exc.code)
-        except BlockingIOError:  # SO_RCVTIMEO/SO_SNDTIMEO ended a blocking splice or send
-            self._idle()
+        except (TimeoutError, BlockingIOError):  # a deadline: see Link.set_idle_timeout
+            self._on_deadline()
         except OSError as exc:
             if out_of_fds(exc):
                 self._refuse(f"out of file descriptors ({exc.strerror}); raise LimitNOFILE", ErrorCode.INTERNAL)
@@ -209,7 +209,10 @@ class ReceiveSession:
         wait = LOOK_EVERY if deadline is None else max(0.0, min(deadline - now, LOOK_EVERY))
         if self._transferring:
             wait = max(0.0, min(wait, self.conn.last_heard + self.idle_timeout - now))
-        if not _readable(self.link.fileno(), wait):
+        if not self.greeted:
+            self.link.wait_time()  # TimeoutError once the handshake deadline (TLS and HELLO) passed
+        data = receive_within(self.link, wait)
+        if data is None:
             if self._transferring and time.monotonic() - self.conn.last_heard >= self.idle_timeout:
                 raise BlockingIOError
             dead = self.conn.handle_timeout(time.monotonic())
@@ -218,28 +221,22 @@ class ReceiveSession:
             if dead is not None:
                 raise LinkLost(dead.reason)
             return
-        data = self.link.recv(65536)
         if not data:
             self._on_eof()
             return
         self.conn.receive_data(data, time.monotonic())
+
+    def _on_deadline(self) -> None:
+        if self.greeted:
+            self._refuse(f"nothing moved for {self.idle_timeout:g} s (cache.idle_timeout)", ErrorCode.REFUSED)
+        else:
+            self._refuse("no HELLO within link.handshake_timeout", ErrorCode.PROTOCOL)
 
     @property
     def _transferring(self) -> bool:
         """Between HELLO and CHECKPOINT_END a stalled link fails the checkpoint (cache.idle_timeout);
         afterwards it waits for the restore as long as that takes."""
         return self.conn.phase in (conv.Phase.BEGIN, conv.Phase.TRANSFER)
-
-    def _idle(self) -> None:
-        self._refuse(f"nothing moved for {self.idle_timeout:g} s (cache.idle_timeout)", ErrorCode.REFUSED)
-
-    def _set_idle_timeout(self, seconds: float) -> None:
-        """Kernel timeouts too, not only Python's: they also bound a blocking splice from the
-        socket or send to it, which end with EAGAIN (0: never)."""
-        whole = int(seconds)
-        timeval = struct.pack("@ll", whole, int((seconds - whole) * 1e6))
-        for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
-            self.link.sock.setsockopt(socket.SOL_SOCKET, option, timeval)
 
     def _flush_out(self) -> None:
         data = self.conn.data_to_send()
@@ -269,12 +266,7 @@ class ReceiveSession:
     def _on_event(self, event: conv.Event) -> None:
         now = time.monotonic()
         if isinstance(event, conv.HelloReceived):
-            self.peer = f"{event.hello.node} ({self.address})"
-            self.digest = usable(event.hello.digest)
-            self.conn.accept_hello(self.digest, self.store.limit, max(0, self.store.room()), now)
-            self._set_idle_timeout(self.idle_timeout)
-            if self.on_hello is not None:
-                self.on_hello()
+            self._on_hello(event.hello, now)
         elif isinstance(event, conv.BeginRequested):
             self._on_begin(event, now)
         elif isinstance(event, conv.FileBegun):
@@ -294,7 +286,29 @@ class ReceiveSession:
         elif isinstance(event, conv.PeerError):
             raise LinkLost(f"the proxy reported error {event.code}: {event.message}")
 
+    def _on_hello(self, hello: wire.Hello, now: float) -> None:
+        authenticated = self.link.peer_node
+        if authenticated is not None and hello.auth is not wire.Auth.TLS:
+            raise Refused(f"HELLO offers auth method {hello.auth.value} on a TLS link; this cache takes only "
+                          f"{wire.Auth.TLS.value} (TLS), no downgrade", ErrorCode.REFUSED)
+        if authenticated is not None and hello.node != authenticated:
+            raise Refused(f"HELLO says node {hello.node!r} but its certificate names {authenticated!r}",
+                          ErrorCode.REFUSED)
+        self.peer = f"{hello.node} ({self.address})"
+        self.sender = hello.node
+        self.digest = usable(hello.digest)
+        self.conn.accept_hello(self.digest, self.store.limit, max(0, self.store.room()), now)
+        self.link.settimeout(None)
+        self.link.set_idle_timeout(self.idle_timeout)
+        self.greeted = True
+        if self.on_hello is not None:
+            self.on_hello()
+
     def _on_begin(self, event: conv.BeginRequested, now: float) -> None:
+        if not event.checkpoint.startswith(f"{self.sender}-"):
+            # ids are bound to the sender's (authenticated) node: none can take or block another's
+            raise Refused(f"checkpoint id {event.checkpoint!r} does not start with the sender's node name "
+                          f"{self.sender!r}-", ErrorCode.REFUSED)
         if event.resume:
             status, inbound = self._resume(event.checkpoint)
         else:
@@ -451,7 +465,7 @@ class ReceiveSession:
     def _on_checkpoint_end(self, event: conv.CheckpointEnded) -> None:
         checkpoint = self._inbound().checkpoint
         now = time.monotonic()
-        self._set_idle_timeout(0)  # the link now waits for a restore, which may take its time
+        self.link.set_idle_timeout(0)  # the link now waits for a restore, which may take its time
         if not event.clean:
             self._fail("the proxy reports the dump did not finish (CRIU failed or died)")
             self.conn.done(False, "dump did not finish; checkpoint dropped", now)
@@ -536,8 +550,8 @@ class ReceiveSession:
         connection, and it would see a reset instead of the reason."""
         self.link.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + LINGER
-        while time.monotonic() < deadline and _readable(self.link.fileno(), deadline - time.monotonic()):
-            if not self.link.recv(1 << 20):
+        while time.monotonic() < deadline:
+            if receive_within(self.link, deadline - time.monotonic()) == b"":
                 return
 
     def _fail(self, reason: str, log_it: bool = True) -> None:
@@ -557,14 +571,13 @@ def _readable(fd: int, timeout: float) -> bool:
     return bool(poller.poll(int(timeout * 1000)))
 
 
-def _keepalive(sock: socket.socket) -> None:
-    """A peer that vanishes without a FIN or RST (power off, cable) is noticed by TCP too,
-    even inside a blocking splice: keepalive probes and a bound on unacknowledged data."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for option, value in (("TCP_KEEPIDLE", 15), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3),
-                          ("TCP_USER_TIMEOUT", 45_000)):
-        if hasattr(socket, option):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+def receive_within(link: Link, timeout: float) -> bytes | None:
+    """What the link has, waiting up to timeout: None if nothing came, b"" at end of stream.
+    The link is asked first: a TLS link may hold decrypted bytes that never wake a poll()."""
+    data = link.recv_nowait(65536)
+    if data is None and _readable(link.fileno(), timeout):
+        data = link.recv_nowait(65536)
+    return data
 
 
 def _describe(exc: BaseException) -> str:

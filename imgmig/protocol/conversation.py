@@ -284,7 +284,7 @@ class ProxyConnection(_Side):
     """
 
     def __init__(self, node: str, checkpoint: str, digest: wire.Digest, now: float, *, resume: bool = False,
-                 memory_limit: int = 0, room: int = 0, ping_every: float = PING_EVERY,
+                 auth: wire.Auth = wire.Auth.NONE, memory_limit: int = 0, room: int = 0, ping_every: float = PING_EVERY,
                  dead_after: float = DEAD_AFTER) -> None:
         super().__init__(now, ping_every, dead_after)
         self.checkpoint = checkpoint
@@ -294,7 +294,7 @@ class ProxyConnection(_Side):
         self.acked: dict[int, int] = {}   # file id -> bytes the cache holds, by BEGUN and ACK
         self.claim_pending = False
         self.drop_sent = False
-        self._send(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, node, digest,
+        self._send(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, node, digest, auth,
                                                 memory_limit=memory_limit, room=room)), now)
 
     # ---- what the proxy says -----------------------------------------------------------------

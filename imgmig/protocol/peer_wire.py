@@ -53,6 +53,7 @@ class Digest(IntEnum):
 
 class Auth(IntEnum):
     NONE = 0
+    TLS = 1  # the link is mutual TLS; the node name is the certificate's
 
 
 class ErrorCode(IntEnum):

@@ -7,11 +7,13 @@ and is served as soon as each image it asks for is complete and verified.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 
 from imgmig.config import Config, is_allowed
 from imgmig.datapath import custody
+from imgmig.datapath.link import Link, LinkRefused, PeerRefusedUs, accept_link
 from imgmig.datapath.receive import ReceiveSession, Transfers
 from imgmig.datapath.serve import ServeSession
 from imgmig.datapath.store import Checkpoint, ImageStore
@@ -20,20 +22,24 @@ from imgmig.roles.admission import Admission
 from imgmig.roles.daemon import Daemon, Listener
 from imgmig.roles.endpoints import SERVE_SOCKET, Endpoint
 from imgmig.roles.status import RateMeter, describe_store, human_rate
+from imgmig.system.tls import Trust
 
 log = logging.getLogger(__name__)
+
+REFUSAL_LINGER = 1.0  # seconds a refused peer gets to read the refusal
 
 
 class Cache:
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.trust = None if config.tls is None else Trust(config.tls, config.node)
         self.store = ImageStore(config.memory_limit, serve_only_complete=config.store_and_forward,
                                 max_files=config.max_files)
         self.admission = Admission(config.cache.max_handshakes, config.cache.max_connections_per_peer, config.source)
         self.daemon = Daemon("imgmig-cache", [
             Listener(Endpoint("peer", tcp=config.cache.listen), self._on_proxy, self.admission),
             Listener(Endpoint("serve", path=config.cache.images_dir / SERVE_SOCKET), self._on_restore),
-        ], self.status)
+        ], self.status, reload=None if self.trust is None else self.trust.reload)
         self.receiving: dict[int, ReceiveSession] = {}
         self.transfers = Transfers(self.store, config.cache.resume_for)
         self.receive_rate = RateMeter()
@@ -51,16 +57,24 @@ class Cache:
         return f"{describe_store(self.store)}; {link} on {self.config.cache.listen}"
 
     def _on_proxy(self, conn: socket.socket, address: str) -> None:
-        if not is_allowed(self.config, address):
-            log.error("connection from %s refused: not in cache.allow of %s; add it there if this "
-                      "node should send checkpoints", address, self.config.source,
-                      extra={"IMGMIG_PEER": address})
-            try:
-                conn.sendall(wire.encode_error(wire.ErrorCode.REFUSED, "address not allowed"))
-            finally:
-                conn.close()
+        # Node names in cache.allow need the handshake; addresses alone are checked before it.
+        if not self.config.cache.allow_nodes and not is_allowed(self.config, address):
+            self._refuse_unallowed(conn, address, address)
             return
-        session = ReceiveSession(conn, address, self.store, self.config.node, self.daemon.stop, self.transfers,
+        try:
+            link = accept_link(conn, self.trust, self.config.link)
+        except PeerRefusedUs as exc:
+            log.warning("connection from %s ended: %s", address, exc, extra={"IMGMIG_PEER": address})
+            return
+        except LinkRefused as exc:
+            log.error("connection from %s refused: %s", address, exc, extra={"IMGMIG_PEER": address})
+            return
+        except OSError:  # gone before the handshake: a port probe, nothing to report
+            return
+        if not is_allowed(self.config, address, link.peer_node):
+            self._refuse_unallowed(link, address, f"node {link.peer_node} ({address})")
+            return
+        session = ReceiveSession(link, address, self.store, self.config.node, self.daemon.stop, self.transfers,
                                  idle_timeout=self.config.cache.idle_timeout,
                                  on_hello=lambda: self.admission.established(conn))
         self.receiving[id(session)] = session
@@ -68,6 +82,21 @@ class Cache:
             session.run()
         finally:
             del self.receiving[id(session)]
+
+    def _refuse_unallowed(self, conn: socket.socket | Link, address: str, who: str) -> None:
+        log.error("connection from %s refused: not in cache.allow of %s; add its node name or address there "
+                  "if it should send checkpoints", who, self.config.source, extra={"IMGMIG_PEER": address})
+        try:
+            with contextlib.suppress(OSError):
+                conn.send(wire.encode_error(wire.ErrorCode.REFUSED, "not allowed"))
+                # read what it sent until it hangs up: closing with its bytes unread would reset
+                # the connection, and it would never read why
+                conn.shutdown(socket.SHUT_WR)
+                conn.settimeout(REFUSAL_LINGER)
+                while conn.recv(65536):
+                    pass
+        finally:
+            conn.close()
 
     def _on_restore(self, conn: socket.socket, _peer: str) -> None:
         ServeSession(conn, self.store, self.daemon.stop, "cache", gate=self._await_right,

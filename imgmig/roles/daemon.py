@@ -35,8 +35,11 @@ class Listener:
 
 
 class Daemon:
-    def __init__(self, name: str, listeners: list[Listener], status: Callable[[], str]) -> None:
+    def __init__(self, name: str, listeners: list[Listener], status: Callable[[], str],
+                 reload: Callable[[], object] | None = None) -> None:
         self.name = name
+        self.reload = reload  # SIGHUP (systemctl reload): re-read the TLS files
+        self.reload_requested = threading.Event()
         self.listeners = listeners
         self.status = status
         self.stop = threading.Event()
@@ -67,6 +70,7 @@ class Daemon:
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         selector.register(wake_r, selectors.EVENT_READ, None)
         previous = {sig: signal.signal(sig, lambda *_: self.stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
         old_wakeup = signal.set_wakeup_fd(wake_w)
         systemd_glue.notify(f"READY=1\nSTATUS={self.status()}")
         try:
@@ -92,12 +96,23 @@ class Daemon:
                     _drain(key.fd)
                 else:
                     self._accept(key.fileobj, key.data)
+            if self.reload_requested.is_set():
+                self._reload()
             status = self.status()
             if status != last_status:
                 systemd_glue.notify(f"STATUS={status}")
                 last_status = status
             if watchdog:
                 systemd_glue.notify("WATCHDOG=1")
+
+    def _reload(self) -> None:
+        self.reload_requested.clear()
+        if self.reload is None:
+            log.info("%s: reload requested; nothing to reload (TLS is off)", self.name)
+            return
+        systemd_glue.notify("RELOADING=1")
+        self.reload()
+        systemd_glue.notify("READY=1")
 
     def _accept(self, sock: socket.socket, listener: Listener) -> None:
         try:

@@ -19,11 +19,13 @@ from imgmig.datapath.capture import CaptureSession
 from imgmig.datapath.digest import NAMES, usable
 from imgmig.datapath.forward import Forwarder
 from imgmig.datapath.kernel_io import out_of_fds
+from imgmig.datapath.link import Link, open_link
 from imgmig.datapath.serve import ServeSession
 from imgmig.datapath.store import Checkpoint, ImageStore
 from imgmig.roles.daemon import Daemon, Listener
 from imgmig.roles.endpoints import CAPTURE_SOCKET, SERVE_SOCKET, Endpoint
 from imgmig.roles.status import RateMeter, describe_store, human_rate
+from imgmig.system.tls import Trust
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.peer = require_proxy_peer(config)
+        self.trust = None if config.tls is None else Trust(config.tls, config.node)
         self.store = ImageStore(config.memory_limit, max_files=config.max_files)
         self.counter = itertools.count(1)
         self.begin_lock = threading.Lock()
@@ -44,7 +47,7 @@ class Proxy:
         self.daemon = Daemon("imgmig-proxy", [
             Listener(Endpoint("capture", path=images_dir / CAPTURE_SOCKET), self._on_capture),
             Listener(Endpoint("serve", path=images_dir / SERVE_SOCKET), self._on_restore),
-        ], self.status)
+        ], self.status, reload=None if self.trust is None else self.trust.reload)
         self.forwarders: set[Forwarder] = set()
         self.forwarded_before = 0  # bytes sent by forwarders that have finished
         self.capture_rate, self.forward_rate = RateMeter(), RateMeter()
@@ -72,7 +75,7 @@ class Proxy:
     def _on_capture(self, conn: socket.socket, _peer: str) -> None:
         with self.begin_lock:
             checkpoint = self.store.begin(self.new_checkpoint_id(), self.config.node)
-            forwarder = Forwarder(self.store, checkpoint, self.peer, self.config.node, self.daemon.stop,
+            forwarder = Forwarder(self.store, checkpoint, self.peer, self.config.node, self.daemon.stop, self._connect,
                                   wait_for_complete=self.config.store_and_forward, after=self.last_begun,
                                   digest=self.digest, reconnect_for=self.config.proxy.reconnect_for,
                                   keep_restored_for=self.config.proxy.keep_restored_for)
@@ -89,6 +92,9 @@ class Proxy:
             conn.close()
             return
         session.run()
+
+    def _connect(self) -> Link:
+        return open_link(self.peer, self.config.proxy.peer_node, self.trust, self.config.link)
 
     def _forward(self, forwarder: Forwarder) -> None:
         self.forwarders.add(forwarder)
