@@ -4,6 +4,8 @@
   A's proxy; the proxy streams to the cache while the dump runs.
 - store-and-forward: the same daemons with `transfer: store-and-forward` (the proxy
   forwards nothing until the dump ended, the cache serves nothing until all arrived).
+- imgmig-tls-off: as imgmig (which runs mutual TLS, as shipped) on a pair with
+  `tls: off`, to set TLS's cost beside it.
 - disk-style: `criu dump -D` into tmpfs on A, `tar | socat -b 131072` over the veth
   into tmpfs on B, `criu restore -D` from there.
 - floor: `criu dump -D` into tmpfs and `criu restore -D` from it, one node, no network.
@@ -31,10 +33,12 @@ from .simulated import cache_completions
 TMPFS = Path("/dev/shm")
 SOCAT_BLOCK = 131072
 TAR_BLOCKS = 256  # 256 x 512 = 128 KiB records
-METHODS = ("imgmig", "disk-style", "store-and-forward", "floor")
+METHODS = ("imgmig", "disk-style", "store-and-forward", "floor", "imgmig-tls-off")
+DAEMON_METHODS = ("imgmig", "store-and-forward", "imgmig-tls-off")
 DISK_PORT = 9881
 STREAM_PORT = 9996
 SAF_PORT = 9997
+PLAIN_PORT = 9998
 RUN_TIMEOUT = 180.0
 
 
@@ -47,15 +51,16 @@ class RealBench:
         self.tmpfs = Path(TMPFS / f"imgmig-bench-{workdir.name}")
         self.tmpfs.mkdir(parents=True, exist_ok=True)
         self.pairs: dict[str, daemons.Pair] = {}
-        self.counts = {"imgmig": 0, "store-and-forward": 0}
+        self.counts = dict.fromkeys(DAEMON_METHODS, 0)
         self._stack: list[object] = []
 
     # ---- daemons ----------------------------------------------------------------------
     def __enter__(self) -> RealBench:
-        for method, port, transfer in (("imgmig", STREAM_PORT, "streaming"),
-                                       ("store-and-forward", SAF_PORT, "store-and-forward")):
+        for method, port, transfer, tls in (("imgmig", STREAM_PORT, "streaming", True),
+                                            ("store-and-forward", SAF_PORT, "store-and-forward", True),
+                                            ("imgmig-tls-off", PLAIN_PORT, "streaming", False)):
             ctx = daemons.proxy_and_cache(self.workdir / method, self.nodes.a, self.nodes.b, port=port,
-                                          transfer=transfer, memory_limit="60%")
+                                          transfer=transfer, memory_limit="60%", tls=tls)
             self.pairs[method] = ctx.__enter__()
             self._stack.append(ctx)
         return self
@@ -90,7 +95,7 @@ class RealBench:
             mon = Monitor(self.daemon_pids(method)) if monitor else None
             if mon:
                 mon.__enter__()
-            if method in ("imgmig", "store-and-forward"):
+            if method in DAEMON_METHODS:
                 result, restored = self._imgmig(method, proc.pid)
             elif method == "floor":
                 result, restored = self._floor(proc.pid, reaper)

@@ -8,7 +8,7 @@ from typing import Any
 from .common import ratio, summary
 
 TARGET_MIB = 1024
-METHODS = ("imgmig", "disk-style", "store-and-forward", "floor")
+METHODS = ("imgmig", "disk-style", "store-and-forward", "floor", "imgmig-tls-off")  # as bench/realcriu.py
 
 
 def _median(s: dict[str, Any] | None) -> float | None:
@@ -40,6 +40,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                 "imgmig/disk-style": ratio(m.get("imgmig"), m.get("disk-style")),
                 "imgmig/store-and-forward": ratio(m.get("imgmig"), m.get("store-and-forward")),
                 "imgmig/floor": ratio(m.get("imgmig"), m.get("floor")),
+                "TLS on/off": ratio(m.get("imgmig"), m.get("imgmig-tls-off")),
             }
             dump[key]["ratios"] = {
                 "streaming dump into proxy / dump to tmpfs": ratio(d.get("imgmig"), d.get("floor")),
@@ -128,6 +129,8 @@ def _targets(s: dict[str, Any], size: int | None) -> list[dict[str, Any]]:
     add(f"freeze-to-running imgmig / disk-style ({key})", r.get("imgmig/disk-style"), "<=", 0.65)
     add(f"freeze-to-running imgmig / store-and-forward ({key})", r.get("imgmig/store-and-forward"), "<=", 0.75)
     add(f"freeze-to-running imgmig / floor ({key})", r.get("imgmig/floor"), "<=", 1.3)
+    add(f"freeze-to-running TLS on / TLS off ({key})", r.get("TLS on/off"), "<=", 1.15)
+    add("proxy-to-cache throughput (sim) TLS on / TLS off", s["link"].get("ratio_tls_on/off"), ">=", 0.7)
     d = (s.get("dump") or {}).get(key, {}).get("ratios", {})
     add(f"dump into proxy (forwarding held) / dump to tmpfs ({key})",
         d.get("dump into proxy (forwarding held) / dump to tmpfs"), "<=", 1.15)
@@ -163,14 +166,14 @@ def markdown(results: dict[str, Any]) -> str:
              "Medians with (min-max) over the repetitions; seconds unless stated.", ""]
     if "freeze_to_running" in s:
         lines += ["## 1. Freeze to running (start of `criu dump` until `criu restore -d` returned)", "",
-                  "| size MiB | memory | imgmig | disk-style | store-and-forward | floor | imgmig/disk | "
-                  "imgmig/s&f | imgmig/floor |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| size MiB | memory | imgmig | disk-style | store-and-forward | floor | imgmig, tls off | "
+                  "imgmig/disk | imgmig/s&f | imgmig/floor | TLS on/off |", "|---" * 11 + "|"]
         for key, row in s["freeze_to_running"].items():
             mib, mode = key.split("/")
             r = row["ratios"]
             lines.append(f"| {mib} | {mode} | " + " | ".join(_fmt(row.get(m)) for m in METHODS) + " | "
                          + " | ".join(_fmt(r[k]) for k in ("imgmig/disk-style", "imgmig/store-and-forward",
-                                                           "imgmig/floor")) + " |")
+                                                           "imgmig/floor", "TLS on/off")) + " |")
         lines += ["", "### Where the time goes (medians, seconds after `criu dump` started)", "",
                   "'moved': imgmig and store-and-forward, the cache logged the checkpoint complete and verified "
                   "(timed by the cache from CHECKPOINT_BEGIN); disk-style, tar|socat finished on B. 'restore': "
@@ -241,7 +244,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     modes = results["plan"]["modes"]
     fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
     for ax, mode in zip(axes[0], modes, strict=True):
-        for method, marker in zip(METHODS, "osD^", strict=True):
+        for method, marker in zip(METHODS, "osD^v", strict=True):
             xs, ys, lo, hi = [], [], [], []
             for mib in sizes:
                 v = s.get(f"{mib}/{mode}", {}).get(method)

@@ -20,7 +20,7 @@ from testbed import netns
 pytestmark = pytest.mark.realcriu
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("imgmig", "disk-style", "store-and-forward", "floor")
+METHODS = ("imgmig", "disk-style", "store-and-forward", "floor", "imgmig-tls-off")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_writes_markdown_table(smoke: Path) -> None:
     text = (smoke / "results.md").read_text()
     for heading in ("## 1. Freeze to running", "## 2. Dump cost", "## 3. Link", "## 4. Daemons", "## Targets"):
         assert heading in text
-    assert "| imgmig | disk-style | store-and-forward | floor |" in text
+    assert "| imgmig | disk-style | store-and-forward | floor | imgmig, tls off |" in text
     assert "n/a" not in text.split("## Targets")[1]
 
 

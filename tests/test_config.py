@@ -306,6 +306,9 @@ def test_check_config_valid(tmp_path):
     assert "10.0.0.2:9000" in result.stdout
     assert "tls: OFF" in result.stdout, "check-config must say that TLS is off"
     assert result.stderr == ""
+    path.write_text(VALID.replace("allow: [", "allow: [node-b, ") + "tls: off\n")
+    result = run("check-config", str(path))
+    assert result.returncode == 0 and "with tls: off these entries never match" in result.stdout
 
 
 def test_check_config_checks_the_tls_files(tmp_path, pki):

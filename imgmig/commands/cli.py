@@ -84,6 +84,9 @@ def check_tls(cfg: Config) -> int:
     if cfg.tls is None:
         print("  tls: OFF: any process reaching the cache's port can send it checkpoints and images cross "
               "the network in clear text; use tls: off only in a lab")
+        if cfg.cache.allow_nodes:
+            print(f"  note: cache.allow names {', '.join(cfg.cache.allow_nodes)}: only a TLS certificate proves a "
+                  f"node name, so with tls: off these entries never match")
         return 0
     try:
         identity = tls.load_identity(cfg.tls, cfg.node)

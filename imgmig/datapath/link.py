@@ -212,7 +212,7 @@ class TlsLink(_Deadline):
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return None
             except ssl.SSLError as exc:
-                raise _broken(exc) from None
+                raise self._broken(exc) from None
         if not data:
             self._check_eof()
         return data
@@ -245,6 +245,11 @@ class TlsLink(_Deadline):
     def close(self) -> None:
         self.sock.close()
 
+    def _broken(self, exc: ssl.SSLError) -> ConnectionError:
+        if isinstance(exc, (ssl.SSLEOFError, ssl.SSLSyscallError)):
+            self._check_eof()
+        return _broken(exc)
+
     def _check_eof(self) -> None:
         """OpenSSL reports a socket error (keepalive timeout, reset) as a bare end of stream;
         TCP's state tells them apart: a peer that closed leaves CLOSE_WAIT or TIME_WAIT."""
@@ -263,7 +268,7 @@ class TlsLink(_Deadline):
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                     break
                 except ssl.SSLError as exc:
-                    raise _broken(exc) from None
+                    raise self._broken(exc) from None
                 if not n:
                     break
                 more += n
@@ -299,7 +304,7 @@ class TlsLink(_Deadline):
                 except ssl.SSLWantWriteError:
                     events = select.POLLOUT
                 except ssl.SSLError as exc:
-                    raise _broken(exc) from None
+                    raise self._broken(exc) from None
             self._wait(events)
 
     def _wait(self, events: int) -> None:
