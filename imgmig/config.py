@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import shlex
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,8 @@ class Config:
     memory_limit: int
     transfer: str = "streaming"
     digest: str = "xxh3-128"
+    peers: tuple[tuple[str, HostPort], ...] = ()  # node name -> cache address, for `imgmig migrate --to`
+    criu: tuple[str, ...] = ("criu",)  # the command that runs CRIU: a path, or a wrapper with arguments
     source: str = field(default="<defaults>", compare=False)
 
     @property
@@ -73,6 +76,8 @@ _SCHEMA: dict[str, Any] = {
     "proxy": {"images_dir": None, "peer": None},
     "cache": {"images_dir": None, "listen": None, "allow": None},
     "memory": {"limit": None},
+    "peers": None,
+    "criu": None,
 }
 
 
@@ -216,8 +221,41 @@ def _build(raw: Any, where: str) -> Config:
         limit = parse_size(limit_raw, total_memory_bytes())
     except ValueError as exc:
         raise _fail(where, "memory.limit", limit_raw, str(exc)) from None
-    return Config(node=node, proxy=proxy, cache=cache, memory_limit=limit,
-                  transfer=transfer, digest=digest, source=where)
+    return Config(node=node, proxy=proxy, cache=cache, memory_limit=limit, transfer=transfer, digest=digest,
+                  peers=_peers(raw.get("peers"), where), criu=_criu(raw.get("criu"), where), source=where)
+
+
+def _peers(value: Any, where: str) -> tuple[tuple[str, HostPort], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise _fail(where, "peers", value, "expected a mapping of node names to host:port")
+    peers = []
+    for name, address in value.items():
+        if not isinstance(name, str) or not name or len(name.encode()) > 64 or not name.isprintable():
+            raise _fail(where, "peers", name, "expected node names of 1-64 printable bytes")
+        found = _host_port(address, f"peers.{name}", where, required_port=False)
+        if found is None:
+            raise _fail(where, f"peers.{name}", address, "expected host:port, e.g. 10.0.0.2:9996")
+        peers.append((name, found))
+    return tuple(peers)
+
+
+def _criu(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ("criu",)
+    try:
+        argv = tuple(shlex.split(value)) if isinstance(value, str) else ()
+    except ValueError:
+        argv = ()
+    if not argv:
+        raise _fail(where, "criu", value, "expected a command, e.g. /usr/sbin/criu or '/opt/criu/run criu'")
+    return argv
+
+
+def peer_address(config: Config, name: str) -> HostPort | None:
+    """The cache address of node `name` from the peers map, or None if it is not there."""
+    return dict(config.peers).get(name)
 
 
 def _host_port(value: Any, key: str, where: str, *, required_port: bool) -> HostPort | None:

@@ -14,6 +14,8 @@ PACKAGES=(
     python3-systemd    # sd_notify, socket activation, journald
     python3-xxhash     # XXH3-128 file digests (without it: SHA-256)
     python3-pytest
+    python3-hypothesis # fuzzing the decoders (tests/test_control_wire.py)
+    python3-rich       # `imgmig migrate`'s progress bar on a terminal
     python3-venv       # tools/test.sh makes a venv for ruff
     iproute2           # ip netns / veth: the two "nodes"
     debootstrap        # builds the Debian trixie tree that provides CRIU 4.x

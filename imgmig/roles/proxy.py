@@ -12,18 +12,24 @@ import logging
 import socket
 import threading
 import time
+from typing import Any
 
-from imgmig.config import Config, require_proxy_peer
+from imgmig.config import Config, HostPort, peer_address, require_proxy_peer
 from imgmig.datapath.capture import CaptureSession
 from imgmig.datapath.digest import NAMES, usable
 from imgmig.datapath.forward import Forwarder
 from imgmig.datapath.serve import ServeSession
-from imgmig.datapath.store import ImageStore
+from imgmig.datapath.store import Checkpoint, ImageStore, State
+from imgmig.protocol import control_wire as cw
+from imgmig.roles.control import ControlServer, ControlSession, OpError, RoleView
 from imgmig.roles.daemon import Daemon, Listener
-from imgmig.roles.endpoints import CAPTURE_SOCKET, SERVE_SOCKET, Endpoint
+from imgmig.roles.endpoints import CAPTURE_SOCKET, CONTROL_SOCKET, SERVE_SOCKET, Endpoint
+from imgmig.roles.probe import probe_cache
 from imgmig.roles.status import RateMeter, describe_store, human_rate
 
 log = logging.getLogger(__name__)
+
+ENDED_LINKS = 256  # forwarded byte counts kept for `imgmig status` after a link ends
 
 
 class Proxy:
@@ -42,10 +48,15 @@ class Proxy:
         self.daemon = Daemon("imgmig-proxy", [
             Listener(Endpoint("capture", path=images_dir / CAPTURE_SOCKET), self._on_capture),
             Listener(Endpoint("serve", path=images_dir / SERVE_SOCKET), self._on_restore),
+            Listener(Endpoint("control", path=images_dir / CONTROL_SOCKET, optional=True), self._on_control),
         ], self.status)
+        self.control = ControlServer("proxy", config.node, self.store, self.daemon.stop, RoleView(
+            self._checkpoint_info, self._peers, self.status, self._may_drop,
+            {"expect": self._expect, "probe": self._probe}))
         self.forwarders: set[Forwarder] = set()
         self.forwarded_before = 0  # bytes sent by forwarders that have finished
         self.capture_rate, self.forward_rate = RateMeter(), RateMeter()
+        self.ended_links: dict[str, int] = {}  # checkpoint id -> bytes forwarded, once its link ended
 
     def status(self) -> str:
         """E.g. `1 checkpoint (1 receiving), 1.3 GiB held of 12.0 GiB; capturing at 900 MB/s;
@@ -70,7 +81,12 @@ class Proxy:
     def _on_capture(self, conn: socket.socket, _peer: str) -> None:
         with self.begin_lock:
             checkpoint = self.store.begin(self.new_checkpoint_id(), self.config.node)
-            forwarder = Forwarder(self.store, checkpoint, self.peer, self.config.node, self.daemon.stop,
+            expectation = self.control.take_expectation()  # announced by `imgmig migrate`, if any
+            peer = self.peer
+            if expectation is not None:
+                expectation.checkpoint = checkpoint.id
+                peer = self._address(expectation.to)
+            forwarder = Forwarder(self.store, checkpoint, peer, self.config.node, self.daemon.stop,
                                   wait_for_complete=self.config.store_and_forward, after=self.last_begun,
                                   digest=self.digest)
             self.last_begun = forwarder.begun
@@ -84,6 +100,77 @@ class Proxy:
         finally:
             self.forwarders.discard(forwarder)
             self.forwarded_before += forwarder.bytes_sent
+            self._note_outcome(forwarder)
+
+    def _note_outcome(self, forwarder: Forwarder) -> None:
+        """What `imgmig migrate` waits for: restored at the peer, or the link gone without it."""
+        checkpoint = forwarder.checkpoint
+        self.ended_links[checkpoint.id] = forwarder.bytes_sent
+        while len(self.ended_links) > ENDED_LINKS:
+            self.ended_links.pop(next(iter(self.ended_links)))
+        if forwarder.restored_at_peer:
+            self.control.journal.note(checkpoint.id, f"restored on {forwarder.peer_node}", "restored-at-peer")
+        elif checkpoint.state is State.COMPLETE and not self.daemon.stop.is_set():
+            self.control.journal.note(checkpoint.id, f"the link to {forwarder.peer_node} closed before a restore "
+                                      f"there; this node keeps its copy for a rollback")
+
+    def _on_control(self, conn: socket.socket, peer: str) -> None:
+        self.control.handle(conn, peer)
+
+    def _address(self, node: str | None) -> HostPort:
+        if node is None:
+            return self.peer
+        address = peer_address(self.config, node)
+        if address is None:
+            raise OpError(f"node {node!r} is not in the peers map of {self.config.source}")
+        return address
+
+    def _forwarder(self, checkpoint: Checkpoint) -> Forwarder | None:
+        return next((f for f in list(self.forwarders) if f.checkpoint is checkpoint), None)
+
+    def _checkpoint_info(self, checkpoint: Checkpoint) -> dict[str, Any]:
+        forwarder = self._forwarder(checkpoint)
+        if forwarder is not None:
+            link = "verified, waiting for a restore there" if checkpoint.delivered else "sending"
+            forwarded, peer = forwarder.bytes_sent, forwarder.peer_node
+        else:
+            link, forwarded, peer = "closed", self.ended_links.get(checkpoint.id, 0), None
+        return {"forwarded": forwarded, "verified": checkpoint.size if checkpoint.delivered else 0,
+                "delivered": checkpoint.delivered, "link": link, "peer": peer}
+
+    def _peers(self) -> list[dict[str, Any]]:
+        forwarders = list(self.forwarders)
+        sent = self.forwarded_before + sum(f.bytes_sent for f in forwarders)
+        rate = self.forward_rate.rate(sent)
+        by_address = {address: name for name, address in self.config.peers}
+        named = [(by_address.get(self.peer, "default"), self.peer),
+                 *((name, address) for name, address in self.config.peers if address != self.peer)]
+        peers = []
+        for name, address in named:
+            active = [f for f in forwarders if f.peer == address]
+            peers.append({"name": name, "address": str(address), "forwarding": len(active),
+                          "node": active[0].peer_node if active else None,
+                          "state": "forwarding" if active else "idle", "rate": rate if active else 0.0})
+        return peers
+
+    def _may_drop(self, checkpoint: Checkpoint) -> str | None:
+        return ("it is this node's copy for a rollback and is not confirmed running on another node; "
+                "with --force it is discarded, and if the restore elsewhere fails the process is lost")
+
+    def _expect(self, session: ControlSession, request: cw.Request) -> dict[str, Any]:
+        to = cw.text_arg(request, "to", required=False)
+        self._address(to)
+        expectation = self.control.expect(to)
+        session.expectations.append(expectation)
+        return {"ticket": expectation.ticket}
+
+    def _probe(self, _session: ControlSession, request: cw.Request) -> dict[str, Any]:
+        address = self._address(cw.text_arg(request, "to", required=False))
+        try:
+            node = probe_cache(address, self.config.node, self.digest)
+        except (OSError, ValueError) as exc:
+            raise OpError(f"the cache at {address} is not reachable: {exc}") from None
+        return {"node": node, "address": str(address)}
 
     def _on_restore(self, conn: socket.socket, _peer: str) -> None:
         ServeSession(conn, self.store, self.daemon.stop, "proxy").run()
