@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, REPO, Pair, wait_until, write_config
+from conftest import PYTHON, REPO, Pair, start_daemon, wait_until, write_config
 
 from imgmig import criu_sim
 from imgmig.commands.common import ControlClient, Declined
@@ -263,6 +263,24 @@ def test_migrate_without_rollback_exits_3_and_says_what_to_do(daemons, victims) 
                   "--criu", FAKE_CRIU)
     assert done.returncode == 1 and "not reachable" in done.stderr, done.stderr
     assert alive(pid), "a failed check must leave the process alone"
+
+
+def test_migrate_to_a_node_of_the_peers_map_goes_there(daemons, victims) -> None:
+    other = daemons(roles=("cache",))
+    pair = daemons(roles=("cache",))
+    with pair.config.open("a") as config:
+        config.write(f"peers:\n  node-c: 127.0.0.1:{other.port}\n")
+    pair.daemons["proxy"] = start_daemon("proxy", pair.config, pair.tmp)
+    pid = start_victim(victims)
+    restore = start_imgmig("restore", "--config", str(other.config), "--criu", FAKE_CRIU)
+    done = imgmig("migrate", str(pid), "--to", "node-c", "--json", "--config", str(pair.config), "--criu", FAKE_CRIU)
+    out, err = restore.communicate(timeout=TIMEOUT)
+    assert done.returncode == 0, (done.stdout, done.stderr, err)
+    victims.append(int(out.strip().rsplit(" ", 1)[1]))
+    checks = [e for e in events(done.stdout) if e["event"] == "check"]
+    assert f"node-c (127.0.0.1:{other.port}) reachable" in checks[1]["detail"]
+    other.cache_log.wait_for("restored from the cache")
+    assert not pair.cache_log.matching("begins from"), "the checkpoint went to proxy.peer, not to node-c"
 
 
 def test_migrate_to_an_unknown_node_is_refused_in_one_line(daemons, victims) -> None:

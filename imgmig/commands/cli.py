@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from collections.abc import Callable
 
@@ -92,6 +93,9 @@ def check_config(path: str) -> int:
     print(f"  proxy: images_dir {cfg.proxy.images_dir}, peer {peer}")
     allow = ", ".join(str(net) for net in cfg.cache.allow) or "nobody"
     print(f"  cache: images_dir {cfg.cache.images_dir}, listen {cfg.cache.listen}, allow {allow}")
+    if cfg.peers:
+        print("  peers: " + ", ".join(f"{name} {address}" for name, address in cfg.peers))
+    print(f"  criu: {shlex.join(cfg.criu)}")
     return 0
 
 
