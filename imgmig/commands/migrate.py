@@ -173,6 +173,7 @@ def _follow(m: Migration, proxy: ControlClient, ticket: str, dump: subprocess.Po
     shown: tuple[int, int, int] | None = None
     shown_at = 0.0
     while True:
+        finished = dump.poll() is not None  # before the status: a finished dump's checkpoint is in it
         status = proxy.request("status")
         m.checkpoint = m.checkpoint or status["tickets"].get(ticket)
         live, ended = _find(status, m.checkpoint)
@@ -181,15 +182,18 @@ def _follow(m: Migration, proxy: ControlClient, ticket: str, dump: subprocess.Po
             if counts != shown or time.monotonic() - shown_at >= HEARTBEAT:
                 m.reporter.progress(_snapshot(m, live, estimate))
                 shown, shown_at = counts, time.monotonic()
-        if dump.poll() is not None and "dump done" not in m.phases:
+        if finished and "dump done" not in m.phases:
             if dump.returncode != 0:
                 return _dump_failed(m, dump.returncode)
+            if m.checkpoint is None:  # never guess which checkpoint to restore
+                return _unseen(m)
             m.phase("dump done")
             deadline = time.monotonic() + m.timeout
-        if live is not None and live.get("delivered") and "verified at the destination" not in m.phases:
+        if live is not None and live.get("delivered") and "dump done" in m.phases \
+                and "verified at the destination" not in m.phases:
             m.phase("verified at the destination")
-        if ended is not None:
-            return _ended(m, proxy, ended)
+        if ended is not None and (finished or ended["state"] != "failed"):  # a failed capture: criu's exit first
+            return _ended(m, ended)
         if live is not None and live["link"] == "closed" and "dump done" in m.phases:
             return _fail_over(m, proxy, live["outcome"] or "the link to the cache closed")
         if deadline is not None and time.monotonic() > deadline:
@@ -215,7 +219,7 @@ def _snapshot(m: Migration, live: dict[str, Any], estimate: int) -> Snapshot:
                     total, rate, eta)
 
 
-def _ended(m: Migration, proxy: ControlClient, ended: dict[str, Any]) -> tuple[int, str]:
+def _ended(m: Migration, ended: dict[str, Any]) -> tuple[int, str]:
     if ended["state"] == "restored-at-peer":
         m.phase("running on the destination")
         return EXIT_OK, f"running on {m.node}: {ended['outcome']}"
@@ -233,6 +237,13 @@ def _dump_failed(m: Migration, code: int) -> tuple[int, str]:
                              f"here (log: {log})")
     return EXIT_LOST, (f"criu dump failed ({code}) and process {m.pid} is gone: it runs nowhere; "
                        f"see {log}")
+
+
+def _unseen(m: Migration) -> tuple[int, str]:
+    why = "criu dump ended, but the proxy took no checkpoint for it (was another dump running at the same time?)"
+    if Path(f"/proc/{m.pid}").exists():
+        return EXIT_FAILED, f"{why}; the process still runs here"
+    return EXIT_LOST, f"{why}; process {m.pid} is gone: see `imgmig list` and the CRIU logs in {m.workdir}"
 
 
 def _fail_over(m: Migration, proxy: ControlClient, why: str) -> tuple[int, str]:
