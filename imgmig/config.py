@@ -21,6 +21,7 @@ DEFAULT_PATH = "/etc/imgmig/imgmig.yaml"
 DEFAULT_PORT = 9996
 TRANSFER_MODES = ("streaming", "store-and-forward")
 DIGESTS = ("xxh3-128", "sha256")
+RESTORE_MODES = ("manual", "auto")
 
 _UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -50,6 +51,7 @@ class CacheConfig:
     images_dir: Path
     listen: HostPort
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    restore: str = "manual"  # auto: ring imgmig-restore.socket when a checkpoint begins
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ _SCHEMA: dict[str, Any] = {
     "transfer": None,
     "digest": None,
     "proxy": {"images_dir": None, "peer": None},
-    "cache": {"images_dir": None, "listen": None, "allow": None},
+    "cache": {"images_dir": None, "listen": None, "allow": None, "restore": None},
     "memory": {"limit": None},
     "peers": None,
     "criu": None,
@@ -215,6 +217,7 @@ def _build(raw: Any, where: str) -> Config:
         images_dir=_path(cache_raw.get("images_dir"), "cache.images_dir", "/run/imgmig/cache", where),
         listen=listen or HostPort("0.0.0.0", DEFAULT_PORT),
         allow=_allow(cache_raw.get("allow", ["127.0.0.1", "::1"]), where),
+        restore=_choice(cache_raw.get("restore", "manual"), "cache.restore", RESTORE_MODES, where),
     )
     limit_raw = _section(raw, "memory").get("limit", "75%")
     try:
@@ -256,6 +259,12 @@ def _criu(value: Any, where: str) -> tuple[str, ...]:
 def peer_address(config: Config, name: str) -> HostPort | None:
     """The cache address of node `name` from the peers map, or None if it is not there."""
     return dict(config.peers).get(name)
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...], where: str) -> str:
+    if value not in choices:
+        raise _fail(where, key, value, "expected one of " + ", ".join(choices))
+    return value
 
 
 def _host_port(value: Any, key: str, where: str, *, required_port: bool) -> HostPort | None:

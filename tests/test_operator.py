@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -330,6 +331,49 @@ def test_restore_by_id_waits_for_that_checkpoint(daemons, victims) -> None:
     victims.append(int(done.stdout.strip().rsplit(" ", 1)[1]))
     gone = imgmig("restore", "--id", held["id"], "--config", str(pair.config), "--criu", FAKE_CRIU)
     assert gone.returncode == 1 and f"checkpoint {held['id']} is gone from this cache" in gone.stderr
+
+
+def test_auto_restore_rings_the_doorbell_and_the_process_runs_there(daemons, victims, tmp_path) -> None:
+    """cache.restore: auto, with systemd-socket-activate --accept standing in for
+    imgmig-restore.socket + imgmig-restore@.service: `imgmig migrate` is the only command."""
+    activate = shutil.which("systemd-socket-activate")
+    if activate is None:
+        pytest.skip("AUTO-RESTORE TEST SKIPPED: systemd-socket-activate IS MISSING (install systemd)")
+    pair = daemons(roles=())
+    pair.config.write_text(pair.config.read_text().replace("cache:\n", "cache:\n  restore: auto\n"))
+    pair.daemons["cache"] = start_daemon("cache", pair.config, pair.tmp)
+    log = tmp_path / "doorbell.log"
+    restore = f"exec {PYTHON} -m imgmig restore --doorbell --config {pair.config} --criu '{FAKE_CRIU}' >>{log} 2>&1"
+    bell = subprocess.Popen([activate, "--accept", "--inetd", "-E", "PYTHONPATH", "-l",
+                             str(pair.cache_dir / "restore.sock"), "sh", "-c", restore],
+                            cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: (pair.cache_dir / "restore.sock").exists(), 10, "the doorbell socket")
+        pair.daemons["proxy"] = start_daemon("proxy", pair.config, pair.tmp)
+        pid = start_victim(victims)
+        done = imgmig("migrate", str(pid), "--to", "test-node", "--json", "--config", str(pair.config),
+                      "--criu", FAKE_CRIU)
+        assert done.returncode == 0, (done.stdout, done.stderr, log.read_text() if log.exists() else "")
+        result = events(done.stdout)[-1]
+        line = wait_until(lambda: log.exists() and "restored: running as pid" in log.read_text(), 20,
+                          "the automatic restore")
+        assert line
+        text = log.read_text()
+        victims.append(int(text.split("running as pid ")[1].split()[0]))
+        assert f"checkpoint {result['checkpoint']} restored" in text
+        pair.cache_log.wait_for(f"checkpoint {result['checkpoint']}: automatic restore requested")
+        assert status(pair)["cache"]["ended"][0]["state"] == "running"
+    finally:
+        bell.terminate()
+        bell.wait(10)
+
+
+def test_a_doorbell_without_an_id_restores_nothing(daemons, tmp_path) -> None:
+    pair = daemons()
+    done = subprocess.run([PYTHON, "-m", "imgmig", "restore", "--doorbell", "--config", str(pair.config), "--criu",
+                           FAKE_CRIU], input="two words\n", capture_output=True, text=True, cwd=REPO, env=_env(),
+                          timeout=TIMEOUT)
+    assert done.returncode == 2 and "did not carry one checkpoint id" in done.stderr
 
 
 def test_control_wire_error_reply_is_one_line() -> None:

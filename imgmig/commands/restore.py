@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import socket
 import subprocess
 import tempfile
@@ -24,6 +25,7 @@ from typing import Any
 from imgmig import config
 from imgmig.commands.common import (
     EXIT_FAILED,
+    EXIT_USAGE,
     CommandError,
     ControlClient,
     Declined,
@@ -36,6 +38,8 @@ from imgmig.roles.endpoints import SERVE_SOCKET
 from imgmig.roles.status import human_bytes
 
 CLAIM_POLL = 0.2
+DOORBELL_WAIT = 30.0  # seconds for the ring's id, and then for that checkpoint to be claimable
+MAX_RING = 256
 CONNECT_WAIT = 30.0  # for criu restore to connect to our socket
 
 
@@ -59,6 +63,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--criu", metavar="PATH", help="CRIU command (default: `criu:` in the config, else criu)")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="give up waiting for a checkpoint after this long (default: wait)")
+    parser.add_argument("--doorbell", action="store_true",
+                        help="for imgmig-restore@.service: restore the checkpoint whose id the cache wrote to stdin")
     parser.set_defaults(run=restore_command)
 
 
@@ -67,8 +73,17 @@ def restore_command(args: argparse.Namespace) -> int:
     criu = criu_command(args.criu, cfg)
     role = "proxy" if args.rollback else "cache"
     path = control_path(cfg, role)
+    if args.doorbell:
+        args.id = read_doorbell()
+        args.timeout = DOORBELL_WAIT if args.timeout is None else args.timeout
     with ControlClient(path, role) as client:
-        checkpoint = wait_and_claim(client, path, role, args.id, args.origin, args.timeout)
+        try:
+            checkpoint = wait_and_claim(client, path, role, args.id, args.origin, args.timeout)
+        except Declined as exc:
+            if not args.doorbell:
+                raise
+            print(f"nothing to do: {exc}")  # restored by hand already, or being restored
+            return 0
         workdir = Path(tempfile.mkdtemp(prefix="imgmig-restore-"))
         print(f"restoring checkpoint {checkpoint} (CRIU logs in {workdir})", flush=True)
         result = restore_claimed(client, checkpoint, criu, args.criu_options, workdir)
@@ -78,17 +93,24 @@ def restore_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_doorbell() -> str:
+    """The checkpoint id the cache wrote on stdin (the socket imgmig-restore.socket accepted)."""
+    ready, _, _ = select.select([0], [], [], DOORBELL_WAIT)
+    data = os.read(0, MAX_RING + 1) if ready else b""
+    text = data.decode("utf-8", "replace").strip()
+    if not data.endswith(b"\n") or not text or len(data) > MAX_RING or not text.isprintable() or " " in text:
+        raise CommandError(f"the doorbell on stdin did not carry one checkpoint id (got {data[:60]!r}); "
+                           f"nothing restored", EXIT_USAGE)
+    return text
+
+
 def wait_and_claim(client: ControlClient, path: Path, role: str, wanted: str | None, origin: str | None,
                    timeout: float | None) -> str:
     """Claim a matching checkpoint, printing what arrives while none matches yet."""
     deadline = None if timeout is None else time.monotonic() + timeout
     shown = ""
     while True:
-        try:
-            reply = client.request("claim", **({"id": wanted} if wanted else {}),
-                                   **({"from": origin} if origin else {}))
-        except Declined as exc:
-            raise CommandError(str(exc), EXIT_FAILED) from None
+        reply = client.request("claim", **({"id": wanted} if wanted else {}), **({"from": origin} if origin else {}))
         if reply["claimed"] is not None:
             return str(reply["claimed"])
         line = _waiting_line(path, role, wanted, origin)

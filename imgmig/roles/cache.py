@@ -19,6 +19,7 @@ from imgmig.datapath.store import Checkpoint, ImageStore, State
 from imgmig.protocol import peer_wire as wire
 from imgmig.roles.control import ControlServer, RoleView
 from imgmig.roles.daemon import Daemon, Listener
+from imgmig.roles.doorbell import DOORBELL_SOCKET, Doorbell
 from imgmig.roles.endpoints import CONTROL_SOCKET, SERVE_SOCKET, Endpoint
 from imgmig.roles.status import RateMeter, describe_store, human_rate
 
@@ -41,6 +42,8 @@ class Cache:
             self._checkpoint_info, self._peers, self.status, self._may_drop))
         self.receiving: dict[int, ReceiveSession] = {}
         self.seen: dict[str, float] = {}  # proxy -> when its last connection ended
+        if config.cache.restore == "auto":
+            Doorbell(config.cache.images_dir / DOORBELL_SOCKET, self.store)
         self.receive_rate = RateMeter()
 
     def status(self) -> str:
