@@ -40,7 +40,9 @@ from imgmig.config import Config, peer_address
 POLL = 0.25
 HEARTBEAT = 5.0  # seconds between progress events when nothing moves
 DEFAULT_TIMEOUT = 300.0
-PHASES = ("frozen", "dump done", "verified at the destination", "running on the destination")
+# Dump options the rollback restore needs as well (CRIU refuses to restore a shell job
+# without --shell-job, and so on); options with values are not carried over.
+RESTORE_TOO = frozenset({"--shell-job", "-j", "--tcp-established", "--ext-unix-sk", "--file-locks"})
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -258,7 +260,8 @@ def _fail_over(m: Migration, proxy: ControlClient, why: str) -> tuple[int, str]:
         return EXIT_LOST, f"{why}; rollback impossible: {exc}"
     if claimed is None:
         return EXIT_LOST, f"{why}; rollback impossible: the proxy no longer holds checkpoint {m.checkpoint}"
-    result = restore_claimed(proxy, claimed, m.criu, [], m.workdir)
+    options = [option for option in m.options if option in RESTORE_TOO]
+    result = restore_claimed(proxy, claimed, m.criu, options, m.workdir)
     if result.pid is None:
         return EXIT_LOST, (f"{why}; the rollback failed too: {result.error}; the proxy may still hold checkpoint "
                            f"{m.checkpoint} (`imgmig list`)")
