@@ -7,7 +7,7 @@ restored process" and writes its PID to --pidfile. It also records in the -W dir
 checkpoint it read (restored.json), so a test can see exactly what it got.
 Environment: FAKE_CRIU_MIB (size of pages-1.img, default 8), FAKE_CRIU_SLOW (seconds
 per MiB written), FAKE_CRIU_FAIL_RESTORE=1 (read inventory.img, then exit 1),
-FAKE_CRIU_FAIL_CHECK=1.
+FAKE_CRIU_FAIL_CHECK=1, FAKE_CRIU_EXPECT_FILE=PATH (restore fails unless PATH exists).
 
 Run as: python3 -m testbed.fake_criu ARGS (PYTHONPATH at the repo root).
 """
@@ -64,6 +64,10 @@ def restore(images_dir: str, pidfile: str, workdir: Path) -> int:
     inventory = client.read_image("inventory.img")
     if inventory is None:
         print("Error: no inventory.img", file=sys.stderr)
+        return 1
+    expected_file = os.environ.get("FAKE_CRIU_EXPECT_FILE")
+    if expected_file and not Path(expected_file).exists():
+        print(f"Error (fake): {expected_file} is not there before the restore", file=sys.stderr)
         return 1
     if os.environ.get("FAKE_CRIU_FAIL_RESTORE") == "1":
         print("Error (fake): restore failed on purpose after inventory.img", file=sys.stderr)

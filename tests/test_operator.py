@@ -290,6 +290,35 @@ def test_migrate_to_a_node_of_the_peers_map_goes_there(daemons, victims) -> None
     assert not pair.cache_log.matching("begins from"), "the checkpoint went to proxy.peer, not to node-c"
 
 
+def test_migrate_carries_files_unpacked_before_the_restore(daemons, victims, tmp_path) -> None:
+    pair = daemons()
+    source = tmp_path / "work"
+    (source / "sub").mkdir(parents=True)
+    (source / "notes.txt").write_text("state of the job\n")
+    (source / "sub" / "data.bin").write_bytes(os.urandom(300_000))
+    (source / "sub" / "data.bin").chmod(0o640)
+    dest = tmp_path / "dest"
+    carried = dest / str(source).lstrip("/")
+    pid = start_victim(victims)
+    restore = start_imgmig("restore", "--files-root", str(dest), "--config", str(pair.config), "--criu", FAKE_CRIU,
+                           env={"FAKE_CRIU_EXPECT_FILE": str(carried / "sub" / "data.bin")})
+    done = imgmig("migrate", str(pid), "--to", "test-node", "--files", str(source), "--json", "--config",
+                  str(pair.config), "--criu", FAKE_CRIU)
+    out, err = restore.communicate(timeout=TIMEOUT)
+    assert done.returncode == 0 and restore.returncode == 0, (done.stdout[-1500:], done.stderr, out, err)
+    victims.append(int(out.strip().rsplit(" ", 1)[1]))
+    assert "unpacked 4 carried entries" in out
+    assert (carried / "notes.txt").read_text() == "state of the job\n"
+    assert (carried / "sub" / "data.bin").read_bytes() == (source / "sub" / "data.bin").read_bytes()
+    assert (carried / "sub" / "data.bin").stat().st_mode & 0o777 == 0o640
+    checks = {e["name"]: e["detail"] for e in events(done.stdout) if e["event"] == "check"}
+    assert "1 path(s) packed" in checks["files"]
+    assert status(pair)["proxy"]["ended"][0]["state"] == "restored-at-peer"
+    too_big = imgmig("migrate", str(start_victim(victims)), "--to", "test-node", "--files", str(tmp_path / "nope"),
+                     "--config", str(pair.config), "--criu", FAKE_CRIU)
+    assert too_big.returncode == 2 and "does not exist" in too_big.stderr
+
+
 def test_migrate_to_an_unknown_node_is_refused_in_one_line(daemons, victims) -> None:
     pair = daemons()
     pid = start_victim(victims)

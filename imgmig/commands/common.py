@@ -67,6 +67,7 @@ class ControlClient:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
         self.decoder = cw.LineDecoder(cw.MAX_REPLY)
+        self.fds: list[int] = []  # passed with replies (the files op), for take_fd()
         try:
             self.sock.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError):
@@ -106,7 +107,8 @@ class ControlClient:
                     break
             except cw.ControlProtocolError as exc:
                 raise CommandError(f"imgmig-{self.role} answered something unreadable: {exc}") from None
-            data = self.sock.recv(65536)
+            data, fds, _, _ = socket.recv_fds(self.sock, 65536, 1)
+            self.fds.extend(fds)
             if not data:
                 raise OSError("connection closed")
             self.decoder.feed(data)
@@ -114,7 +116,12 @@ class ControlClient:
             raise Declined(reply.error)
         return reply.body
 
+    def take_fd(self) -> int | None:
+        return self.fds.pop(0) if self.fds else None
+
     def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
         self.sock.close()
 
     def __enter__(self) -> ControlClient:

@@ -33,6 +33,7 @@ from imgmig.commands.common import (
     criu_tail,
     load_config,
 )
+from imgmig.commands.files import pack as pack_files
 from imgmig.commands.progress import Reporter, Snapshot, make_reporter
 from imgmig.commands.restore import restore_claimed
 from imgmig.config import Config, peer_address
@@ -62,6 +63,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         "instead of restoring the process here")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help="how long the destination may take to report the process restored (%(default)s)")
+    parser.add_argument("--files", nargs="+", metavar="PATH", default=[],
+                        help="files and directories that travel with the process, unpacked at the same paths "
+                             "on NODE before the restore")
     parser.set_defaults(run=migrate_command)
 
 
@@ -80,6 +84,7 @@ class Migration:
     started: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
     checkpoint: str | None = None
+    files: int | None = None  # the sealed memfd of --files, until the proxy has it
 
     def phase(self, name: str) -> None:
         self.phases[name] = round(time.monotonic() - self.started, 3)
@@ -114,10 +119,14 @@ def _prepare(args: argparse.Namespace, reporter: Reporter) -> Migration:
         passed.append(("cache", reached))
     criu_check(criu)
     passed.append(("criu", f"`{shlex.join(criu)} check` passed"))
+    files = None
+    if args.files:
+        files, size = pack_files(args.files)
+        passed.append(("files", f"{len(args.files)} path(s) packed: {size} bytes"))
     for name, detail in passed:
         reporter.check(name, detail)
     return Migration(cfg, args.pid, args.to, route, criu, args.criu_options, reporter, args.timeout,
-                     not args.no_rollback)
+                     not args.no_rollback, files=files)
 
 
 def _resolve(cfg: Config, proxy: ControlClient, node: str) -> tuple[str | None, str]:
@@ -150,7 +159,10 @@ def _probe(proxy: ControlClient, node: str | None) -> dict[str, Any]:
 def _run(m: Migration) -> tuple[int, str]:
     proxy = ControlClient(control_path(m.cfg, "proxy"), "proxy")
     with proxy:
-        ticket = str(proxy.request("expect", **({"to": m.route} if m.route else {}))["ticket"])
+        ticket = str(proxy.request("expect", fd=m.files, **({"files": True} if m.files is not None else {}),
+                                   **({"to": m.route} if m.route else {}))["ticket"])
+        if m.files is not None:
+            os.close(m.files)  # the proxy holds it now
         estimate = _resident_bytes(m.pid)
         argv = [*m.criu, "dump", "--stream", "-D", str(m.cfg.proxy.images_dir), "-t", str(m.pid),
                 "-o", "dump.log", "-W", str(m.workdir), *m.options]

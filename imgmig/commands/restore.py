@@ -34,6 +34,7 @@ from imgmig.commands.common import (
     criu_tail,
     load_config,
 )
+from imgmig.commands.files import unpack as unpack_files
 from imgmig.roles.endpoints import SERVE_SOCKET
 from imgmig.roles.status import human_bytes
 
@@ -63,6 +64,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--criu", metavar="PATH", help="CRIU command (default: `criu:` in the config, else criu)")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="give up waiting for a checkpoint after this long (default: wait)")
+    parser.add_argument("--files-root", metavar="DIR", default="/", type=Path,
+                        help="unpack files carried by `migrate --files` under DIR instead of / (a chroot)")
     parser.add_argument("--doorbell", action="store_true",
                         help="for imgmig-restore@.service: restore the checkpoint whose id the cache wrote to stdin")
     parser.set_defaults(run=restore_command)
@@ -85,6 +88,8 @@ def restore_command(args: argparse.Namespace) -> int:
             print(f"nothing to do: {exc}")  # restored by hand already, or being restored
             return 0
         workdir = Path(tempfile.mkdtemp(prefix="imgmig-restore-"))
+        if not args.rollback:  # on the source node the files never left
+            _unpack_files(client, checkpoint, args.files_root)
         print(f"restoring checkpoint {checkpoint} (CRIU logs in {workdir})", flush=True)
         result = restore_claimed(client, checkpoint, criu, args.criu_options, workdir)
     if result.pid is None:
@@ -102,6 +107,21 @@ def read_doorbell() -> str:
         raise CommandError(f"the doorbell on stdin did not carry one checkpoint id (got {data[:60]!r}); "
                            f"nothing restored", EXIT_USAGE)
     return text
+
+
+def _unpack_files(client: ControlClient, checkpoint: str, root: Path) -> None:
+    """The files that travel with the process, in place before CRIU starts."""
+    reply = client.request("files", timeout=None, id=checkpoint)
+    if reply["files"] is None:
+        return
+    fd = client.take_fd()
+    if fd is None:
+        raise CommandError(f"the cache announced files for checkpoint {checkpoint} but passed none")
+    try:
+        names = unpack_files(fd, root)
+    finally:
+        os.close(fd)
+    print(f"unpacked {len(names)} carried entries under {root} ({reply['files']} bytes)", flush=True)
 
 
 def wait_and_claim(client: ControlClient, path: Path, role: str, wanted: str | None, origin: str | None,

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 # forwarder may still hold while the image is sealed.
 F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL
+# `imgmig migrate --files`: the files that travel with the process, as one tar image, first
+# in its checkpoint. CRIU never asks for it; `imgmig restore` unpacks it before CRIU runs.
+FILES_IMAGE = "imgmig-files.tar"
 
 
 class StoreError(Exception):
@@ -154,6 +157,20 @@ class ImageStore:
             fd = os.memfd_create(f"imgmig:{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             image = Image(name, fd)
             checkpoint.images[name] = image
+            return image
+
+    def add_complete_image(self, checkpoint: Checkpoint, name: str, fd: int) -> Image:
+        """An image that arrives whole, as a sealed memfd (the files of `imgmig migrate --files`)."""
+        size = os.fstat(fd).st_size
+        with self.cond:
+            if name in checkpoint.images:
+                raise DuplicateImage(f"{name} sent twice in checkpoint {checkpoint.id}")
+            image = Image(name, fd, size, complete=True)
+            checkpoint.images[name] = image
+            self.bytes_in += size
+            if not checkpoint.dropped:
+                self._held += size
+            self.cond.notify_all()
             return image
 
     def room(self) -> int:

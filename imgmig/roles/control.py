@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imgmig import __version__
+from imgmig.datapath.kernel_io import UntilHangup
 from imgmig.datapath.serve import ServeSession
-from imgmig.datapath.store import Checkpoint, CheckpointFailed, ImageStore, State
+from imgmig.datapath.store import FILES_IMAGE, Checkpoint, CheckpointFailed, ImageStore, Interrupted, State
 from imgmig.protocol import control_wire as cw
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ class Expectation:
     ticket: int
     to: str | None
     checkpoint: str | None = None
+    files: int | None = None  # a sealed memfd: the files image, owned here until the capture takes it
 
 
 @dataclass
@@ -155,7 +157,7 @@ class ControlServer:
         self.lock = threading.Lock()
         self.ops: dict[str, Callable[[ControlSession, cw.Request], dict[str, Any]]] = {
             "status": self._status, "list": self._list, "drop": self._drop, "claim": self._claim,
-            "serve": self._serve, "confirm": self._confirm, **view.extra_ops,
+            "files": self._files, "serve": self._serve, "confirm": self._confirm, **view.extra_ops,
         }
 
     def handle(self, conn: socket.socket, _peer: str) -> None:
@@ -174,8 +176,12 @@ class ControlServer:
             return self.expectations.pop(0) if self.expectations else None
 
     def forget(self, expectation: Expectation) -> None:
-        with self.lock, contextlib.suppress(ValueError):
-            self.expectations.remove(expectation)
+        with self.lock:
+            with contextlib.suppress(ValueError):
+                self.expectations.remove(expectation)
+            if expectation.files is not None:
+                os.close(expectation.files)
+                expectation.files = None
 
     # ---- ops ------------------------------------------------------------------------
     def _status(self, session: ControlSession, _request: cw.Request) -> dict[str, Any]:
@@ -247,6 +253,30 @@ class ControlServer:
                 return {"claimed": checkpoint.id, "origin": checkpoint.origin, "state": checkpoint.state.value}
         return {"claimed": None}
 
+    def _files(self, session: ControlSession, request: cw.Request) -> dict[str, Any]:
+        """The files image of a claimed checkpoint, passed back as a read-only fd; null if
+        it has none. It is the first image when there is one, so the wait is short."""
+        checkpoint_id = cw.text_arg(request, "id")
+        checkpoint = session.claims.get(checkpoint_id)
+        if checkpoint is None:
+            raise OpError(f"checkpoint {checkpoint_id} is not claimed by this connection; claim it first")
+        client_gone = UntilHangup(self.stop, session.conn.fileno())
+        with self.store.cond:
+            while not checkpoint.images and checkpoint.state is State.RECEIVING and not client_gone.is_set():
+                self.store.cond.wait(POLL)
+            first = next(iter(checkpoint.images), None)
+        if first != FILES_IMAGE:
+            return {"files": None}
+        try:
+            with self.store.using(checkpoint):
+                image = self.store.wait_image(checkpoint, FILES_IMAGE, client_gone)
+                if image is None:
+                    return {"files": None}
+                session.reply_fd = os.open(f"/proc/self/fd/{image.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except (CheckpointFailed, Interrupted) as exc:
+            raise OpError(f"the files of checkpoint {checkpoint_id} cannot be read: {exc}") from None
+        return {"files": image.size}
+
     def _serve(self, session: ControlSession, request: cw.Request) -> dict[str, Any]:
         """Serve a claimed checkpoint on the restore connection passed with the request."""
         checkpoint_id = cw.text_arg(request, "id")
@@ -306,6 +336,7 @@ class ControlSession:
         self.fds: list[int] = []
         self.claims: dict[str, Checkpoint] = {}
         self.expectations: list[Expectation] = []
+        self.reply_fd: int | None = None  # passed with the next reply, then closed here
 
     def take_fd(self) -> int | None:
         return self.fds.pop(0) if self.fds else None
@@ -333,7 +364,15 @@ class ControlSession:
                     return
                 continue
             self.conn.settimeout(None)
-            self.conn.sendall(self._dispatch(cw.decode_request(message)))
+            reply = self._dispatch(cw.decode_request(message))
+            if self.reply_fd is None:
+                self.conn.sendall(reply)
+            else:
+                fd, self.reply_fd = self.reply_fd, None
+                try:
+                    _send_with_fd(self.conn, reply, fd)
+                finally:
+                    os.close(fd)
             self.conn.settimeout(POLL)
 
     def _receive(self) -> bool:
@@ -375,3 +414,9 @@ class ControlSession:
         for expectation in self.expectations:
             self.server.forget(expectation)
         self.conn.close()
+
+
+def _send_with_fd(conn: socket.socket, data: bytes, fd: int) -> None:
+    sent = socket.send_fds(conn, [data], [fd])
+    if sent < len(data):
+        conn.sendall(data[sent:])

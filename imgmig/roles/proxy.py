@@ -7,8 +7,10 @@ Read side: streamer-serve.sock serves the proxy's own copy (a rollback restore h
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import logging
+import os
 import socket
 import threading
 import time
@@ -19,7 +21,7 @@ from imgmig.datapath.capture import CaptureSession
 from imgmig.datapath.digest import NAMES, usable
 from imgmig.datapath.forward import Forwarder
 from imgmig.datapath.serve import ServeSession
-from imgmig.datapath.store import Checkpoint, ImageStore, State
+from imgmig.datapath.store import FILES_IMAGE, Checkpoint, ImageStore, State
 from imgmig.protocol import control_wire as cw
 from imgmig.roles.control import ControlServer, ControlSession, OpError, RoleView
 from imgmig.roles.daemon import Daemon, Listener
@@ -29,6 +31,7 @@ from imgmig.roles.status import RateMeter, describe_store, human_rate
 
 log = logging.getLogger(__name__)
 
+FILES_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
 ENDED_LINKS = 256  # forwarded byte counts kept for `imgmig status` after a link ends
 
 
@@ -86,6 +89,9 @@ class Proxy:
             if expectation is not None:
                 expectation.checkpoint = checkpoint.id
                 peer = self._address(expectation.to)
+                if expectation.files is not None:  # first in the checkpoint: unpacked before the restore
+                    self.store.add_complete_image(checkpoint, FILES_IMAGE, expectation.files)
+                    expectation.files = None
             forwarder = Forwarder(self.store, checkpoint, peer, self.config.node, self.daemon.stop,
                                   wait_for_complete=self.config.store_and_forward, after=self.last_begun,
                                   digest=self.digest)
@@ -160,7 +166,9 @@ class Proxy:
     def _expect(self, session: ControlSession, request: cw.Request) -> dict[str, Any]:
         to = cw.text_arg(request, "to", required=False)
         self._address(to)
+        files = _sealed_memfd(session.take_fd()) if cw.bool_arg(request, "files") else None
         expectation = self.control.expect(to)
+        expectation.files = files
         session.expectations.append(expectation)
         return {"ticket": expectation.ticket}
 
@@ -174,3 +182,17 @@ class Proxy:
 
     def _on_restore(self, conn: socket.socket, _peer: str) -> None:
         ServeSession(conn, self.store, self.daemon.stop, "proxy").run()
+
+
+def _sealed_memfd(fd: int | None) -> int:
+    """The files image as passed: a memfd nobody can change any more, or OpError."""
+    if fd is None:
+        raise OpError("expect with files needs the files image passed with it (SCM_RIGHTS)")
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0
+    if seals & FILES_SEALS != FILES_SEALS:
+        os.close(fd)
+        raise OpError("the files image must be a memfd sealed against writing, growing and shrinking")
+    return fd
