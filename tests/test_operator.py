@@ -109,7 +109,7 @@ def test_status_shows_checkpoints_links_and_last_error(daemons) -> None:
     both = status(pair)
     (held,) = both["proxy"]["checkpoints"]
     assert held["id"] == checkpoint and held["state"] == "complete" and held["bytes"] == size
-    assert held["forwarded"] == size and held["verified"] == size and held["files"] == 3
+    assert held["forwarded"] == size and held["verified"] == size and held["images"] == 3
     assert held["link"].startswith("verified") and held["age"] >= 0
     assert both["proxy"]["peers"][0]["state"] == "forwarding" and both["proxy"]["last_error"] is None
     (cached,) = both["cache"]["checkpoints"]

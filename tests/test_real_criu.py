@@ -215,9 +215,12 @@ def run_migrate(live: Workload, pair: daemons.Pair, workdir: Path, criu: list[st
 
 def test_migrate_command_moves_a_live_workload(criu: list[str], nodes: netns.TwoNodes, workdir: Path,
                                                live_workload: Workload) -> None:
+    job = workdir / "job"
+    job.mkdir()
+    (job / "input.txt").write_text("carried along\n")
     with daemons.proxy_and_cache(workdir, nodes.a, nodes.b) as pair:
-        restore = start_imgmig_restore(workdir, criu)
-        code, events, at_dump = run_migrate(live_workload, pair, workdir, criu)
+        restore = start_imgmig_restore(workdir, criu, "--files-root", str(workdir / "b"))
+        code, events, at_dump = run_migrate(live_workload, pair, workdir, criu, "--files", str(job))
         out, err = restore.communicate(timeout=COMMAND_TIMEOUT)
         assert code == 0 and restore.returncode == 0, (events[-1], out, err, _logs(pair))
         restored = int(out.strip().splitlines()[-1].rsplit(" ", 1)[1])
@@ -230,6 +233,8 @@ def test_migrate_command_moves_a_live_workload(criu: list[str], nodes: netns.Two
         assert [e["forwarded"] for e in progress] == sorted(e["forwarded"] for e in progress)
         result = events[-1]
         assert result["exit"] == 0 and "running on node-b" in result["outcome"]
+        assert (workdir / "b" / str(job).lstrip("/") / "input.txt").read_text() == "carried along\n"
+        assert "unpacked 2 carried entries" in out
         pair.proxy.wait_released()
         pair.cache.wait_released()
         statuses = pair.stop()

@@ -43,6 +43,9 @@ def node_of(origin: str) -> str:
     return origin.split(" (", 1)[0]
 
 
+EndedAs = Callable[[str, Checkpoint], "tuple[str, str] | None"]
+
+
 @dataclass
 class Ended:
     """A checkpoint the store no longer holds, and what became of it."""
@@ -50,7 +53,7 @@ class Ended:
     origin: str
     state: str
     bytes: int
-    files: int
+    images: int
     ended: float
     outcome: str = ""
 
@@ -58,18 +61,24 @@ class Ended:
 class Journal:
     """What became of recent checkpoints, fed by the store's events."""
 
-    def __init__(self, store: ImageStore) -> None:
+    def __init__(self, store: ImageStore, ended_as: EndedAs | None = None) -> None:
         self.lock = threading.Lock()
         self.ended: OrderedDict[str, Ended] = OrderedDict()
         self.outcomes: dict[str, str] = {}
+        self.ended_as = ended_as
         store.on_event(self._on_event)
 
     def _on_event(self, event: str, checkpoint: Checkpoint) -> None:
         if event not in ("failed", "restored", "dropped"):
             return
-        state = event
+        state, outcome = event, ""
+        # The role may know better, at this very moment (the proxy: RESTORED from the peer).
+        known = self.ended_as(event, checkpoint) if self.ended_as is not None else None
+        if known is not None:
+            state, outcome = known
         with self.lock:
-            outcome = "; ".join(text for text in (checkpoint.reason, self.outcomes.get(checkpoint.id)) if text)
+            outcome = "; ".join(text for text in (checkpoint.reason, self.outcomes.get(checkpoint.id), outcome)
+                                if text)
             self.ended[checkpoint.id] = Ended(checkpoint.id, checkpoint.origin, state, checkpoint.size,
                                               len(checkpoint.images), time.monotonic(), outcome)
             self.ended.move_to_end(checkpoint.id)
@@ -96,7 +105,7 @@ class Journal:
     def entries(self) -> list[dict[str, Any]]:
         now = time.monotonic()
         with self.lock:
-            return [{"id": e.id, "origin": e.origin, "state": e.state, "bytes": e.bytes, "files": e.files,
+            return [{"id": e.id, "origin": e.origin, "state": e.state, "bytes": e.bytes, "images": e.images,
                      "ended_ago": round(now - e.ended, 1), "outcome": e.outcome} for e in self.ended.values()]
 
 
@@ -140,6 +149,7 @@ class RoleView:
     summary: Callable[[], str]
     may_drop: Callable[[Checkpoint], str | None]  # why not, or None
     extra_ops: dict[str, Callable[[ControlSession, cw.Request], dict[str, Any]]] = field(default_factory=dict)
+    ended_as: EndedAs | None = None  # (state, outcome) of a checkpoint leaving the store, if the role knows
 
 
 class ControlServer:
@@ -149,7 +159,7 @@ class ControlServer:
         self.store = store
         self.stop = stop
         self.view = view
-        self.journal = Journal(store)
+        self.journal = Journal(store, view.ended_as)
         self.last_error = LastError()
         self.started = time.monotonic()
         self.tickets = itertools.count(1)
@@ -184,8 +194,8 @@ class ControlServer:
                 expectation.files = None
 
     # ---- ops ------------------------------------------------------------------------
-    def _status(self, session: ControlSession, _request: cw.Request) -> dict[str, Any]:
-        body = self._list(session, _request)
+    def _status(self, session: ControlSession, request: cw.Request) -> dict[str, Any]:
+        body = self._list(session, request)
         body |= {
             "role": self.role, "node": self.node, "version": __version__, "pid": os.getpid(),
             "uptime": round(time.monotonic() - self.started, 1), "summary": self.view.summary(),
@@ -200,7 +210,7 @@ class ControlServer:
         held = []
         for checkpoint in self.store.checkpoints():
             info = {"id": checkpoint.id, "origin": checkpoint.origin, "state": checkpoint.state.value,
-                    "bytes": checkpoint.size, "files": len(checkpoint.images),
+                    "bytes": checkpoint.size, "images": len(checkpoint.images),
                     "age": round(now - checkpoint.started, 1), "claimed": checkpoint.claimed,
                     "outcome": self.journal.outcome(checkpoint.id)}
             held.append(info | self.view.checkpoint_info(checkpoint))
@@ -217,10 +227,10 @@ class ControlServer:
             raise OpError(f"checkpoint {checkpoint_id} not dropped: {reason}")
         log.warning("checkpoint %s dropped by the operator%s", checkpoint_id, " (--force)" if force else "",
                     extra={"IMGMIG_CHECKPOINT": checkpoint_id})
-        self.journal.note(checkpoint_id, "dropped by the operator")
         if checkpoint.state is State.RECEIVING:
-            self.store.fail(checkpoint, "dropped by the operator")
+            self.store.fail(checkpoint, "dropped by the operator")  # the reason is its outcome
         else:
+            self.journal.note(checkpoint_id, "dropped by the operator")
             self.store.drop(checkpoint)
         return {"id": checkpoint_id, "dropped": True}
 

@@ -55,7 +55,7 @@ class Proxy:
         ], self.status)
         self.control = ControlServer("proxy", config.node, self.store, self.daemon.stop, RoleView(
             self._checkpoint_info, self._peers, self.status, self._may_drop,
-            {"expect": self._expect, "probe": self._probe}))
+            {"expect": self._expect, "probe": self._probe}, self._ended_as))
         self.forwarders: set[Forwarder] = set()
         self.forwarded_before = 0  # bytes sent by forwarders that have finished
         self.capture_rate, self.forward_rate = RateMeter(), RateMeter()
@@ -109,16 +109,21 @@ class Proxy:
             self._note_outcome(forwarder)
 
     def _note_outcome(self, forwarder: Forwarder) -> None:
-        """What `imgmig migrate` waits for: restored at the peer, or the link gone without it."""
+        """Its bytes forwarded, and, if the link ended without a restore there, that (migrate rolls back)."""
         checkpoint = forwarder.checkpoint
         self.ended_links[checkpoint.id] = forwarder.bytes_sent
         while len(self.ended_links) > ENDED_LINKS:
             self.ended_links.pop(next(iter(self.ended_links)))
-        if forwarder.restored_at_peer:
-            self.control.journal.note(checkpoint.id, f"restored on {forwarder.peer_node}", "restored-at-peer")
-        elif checkpoint.state is State.COMPLETE and not self.daemon.stop.is_set():
+        if not forwarder.restored_at_peer and checkpoint.state is State.COMPLETE and not self.daemon.stop.is_set():
             self.control.journal.note(checkpoint.id, f"the link to {forwarder.peer_node} closed before a restore "
                                       f"there; this node keeps its copy for a rollback")
+
+    def _ended_as(self, event: str, checkpoint: Checkpoint) -> tuple[str, str] | None:
+        """Dropped because the peer reported it restored: the forwarder drops it right then."""
+        forwarder = self._forwarder(checkpoint)
+        if event == "dropped" and forwarder is not None and forwarder.restored_at_peer:
+            return "restored-at-peer", f"restored on {forwarder.peer_node}"
+        return None
 
     def _on_control(self, conn: socket.socket, peer: str) -> None:
         self.control.handle(conn, peer)
