@@ -82,6 +82,7 @@ class Forwarder:
         self.begun = threading.Event()
         self.sending = False  # inside a blocking send of file bytes
         self.begin_sent = False
+        self.restored_at_peer = False  # the cache reported RESTORED for this checkpoint
         self.digest = usable(digest)  # offered in HELLO; the cache's HELLO says which is used
 
     @property
@@ -340,6 +341,7 @@ class Forwarder:
             if isinstance(event, wire.Restored) and event.checkpoint == self.checkpoint.id:
                 log.info("checkpoint %s was restored on %s; releasing this node's copy",
                          self.checkpoint.id, self.peer_node, extra=self.fields)
+                self.restored_at_peer = True
                 self.store.drop(self.checkpoint)
                 return
 

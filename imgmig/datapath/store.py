@@ -34,6 +34,9 @@ IMAGE_OVERHEAD = 1 << 10
 # memfd_create's name argument is at most 249 bytes; the name is only a debugging aid
 # (/proc/PID/fd), the image's real name is kept in the store.
 _MEMFD_NAME_MAX = 249
+# `imgmig migrate --files`: the files that travel with the process, as one tar image, first
+# in its checkpoint. CRIU never asks for it; `imgmig restore` unpacks it before CRIU runs.
+FILES_IMAGE = "imgmig-files.tar"
 
 
 class StoreError(Exception):
@@ -202,6 +205,19 @@ class ImageStore:
         if not checkpoint.dropped:
             self._held += cost - image.charged
         image.charged = cost
+
+    def add_complete_image(self, checkpoint: Checkpoint, name: str, fd: int) -> Image:
+        """An image that arrives whole, as a sealed memfd (the files of `imgmig migrate --files`).
+        Raises DuplicateImage or TooManyFiles."""
+        size = os.fstat(fd).st_size
+        with self.cond:
+            self._check_new_image_locked(checkpoint, name)
+            image = Image(name, fd, size, complete=True)
+            checkpoint.images[name] = image
+            self.bytes_in += size
+            self._charge_locked(checkpoint, image)
+            self.cond.notify_all()
+            return image
 
     def room(self) -> int:
         return self.limit - self._held
