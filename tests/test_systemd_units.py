@@ -350,9 +350,9 @@ def test_fd_store_keeps_a_checkpoint_over_a_restart(tmp_path: Path, notify_socke
     assert "taken back from systemd's fd store" in log.read_text()
 
 
-def test_passed_control_socket_is_matched_and_answers(tmp_path: Path, notify_socket) -> None:
+def test_passed_control_socket_is_matched_and_answers(tmp_path: Path, notify_socket, pki: Pki) -> None:
     notify, notes = notify_socket
-    config = write_config(tmp_path, free_port())
+    config = write_config(tmp_path, free_port(), pki)
     proxy_dir = tmp_path / "proxy"
     capture, serve, control = (proxy_dir / name for name in ("streamer-capture.sock", "streamer-serve.sock",
                                                              "control.sock"))

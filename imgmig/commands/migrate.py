@@ -242,6 +242,9 @@ def _snapshot(m: Migration, live: dict[str, Any], estimate: int) -> Snapshot:
 
 def _ended(m: Migration, ended: dict[str, Any]) -> tuple[int, str]:
     if ended["state"] == "restored-at-peer":
+        if "verified at the destination" not in m.phases:
+            # a restore there reads only verified images: the poll missed the short window between
+            m.phase("verified at the destination")
         m.phase("running on the destination")
         return EXIT_OK, f"running on {m.node}: {ended['outcome']}"
     if ended["state"] == "restored":
