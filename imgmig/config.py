@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import shlex
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ HANDSHAKE_TIMEOUT = 10.0
 DEAD_PEER_TIMEOUT = 60.0
 # An allow entry made only of these characters is meant as an address, never a node name.
 _ADDRESS_CHARS = set("0123456789abcdefABCDEF.:/")
+RESTORE_MODES = ("manual", "auto")
 
 _UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -67,6 +69,7 @@ class CacheConfig:
     grant_timeout: float = 30.0
     resume_for: float = 600.0
     allow_nodes: tuple[str, ...] = ()  # node names, matched against the proxy's certificate
+    restore: str = "manual"  # auto: ring imgmig-restore.socket when a checkpoint begins
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,8 @@ class Config:
     max_files: int = DEFAULT_MAX_FILES
     tls: TlsConfig | None = TlsConfig()  # None: `tls: off` (a lab only)
     link: LinkConfig = LinkConfig()
+    peers: tuple[tuple[str, HostPort], ...] = ()  # node name -> cache address, for `imgmig migrate --to`
+    criu: tuple[str, ...] = ("criu",)  # the command that runs CRIU: a path, or a wrapper with arguments
     source: str = field(default="<defaults>", compare=False)
 
     @property
@@ -108,10 +113,13 @@ _SCHEMA: dict[str, Any] = {
     "max_files": None,
     "proxy": {"images_dir": None, "peer": None, "reconnect_for": None, "keep_restored_for": None},
     "cache": {"images_dir": None, "listen": None, "allow": None, "max_handshakes": None,
-              "max_connections_per_peer": None, "idle_timeout": None, "grant_timeout": None, "resume_for": None},
+              "max_connections_per_peer": None, "idle_timeout": None, "grant_timeout": None, "resume_for": None,
+              "restore": None},
     "memory": {"limit": None},
     "tls": {"ca": None, "cert": None, "key": None},
     "link": {"handshake_timeout": None, "dead_peer_timeout": None},
+    "peers": None,
+    "criu": None,
 }
 
 
@@ -269,6 +277,7 @@ def _build(raw: Any, where: str) -> Config:
         idle_timeout=_seconds(cache_raw.get("idle_timeout", DEFAULT_IDLE_TIMEOUT), "cache.idle_timeout", where),
         grant_timeout=_seconds(cache_raw.get("grant_timeout", 30), "cache.grant_timeout", where),
         resume_for=_seconds(cache_raw.get("resume_for", 600), "cache.resume_for", where),
+        restore=_choice(cache_raw.get("restore", "manual"), "cache.restore", RESTORE_MODES, where),
     )
     limit_raw = _section(raw, "memory").get("limit", "75%")
     try:
@@ -278,7 +287,7 @@ def _build(raw: Any, where: str) -> Config:
     max_files = _count(raw.get("max_files", DEFAULT_MAX_FILES), "max_files", where)
     return Config(node=node, proxy=proxy, cache=cache, memory_limit=limit, transfer=transfer, digest=digest,
                   max_files=max_files, tls=_tls(raw.get("tls"), where), link=_link(_section(raw, "link"), where),
-                  source=where)
+                  peers=_peers(raw.get("peers"), where), criu=_criu(raw.get("criu"), where), source=where)
 
 
 def _count(value: Any, key: str, where: str) -> int:
@@ -300,13 +309,13 @@ def _valid_node_name(name: Any) -> bool:
     return isinstance(name, str) and 0 < len(name.encode()) <= 64 and name.isprintable()
 
 
-def _split_peer(value: Any, where: str) -> tuple[str | None, Any]:
+def _split_peer(value: Any, where: str, key: str = "proxy.peer") -> tuple[str | None, Any]:
     """`node-b@10.0.0.2:9996` -> ("node-b", "10.0.0.2:9996"); without `NAME@`, no node."""
     if not isinstance(value, str) or "@" not in value:
         return None, value
     name, _, address = value.rpartition("@")
     if not _valid_node_name(name) or " " in name:
-        raise _fail(where, "proxy.peer", value, "expected NODE@host:port with the cache's node name before @")
+        raise _fail(where, key, value, "expected NODE@host:port with the cache's node name before @")
     return name, address
 
 
@@ -325,6 +334,49 @@ def _link(raw: dict[str, Any], where: str) -> LinkConfig:
         handshake_timeout=_seconds(raw.get("handshake_timeout", HANDSHAKE_TIMEOUT), "link.handshake_timeout", where),
         dead_peer_timeout=_seconds(raw.get("dead_peer_timeout", DEAD_PEER_TIMEOUT), "link.dead_peer_timeout", where),
     )
+
+
+def _peers(value: Any, where: str) -> tuple[tuple[str, HostPort], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise _fail(where, "peers", value, "expected a mapping of node names to host:port")
+    peers = []
+    for name, address in value.items():
+        if not _valid_node_name(name):
+            raise _fail(where, "peers", name, "expected node names of 1-64 printable bytes")
+        # The key is the node its cache's certificate must name; `NAME@` may repeat it.
+        named, address = _split_peer(address, where, f"peers.{name}")
+        if named not in (None, name):
+            raise _fail(where, f"peers.{name}", value[name], f"the node before @ must be the key, {name}")
+        found = _host_port(address, f"peers.{name}", where, required_port=False)
+        if found is None:
+            raise _fail(where, f"peers.{name}", address, "expected host:port, e.g. 10.0.0.2:9996")
+        peers.append((name, found))
+    return tuple(peers)
+
+
+def _criu(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ("criu",)
+    try:
+        argv = tuple(shlex.split(value)) if isinstance(value, str) else ()
+    except ValueError:
+        argv = ()
+    if not argv:
+        raise _fail(where, "criu", value, "expected a command, e.g. /usr/sbin/criu or '/opt/criu/run criu'")
+    return argv
+
+
+def peer_address(config: Config, name: str) -> HostPort | None:
+    """The cache address of node `name` from the peers map, or None if it is not there."""
+    return dict(config.peers).get(name)
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...], where: str) -> str:
+    if value not in choices:
+        raise _fail(where, key, value, "expected one of " + ", ".join(choices))
+    return value
 
 
 def _host_port(value: Any, key: str, where: str, *, required_port: bool) -> HostPort | None:

@@ -1,12 +1,16 @@
 """The live-migration demo (tools/demo.sh): proxy on node A, cache on node B (two
 network namespaces on this machine), a real workload migrated by a real CRIU with the
-restore started before the dump; prints each phase's time and the proof that the
-process goes on where it stopped with its memory intact."""
+operator's commands: `imgmig restore` waiting on B, then `imgmig migrate` on A, which
+shows its progress and phase times; then the proof that the process goes on where it
+stopped with its memory intact."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -51,40 +55,50 @@ def _migrate_once(criu: list[str], pair: daemons.Pair, workdir: Path, mib: int) 
     try:
         before = workload.wait_state(state_path, lambda s: s.counter >= 20, 120)
         say(f"workload pid {before.pid} running: counter {before.counter}, memory SHA-256 {before.digest[:16]}...")
-        at_dump: list[workload.State | None] = []
-        say("starting criu restore on node B (it waits for the images), then criu dump on node A ...")
-        result = migrate.migrate(criu, proc.pid, pair.proxy_dir, pair.cache_dir, workdir, cache=pair.cache,
-                                 on_dumped=lambda: at_dump.append(workload.State.read(state_path)))
-        restored = result.pid
-        return _report(result, pair, state_path, before, at_dump[0], mib)
+        say("")
+        say("node B$ imgmig restore --from node-a        # waits for node-a's checkpoint")
+        restore = subprocess.Popen(_imgmig("restore", "--from", "node-a", "--config", str(workdir / "cache.yaml"),
+                                           "--criu", shlex.join(criu)),
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                                   cwd=daemons.REPO_ROOT)
+        say(f"node A$ imgmig migrate {proc.pid} --to node-b")
+        code = subprocess.call(_imgmig("migrate", str(proc.pid), "--to", "node-b", "--config",
+                                       str(workdir / "proxy.yaml"), "--criu", shlex.join(criu)),
+                               env=_env(), cwd=daemons.REPO_ROOT)
+        out, _ = restore.communicate(timeout=300)
+        for line in out.splitlines():
+            say(f"  node B: {line}")
+        if code != 0 or restore.returncode != 0:
+            say(f"RESULT: FAILED: imgmig migrate exited {code}, imgmig restore {restore.returncode}")
+            return 1
+        restored = int(out.strip().splitlines()[-1].rsplit(" ", 1)[1])
+        return _report(restored, pair, state_path, before, mib)
     finally:
         for pid in {proc.pid, restored} - {None}:
             migrate.kill_and_reap(pid)  # type: ignore[arg-type]
 
 
-def _report(result: migrate.Result, pair: daemons.Pair, state_path: Path, before: workload.State,
-            at_dump: workload.State | None, mib: int) -> int:
-    t = result.timings
-    transfer = f"{t.transfer:7.3f} s" if t.transfer is not None else "    n/a"
-    say("")
-    say("phase timings (seconds from the freeze, i.e. the start of criu dump):")
-    say(f"  dump      criu dump returned              {t.dump:7.3f} s")
-    say(f"  transfer  cache has every image, verified {transfer}")
-    say(f"  restore   criu restore -d returned        {t.restore:7.3f} s"
-        f"  ({t.restore_after_dump:.3f} s after the dump)")
-    say(f"  total     freeze-to-running               {t.total:7.3f} s")
-    after = workload.wait_state(state_path, lambda s: at_dump is not None and s.counter > at_dump.counter + 5, 30)
-    fresh = workload.verify(result.pid, state_path)
+def _imgmig(*args: str) -> list[str]:
+    return [daemons.PYTHON, "-m", "imgmig", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(daemons.REPO_ROOT)}
+
+
+def _report(restored: int, pair: daemons.Pair, state_path: Path, before: workload.State, mib: int) -> int:
+    after = workload.wait_state(state_path, lambda s: s.pid == restored and s.counter > before.counter + 5, 30)
+    fresh = workload.verify(restored, state_path)
     expected = workload.expected_digest(mib)
     say("")
-    say(f"counter: {at_dump.counter if at_dump else '?'} when frozen -> {after.counter} after restore "
+    say(f"counter: {before.counter} before the migration -> {after.counter} on node B "
         f"(pid {before.pid} -> {after.pid}, token {before.token} -> {after.token})")
-    say(f"memory SHA-256 recomputed after restore: {fresh.verified_digest[:16]}... "
+    say(f"memory SHA-256 recomputed on node B: {fresh.verified_digest[:16]}... "
         f"(before: {before.digest[:16]}..., expected: {expected[:16]}...)")
     say("cache:  " + pair.cache.wait_log("complete from", 10).split(": ", 1)[1])  # type: ignore[union-attr]
     say("proxy:  " + pair.proxy.wait_log("releasing this node's copy", 10).split(": ", 1)[1])
-    ok = (at_dump is not None and after.token == before.token == at_dump.token and after.pid == before.pid
-          and after.counter > at_dump.counter and fresh.verified_digest == before.digest == expected)
+    ok = (after.token == before.token and after.pid == before.pid and after.counter > before.counter
+          and fresh.verified_digest == before.digest == expected)
     statuses = pair.stop()
     say(f"daemons stopped: {statuses}")
     ok = ok and all(code == 0 for code in statuses.values())

@@ -439,3 +439,23 @@ def test_help_and_version():
     result = run("--version")
     assert result.returncode == 0 and "imgmig" in result.stdout
     assert sys.version_info >= (3, 11)
+
+
+def test_peers_map_and_criu_command() -> None:
+    cfg = config.parse("peers:\n  node-c: 10.0.0.3:9997\n  node-d: '[fd00::4]'\ncriu: /opt/criu/run --quiet criu\n")
+    assert dict(cfg.peers) == {"node-c": config.HostPort("10.0.0.3", 9997), "node-d": config.HostPort("fd00::4", 9996)}
+    assert config.peer_address(cfg, "node-c") == config.HostPort("10.0.0.3", 9997)
+    assert config.peer_address(cfg, "node-x") is None
+    assert cfg.criu == ("/opt/criu/run", "--quiet", "criu")
+    assert config.parse("").criu == ("criu",)
+    with pytest.raises(config.ConfigError, match=r"key 'peers\.node-c'"):
+        config.parse("peers:\n  node-c: 10.0.0.3:0\n")
+    with pytest.raises(config.ConfigError, match="key 'peers'"):
+        config.parse("peers: [a, b]\n")
+    # the key is the node name its certificate must carry; `NAME@` may only repeat it
+    assert config.peer_address(config.parse("peers:\n  node-c: node-c@10.0.0.3:9997\n"), "node-c") \
+        == config.HostPort("10.0.0.3", 9997)
+    with pytest.raises(config.ConfigError, match=r"key 'peers\.node-c'.*must be the key"):
+        config.parse("peers:\n  node-c: node-d@10.0.0.3:9997\n")
+    with pytest.raises(config.ConfigError, match="key 'criu'"):
+        config.parse("criu: ''\n")

@@ -6,7 +6,9 @@ without them every test here is skipped with the reason in capitals.
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import PYTHON, REPO
 
 from testbed import criu as testbed_criu
 from testbed import daemons, migrate, netns, workload
@@ -171,3 +174,89 @@ def test_rollback_restore_from_proxy(criu: list[str], nodes: netns.TwoNodes, wor
             pair.cache.wait_released()
         statuses = pair.stop()
     assert_clean_stop(pair, statuses, ("proxy", "cache") if cache_running else ("proxy",))
+
+
+# ---- the operator's commands: imgmig migrate and imgmig restore -------------------------
+
+COMMAND_TIMEOUT = 300
+
+
+def imgmig_command(*args: str) -> list[str]:
+    return [PYTHON, "-m", "imgmig", *args]
+
+
+def imgmig_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def start_imgmig_restore(workdir: Path, criu: list[str], *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(imgmig_command("restore", "--from", "node-a", "--config", str(workdir / "cache.yaml"),
+                                           "--criu", shlex.join(criu), *extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=imgmig_env(), cwd=REPO)
+
+
+def run_migrate(live: Workload, pair: daemons.Pair, workdir: Path, criu: list[str],
+                *extra: str) -> tuple[int, list[dict], workload.State | None]:
+    """`imgmig migrate --json`, reading the workload's state as soon as the dump is done."""
+    proc = subprocess.Popen(imgmig_command("migrate", str(live.pid), "--to", "node-b", "--json", "--config",
+                                    str(workdir / "proxy.yaml"), "--criu", shlex.join(criu), *extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=imgmig_env(), cwd=REPO)
+    events, at_dump = [], None
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        events.append(json.loads(line))
+        if events[-1].get("phase") == "dump done":
+            at_dump = workload.State.read(live.state_path)
+    proc.wait(COMMAND_TIMEOUT)
+    assert proc.stderr is not None
+    assert proc.returncode in (0, 1), f"migrate exited {proc.returncode}: {proc.stderr.read()}" + _logs(pair)
+    return proc.returncode, events, at_dump
+
+
+def test_migrate_command_moves_a_live_workload(criu: list[str], nodes: netns.TwoNodes, workdir: Path,
+                                               live_workload: Workload) -> None:
+    job = workdir / "job"
+    job.mkdir()
+    (job / "input.txt").write_text("carried along\n")
+    with daemons.proxy_and_cache(workdir, nodes.a, nodes.b) as pair:
+        restore = start_imgmig_restore(workdir, criu, "--files-root", str(workdir / "b"))
+        code, events, at_dump = run_migrate(live_workload, pair, workdir, criu, "--files", str(job))
+        out, err = restore.communicate(timeout=COMMAND_TIMEOUT)
+        assert code == 0 and restore.returncode == 0, (events[-1], out, err, _logs(pair))
+        restored = int(out.strip().splitlines()[-1].rsplit(" ", 1)[1])
+        live_workload.pids.add(restored)
+        assert_continues(live_workload, restored, at_dump)
+        phases = [e["phase"] for e in events if e["event"] == "phase"]
+        assert phases == ["frozen", "dump done", "verified at the destination", "running on the destination"]
+        progress = [e for e in events if e["event"] == "progress"]
+        assert progress[-1]["verified"] == progress[-1]["captured"] > 256 << 20
+        assert [e["forwarded"] for e in progress] == sorted(e["forwarded"] for e in progress)
+        result = events[-1]
+        assert result["exit"] == 0 and "running on node-b" in result["outcome"]
+        assert (workdir / "b" / str(job).lstrip("/") / "input.txt").read_text() == "carried along\n"
+        assert "unpacked 2 carried entries" in out
+        pair.proxy.wait_released()
+        pair.cache.wait_released()
+        statuses = pair.stop()
+    assert_clean_stop(pair, statuses, ("proxy", "cache"))
+    print("imgmig migrate phases:", result["phases"])
+
+
+def test_migrate_command_rolls_back_when_the_restore_fails(criu: list[str], nodes: netns.TwoNodes, workdir: Path,
+                                                          live_workload: Workload) -> None:
+    with daemons.proxy_and_cache(workdir, nodes.a, nodes.b) as pair:
+        # CRIU refuses an unknown option: the restore on B fails on purpose
+        restore = start_imgmig_restore(workdir, criu, "--", "--no-such-option")
+        code, events, at_dump = run_migrate(live_workload, pair, workdir, criu, "--timeout", "5")
+        _, err = restore.communicate(timeout=COMMAND_TIMEOUT)
+        assert restore.returncode == 1 and "restore of checkpoint" in err, err
+        result = events[-1]
+        assert code == 1 and result["exit"] == 1 and "rolled back" in result["outcome"], (result, _logs(pair))
+        rolled = int(result["outcome"].split("as pid ")[1].split(";")[0])
+        live_workload.pids.add(rolled)
+        assert_continues(live_workload, rolled, at_dump)
+        pair.cache.wait_log("restored on its source", 10)
+        pair.cache.wait_released()
+        pair.proxy.wait_released()
+        statuses = pair.stop()
+    assert_clean_stop(pair, statuses, ("proxy", "cache"))

@@ -36,6 +36,7 @@ PORT = 9996
 COMPLETE_ID = "8d3f1a7c6b2e4f09a5c4d3b2e1f0a9c8"
 RESTORED_ID = "5b0e3c9a2f4d4b8e9d1c7a6f3e2b1d40"
 UNITS = ["imgmig-cache.socket", "imgmig-cache.service", "imgmig-proxy.socket", "imgmig-proxy.service"]
+RESTORE_UNITS = ["imgmig-restore.socket", "imgmig-restore@.service"]
 TOOLS = ["systemd-nspawn", "debootstrap", "dpkg-buildpackage", "nsenter", "ip"]
 MAX_EXPOSURE = 2.0
 
@@ -137,7 +138,7 @@ def _ready(node: containers.Container, unit: str) -> dict[str, str]:
 
 
 def _check_units(node: containers.Container) -> None:
-    paths = [f"/lib/systemd/system/{unit}" for unit in UNITS]
+    paths = [f"/lib/systemd/system/{unit}" for unit in [*UNITS, *RESTORE_UNITS]]
     verify = node.run("systemd-analyze", "verify", "--man=no", *paths, check=False)
     assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
     for service in ("imgmig-cache.service", "imgmig-proxy.service"):
@@ -280,6 +281,56 @@ def test_mismatched_socket_unit_is_refused_in_one_line(nodes) -> None:
         node_b.systemctl("daemon-reload")
         node_b.systemctl("reset-failed", "imgmig-cache.service", check=False)
         node_b.systemctl("restart", "imgmig-cache.socket")
+
+
+def test_auto_restore_through_the_units_with_one_command(nodes, workdir: Path, pki: Path) -> None:
+    """cache.restore: auto on B, with mutual TLS: `imgmig migrate` (run on the host against
+    A's proxy) is the only command, and its cache check is an authenticated HELLO. CRIU
+    cannot run inside nspawn here, so testbed/fake_criu.py stands in on both sides; what is
+    real is the units, the TLS credentials, the sandboxed cache ringing the doorbell, and
+    the root imgmig-restore@.service claiming and restoring the checkpoint."""
+    node_a, node_b, pair = nodes
+    repo = Path(__file__).resolve().parents[1]
+    node_b.copy_in(repo / "testbed/fake_criu.py", "/usr/local/lib/fake_criu.py")
+    node_b.systemctl("stop", "imgmig-cache.service")
+    node_a.systemctl("stop", "imgmig-proxy.service")
+    _install_tls(node_a, pki, "node-a", pair.a.address)
+    _install_tls(node_b, pki, "node-b", pair.b.address)
+    node_b.write("/etc/imgmig/imgmig.yaml", f"node: node-b\ncriu: /usr/bin/python3 /usr/local/lib/fake_criu.py\n"
+                                             f"cache:\n  listen: 0.0.0.0:{PORT}\n  allow: [node-a]\n"
+                                             f"  restore: auto\n")
+    node_a.write("/etc/imgmig/imgmig.yaml", f"node: node-a\nproxy:\n  peer: node-b@{pair.b.address}:{PORT}\n")
+    node_b.systemctl("enable", "--now", "imgmig-restore.socket")
+    node_b.systemctl("start", "imgmig-cache.socket")
+    node_a.systemctl("start", "imgmig-proxy.socket")
+    host_config = workdir / "host.yaml"
+    host_config.write_text(f"node: node-a\nproxy:\n  images_dir: {node_a.root}/run/imgmig/proxy\n"
+                           f"  peer: node-b@{pair.b.address}:{PORT}\n")
+    victim = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    threading.Thread(target=victim.wait, daemon=True).start()
+    done = subprocess.run(["/usr/bin/python3", "-m", "imgmig", "migrate", str(victim.pid), "--to", "node-b", "--json",
+                           "--config", str(host_config), "--criu", "/usr/bin/python3 -m testbed.fake_criu"],
+                          capture_output=True, text=True, timeout=120, cwd=repo,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    restores = _journal(node_b, "-u", "imgmig-restore@*")
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr, [e["MESSAGE"] for e in restores])
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    cache_check = next(e for e in events if e["event"] == "check" and e["name"] == "cache")
+    assert "authenticated" in cache_check["detail"], cache_check
+    result = events[-1]
+    assert result["checkpoint"].startswith("node-a-"), result
+    assert result["phases"]["running on the destination"] > 0
+    line = next(e["MESSAGE"] for e in restores if "restored: running as pid" in e["MESSAGE"])
+    assert result["checkpoint"] in line
+    pid = line.rsplit(" ", 1)[1]
+    # the restore unit has ended; the restored process lives on (KillMode=process)
+    _wait(lambda: node_b.run("pgrep", "-f", "imgmig restore --doorbell", check=False).returncode != 0,
+          "the restore instance to end", 20)
+    node_b.run("kill", "-0", pid)
+    node_b.run("kill", pid)
+    cache_status = json.loads(node_b.run("imgmig", "status", "--json").stdout)["cache"]
+    assert cache_status["ended"][0]["state"] == "running", cache_status
+    node_b.systemctl("disable", "--now", "imgmig-restore.socket")
 
 
 def test_installs_and_starts_on_bookworm(deb: Path, workdir: Path, pki: Path) -> None:

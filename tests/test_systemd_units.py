@@ -9,6 +9,7 @@ restart: it hands the stored fds back with LISTEN_FDS/LISTEN_FDNAMES.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -466,3 +467,24 @@ def test_fd_store_keeps_a_checkpoint_still_arriving_and_the_proxy_resumes_it(tmp
         unix.close()
     assert "taken back from systemd's fd store after a restart: 1 files" in log.read_text()
     assert "still arriving" in log.read_text()
+
+
+def test_passed_control_socket_is_matched_and_answers(tmp_path: Path, notify_socket, pki: Pki) -> None:
+    notify, notes = notify_socket
+    config = write_config(tmp_path, free_port(), pki)
+    proxy_dir = tmp_path / "proxy"
+    capture, serve, control = (proxy_dir / name for name in ("streamer-capture.sock", "streamer-serve.sock",
+                                                             "control.sock"))
+    argv = [PYTHON, "-m", "imgmig", "proxy", "--config", str(config)]
+    proc = activate([str(control), str(serve), str(capture)], argv, notify, tmp_path / "log")
+    try:
+        wait_listening(control)
+        status = subprocess.run([PYTHON, "-m", "imgmig", "status", "--json", "--config", str(config)],
+                                capture_output=True, text=True, timeout=30, env=env_for(notify), cwd=REPO)
+        notes.wait_for("READY", "1")
+    finally:
+        assert stop(proc) == 0, (tmp_path / "log").read_text()
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["proxy"]["role"] == "proxy"
+    log = (tmp_path / "log").read_text()
+    assert f"control {control}" in log and "passed by systemd" in log and "WARNING" not in log, log

@@ -15,7 +15,8 @@ PACKAGES=(
     python3-xxhash     # XXH3-128 file digests (without it: SHA-256)
     python3-cryptography # imgmig pki and the TLS files' checks
     python3-pytest
-    python3-hypothesis # the fuzz tests (tests/test_fuzz_*.py)
+    python3-hypothesis # the fuzz tests (tests/test_fuzz_*.py, tests/test_control_wire.py)
+    python3-rich       # `imgmig migrate`'s progress bar on a terminal
     python3-venv       # tools/test.sh makes a venv for ruff
     iproute2           # ip netns / veth: the two "nodes"
     debootstrap        # builds the Debian trixie tree that provides CRIU 4.x

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from collections.abc import Callable
 
@@ -51,16 +52,35 @@ def cache_main(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from imgmig.commands import migrate, pki, restore, status
+    from imgmig.commands.common import CommandError, say
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after `--` is for CRIU (migrate, restore), never for us.
+    split = argv.index("--") if "--" in argv else len(argv)
+    argv, criu_options = argv[:split], argv[split + 1:]
     parser = argparse.ArgumentParser(prog="imgmig", description="imgmig operator's tool")
     parser.add_argument("--version", action="version", version=f"imgmig {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check-config", help="validate a config file and say what it sets")
     check.add_argument("file", nargs="?", default=config.DEFAULT_PATH)
     check.set_defaults(run=lambda args: check_config(args.file))
-    from imgmig.commands import pki
     pki.add_parser(commands)
+    status.add_parsers(commands)
+    migrate.add_parser(commands)
+    restore.add_parser(commands)
     args = parser.parse_args(argv)
-    return args.run(args)
+    if criu_options and args.command not in ("migrate", "restore"):
+        parser.error(f"arguments after -- are for CRIU; `imgmig {args.command}` runs no CRIU")
+    args.criu_options = criu_options
+    try:
+        return args.run(args)
+    except CommandError as exc:
+        say(str(exc))
+        return exc.status
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
 
 
 def check_config(path: str) -> int:
@@ -77,6 +97,9 @@ def check_config(path: str) -> int:
     print(f"  proxy: images_dir {cfg.proxy.images_dir}, peer {peer}")
     allow = ", ".join([*(str(net) for net in cfg.cache.allow), *cfg.cache.allow_nodes]) or "nobody"
     print(f"  cache: images_dir {cfg.cache.images_dir}, listen {cfg.cache.listen}, allow {allow}")
+    if cfg.peers:
+        print("  peers: " + ", ".join(f"{name} {address}" for name, address in cfg.peers))
+    print(f"  criu: {shlex.join(cfg.criu)}")
     return check_tls(cfg)
 
 

@@ -111,6 +111,7 @@ class Forwarder:
         # with BEGUN, or that forwarder ended.
         self.after = after
         self.begun = threading.Event()
+        self.restored_at_peer = False  # the cache reported every image read by a restore there
         self.digest = usable(digest)  # offered in HELLO; the cache's HELLO says which is used
         self.started = time.monotonic()
 
@@ -485,6 +486,7 @@ class Forwarder:
             self._on_claim()
         elif isinstance(event, conv.RestoredReported):
             assert self.conn is not None
+            self.restored_at_peer = True
             self.conn.confirm_restored(time.monotonic())
             self._flush()
             self._restored_there()

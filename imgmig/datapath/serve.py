@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from imgmig.datapath.custody import NoRight
 from imgmig.datapath.kernel_io import UntilHangup, grow_pipe, pipe_end_problem, splice_out
-from imgmig.datapath.store import Checkpoint, CheckpointFailed, ImageStore, Interrupted
+from imgmig.datapath.store import FILES_IMAGE, Checkpoint, CheckpointFailed, ImageStore, Interrupted
 from imgmig.protocol import criu_wire
 from imgmig.system.systemd_glue import CHECKPOINT_RESTORED_ID
 
@@ -155,6 +155,10 @@ class ServeSession:
                     return
                 self.store.cond.wait(min(left, 0.5))
 
+    def _read_everything(self, checkpoint: Checkpoint) -> bool:
+        """CRIU read every image (the files image is unpacked by `imgmig restore`, not read by CRIU)."""
+        return bool(self.served) and self.served >= set(checkpoint.images) - {FILES_IMAGE}
+
     def _finish(self) -> None:
         for fd in self.protocol.fds_to_close():
             os.close(fd)
@@ -162,9 +166,9 @@ class ServeSession:
         checkpoint = self.checkpoint
         if checkpoint is None:
             return
-        if self.served and self.served >= set(checkpoint.images):
+        if self._read_everything(checkpoint):
             self._await_end_of_transfer(checkpoint)
-        if self.served and self.served >= set(checkpoint.images) and checkpoint.done_receiving:
+        if self._read_everything(checkpoint) and checkpoint.done_receiving:
             log.info("checkpoint %s restored from the %s: %d files served; its memory is released",
                      checkpoint.id, self.role, len(self.served),
                      extra={"IMGMIG_CHECKPOINT": checkpoint.id, "MESSAGE_ID": CHECKPOINT_RESTORED_ID})

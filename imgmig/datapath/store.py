@@ -37,6 +37,9 @@ IMAGE_OVERHEAD = 1 << 10
 # memfd_create's name argument is at most 249 bytes; the name is only a debugging aid
 # (/proc/PID/fd), the image's real name is kept in the store.
 _MEMFD_NAME_MAX = 249
+# `imgmig migrate --files`: the files that travel with the process, as one tar image, first
+# in its checkpoint. CRIU never asks for it; `imgmig restore` unpacks it before CRIU runs.
+FILES_IMAGE = "imgmig-files.tar"
 
 
 class StoreError(Exception):
@@ -222,6 +225,19 @@ class ImageStore:
             self._held += cost - image.charged
         image.charged = cost
 
+    def add_complete_image(self, checkpoint: Checkpoint, name: str, fd: int) -> Image:
+        """An image that arrives whole, as a sealed memfd (the files of `imgmig migrate --files`).
+        Raises DuplicateImage or TooManyFiles."""
+        size = os.fstat(fd).st_size
+        with self.cond:
+            self._check_new_image_locked(checkpoint, name)
+            image = Image(name, fd, size, complete=True)
+            checkpoint.images[name] = image
+            self.bytes_in += size
+            self._charge_locked(checkpoint, image)
+            self.cond.notify_all()
+            return image
+
     def room(self) -> int:
         return self.limit - self._held
 
@@ -375,6 +391,35 @@ class ImageStore:
     def close(self) -> None:
         for checkpoint in self.checkpoints():
             self.drop(checkpoint)
+
+
+def watch_checkpoints(store: ImageStore, on_new: Callable[[Checkpoint], None] | None = None,
+                      on_gone: Callable[[Checkpoint], None] | None = None) -> threading.Thread:
+    """Tell, from a thread of its own, of each checkpoint that appears in the store and each
+    that leaves it (its `state` then says how: failed, restored, or dropped while complete).
+    The store calls nobody back: observers wait on its condition like every other reader."""
+
+    def follow() -> None:
+        seen, known = -1, {}
+        while True:
+            seen = _next_change(store, seen)
+            present = {checkpoint.id: checkpoint for checkpoint in store.checkpoints()}
+            for checkpoint_id, checkpoint in present.items():
+                if checkpoint_id not in known and on_new is not None:
+                    on_new(checkpoint)
+            for checkpoint_id, checkpoint in known.items():
+                if checkpoint_id not in present and on_gone is not None:
+                    on_gone(checkpoint)
+            known = present
+
+    thread = threading.Thread(target=follow, name="store-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def _next_change(store: ImageStore, seen: int) -> int:
+    store.wait_until(lambda: store.generation != seen)
+    return store.generation
 
 
 def _close_images(checkpoint: Checkpoint) -> None:

@@ -10,23 +10,28 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import time
+from typing import Any
 
 from imgmig.config import Config, is_allowed
 from imgmig.datapath import custody
 from imgmig.datapath.link import Link, LinkRefused, PeerRefusedUs, accept_link
 from imgmig.datapath.receive import ReceiveSession, Transfers
 from imgmig.datapath.serve import ServeSession
-from imgmig.datapath.store import Checkpoint, ImageStore
+from imgmig.datapath.store import Checkpoint, ImageStore, State
 from imgmig.protocol import peer_wire as wire
 from imgmig.roles.admission import Admission
+from imgmig.roles.control import ControlServer, RoleView
 from imgmig.roles.daemon import Daemon, Listener
-from imgmig.roles.endpoints import SERVE_SOCKET, Endpoint
+from imgmig.roles.doorbell import DOORBELL_SOCKET, Doorbell
+from imgmig.roles.endpoints import CONTROL_SOCKET, SERVE_SOCKET, Endpoint
 from imgmig.roles.status import RateMeter, describe_store, human_rate
 from imgmig.system.tls import Trust
 
 log = logging.getLogger(__name__)
 
 REFUSAL_LINGER = 1.0  # seconds a refused peer gets to read the refusal
+MAX_SEEN = 64  # proxies remembered for `imgmig status` after their connection ended
 
 
 class Cache:
@@ -39,9 +44,16 @@ class Cache:
         self.daemon = Daemon("imgmig-cache", [
             Listener(Endpoint("peer", tcp=config.cache.listen), self._on_proxy, self.admission),
             Listener(Endpoint("serve", path=config.cache.images_dir / SERVE_SOCKET), self._on_restore),
+            Listener(Endpoint("control", path=config.cache.images_dir / CONTROL_SOCKET, optional=True),
+                     self._on_control),
         ], self.status, reload=None if self.trust is None else self.trust.reload)
+        self.control = ControlServer("cache", config.node, self.store, self.daemon.stop, RoleView(
+            self._checkpoint_info, self._peers, self.status, self._may_drop))
         self.receiving: dict[int, ReceiveSession] = {}
         self.transfers = Transfers(self.store, config.cache.resume_for)
+        self.seen: dict[str, float] = {}  # proxy -> when its last connection ended
+        if config.cache.restore == "auto":
+            Doorbell(config.cache.images_dir / DOORBELL_SOCKET, self.store)
         self.receive_rate = RateMeter()
 
     def status(self) -> str:
@@ -82,6 +94,35 @@ class Cache:
             session.run()
         finally:
             del self.receiving[id(session)]
+            self.seen[session.peer] = time.monotonic()
+            while len(self.seen) > MAX_SEEN:
+                self.seen.pop(min(self.seen, key=self.seen.__getitem__))
+
+    def _on_control(self, conn: socket.socket, peer: str) -> None:
+        self.control.handle(conn, peer)
+
+    def _checkpoint_info(self, checkpoint: Checkpoint) -> dict[str, Any]:
+        return {"received": checkpoint.size, "verified": checkpoint.size if checkpoint.done_receiving else 0}
+
+    def _peers(self) -> list[dict[str, Any]]:
+        rate = self.receive_rate.rate(self.store.bytes_in)
+        now = time.monotonic()
+        peers = []
+        for session in list(self.receiving.values()):
+            checkpoint = session.checkpoint
+            receiving = checkpoint is not None and checkpoint.state is State.RECEIVING
+            peers.append({"name": session.peer, "state": "receiving" if receiving else "connected",
+                          "checkpoint": checkpoint.id if checkpoint else None, "rate": rate if receiving else 0.0})
+        active = {peer["name"] for peer in peers}
+        for name, at in sorted(self.seen.items(), key=lambda item: -item[1]):
+            if name not in active:
+                peers.append({"name": name, "state": "disconnected", "ago": round(now - at, 1), "rate": 0.0})
+        return peers
+
+    def _may_drop(self, checkpoint: Checkpoint) -> str | None:
+        if checkpoint.claimed:
+            return "a restore is reading it now; with --force that restore fails"
+        return None
 
     def _refuse_unallowed(self, conn: socket.socket | Link, address: str, who: str) -> None:
         log.error("connection from %s refused: not in cache.allow of %s; add its node name or address there "

@@ -58,13 +58,15 @@ class Daemon:
             self.sockets = {endpoint.kind: bind(endpoint) for endpoint in endpoints}
             self.owns_socket_files = True
             origin = "bound"
-        where = ", ".join(f"{endpoint.kind} {endpoint}" for endpoint in endpoints)
+        where = ", ".join(f"{endpoint.kind} {endpoint}" for endpoint in endpoints if endpoint.kind in self.sockets)
         log.info("%s listening (%s): %s", self.name, origin, where)
 
     def run(self) -> int:
         selector = selectors.DefaultSelector()
         for listener in self.listeners:
-            sock = self.sockets[listener.endpoint.kind]
+            sock = self.sockets.get(listener.endpoint.kind)
+            if sock is None:  # an optional socket systemd did not pass
+                continue
             sock.setblocking(False)
             selector.register(sock, selectors.EVENT_READ, listener)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

@@ -4,6 +4,7 @@ to the config by what they are (getsockname), never by their order."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import socket
 import stat
@@ -14,6 +15,9 @@ from imgmig.config import ConfigError, HostPort
 
 CAPTURE_SOCKET = "streamer-capture.sock"
 SERVE_SOCKET = "streamer-serve.sock"
+CONTROL_SOCKET = "control.sock"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,7 @@ class Endpoint:
     kind: str
     path: Path | None = None
     tcp: HostPort | None = None
+    optional: bool = False  # a .socket unit from before it existed may not pass it (the control socket)
 
     def __str__(self) -> str:
         return str(self.path) if self.path is not None else f"tcp {self.tcp}"
@@ -80,6 +85,10 @@ def match_passed(endpoints: list[Endpoint], fds: list[int]) -> dict[str, socket.
     matched: dict[str, socket.socket] = {}
     for endpoint in endpoints:
         found = next((s for s in sockets if _same_address(endpoint, s)), None)
+        if found is None and endpoint.optional:
+            log.warning("systemd passed no socket for %s (%s side): that side is off; add "
+                        "ListenStream=%s to the .socket unit", endpoint, endpoint.kind, endpoint)
+            continue
         if found is None:
             have = ", ".join(_describe(s) for s in sockets) or "none"
             raise ConfigError(f"systemd passed no socket for {endpoint} ({endpoint.kind} side); passed: "

@@ -7,13 +7,18 @@ Read side: streamer-serve.sock serves the proxy's own copy (a rollback restore h
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import itertools
 import logging
+import os
 import socket
 import threading
 import time
+from dataclasses import dataclass
+from typing import Any
 
-from imgmig.config import Config, require_proxy_peer
+from imgmig.config import Config, HostPort, peer_address, require_proxy_peer
 from imgmig.datapath import custody
 from imgmig.datapath.capture import CaptureSession
 from imgmig.datapath.digest import NAMES, usable
@@ -21,13 +26,26 @@ from imgmig.datapath.forward import Forwarder
 from imgmig.datapath.kernel_io import out_of_fds
 from imgmig.datapath.link import Link, open_link
 from imgmig.datapath.serve import ServeSession
-from imgmig.datapath.store import Checkpoint, ImageStore
+from imgmig.datapath.store import FILES_IMAGE, Checkpoint, ImageStore, State
+from imgmig.protocol import control_wire as cw
+from imgmig.roles.control import ControlServer, ControlSession, OpError, RoleView
 from imgmig.roles.daemon import Daemon, Listener
-from imgmig.roles.endpoints import CAPTURE_SOCKET, SERVE_SOCKET, Endpoint
+from imgmig.roles.endpoints import CAPTURE_SOCKET, CONTROL_SOCKET, SERVE_SOCKET, Endpoint
+from imgmig.roles.probe import probe_cache
 from imgmig.roles.status import RateMeter, describe_store, human_rate
 from imgmig.system.tls import Trust
 
 log = logging.getLogger(__name__)
+
+FILES_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
+ENDED_LINKS = 256  # forwarded byte counts kept for `imgmig status` after a link ends
+
+
+@dataclass(frozen=True)
+class Target:
+    """A cache to forward to, and the node its certificate must name (None: its address)."""
+    address: HostPort
+    node: str | None
 
 
 class Proxy:
@@ -47,10 +65,16 @@ class Proxy:
         self.daemon = Daemon("imgmig-proxy", [
             Listener(Endpoint("capture", path=images_dir / CAPTURE_SOCKET), self._on_capture),
             Listener(Endpoint("serve", path=images_dir / SERVE_SOCKET), self._on_restore),
+            Listener(Endpoint("control", path=images_dir / CONTROL_SOCKET, optional=True), self._on_control),
         ], self.status, reload=None if self.trust is None else self.trust.reload)
+        self.control = ControlServer("proxy", config.node, self.store, self.daemon.stop, RoleView(
+            self._checkpoint_info, self._peers, self.status, self._may_drop,
+            {"expect": self._expect, "probe": self._probe}, self._ended_as))
         self.forwarders: set[Forwarder] = set()
         self.forwarded_before = 0  # bytes sent by forwarders that have finished
         self.capture_rate, self.forward_rate = RateMeter(), RateMeter()
+        self.ended_links: dict[str, int] = {}  # checkpoint id -> bytes forwarded, once its link ended
+        self.restored_there: dict[str, str] = {}  # checkpoint id -> the peer that reported it restored
 
     def status(self) -> str:
         """E.g. `1 checkpoint (1 receiving), 1.3 GiB held of 12.0 GiB; capturing at 900 MB/s;
@@ -75,7 +99,16 @@ class Proxy:
     def _on_capture(self, conn: socket.socket, _peer: str) -> None:
         with self.begin_lock:
             checkpoint = self.store.begin(self.new_checkpoint_id(), self.config.node)
-            forwarder = Forwarder(self.store, checkpoint, self.peer, self.config.node, self.daemon.stop, self._connect,
+            expectation = self.control.take_expectation()  # announced by `imgmig migrate`, if any
+            target = self._target(None)
+            if expectation is not None:
+                expectation.checkpoint = checkpoint.id
+                target = self._target(expectation.to)
+                if expectation.files is not None:  # first in the checkpoint: unpacked before the restore
+                    self.store.add_complete_image(checkpoint, FILES_IMAGE, expectation.files)
+                    expectation.files = None
+            forwarder = Forwarder(self.store, checkpoint, target.address, self.config.node, self.daemon.stop,
+                                  functools.partial(self._connect, target),
                                   wait_for_complete=self.config.store_and_forward, after=self.last_begun,
                                   digest=self.digest, reconnect_for=self.config.proxy.reconnect_for,
                                   keep_restored_for=self.config.proxy.keep_restored_for)
@@ -93,8 +126,8 @@ class Proxy:
             return
         session.run()
 
-    def _connect(self) -> Link:
-        return open_link(self.peer, self.config.proxy.peer_node, self.trust, self.config.link)
+    def _connect(self, target: Target) -> Link:
+        return open_link(target.address, target.node, self.trust, self.config.link)
 
     def _forward(self, forwarder: Forwarder) -> None:
         self.forwarders.add(forwarder)
@@ -103,6 +136,98 @@ class Proxy:
         finally:
             self.forwarders.discard(forwarder)
             self.forwarded_before += forwarder.bytes_sent
+            self._note_outcome(forwarder)
+
+    def _note_outcome(self, forwarder: Forwarder) -> None:
+        """Its bytes forwarded, and, if the link ended without a restore there, that (migrate rolls back)."""
+        checkpoint = forwarder.checkpoint
+        self.ended_links[checkpoint.id] = forwarder.bytes_sent
+        if forwarder.restored_at_peer:
+            self.restored_there[checkpoint.id] = forwarder.peer_node
+            self.control.journal.note(checkpoint.id, f"restored on {forwarder.peer_node}", "restored-at-peer")
+        while len(self.restored_there) > ENDED_LINKS:
+            self.restored_there.pop(next(iter(self.restored_there)))
+        while len(self.ended_links) > ENDED_LINKS:
+            self.ended_links.pop(next(iter(self.ended_links)))
+        if not forwarder.restored_at_peer and checkpoint.state is State.COMPLETE and not self.daemon.stop.is_set():
+            self.control.journal.note(checkpoint.id, f"the link to {forwarder.peer_node} closed before a restore "
+                                      f"there; this node keeps its copy for a rollback")
+
+    def _ended_as(self, event: str, checkpoint: Checkpoint) -> tuple[str, str] | None:
+        """Dropped after the peer reported it restored (kept proxy.keep_restored_for first)."""
+        forwarder = self._forwarder(checkpoint)
+        peer = forwarder.peer_node if forwarder is not None and forwarder.restored_at_peer \
+            else self.restored_there.get(checkpoint.id)
+        if event == "dropped" and peer is not None:
+            return "restored-at-peer", f"restored on {peer}"
+        return None
+
+    def _on_control(self, conn: socket.socket, peer: str) -> None:
+        self.control.handle(conn, peer)
+
+    def _target(self, node: str | None) -> Target:
+        """Where a checkpoint for `node` goes, and the node its cache's certificate must
+        name: proxy.peer for None, else the peers-map entry (its key is that node)."""
+        if node is None:
+            return Target(self.peer, self.config.proxy.peer_node)
+        address = peer_address(self.config, node)
+        if address is None:
+            raise OpError(f"node {node!r} is not in the peers map of {self.config.source}")
+        return Target(address, node)
+
+    def _forwarder(self, checkpoint: Checkpoint) -> Forwarder | None:
+        return next((f for f in list(self.forwarders) if f.checkpoint is checkpoint), None)
+
+    def _checkpoint_info(self, checkpoint: Checkpoint) -> dict[str, Any]:
+        forwarder = self._forwarder(checkpoint)
+        if forwarder is not None:
+            link = "verified, waiting for a restore there" if checkpoint.delivered else "sending"
+            forwarded, peer = forwarder.bytes_sent, forwarder.peer_node
+        else:
+            link, forwarded, peer = "closed", self.ended_links.get(checkpoint.id, 0), None
+        restored_at_peer = forwarder is not None and forwarder.restored_at_peer
+        if restored_at_peer:
+            link = "restored there; this copy kept for proxy.keep_restored_for"
+        return {"forwarded": forwarded, "verified": checkpoint.size if checkpoint.delivered else 0,
+                "delivered": checkpoint.delivered, "link": link, "peer": peer, "restored_at_peer": restored_at_peer}
+
+    def _peers(self) -> list[dict[str, Any]]:
+        forwarders = list(self.forwarders)
+        sent = self.forwarded_before + sum(f.bytes_sent for f in forwarders)
+        rate = self.forward_rate.rate(sent)
+        by_address = {address: name for name, address in self.config.peers}
+        named = [(by_address.get(self.peer, "default"), self.peer),
+                 *((name, address) for name, address in self.config.peers if address != self.peer)]
+        peers = []
+        for name, address in named:
+            active = [f for f in forwarders if f.peer == address]
+            peers.append({"name": name, "address": str(address), "forwarding": len(active),
+                          "node": active[0].peer_node if active else None,
+                          "state": "forwarding" if active else "idle", "rate": rate if active else 0.0})
+        return peers
+
+    def _may_drop(self, checkpoint: Checkpoint) -> str | None:
+        return ("it is this node's copy for a rollback and is not confirmed running on another node; "
+                "with --force it is discarded, and if the restore elsewhere fails the process is lost")
+
+    def _expect(self, session: ControlSession, request: cw.Request) -> dict[str, Any]:
+        to = cw.text_arg(request, "to", required=False)
+        self._target(to)
+        files = _sealed_memfd(session.take_fd()) if cw.bool_arg(request, "files") else None
+        expectation = self.control.expect(to)
+        expectation.files = files
+        session.expectations.append(expectation)
+        return {"ticket": expectation.ticket}
+
+    def _probe(self, _session: ControlSession, request: cw.Request) -> dict[str, Any]:
+        target = self._target(cw.text_arg(request, "to", required=False))
+        try:
+            node = probe_cache(target.address, target.node, self.trust, self.config.link, self.config.node,
+                               self.digest)
+        except (OSError, ValueError) as exc:
+            raise OpError(f"the cache at {target.address} is not reachable or not authenticated: "
+                          f"{(exc.strerror if isinstance(exc, OSError) else None) or exc}") from None
+        return {"node": node, "address": str(target.address), "authenticated": self.trust is not None}
 
     def _on_restore(self, conn: socket.socket, _peer: str) -> None:
         ServeSession(conn, self.store, self.daemon.stop, "proxy", gate=self._take_right,
@@ -111,3 +236,17 @@ class Proxy:
     def _take_right(self, checkpoint: Checkpoint) -> None:
         """A rollback here takes the right to restore the checkpoint, unless the cache holds it."""
         custody.take_for_rollback(self.store, checkpoint, self.config.node)
+
+
+def _sealed_memfd(fd: int | None) -> int:
+    """The files image as passed: a memfd nobody can change any more, or OpError."""
+    if fd is None:
+        raise OpError("expect with files needs the files image passed with it (SCM_RIGHTS)")
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0
+    if seals & FILES_SEALS != FILES_SEALS:
+        os.close(fd)
+        raise OpError("the files image must be a memfd sealed against writing, growing and shrinking")
+    return fd
