@@ -236,6 +236,8 @@ def test_migrate_with_a_waiting_restore_reports_progress_and_runs_there(daemons,
     new_pid = int(restored_line.rsplit(" ", 1)[1])
     victims.append(new_pid)
     assert alive(new_pid)
+    # the proxy keeps its copy keep_restored_for (1 s here) after the cache reported the restore
+    wait_until(lambda: status(pair)["proxy"]["ended"], 10, "the proxy to release its copy")
     after = status(pair)
     (ended,) = after["proxy"]["ended"]
     assert ended["state"] == "restored-at-peer" and ended["id"] == result["checkpoint"]
@@ -319,7 +321,9 @@ def test_migrate_carries_files_unpacked_before_the_restore(daemons, victims, tmp
     assert (carried / "sub" / "data.bin").stat().st_mode & 0o777 == 0o640
     checks = {e["name"]: e["detail"] for e in events(done.stdout) if e["event"] == "check"}
     assert "1 path(s) packed" in checks["files"]
-    assert status(pair)["proxy"]["ended"][0]["state"] == "restored-at-peer"
+    # the proxy keeps its copy keep_restored_for (1 s here) after the cache reported the restore
+    ended = wait_until(lambda: status(pair)["proxy"]["ended"], 10, "the proxy to release its copy")
+    assert ended[0]["state"] == "restored-at-peer"
     too_big = imgmig("migrate", str(start_victim(victims)), "--to", "test-node", "--files", str(tmp_path / "nope"),
                      "--config", str(pair.config), "--criu", FAKE_CRIU)
     assert too_big.returncode == 2 and "does not exist" in too_big.stderr

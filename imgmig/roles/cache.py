@@ -48,7 +48,7 @@ class Cache:
                      self._on_control),
         ], self.status, reload=None if self.trust is None else self.trust.reload)
         self.control = ControlServer("cache", config.node, self.store, self.daemon.stop, RoleView(
-            self._checkpoint_info, self._peers, self.status, self._may_drop))
+            self._checkpoint_info, self._peers, self.status, self._may_drop, gate=self._await_right))
         self.receiving: dict[int, ReceiveSession] = {}
         self.transfers = Transfers(self.store, config.cache.resume_for)
         self.seen: dict[str, float] = {}  # proxy -> when its last connection ended

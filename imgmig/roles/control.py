@@ -157,6 +157,7 @@ class RoleView:
     may_drop: Callable[[Checkpoint], str | None]  # why not, or None
     extra_ops: dict[str, Callable[[ControlSession, cw.Request], dict[str, Any]]] = field(default_factory=dict)
     ended_as: EndedAs | None = None  # (state, outcome) of a checkpoint leaving the store, if the role knows
+    gate: Callable[[Checkpoint], None] | None = None  # takes the right to restore, or raises NoRight
 
 
 class ControlServer:
@@ -310,7 +311,7 @@ class ControlServer:
         conn.setblocking(True)
         log.info("restore connected through the control socket on the %s: serving checkpoint %s",
                  self.role, checkpoint_id, extra={"IMGMIG_CHECKPOINT": checkpoint_id})
-        serving = PinnedServe(conn, self.store, self.stop, self.role, checkpoint)
+        serving = PinnedServe(conn, self.store, self.stop, self.role, checkpoint, self.view.gate)
         serving.run()
         del session.claims[checkpoint_id]
         return {"id": checkpoint_id, "served": len(serving.served), "restored": checkpoint.state is State.RESTORED}
@@ -335,13 +336,18 @@ class PinnedServe(ServeSession):
     in its place (a bare restore would take the next one)."""
 
     def __init__(self, sock: socket.socket, store: ImageStore, stop: threading.Event, role: str,
-                 checkpoint: Checkpoint) -> None:
-        super().__init__(sock, store, stop, role)
+                 checkpoint: Checkpoint, gate: Callable[[Checkpoint], None] | None) -> None:
+        super().__init__(sock, store, stop, role, gate=gate)
         self.checkpoint = checkpoint
+        self.gated = False
 
     def _checkpoint(self) -> Checkpoint:
         if self.checkpoint is None:
             raise CheckpointFailed("the claimed checkpoint failed; not serving another in its place")
+        if not self.gated:  # the right to restore it, exactly as for a bare restore (custody.py)
+            self.gated = True
+            if self.gate is not None:
+                self.gate(self.checkpoint)
         return self.checkpoint
 
 

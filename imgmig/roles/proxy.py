@@ -69,7 +69,7 @@ class Proxy:
         ], self.status, reload=None if self.trust is None else self.trust.reload)
         self.control = ControlServer("proxy", config.node, self.store, self.daemon.stop, RoleView(
             self._checkpoint_info, self._peers, self.status, self._may_drop,
-            {"expect": self._expect, "probe": self._probe}, self._ended_as))
+            {"expect": self._expect, "probe": self._probe}, self._ended_as, gate=self._take_right))
         self.forwarders: set[Forwarder] = set()
         self.forwarded_before = 0  # bytes sent by forwarders that have finished
         self.capture_rate, self.forward_rate = RateMeter(), RateMeter()
