@@ -248,6 +248,58 @@ def test_drop_unconfirmed_is_a_dead_link():
         "no CONFIRM of DROP within 10 s")
 
 
+def granted_then_failed() -> Wire:
+    """A restore on the cache took the right (CLAIM / GRANT) after the transfer, then CRIU failed."""
+    link = connect(FILES)
+    full_transfer(link)
+    link.cache.conn.claim(0.0)
+    link.pump()
+    link.proxy.conn.grant(True, "node-b (the destination)", 0.0)
+    link.pump()
+    return link
+
+
+def test_return_of_the_right_is_confirmed_and_ends_the_link():
+    link = granted_then_failed()
+    link.cache.conn.give_back(0.0)
+    link.pump()
+    assert link.proxy.events[-1] == conv.RightReturned()
+    assert not link.cache.conn.closed, "the cache waits for the CONFIRM"
+    link.proxy.conn.confirm_return(0.0)
+    link.pump()
+    assert link.cache.events[-1] == conv.Confirmed(FrameType.RETURN)
+    assert link.proxy.conn.closed and link.cache.conn.closed
+
+
+def test_return_unconfirmed_is_a_dead_link():
+    link = granted_then_failed()
+    link.cache.conn.give_back(1.0)
+    link.cache.conn.data_to_send()  # lost on the way
+    assert link.cache.conn.next_deadline() == 1.0 + conv.HELLO_TIMEOUT
+    assert link.cache.conn.handle_timeout(1.0 + conv.HELLO_TIMEOUT) == conv.LinkDead(
+        "no CONFIRM of RETURN within 10 s")
+
+
+def test_return_only_while_holding_and_not_after_restored():
+    link = connect(FILES)
+    with pytest.raises(RuntimeError, match="RETURN in phase transfer"):
+        link.cache.conn.give_back(0.0)
+    full_transfer(link)
+    link.cache.conn.restored(0.0)
+    with pytest.raises(RuntimeError, match="RETURN after RESTORED"):
+        link.cache.conn.give_back(0.0)
+
+
+def test_proxy_refuses_a_return_after_its_own_drop():
+    link = connect(FILES)
+    full_transfer(link)
+    link.proxy.conn.drop(0.0)
+    link.proxy.conn.data_to_send()  # the rollback took the right; the DROP crosses a RETURN
+    link.proxy.conn.receive_data(wire.encode_return("cp-1"), 0.0)
+    with pytest.raises(PeerProtocolError, match="RETURN of a right this proxy took for a rollback"):
+        link.proxy.handle()
+
+
 def test_ack_cadence():
     link = connect(FILES, ack_every=3000)
     data = bytes(10_000)
@@ -445,6 +497,9 @@ def hello_done_proxy() -> conv.ProxyConnection:
     (wire.encode_claim("cp-2"), "CLAIM for checkpoint cp-2"),
     (wire.encode_claim("cp-1") * 2, "a second CLAIM"),
     (wire.encode_drop("cp-1"), "Drop is not sent by a cache"),
+    (wire.encode_return("cp-1"), "RETURN before CHECKPOINT_DONE"),
+    (wire.encode_return("cp-2"), "RETURN for checkpoint cp-2"),
+    (wire.encode_confirm(FrameType.RETURN, "cp-1"), "CONFIRM of a RETURN this proxy never sent"),
     (wire.encode_begun(BeginStatus.NEW, "cp-1"), "BEGUN that answers no CHECKPOINT_BEGIN"),
 ])
 def test_proxy_refuses_what_a_cache_must_not_say(frame, match):
@@ -479,6 +534,8 @@ def started_cache() -> conv.CacheConnection:
     (wire.encode_grant(True, "cp-1", "b"), "GRANT without a CLAIM"),
     (wire.encode_drop("cp-1"), "DROP before CHECKPOINT_DONE"),
     (wire.encode_confirm(FrameType.RESTORED, "cp-1"), "CONFIRM of a RESTORED this cache never sent"),
+    (wire.encode_confirm(FrameType.RETURN, "cp-1"), "CONFIRM of a RETURN this cache never sent"),
+    (wire.encode_return("cp-1"), "Return is not sent by a proxy"),
     (wire.encode_file_begin(1, "a.img"), "file id 1, expected 0"),
     (wire.encode_checkpoint_begin("cp-1"), "CheckpointBegin is not sent by a proxy"),
     (wire.encode_checkpoint_end(True, 0, 0) + wire.encode_file_begin(0, "a.img"), "after CHECKPOINT_END"),

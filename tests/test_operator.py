@@ -260,9 +260,12 @@ def test_migrate_rolls_back_when_the_restore_fails(daemons, victims) -> None:
     rolled = int(result["outcome"].split("as pid ")[1].split(";")[0])
     victims.append(rolled)
     assert alive(rolled) and not alive(pid)
-    # the destination's copy must not be restored a second time
-    pair.cache_log.wait_for("restored on its source")
+    # the destination gave the right back and dropped its copy: it must not be restored there a second time
+    pair.cache_log.wait_for("is returned to")
+    pair.proxy_log.wait_for("is back on this node: roll it back here")
     assert status(pair)["cache"]["checkpoints"] == []
+    again = imgmig("restore", "--id", result["checkpoint"], "--config", str(pair.config), "--criu", FAKE_CRIU)
+    assert again.returncode == 1 and f"checkpoint {result['checkpoint']} is gone from this cache" in again.stderr
 
 
 def test_migrate_without_rollback_exits_3_and_says_what_to_do(daemons, victims) -> None:

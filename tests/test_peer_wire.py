@@ -59,6 +59,8 @@ ROUNDTRIPS = [
     (wire.encode_grant(False, "cp-1", "node-a"), wire.Grant(False, "cp-1", "node-a")),
     (wire.encode_confirm(FrameType.RESTORED, "cp-1"), wire.Confirm(FrameType.RESTORED, "cp-1")),
     (wire.encode_ping(), wire.Ping()),
+    (wire.encode_return("cp-1"), wire.Return("cp-1")),
+    (wire.encode_confirm(FrameType.RETURN, "cp-1"), wire.Confirm(FrameType.RETURN, "cp-1")),
 ]
 
 
@@ -145,6 +147,8 @@ def test_exact_bytes_v2_frames():
     assert wire.encode_grant(True, "cp", "b") == b"\x00\x00\x00\x07\x0e\x01\x02cp\x01b"
     assert wire.encode_confirm(FrameType.DROP, "cp") == b"\x00\x00\x00\x05\x0f\x0b\x02cp"
     assert wire.encode_ping() == b"\x00\x00\x00\x01\x10"
+    assert wire.encode_return("cp") == b"\x00\x00\x00\x04\x11\x02cp"
+    assert wire.encode_confirm(FrameType.RETURN, "cp") == b"\x00\x00\x00\x05\x0f\x11\x02cp"
 
 
 def test_encoder_refuses_confirm_of_other_frames_and_too_many_held_files():
@@ -187,7 +191,7 @@ def test_exact_bytes_done_restored_error():
 
 
 def test_frame_type_numbers():
-    assert [t.value for t in FrameType] == list(range(1, 17))
+    assert [t.value for t in FrameType] == list(range(1, 18))
     assert [c.value for c in ErrorCode] == list(range(1, 9))
 
 
@@ -305,7 +309,9 @@ MALFORMED = {
     "empty node": (raw_frame(1, hello_body(node=b"\x00")), "invalid node", ErrorCode.PROTOCOL),
     "node not utf-8": (raw_frame(1, hello_body(node=b"\x02\xff\xfe")), "UTF-8", ErrorCode.PROTOCOL),
     "unknown type 0": (raw_frame(0, b""), "unknown frame type 0", ErrorCode.PROTOCOL),
-    "unknown type 17": (raw_frame(17, b""), "unknown frame type 17", ErrorCode.PROTOCOL),
+    "unknown type 18": (raw_frame(18, b""), "unknown frame type 18", ErrorCode.PROTOCOL),
+    "return without id": (raw_frame(17, b""), "truncated", ErrorCode.PROTOCOL),
+    "return trailing": (raw_frame(17, b"\x02cpx"), "trailing", ErrorCode.PROTOCOL),
     "begun unknown status": (raw_frame(12, b"\x05\x02cp" + b"\x00" * 6), "BEGUN", ErrorCode.PROTOCOL),
     "begun held truncated": (raw_frame(12, b"\x01\x02cp" + b"\x00" * 4 + b"\x00\x01" + b"\x00" * 11),
                              "truncated", ErrorCode.PROTOCOL),

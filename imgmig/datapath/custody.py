@@ -80,3 +80,40 @@ def answer_claim(store: ImageStore, checkpoint: Checkpoint, granted: bool, holde
         else:
             checkpoint.refused_by = holder
         store.changed()
+
+
+def give_back(store: ImageStore, checkpoint: Checkpoint, timeout: float, stop: threading.Event) -> bool:
+    """Cache: a restore here that held the right failed; the link driver returns the right
+    to the proxy (RETURN) and drops this copy. False if no link took it within timeout:
+    then this node keeps both the right and its copy."""
+    with store.cond:
+        if not checkpoint.holder:
+            return False
+        checkpoint.return_wanted = True
+        store.changed()
+    store.wait_until(lambda: not checkpoint.holder, stop, timeout)
+    with store.cond:  # the flag goes under the lock the driver takes it with: returned, or kept, never both
+        checkpoint.return_wanted = False
+        return not checkpoint.holder
+
+
+def take_return(store: ImageStore, checkpoint: Checkpoint) -> bool:
+    """Cache, the link driver: take the wish to return the right; True means send RETURN now
+    (this node no longer holds the right)."""
+    with store.cond:
+        if not (checkpoint.return_wanted and checkpoint.holder):
+            return False
+        checkpoint.return_wanted = False
+        checkpoint.holder = ""
+        store.changed()
+        return True
+
+
+def taken_back(store: ImageStore, checkpoint: Checkpoint, peer: str) -> None:
+    """Proxy: the cache on node `peer` returned the right (its restore failed) and dropped
+    its copy: nobody holds the right, and this copy is the only one (never evicted)."""
+    with store.cond:
+        if checkpoint.holder == destination(peer):
+            checkpoint.holder = ""
+        checkpoint.delivered = False
+        store.changed()

@@ -7,8 +7,9 @@ When the link is cut it reconnects with backoff for up to `proxy.reconnect_for`
 seconds and resumes: each file continues at the offset the cache says it holds, so
 nothing the cache acknowledged is sent again. After CHECKPOINT_DONE the connection
 stays: the proxy decides who may restore the checkpoint (CLAIM / GRANT, or a rollback
-here, which takes the right and tells the cache to DROP its copy), and releases its
-own copy once the cache reports the checkpoint restored.
+here, which takes the right and tells the cache to DROP its copy), releases its own
+copy once the cache reports the checkpoint restored, and keeps it when a failed restore
+there gives the right back (RETURN) for a rollback here.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ class Forwarder:
         self.after = after
         self.begun = threading.Event()
         self.restored_at_peer = False  # the cache reported every image read by a restore there
+        self.returned_by_peer = False  # a restore there failed and the cache gave the right back
         self.digest = usable(digest)  # offered in HELLO; the cache's HELLO says which is used
         self.started = time.monotonic()
 
@@ -490,6 +492,8 @@ class Forwarder:
             self.conn.confirm_restored(time.monotonic())
             self._flush()
             self._restored_there()
+        elif isinstance(event, conv.RightReturned):
+            self._right_returned()
         elif isinstance(event, conv.Confirmed):
             log.info("checkpoint %s was restored on this node (rollback); %s told to drop its copy, and it did",
                      self.checkpoint.id, self.peer_node, extra=self.fields)
@@ -507,6 +511,18 @@ class Forwarder:
         else:
             log.warning("checkpoint %s: %s asked for the right to restore it; refused, it is held by %s",
                         self.checkpoint.id, self.peer_node, holder, extra=self.fields)
+
+    def _right_returned(self) -> None:
+        """The restore on the cache failed and its copy is gone: this copy is kept for a
+        rollback, which may take the right now; the link has nothing more to carry."""
+        assert self.conn is not None
+        custody.taken_back(self.store, self.checkpoint, self.peer_name)
+        self.returned_by_peer = True
+        log.warning("the restore on %s failed; the right to restore %s is back on this node: roll it back here",
+                    self.peer_node, self.checkpoint.id, extra=self.fields)
+        self.conn.confirm_return(time.monotonic())
+        self._flush()
+        raise Settled
 
     def _on_peer_error(self, event: conv.PeerError) -> None:
         if event.code == ErrorCode.INTERNAL:

@@ -4,7 +4,8 @@ One proxy connection carries one checkpoint. FILE_DATA payloads go link -> memfd
 (spliced on a plain link); each file's digest is computed from the memfd as it fills
 and checked against FILE_END before the file may be served. This thread is the only
 writer to its link: what other threads want said (a restore asking for the right to
-restore, a restore that read everything) it finds in the store and says itself.
+restore, a restore that read everything, a failed one giving the right back) it finds in
+the store and says itself.
 
 A cut link leaves an unfinished checkpoint in `Transfers`, with its file order and
 digests so far, for `cache.resume_for` seconds: the proxy reconnects and continues
@@ -261,6 +262,18 @@ class ReceiveSession:
         if checkpoint.state is State.RESTORED and self.conn.phase is conv.Phase.HOLDING \
                 and not self.conn.restored_sent:
             self.conn.restored(now)
+        if self.conn.phase is conv.Phase.HOLDING and not self.conn.restored_sent and not self.conn.return_sent \
+                and custody.take_return(self.store, checkpoint):
+            self._give_back(checkpoint, now)
+
+    def _give_back(self, checkpoint: Checkpoint, now: float) -> None:
+        """A restore here failed (imgmig restore said so): the source may roll back now, so
+        this copy goes first, then the right goes back to the proxy."""
+        log.warning("checkpoint %s: the restore here failed; the right to restore it is returned to %s, which "
+                    "may roll it back, and this copy is dropped", checkpoint.id, self.peer, extra=self.fields)
+        self.store.fail(checkpoint, "its restore here failed; the right to restore it went back to its source")
+        self.transfers.settle(checkpoint.id, BeginStatus.GONE)
+        self.conn.give_back(now)
 
     # ---- events --------------------------------------------------------------------------
     def _on_event(self, event: conv.Event) -> None:

@@ -101,10 +101,12 @@ class Checkpoint:
     dropped: bool = False
     delivered: bool = False
     # The right to restore it (docs/protocol.md, "Handoff"): the node that holds it, "" while
-    # nobody does. On the cache, a restore sets grant_wanted and waits for holder or refused_by.
+    # nobody does. On the cache, a restore sets grant_wanted and waits for holder or refused_by;
+    # a failed restore sets return_wanted and waits for the link driver to give the right back.
     holder: str = ""
     grant_wanted: bool = False
     refused_by: str = ""
+    return_wanted: bool = False
 
     @property
     def size(self) -> int:

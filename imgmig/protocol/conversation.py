@@ -14,8 +14,8 @@ None, acting on each event before asking for the next (an event that asks for a
 decision, like BeginRequested, holds the following frames back until it is answered).
 
 What they own: the handshake, checkpoint ordering (CHECKPOINT_BEGIN is answered by
-BEGUN), the ACK cadence, the acknowledgements of CHECKPOINT_DONE / RESTORED / DROP
-(CONFIRM), the resume offsets, the handoff (CLAIM / GRANT), and keepalive: a peer
+BEGUN), the ACK cadence, the acknowledgements of CHECKPOINT_DONE / RESTORED / DROP /
+RETURN (CONFIRM), the resume offsets, the handoff (CLAIM / GRANT, RETURN), and keepalive: a peer
 silent for `dead_after` seconds is gone, which the driver treats like a cut link.
 What the drivers own: the store, the bytes, the digests, and the decisions the
 machines ask for (BeginRequested, ClaimRequested, ...).
@@ -124,8 +124,14 @@ class DropRequested:
 
 
 @dataclass(frozen=True)
+class RightReturned:
+    """Proxy: a restore on the cache failed; the right is back here and the cache dropped
+    its copy. `confirm_return()` once the right is taken back."""
+
+
+@dataclass(frozen=True)
 class Confirmed:
-    """The peer acted upon our CHECKPOINT_DONE, RESTORED or DROP."""
+    """The peer acted upon our CHECKPOINT_DONE, RESTORED, DROP or RETURN."""
     kind: FrameType
 
 
@@ -144,7 +150,7 @@ class LinkDead:
 
 Event = (HelloReceived | BeginRequested | BeginAnswered | FileBegun | DataReceived | FileEnded
          | CheckpointEnded | Acked | Delivered | ClaimRequested | GrantAnswered | RestoredReported
-         | DropRequested | Confirmed | PeerError | LinkDead)
+         | DropRequested | RightReturned | Confirmed | PeerError | LinkDead)
 
 
 class Phase(enum.Enum):
@@ -152,7 +158,7 @@ class Phase(enum.Enum):
     BEGIN = "begin"          # proxy: HELLO done, BEGIN not yet (or not yet answered); cache: waiting for BEGIN
     TRANSFER = "transfer"    # files flow
     ENDED = "ended"          # CHECKPOINT_END sent/received, DONE not yet
-    HOLDING = "holding"      # DONE: claims, grants, RESTORED, DROP
+    HOLDING = "holding"      # DONE: claims, grants, RESTORED, DROP, RETURN
     CLOSED = "closed"        # nothing more; the driver closes the socket
 
 
@@ -280,7 +286,7 @@ class ProxyConnection(_Side):
     HELLO is queued at once. After the cache's HELLO (HelloReceived) the driver calls
     `begin()` once the previous checkpoint was answered; BeginAnswered says what the cache
     holds. Then files and `checkpoint_end()`; Delivered; then the connection stays for
-    ClaimRequested / RestoredReported / `drop()` until the checkpoint is settled.
+    ClaimRequested / RestoredReported / RightReturned / `drop()` until the checkpoint is settled.
     """
 
     def __init__(self, node: str, checkpoint: str, digest: wire.Digest, now: float, *, resume: bool = False,
@@ -346,6 +352,11 @@ class ProxyConnection(_Side):
         self._send(wire.encode_confirm(FrameType.RESTORED, self.checkpoint), now)
         self.phase = Phase.CLOSED
 
+    def confirm_return(self, now: float) -> None:
+        """Answer RightReturned: the right is back on this node; the connection ends."""
+        self._send(wire.encode_confirm(FrameType.RETURN, self.checkpoint), now)
+        self.phase = Phase.CLOSED
+
     def drop(self, now: float) -> None:
         """Restored on this node (a rollback): the cache must discard its copy (Confirmed)."""
         self._require((Phase.HOLDING,), "DROP")
@@ -383,6 +394,8 @@ class ProxyConnection(_Side):
             if self.phase is not Phase.HOLDING:
                 raise PeerProtocolError("RESTORED before CHECKPOINT_DONE")
             return RestoredReported()
+        if isinstance(frame, wire.Return):
+            return self._on_return(frame)
         if isinstance(frame, wire.Confirm):
             return self._on_confirm(frame)
         raise PeerProtocolError(f"{type(frame).__name__} is not sent by a cache")
@@ -433,6 +446,14 @@ class ProxyConnection(_Side):
         self.claim_pending = True
         return ClaimRequested()
 
+    def _on_return(self, frame: wire.Return) -> Event:
+        self._for_this(frame.checkpoint, "RETURN")
+        if self.phase is not Phase.HOLDING:
+            raise PeerProtocolError("RETURN before CHECKPOINT_DONE")
+        if self.drop_sent:  # the right is this node's already (a rollback): nothing to give back
+            raise PeerProtocolError("RETURN of a right this proxy took for a rollback")
+        return RightReturned()
+
     def _on_confirm(self, frame: wire.Confirm) -> Event:
         self._for_this(frame.checkpoint, "CONFIRM")
         if frame.kind is not FrameType.DROP or not self.drop_sent:
@@ -449,7 +470,7 @@ class CacheConnection(_Side):
     kept from a cut connection when it resumes) or `refuse()`; then FileBegun,
     DataReceived, payloads (`payload`, `consume_payload()`), FileEnded -> `file_verified()`,
     CheckpointEnded -> `done()`. Afterwards `claim()` (GrantAnswered), `restored()`
-    (Confirmed), DropRequested -> `confirm_drop()`.
+    (Confirmed), `give_back()` (Confirmed), DropRequested -> `confirm_drop()`.
     """
 
     def __init__(self, node: str, now: float, *, ack_every: int = ACK_EVERY, ping_every: float = PING_EVERY,
@@ -461,6 +482,7 @@ class CacheConnection(_Side):
         self._unacked: dict[int, int] = {}
         self.claim_sent = False
         self.restored_sent = False
+        self.return_sent = False
 
     # ---- the payload the driver moves itself --------------------------------------------------
     @property
@@ -543,6 +565,16 @@ class CacheConnection(_Side):
         self._send(wire.encode_restored(self.checkpoint), now)
         self._expect_answer("CONFIRM of RESTORED", now)
 
+    def give_back(self, now: float) -> None:
+        """A restore here that held the right failed: return the right (RETURN); the proxy
+        confirms (Confirmed) and the connection ends. The copy here must be gone by now."""
+        self._require((Phase.HOLDING,), "RETURN")
+        if self.restored_sent or self.return_sent:
+            raise RuntimeError("RETURN after RESTORED or RETURN")
+        self.return_sent = True
+        self._send(wire.encode_return(self.checkpoint), now)
+        self._expect_answer("CONFIRM of RETURN", now)
+
     def confirm_drop(self, now: float) -> None:
         self._send(wire.encode_confirm(FrameType.DROP, self.checkpoint), now)
         self.phase = Phase.CLOSED
@@ -605,7 +637,8 @@ class CacheConnection(_Side):
         self._for_this(frame.checkpoint, "CONFIRM")
         if frame.kind is FrameType.CHECKPOINT_DONE and self.phase is Phase.HOLDING:
             return Confirmed(frame.kind)
-        if frame.kind is FrameType.RESTORED and self.restored_sent:
+        if (frame.kind is FrameType.RESTORED and self.restored_sent) \
+                or (frame.kind is FrameType.RETURN and self.return_sent):
             self._answered()
             self.phase = Phase.CLOSED
             return Confirmed(frame.kind)

@@ -39,6 +39,7 @@ class FrameType(IntEnum):
     GRANT = 14
     CONFIRM = 15
     PING = 16
+    RETURN = 17
 
 
 class Role(IntEnum):
@@ -184,8 +185,15 @@ class Grant:
 
 
 @dataclass(frozen=True)
+class Return:
+    """Cache to proxy: a restore here that held the right failed; the right goes back to
+    the proxy and the cache has dropped its copy."""
+    checkpoint: str
+
+
+@dataclass(frozen=True)
 class Confirm:
-    """Either way: the frame of type `kind` (CHECKPOINT_DONE, RESTORED, DROP) about this
+    """Either way: the frame of type `kind` (CHECKPOINT_DONE, RESTORED, DROP, RETURN) about this
     checkpoint has been acted upon."""
     kind: FrameType
     checkpoint: str
@@ -197,8 +205,8 @@ class Ping:
 
 
 Event = (Hello | CheckpointBegin | FileBegin | FileData | FileEnd | CheckpointEnd | Ack
-         | CheckpointDone | Restored | Error | Drop | Begun | Claim | Grant | Confirm | Ping)
-CONFIRMABLE = (FrameType.CHECKPOINT_DONE, FrameType.RESTORED, FrameType.DROP)
+         | CheckpointDone | Restored | Error | Drop | Begun | Claim | Grant | Confirm | Ping | Return)
+CONFIRMABLE = (FrameType.CHECKPOINT_DONE, FrameType.RESTORED, FrameType.DROP, FrameType.RETURN)
 MAX_HELD = 4096  # open files listed in one BEGUN (13 bytes each: well under a control frame)
 
 _U8, _U16, _U32, _U64 = (struct.Struct(f">{c}") for c in "BHIQ")
@@ -305,6 +313,10 @@ def encode_confirm(kind: FrameType, checkpoint: str) -> bytes:
 
 def encode_ping() -> bytes:
     return _frame(FrameType.PING, b"")
+
+
+def encode_return(checkpoint: str) -> bytes:
+    return _frame(FrameType.RETURN, _str8(checkpoint))
 
 
 class _Body:
@@ -433,6 +445,8 @@ def _decode_control(kind: FrameType, data: bytes) -> Event:
         event = _decode_confirm(body)
     elif kind is FrameType.PING:
         event = Ping()
+    elif kind is FrameType.RETURN:
+        event = Return(body.name("checkpoint id"))
     else:
         event = Error(body.u16(), body.message())
     body.end()

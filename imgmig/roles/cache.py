@@ -31,6 +31,7 @@ from imgmig.system.tls import Trust
 log = logging.getLogger(__name__)
 
 REFUSAL_LINGER = 1.0  # seconds a refused peer gets to read the refusal
+RETURN_WAIT = 5.0  # how long a failed restore's right waits for the link to its source to carry it back
 MAX_SEEN = 64  # proxies remembered for `imgmig status` after their connection ended
 
 
@@ -48,7 +49,8 @@ class Cache:
                      self._on_control),
         ], self.status, reload=None if self.trust is None else self.trust.reload)
         self.control = ControlServer("cache", config.node, self.store, self.daemon.stop, RoleView(
-            self._checkpoint_info, self._peers, self.status, self._may_drop, gate=self._await_right))
+            self._checkpoint_info, self._peers, self.status, self._may_drop, gate=self._await_right,
+            restore_failed=self._give_right_back))
         self.receiving: dict[int, ReceiveSession] = {}
         self.transfers = Transfers(self.store, config.cache.resume_for)
         self.seen: dict[str, float] = {}  # proxy -> when its last connection ended
@@ -146,3 +148,16 @@ class Cache:
     def _await_right(self, checkpoint: Checkpoint) -> None:
         """Serve nothing before the proxy granted this node the right to restore it."""
         custody.await_grant(self.store, checkpoint, self.config.cache.grant_timeout, self.daemon.stop)
+
+    def _give_right_back(self, checkpoint: Checkpoint) -> None:
+        """imgmig restore says CRIU failed here: the right goes back to the source, which may
+        then roll back (the link driver logs it), or, with no link to carry it, stays here."""
+        if not checkpoint.holder or checkpoint.state not in (State.RECEIVING, State.COMPLETE):
+            return
+        if custody.give_back(self.store, checkpoint, RETURN_WAIT, self.daemon.stop) or self.daemon.stop.is_set():
+            return
+        log.error("checkpoint %s: the restore here failed, and the right to restore it cannot go back to its "
+                  "source %s: no link to it carried it within %.0f s; this node keeps the right and its copy, "
+                  "so the source cannot roll back: retry here with `imgmig restore --id %s`", checkpoint.id,
+                  checkpoint.origin, RETURN_WAIT, checkpoint.id, extra={"IMGMIG_CHECKPOINT": checkpoint.id})
+

@@ -158,6 +158,7 @@ class RoleView:
     extra_ops: dict[str, Callable[[ControlSession, cw.Request], dict[str, Any]]] = field(default_factory=dict)
     ended_as: EndedAs | None = None  # (state, outcome) of a checkpoint leaving the store, if the role knows
     gate: Callable[[Checkpoint], None] | None = None  # takes the right to restore, or raises NoRight
+    restore_failed: Callable[[Checkpoint], None] | None = None  # imgmig restore confirmed a failed restore
 
 
 class ControlServer:
@@ -328,6 +329,9 @@ class ControlServer:
         log.info("checkpoint %s: %s (confirmed by imgmig restore)", checkpoint_id, outcome,
                  extra={"IMGMIG_CHECKPOINT": checkpoint_id})
         self.journal.note(checkpoint_id, outcome, "running" if running else None)
+        checkpoint = self.store.get(checkpoint_id)
+        if not running and checkpoint is not None and self.view.restore_failed is not None:
+            self.view.restore_failed(checkpoint)
         return {"id": checkpoint_id}
 
 

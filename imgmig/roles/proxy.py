@@ -149,7 +149,11 @@ class Proxy:
             self.restored_there.pop(next(iter(self.restored_there)))
         while len(self.ended_links) > ENDED_LINKS:
             self.ended_links.pop(next(iter(self.ended_links)))
-        if not forwarder.restored_at_peer and checkpoint.state is State.COMPLETE and not self.daemon.stop.is_set():
+        if forwarder.returned_by_peer:
+            self.control.journal.note(checkpoint.id, f"the restore on {forwarder.peer_node} failed; the right to "
+                                      f"restore it is back on this node: roll it back here")
+        elif not forwarder.restored_at_peer and checkpoint.state is State.COMPLETE \
+                and not self.daemon.stop.is_set():
             self.control.journal.note(checkpoint.id, f"the link to {forwarder.peer_node} closed before a restore "
                                       f"there; this node keeps its copy for a rollback")
 
