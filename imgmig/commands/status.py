@@ -38,13 +38,21 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     drop.set_defaults(run=drop_command)
 
 
-def status_command(args: argparse.Namespace) -> int:
+def _ask_both(args: argparse.Namespace, op: str) -> dict[str, Any] | None:
+    """Each daemon's reply to `op` (None where it is not running); printed and None with --json."""
     cfg = load_config(args.config)
-    replies = query_all(cfg, "status")
+    replies = query_all(cfg, op)
     if not any(replies.values()):
         raise nothing_running(cfg)
     if args.json:
         print(json.dumps(replies, indent=2))
+        return None
+    return replies
+
+
+def status_command(args: argparse.Namespace) -> int:
+    replies = _ask_both(args, "status")
+    if replies is None:
         return 0
     for role in ROLES:
         reply = replies[role]
@@ -62,12 +70,8 @@ def status_command(args: argparse.Namespace) -> int:
 
 
 def list_command(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
-    replies = query_all(cfg, "list")
-    if not any(replies.values()):
-        raise nothing_running(cfg)
-    if args.json:
-        print(json.dumps(replies, indent=2))
+    replies = _ask_both(args, "list")
+    if replies is None:
         return 0
     for role in ROLES:
         reply = replies[role]

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 
-from imgmig.datapath.kernel_io import CHUNK, UntilHangup, grow_pipe, out_of_fds, pipe_end_problem
+from imgmig.datapath.kernel_io import CHUNK, UntilHangup, grow_pipe, out_of_fds, pipe_end_problem, recv_criu_message
 from imgmig.datapath.store import Checkpoint, DuplicateImage, Image, ImageStore, TooManyFiles
 from imgmig.protocol import criu_wire
 
@@ -75,17 +75,11 @@ class CaptureSession:
 
     def _on_control(self) -> None:
         try:
-            data, fds, flags, _ = socket.recv_fds(self.sock, 4096, 16)
+            data, fds = recv_criu_message(self.sock, 16)
         except OSError as exc:
-            data, fds, flags = b"", [], 0
+            data, fds = b"", []
             self.error = f"capture connection error: {exc.strerror}"
-        if flags & socket.MSG_CTRUNC:
-            for fd in fds:
-                os.close(fd)
-            raise criu_wire.CriuProtocolError(criu_wire.FDS_CUT_OFF)
         if not data:
-            for fd in fds:
-                os.close(fd)
             self._close_control()
             return
         offers = self.protocol.receive(data, fds)

@@ -14,11 +14,14 @@ import logging
 import mmap
 import os
 import select
+import socket
 import stat
 import threading
 import time
 from collections.abc import Callable
 from typing import Protocol, TypeVar
+
+from imgmig.protocol.criu_wire import FDS_CUT_OFF, CriuProtocolError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -160,6 +163,21 @@ def splice_in(src: int, pipe_r: int, pipe_w: int, fd: int, offset: int, count: i
     while left:
         left -= os.splice(pipe_r, fd, left, offset_dst=offset + moved - left)
     return moved
+
+
+def recv_criu_message(sock: socket.socket, max_fds: int) -> tuple[bytes, list[int]]:
+    """One read from a CRIU stream socket with the pipe fds passed along. Fds the kernel
+    had to cut off (MSG_CTRUNC: no fd numbers left, or too many in one message) are a
+    CriuProtocolError, after closing the ones that did arrive. b"" at end of stream, with
+    any fds that came with it closed."""
+    data, fds, flags, _ = socket.recv_fds(sock, 4096, max_fds)
+    if flags & socket.MSG_CTRUNC or not data:
+        for fd in fds:
+            os.close(fd)
+        if data:
+            raise CriuProtocolError(FDS_CUT_OFF)
+        return b"", []
+    return data, fds
 
 
 def hung_up(fd: int) -> bool:

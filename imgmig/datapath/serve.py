@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from imgmig.datapath.custody import NoRight
-from imgmig.datapath.kernel_io import UntilHangup, grow_pipe, pipe_end_problem, splice_out
+from imgmig.datapath.kernel_io import UntilHangup, grow_pipe, pipe_end_problem, recv_criu_message, splice_out
 from imgmig.datapath.store import FILES_IMAGE, Checkpoint, CheckpointFailed, ImageStore, Interrupted
 from imgmig.protocol import criu_wire
 from imgmig.system.systemd_glue import CHECKPOINT_RESTORED_ID
@@ -51,14 +51,8 @@ class ServeSession:
     def run(self) -> None:
         try:
             while not self.stop.is_set():
-                data, fds, flags, _ = socket.recv_fds(self.sock, 4096, 4)
-                if flags & socket.MSG_CTRUNC:
-                    for fd in fds:
-                        os.close(fd)
-                    raise criu_wire.CriuProtocolError(criu_wire.FDS_CUT_OFF)
+                data, fds = recv_criu_message(self.sock, 4)
                 if not data:
-                    for fd in fds:
-                        os.close(fd)
                     if self.protocol.mid_message:
                         log.error("restore connection on the %s closed by CRIU in the middle of a message; "
                                   "connection dropped, check CRIU's log", self.role)
