@@ -15,6 +15,7 @@ returned; the restored task is then checked to be counting on, killed and reaped
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -25,7 +26,7 @@ from pathlib import Path
 from testbed import daemons, migrate, workload
 from testbed.netns import TwoNodes
 
-from .common import GB, MIB, Monitor, make_cold, note_release, prewarm, wait_images_released
+from .common import GB, MIB, Monitor, make_cold, note_release, prewarm, vm_reported_kib, wait_images_released
 from .simulated import cache_completions
 
 TMPFS = Path("/dev/shm")
@@ -75,7 +76,7 @@ class RealBench:
         """One migration of a fresh workload holding `mib` MiB; `mode` is cold or warm."""
         state = self.workdir / f"state-{method}-{mib}.json"
         state.unlink(missing_ok=True)
-        proc = workload.start(mib, state, log_path=self.workdir / "workload.log")
+        proc = workload.start(mib, state, log_path=self.workdir / "workload.log", pattern_cache=self.tmpfs)
         reaper = threading.Thread(target=proc.wait, daemon=True)
         reaper.start()
         restored: int | None = None
@@ -87,6 +88,8 @@ class RealBench:
                 prewarm(3 * (mib << 20) + (256 << 20))
             if method in self.pairs:
                 wait_images_released(self.daemon_pids(method).values())
+            workload.reset_gap(proc.pid, state)
+            reported = vm_reported_kib()
             mon = Monitor(self.daemon_pids(method)) if monitor else None
             if mon:
                 mon.__enter__()
@@ -109,6 +112,10 @@ class RealBench:
             after = workload.wait_state(state, lambda s: s.token == before.token and s.counter > before.counter, 30)
             if after.pid != proc.pid:
                 raise RuntimeError(f"{method}: the restored workload reports pid {after.pid}, not {proc.pid}")
+            result["felt_gap_s"] = after.max_gap_s
+            if reported is not None:
+                result["vm_reported_MiB"] = (vm_reported_kib() - reported) / 1024
+            result["loadavg_1m"] = os.getloadavg()[0]
         finally:
             if restored is not None:
                 migrate.kill_and_reap(restored)
@@ -117,7 +124,7 @@ class RealBench:
             shutil.rmtree(self.tmpfs / "b", ignore_errors=True)
             self._await_release(method)
             note_release()
-        result.update(method=method, mib=mib, mode=mode)
+        result.update(method=method, mib=mib, mode=mode, pid=proc.pid)
         return result
 
     def _await_release(self, method: str) -> None:
