@@ -6,7 +6,8 @@
 perf: one system-wide `perf record -a -g` over the migration, then `perf report
 --no-children` (self time by symbol, kernel and user) for each daemon's pid and for the
 CRIU processes: the restore of the pages (done in the task being recreated, under the
-workload's pid) apart from the rest (dump, restore's main process). py-spy: `py-spy record -f raw` on each daemon,
+workload's pid) apart from the rest (dump, restore's main process; on a shared machine
+"criu-other" also catches other users' CRIU runs). py-spy: `py-spy record -f raw` on each daemon,
 then self time by Python line. Each profiler runs in its own migration, so neither
 skews the other; the top of each profile goes to DIR/<tool>-<daemon>.txt.
 """

@@ -80,12 +80,13 @@ class RealBench:
         reaper = threading.Thread(target=proc.wait, daemon=True)
         reaper.start()
         restored: int | None = None
+        prewarm_s = None
         try:
             before = workload.wait_state(state, lambda s: s.counter >= 3, 120)
             if mode == "cold":
                 make_cold()
             else:
-                prewarm(3 * (mib << 20) + (256 << 20))
+                prewarm_s = prewarm(3 * (mib << 20) + (256 << 20))
             if method in self.pairs:
                 wait_images_released(self.daemon_pids(method).values())
             workload.reset_gap(proc.pid, state)
@@ -116,6 +117,7 @@ class RealBench:
             if reported is not None:
                 result["vm_reported_MiB"] = (vm_reported_kib() - reported) / 1024
             result["loadavg_1m"] = os.getloadavg()[0]
+            result["prewarm_s"] = prewarm_s
         finally:
             if restored is not None:
                 migrate.kill_and_reap(restored)

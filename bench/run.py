@@ -119,7 +119,8 @@ def _migrations(bench: RealBench, plan: dict, log) -> list[dict[str, object]]:
 def _machine() -> dict[str, object]:
     return {"kernel": platform.release(), "cpus": os.cpu_count(),
             "memory_GiB": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30), 1),
-            "python": platform.python_version()}
+            "python": platform.python_version(),
+            "pipe_max_size": int(Path("/proc/sys/fs/pipe-max-size").read_text())}
 
 
 __all__ = ["main", "summary"]
