@@ -100,6 +100,7 @@ class RealBench:
                 result, restored = self._floor(proc.pid, reaper)
             else:
                 result, restored = self._disk(proc.pid, reaper)
+            restored_by = time.time()
             if mon:
                 mon.__exit__(None, None, None)
                 result["daemons"] = {name: {
@@ -110,7 +111,9 @@ class RealBench:
                     "peak_rss_shmem_MiB": s.peak_rss_shmem / MIB,
                     "peak_images_held_MiB": s.peak_images_held / MIB,
                 } for name, s in mon.stats.items()}
-            after = workload.wait_state(state, lambda s: s.token == before.token and s.counter > before.counter, 30)
+            # a line written after the restore returned, not the last one from before the dump
+            after = workload.wait_state(state, lambda s: s.token == before.token and s.counter > before.counter
+                                        and s.written > restored_by, 30)
             if after.pid != proc.pid:
                 raise RuntimeError(f"{method}: the restored workload reports pid {after.pid}, not {proc.pid}")
             result["felt_gap_s"] = after.max_gap_s

@@ -85,6 +85,7 @@ class State:
     mib: int
     max_gap_s: float = 0.0
     gap_resets: int = 0
+    written: float = 0.0  # time.time() when the line was written: tells a restored task's lines from older ones
 
     @classmethod
     def read(cls, path: Path) -> State | None:
@@ -155,7 +156,7 @@ def run(mib: int, state_path: Path, seed: int, pattern_cache: Path | None = None
         now = time.monotonic()
         if now - last_write >= WRITE_EVERY:
             _write_state(state_path, State(os.getpid(), token, counter, digest, verified, verifications, mib,
-                                           ticker.max_gap(), resets))
+                                           ticker.max_gap(), resets, time.time()))
             last_write = now
         time.sleep(TICK)
 
