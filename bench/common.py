@@ -27,7 +27,8 @@ from imgmig.protocol import criu_wire
 MIB = 1 << 20
 GB = 10**9
 STEP = 1 << 20
-COLD_IDLE = 3.0  # this VM returns memory that stays free for about 2 s to its host
+VM_REPORTED = "/sys/module/page_reporting/parameters/reported_kib"
+COLD_IDLE = 3.0  # the VM was thought to return memory free for ~2 s to its host (bench/README.md)
 
 
 # ---- statistics ----------------------------------------------------------------------
@@ -72,6 +73,15 @@ def prewarm(nbytes: int) -> float:
     finally:
         os.close(fd)
     return time.monotonic() - started
+
+
+def vm_reported_kib() -> int | None:
+    """KiB of free memory this VM has handed back to its host so far (free page
+    reporting's counter), or None where the kernel does not expose it."""
+    try:
+        return int(Path(VM_REPORTED).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 # ---- per-process accounting ------------------------------------------------------------

@@ -17,6 +17,7 @@ returned; the restored task is then checked to be counting on, killed and reaped
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -27,7 +28,7 @@ from pathlib import Path
 from testbed import daemons, migrate, workload
 from testbed.netns import TwoNodes
 
-from .common import GB, MIB, Monitor, make_cold, note_release, prewarm, wait_images_released
+from .common import GB, MIB, Monitor, make_cold, note_release, prewarm, vm_reported_kib, wait_images_released
 from .simulated import cache_completions
 
 TMPFS = Path("/dev/shm")
@@ -80,18 +81,21 @@ class RealBench:
         """One migration of a fresh workload holding `mib` MiB; `mode` is cold or warm."""
         state = self.workdir / f"state-{method}-{mib}.json"
         state.unlink(missing_ok=True)
-        proc = workload.start(mib, state, log_path=self.workdir / "workload.log")
+        proc = workload.start(mib, state, log_path=self.workdir / "workload.log", pattern_cache=self.tmpfs)
         reaper = threading.Thread(target=proc.wait, daemon=True)
         reaper.start()
         restored: int | None = None
+        prewarm_s = None
         try:
             before = workload.wait_state(state, lambda s: s.counter >= 3, 120)
             if mode == "cold":
                 make_cold()
             else:
-                prewarm(3 * (mib << 20) + (256 << 20))
+                prewarm_s = prewarm(3 * (mib << 20) + (256 << 20))
             if method in self.pairs:
                 wait_images_released(self.daemon_pids(method).values())
+            workload.reset_gap(proc.pid, state)
+            reported = vm_reported_kib()
             mon = Monitor(self.daemon_pids(method)) if monitor else None
             if mon:
                 mon.__enter__()
@@ -101,6 +105,7 @@ class RealBench:
                 result, restored = self._floor(proc.pid, reaper)
             else:
                 result, restored = self._disk(proc.pid, reaper)
+            restored_by = time.time()
             if mon:
                 mon.__exit__(None, None, None)
                 result["daemons"] = {name: {
@@ -111,9 +116,16 @@ class RealBench:
                     "peak_rss_shmem_MiB": s.peak_rss_shmem / MIB,
                     "peak_images_held_MiB": s.peak_images_held / MIB,
                 } for name, s in mon.stats.items()}
-            after = workload.wait_state(state, lambda s: s.token == before.token and s.counter > before.counter, 30)
+            # a line written after the restore returned, not the last one from before the dump
+            after = workload.wait_state(state, lambda s: s.token == before.token and s.counter > before.counter
+                                        and s.written > restored_by, 30)
             if after.pid != proc.pid:
                 raise RuntimeError(f"{method}: the restored workload reports pid {after.pid}, not {proc.pid}")
+            result["felt_gap_s"] = after.max_gap_s
+            if reported is not None:
+                result["vm_reported_MiB"] = (vm_reported_kib() - reported) / 1024
+            result["loadavg_1m"] = os.getloadavg()[0]
+            result["prewarm_s"] = prewarm_s
         finally:
             if restored is not None:
                 migrate.kill_and_reap(restored)
@@ -122,7 +134,7 @@ class RealBench:
             shutil.rmtree(self.tmpfs / "b", ignore_errors=True)
             self._await_release(method)
             note_release()
-        result.update(method=method, mib=mib, mode=mode)
+        result.update(method=method, mib=mib, mode=mode, pid=proc.pid)
         return result
 
     def _await_release(self, method: str) -> None:

@@ -24,15 +24,17 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     runs = results.get("migrations") or []
     ftr: dict[str, dict[str, dict[str, Any]]] = {}
+    felt: dict[str, dict[str, dict[str, Any]]] = {}
     dump: dict[str, dict[str, dict[str, Any]]] = {}
     for mib in results["plan"]["sizes"]:
         for mode in results["plan"]["modes"]:
             key = f"{mib}/{mode}"
-            ftr[key], dump[key] = {}, {}
+            ftr[key], felt[key], dump[key] = {}, {}, {}
             for method in METHODS:
                 sel = [r for r in runs if r["mib"] == mib and r["mode"] == mode and r["method"] == method]
                 if sel:
                     ftr[key][method] = summary([r["total_s"] for r in sel])
+                    felt[key][method] = summary([r["felt_gap_s"] for r in sel if "felt_gap_s" in r])
                     dump[key][method] = summary([r["dump_s"] for r in sel])
             m = {k: _median(v) for k, v in ftr[key].items()}
             d = {k: _median(v) for k, v in dump[key].items()}
@@ -48,6 +50,8 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             }
     if runs:
         out["freeze_to_running"] = ftr
+        out["felt_gap"] = felt
+        out["loadavg_1m"] = summary([r["loadavg_1m"] for r in runs if "loadavg_1m" in r])
         out["dump"] = dump
         out["phases"] = _phases(results, runs)
     sim = results.get("simulated") or {}
@@ -164,6 +168,9 @@ def markdown(results: dict[str, Any]) -> str:
              f"Run {results['started']}, {results.get('elapsed_s', 0):.0f} s; machine {results['machine']}; "
              f"plan {results['plan']}.", "",
              "Medians with (min-max) over the repetitions; seconds unless stated.", ""]
+    if s.get("loadavg_1m", {}).get("n"):
+        lines += [f"Load average (1 min) on this 2-core machine during the runs: {_fmt(s['loadavg_1m'], 1)}; "
+                  "other work shared the machine, so compare figures within this run only.", ""]
     if "freeze_to_running" in s:
         lines += ["## 1. Freeze to running (start of `criu dump` until `criu restore -d` returned)", "",
                   "| size MiB | memory | imgmig | disk-style | store-and-forward | floor | imgmig, tls off | "
@@ -174,6 +181,16 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {mib} | {mode} | " + " | ".join(_fmt(row.get(m)) for m in METHODS) + " | "
                          + " | ".join(_fmt(r[k]) for k in ("imgmig/disk-style", "imgmig/store-and-forward",
                                                            "imgmig/floor", "TLS on/off")) + " |")
+        lines += ["", "### Downtime felt by the process (longest gap between the workload's 2 ms ticks, "
+                  "CLOCK_REALTIME)", "",
+                  "The workload's ticker thread keeps the longest gap between its ticks, read after the restore; "
+                  "it is the stall the process itself lived through, from its last tick before the freeze to its "
+                  "first after the restore. CLOCK_MONOTONIC would hide it (CRIU restores it through a time "
+                  "namespace).", "",
+                  "| size MiB | memory | " + " | ".join(METHODS) + " |", "|---" * (2 + len(METHODS)) + "|"]
+        for key, row in s["felt_gap"].items():
+            mib, mode = key.split("/")
+            lines.append(f"| {mib} | {mode} | " + " | ".join(_fmt(row.get(m)) for m in METHODS) + " |")
         lines += ["", "### Where the time goes (medians, seconds after `criu dump` started)", "",
                   "'moved': imgmig and store-and-forward, the cache logged the checkpoint complete and verified "
                   "(timed by the cache from CHECKPOINT_BEGIN); disk-style, tar|socat finished on B. 'restore': "

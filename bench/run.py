@@ -25,7 +25,7 @@ from . import report, simulated
 from .common import MIB, summary
 from .realcriu import METHODS, RealBench
 
-FULL = {"sizes": [256, 1024, 2048], "reps": 3, "sim_mib": 1024, "small_files": 10000,
+FULL = {"sizes": [256, 1024], "reps": 5, "sim_mib": 1024, "small_files": 10000,
         "concurrent_mib": 256, "link_mib": 1024, "modes": ["cold", "warm"]}
 SMOKE = {"sizes": [256], "reps": 1, "sim_mib": 64, "small_files": 500,
          "concurrent_mib": 16, "link_mib": 64, "modes": ["cold", "warm"]}
@@ -35,15 +35,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--smoke", action="store_true", help="smallest size, one repetition (the test suite's run)")
-    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], help="MiB, e.g. 256,1024")
+    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")],
+                        help="MiB; default 256,1024 (2 GiB on demand: --sizes 256,1024,2048)")
     parser.add_argument("--reps", type=int)
+    parser.add_argument("--modes", type=lambda s: s.split(","), help="cold,warm (both by default)")
+    parser.add_argument("--methods", type=lambda s: s.split(","), help=f"subset of {','.join(METHODS)}")
     parser.add_argument("--skip-real", action="store_true", help="only the simulated-client parts")
+    parser.add_argument("--skip-sim", action="store_true", help="only the real-CRIU parts")
     args = parser.parse_args(argv)
     plan = dict(SMOKE if args.smoke else FULL)
     if args.sizes:
         plan["sizes"] = args.sizes
     if args.reps:
         plan["reps"] = args.reps
+    if args.modes:
+        plan["modes"] = args.modes
+    plan["methods"] = args.methods or list(METHODS)
+    if not set(plan["methods"]) <= set(METHODS) or not set(plan["modes"]) <= {"cold", "warm"}:
+        parser.error(f"--methods takes {','.join(METHODS)}; --modes takes cold,warm")
     if os.geteuid() != 0:
         print("bench: run as root (network namespaces and CRIU need it)", file=sys.stderr)
         return 2
@@ -63,16 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         migrate.become_subreaper()
         with netns.two_nodes("imgmig-bench") as nodes:
-            log("simulated CRIU client: throughput, CPU and memory, small files, concurrency")
-            with daemons.proxy_and_cache(workdir / "sim", nodes.a, nodes.b, port=9995, memory_limit="60%") as pair:
-                results["simulated"] = simulated.run_all(
-                    pair, size=plan["sim_mib"] * MIB, reps=plan["reps"], small_count=plan["small_files"],
-                    small_size=4096, concurrent_size=plan["concurrent_mib"] * MIB, log=log)
-            log("simulated CRIU client with tls: off, beside the TLS-on figures above")
-            with daemons.proxy_and_cache(workdir / "sim-plain", nodes.a, nodes.b, port=9994, memory_limit="60%",
-                                         tls=False) as pair:
-                results["simulated_tls_off"] = simulated.tls_off(pair, size=plan["sim_mib"] * MIB,
-                                                                 reps=plan["reps"], log=log)
+            if not args.skip_sim:
+                log("simulated CRIU client: throughput, CPU and memory, small files, concurrency")
+                with daemons.proxy_and_cache(workdir / "sim", nodes.a, nodes.b, port=9995,
+                                             memory_limit="60%") as pair:
+                    results["simulated"] = simulated.run_all(
+                        pair, size=plan["sim_mib"] * MIB, reps=plan["reps"], small_count=plan["small_files"],
+                        small_size=4096, concurrent_size=plan["concurrent_mib"] * MIB, log=log)
+                log("simulated CRIU client with tls: off, beside the TLS-on figures above")
+                with daemons.proxy_and_cache(workdir / "sim-plain", nodes.a, nodes.b, port=9994, memory_limit="60%",
+                                             tls=False) as pair:
+                    results["simulated_tls_off"] = simulated.tls_off(pair, size=plan["sim_mib"] * MIB,
+                                                                     reps=plan["reps"], log=log)
             if not args.skip_real:
                 criu = testbed_criu.find_criu()
                 with RealBench(criu, nodes, workdir, log) as bench:
@@ -99,20 +110,22 @@ def _migrations(bench: RealBench, plan: dict, log) -> list[dict[str, object]]:
     for rep in range(plan["reps"]):
         for mib in plan["sizes"]:
             for mode in plan["modes"]:
-                for method in METHODS:
+                for method in plan["methods"]:
                     monitor = method == "imgmig"
                     result = bench.run(method, mib, mode, monitor=monitor)
                     result["rep"] = rep
                     runs.append(result)
                     log(f"  {method:18s} {mib:5d} MiB {mode}: freeze-to-running {result['total_s']:.2f} s "
-                        f"(dump {result['dump_s']:.2f} s)")
+                        f"(dump {result['dump_s']:.2f} s, felt {result['felt_gap_s']:.2f} s, "
+                        f"load {result['loadavg_1m']:.1f})")
     return runs
 
 
 def _machine() -> dict[str, object]:
     return {"kernel": platform.release(), "cpus": os.cpu_count(),
             "memory_GiB": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30), 1),
-            "python": platform.python_version()}
+            "python": platform.python_version(),
+            "pipe_max_size": int(Path("/proc/sys/fs/pipe-max-size").read_text())}
 
 
 __all__ = ["main", "summary"]

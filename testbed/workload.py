@@ -4,7 +4,11 @@ It fills N MiB with a deterministic, incompressible pattern (SHAKE-128 of a seed
 records the buffer's SHA-256, then counts forever. Every ~100 ms it replaces FILE
 (write + rename, so no file stays open across a dump) with one JSON line: pid, a
 random token drawn at start, the counter, the start digest, and the digest of the
-most recent re-verification (SIGUSR1 asks for one; the count of them is in the line).
+most recent re-verification (SIGUSR1 asks for one; the count of them is in the line),
+and the longest stall the process felt: a ticker thread wakes every 2 ms and keeps the
+longest gap between two of its ticks on CLOCK_REALTIME (time.time()), because CRIU
+restores CLOCK_MONOTONIC through a time namespace that hides the freeze. SIGUSR2 starts
+that maximum afresh (the count of resets is in the line).
 
 After a restore the test proves continuation (same token, counter past its pre-dump
 value) and intact memory (a fresh re-verification equals the digest expected for N
@@ -30,6 +34,7 @@ from pathlib import Path
 CHUNK = 16 << 20
 WRITE_EVERY = 0.1
 TICK = 0.01
+GAP_TICK = 0.002
 
 
 def fill(buf: bytearray, seed: int) -> None:
@@ -37,6 +42,26 @@ def fill(buf: bytearray, seed: int) -> None:
     for index, offset in enumerate(range(0, len(buf), CHUNK)):
         size = min(CHUNK, len(buf) - offset)
         buf[offset:offset + size] = hashlib.shake_128(f"imgmig-{seed}-{index}".encode()).digest(size)
+
+
+def fill_cached(buf: bytearray, seed: int, cache_dir: Path | None) -> None:
+    """fill(), through a copy of the pattern kept in cache_dir (a tmpfs): reading it back
+    is several times faster than SHAKE-128, which matters to a benchmark that starts a
+    fresh 1 GiB workload for every run."""
+    if cache_dir is None:
+        fill(buf, seed)
+        return
+    path = cache_dir / f"workload-pattern-{seed}-{len(buf)}"
+    try:
+        with open(path, "rb") as f:
+            if f.readinto(buf) == len(buf):
+                return
+    except FileNotFoundError:
+        pass
+    fill(buf, seed)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}")
+    tmp.write_bytes(buf)
+    os.rename(tmp, path)
 
 
 def expected_digest(mib: int, seed: int = 1) -> str:
@@ -58,6 +83,9 @@ class State:
     verified_digest: str
     verifications: int
     mib: int
+    max_gap_s: float = 0.0
+    gap_resets: int = 0
+    written: float = 0.0  # time.time() when the line was written: tells a restored task's lines from older ones
 
     @classmethod
     def read(cls, path: Path) -> State | None:
@@ -73,14 +101,45 @@ def _write_state(path: Path, state: State) -> None:
     os.rename(tmp, path)
 
 
-def run(mib: int, state_path: Path, seed: int) -> None:
+class GapTicker(threading.Thread):
+    """Tick every GAP_TICK and keep the longest gap between ticks on CLOCK_REALTIME; a
+    gap still running (the ticker not scheduled yet after a restore) counts too."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.last = time.time()
+        self.longest = 0.0
+        self.resets_asked = 0  # resets are done by this thread, so no update of `longest` is lost
+        self._resets_done = 0
+
+    def run(self) -> None:
+        while True:
+            time.sleep(GAP_TICK)
+            now = time.time()
+            asked = self.resets_asked
+            self.longest = 0.0 if asked != self._resets_done else max(self.longest, now - self.last)
+            self._resets_done = asked
+            self.last = now
+
+    def max_gap(self) -> float:
+        return max(self.longest, time.time() - self.last)
+
+    def reset(self) -> None:
+        self.resets_asked += 1
+
+
+def run(mib: int, state_path: Path, seed: int, pattern_cache: Path | None = None) -> None:
     buf = bytearray(mib << 20)
-    fill(buf, seed)
+    fill_cached(buf, seed, pattern_cache)
     digest = hashlib.sha256(buf).hexdigest()
     token = os.urandom(8).hex()
     verify = threading.Event()
     signal.signal(signal.SIGUSR1, lambda *_: verify.set())
-    counter, verifications, verified = 0, 0, digest
+    reset = threading.Event()
+    signal.signal(signal.SIGUSR2, lambda *_: reset.set())
+    ticker = GapTicker()
+    ticker.start()
+    counter, verifications, verified, resets = 0, 0, digest, 0
     last_write = 0.0
     while True:
         counter += 1
@@ -89,14 +148,21 @@ def run(mib: int, state_path: Path, seed: int) -> None:
             verified = hashlib.sha256(buf).hexdigest()
             verifications += 1
             last_write = 0.0
+        if reset.is_set():
+            reset.clear()
+            ticker.reset()
+            resets += 1
+            last_write = 0.0
         now = time.monotonic()
         if now - last_write >= WRITE_EVERY:
-            _write_state(state_path, State(os.getpid(), token, counter, digest, verified, verifications, mib))
+            _write_state(state_path, State(os.getpid(), token, counter, digest, verified, verifications, mib,
+                                           ticker.max_gap(), resets, time.time()))
             last_write = now
         time.sleep(TICK)
 
 
-def start(mib: int, state_path: Path, *, seed: int = 1, log_path: Path | None = None) -> subprocess.Popen:
+def start(mib: int, state_path: Path, *, seed: int = 1, log_path: Path | None = None,
+          pattern_cache: Path | None = None) -> subprocess.Popen:
     """Start the workload as a child of the caller, in its own session (so CRIU can
     dump it without the caller's terminal or process group), stdin from /dev/null.
     Keep the Popen and wait() on it: the dump kills the task, and a zombie would keep
@@ -106,7 +172,8 @@ def start(mib: int, state_path: Path, *, seed: int = 1, log_path: Path | None = 
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
     try:
         return subprocess.Popen([sys.executable, "-m", "testbed.workload", "--mib", str(mib),
-                                 "--state", str(state_path), "--seed", str(seed)],
+                                 "--state", str(state_path), "--seed", str(seed),
+                                 *(["--pattern-cache", str(pattern_cache)] if pattern_cache else [])],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
                                 start_new_session=True, close_fds=True)
     finally:
@@ -135,6 +202,15 @@ def verify(pid: int, path: Path, timeout: float = 30.0) -> State:
     return wait_state(path, lambda s: s.verifications > seen, timeout)
 
 
+def reset_gap(pid: int, path: Path, timeout: float = 30.0) -> State:
+    """Ask the workload (SIGUSR2) to start its longest-gap figure afresh; return the
+    first state written after the reset."""
+    before = State.read(path)
+    seen = before.gap_resets if before else 0
+    os.kill(pid, signal.SIGUSR2)
+    return wait_state(path, lambda s: s.gap_resets > seen, timeout)
+
+
 def stop(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
@@ -145,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mib", type=int, default=256, help="MiB of memory to fill and hold")
     parser.add_argument("--state", type=Path, required=True, help="state file, replaced every ~100 ms")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--pattern-cache", type=Path, help="directory (tmpfs) to keep a copy of the pattern in")
     args = parser.parse_args(argv)
-    run(args.mib, args.state, args.seed)
+    run(args.mib, args.state, args.seed, args.pattern_cache)
     return 0
 
 

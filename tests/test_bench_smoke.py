@@ -54,6 +54,9 @@ def test_writes_json_with_every_measurement(smoke: Path) -> None:
     assert {(r["method"], r["mode"]) for r in runs} == {(m, mode) for m in METHODS for mode in plan["modes"]}
     for run in runs:
         assert 0 < run["dump_s"] <= run["total_s"], run
+        # the workload's own stall: it cannot tick while frozen, dead or being restored
+        assert 0 < run["felt_gap_s"] < run["total_s"] + 5, run
+    assert all(value > 0 for value in summary_felt(results)), results["summary"]["felt_gap"]
     summary = results["summary"]
     for key, row in summary["freeze_to_running"].items():
         assert set(METHODS) <= set(row), key
@@ -73,9 +76,14 @@ def test_writes_json_with_every_measurement(smoke: Path) -> None:
     assert summary["targets"] and all(t["value"] is not None for t in summary["targets"]), summary["targets"]
 
 
+def summary_felt(results: dict) -> list[float]:
+    return [row[method]["median"] for row in results["summary"]["felt_gap"].values() for method in METHODS]
+
+
 def test_writes_markdown_table(smoke: Path) -> None:
     text = (smoke / "results.md").read_text()
-    for heading in ("## 1. Freeze to running", "## 2. Dump cost", "## 3. Link", "## 4. Daemons", "## Targets"):
+    for heading in ("## 1. Freeze to running", "### Downtime felt by the process", "## 2. Dump cost", "## 3. Link",
+                    "## 4. Daemons", "## Targets"):
         assert heading in text
     assert "| imgmig | disk-style | store-and-forward | floor | imgmig, tls off |" in text
     assert "n/a" not in text.split("## Targets")[1]

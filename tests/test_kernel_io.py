@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import socket
 import tempfile
+from pathlib import Path
 
 import pytest
 
 from imgmig.datapath import kernel_io
 from imgmig.datapath.kernel_io import BurstLog, pipe_end_problem, retry_out_of_fds
+
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 
 
 def test_pipe_end_problem_names_what_was_passed():
@@ -68,3 +72,18 @@ def test_retry_out_of_fds_waits_for_fds_then_gives_up(monkeypatch):
 
     with pytest.raises(OSError):
         retry_out_of_fds(other, "x")  # not exhaustion: no retry, raised at once
+
+
+def test_largest_pipe_stays_within_pipe_max_size():
+    """Asking for more than fs.pipe-max-size without CAP_SYS_RESOURCE fails outright and
+    would leave CRIU's 64 KiB pipe: the request is capped, so the pipe gets the limit."""
+    limit = int(Path(kernel_io.PIPE_MAX_SIZE).read_text())
+    assert kernel_io.largest_pipe(4 * limit) == limit
+    assert kernel_io.largest_pipe(1 << 16) == min(1 << 16, limit)
+    read_end, write_end = os.pipe()
+    try:
+        kernel_io.grow_pipe(write_end, kernel_io.largest_pipe(4 * limit))
+        assert fcntl.fcntl(write_end, F_GETPIPE_SZ) == limit
+    finally:
+        os.close(read_end)
+        os.close(write_end)

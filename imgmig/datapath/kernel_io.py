@@ -29,6 +29,7 @@ T = TypeVar("T")
 CHUNK = 1 << 20
 PIPE_SIZE = 1 << 20
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+PIPE_MAX_SIZE = "/proc/sys/fs/pipe-max-size"
 _PAGE = mmap.ALLOCATIONGRANULARITY
 # Out of fds (per process, system-wide) or of the kernel memory behind them: a daemon
 # under a flood of connections or files sees these; they end one checkpoint, never the daemon.
@@ -44,6 +45,16 @@ def grow_pipe(fd: int, size: int = PIPE_SIZE) -> None:
     """Larger pipes mean fewer wake-ups; the kernel may refuse (pipe-max-size), which is fine."""
     with contextlib.suppress(OSError):
         fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+
+
+def largest_pipe(wanted: int) -> int:
+    """`wanted`, or fs.pipe-max-size where that is lower: without CAP_SYS_RESOURCE (the
+    units keep no capabilities) the kernel refuses any larger pipe outright."""
+    try:
+        with open(PIPE_MAX_SIZE) as f:
+            return min(wanted, int(f.read()))
+    except (OSError, ValueError):
+        return min(wanted, PIPE_SIZE)
 
 
 def make_pipe() -> tuple[int, int]:

@@ -15,7 +15,14 @@ import time
 from collections.abc import Callable
 
 from imgmig.datapath.custody import NoRight
-from imgmig.datapath.kernel_io import UntilHangup, grow_pipe, pipe_end_problem, recv_criu_message, splice_out
+from imgmig.datapath.kernel_io import (
+    UntilHangup,
+    grow_pipe,
+    largest_pipe,
+    pipe_end_problem,
+    recv_criu_message,
+    splice_out,
+)
 from imgmig.datapath.store import FILES_IMAGE, Checkpoint, CheckpointFailed, ImageStore, Interrupted
 from imgmig.protocol import criu_wire
 from imgmig.system.systemd_glue import CHECKPOINT_RESTORED_ID
@@ -23,6 +30,9 @@ from imgmig.system.systemd_glue import CHECKPOINT_RESTORED_ID
 log = logging.getLogger(__name__)
 
 SMALL_IMAGE = 64 << 10  # fits CRIU's pipe as it is
+# CRIU reads a pages image with read()s of at most what the pipe holds, one hand-off
+# between it and us each: 16 MiB where fs.pipe-max-size allows (bench/README.md)
+SERVE_PIPE = 16 << 20
 END_GRACE = 10.0  # seconds a fully read checkpoint may wait for the sender's CHECKPOINT_END
 
 
@@ -131,7 +141,7 @@ class ServeSession:
                     raise CheckpointFailed(f"checkpoint {checkpoint.id} was dropped: {checkpoint.reason or 'released'}")
                 os.set_blocking(pipe_w, True)
                 if image.size > SMALL_IMAGE:
-                    grow_pipe(pipe_w)  # CRIU's 64 KiB pipe: 16 times the wake-ups per byte on both sides
+                    grow_pipe(pipe_w, largest_pipe(SERVE_PIPE))  # CRIU's pipe holds 64 KiB
                 splice_out(image.fd, pipe_w, 0, image.size)
         finally:
             os.close(pipe_w)
