@@ -107,14 +107,13 @@ class Checkpoint:
     grant_wanted: bool = False
     refused_by: str = ""
     return_wanted: bool = False
+    # What the memory limit counts for all its images, kept as they are charged: a sum over
+    # the images on every check would make a dump of n files cost O(n^2).
+    charged: int = 0
 
     @property
     def size(self) -> int:
         return sum(image.size for image in self.images.values())
-
-    @property
-    def charged(self) -> int:
-        return sum(image.charged for image in self.images.values())
 
     @property
     def done_receiving(self) -> bool:
@@ -225,6 +224,7 @@ class ImageStore:
         cost = image.cost()
         if not checkpoint.dropped:
             self._held += cost - image.charged
+        checkpoint.charged += cost - image.charged
         image.charged = cost
 
     def add_complete_image(self, checkpoint: Checkpoint, name: str, fd: int) -> Image:
