@@ -217,7 +217,7 @@ def test_migrate_with_a_waiting_restore_reports_progress_and_runs_there(daemons,
     assert done.returncode == 0, (done.stdout, done.stderr, out, err)
     assert restore.returncode == 0, (out, err)
     stream = events(done.stdout)
-    assert [e["name"] for e in stream if e["event"] == "check"] == ["proxy", "cache", "criu"]
+    assert [e["name"] for e in stream if e["event"] == "check"] == ["proxy", "cache", "room", "criu"]
     phases = [e["phase"] for e in stream if e["event"] == "phase"]
     assert phases == ["frozen", "dump done", "verified at the destination", "running on the destination"]
     progress = [e for e in stream if e["event"] == "progress"]
@@ -340,6 +340,29 @@ def test_migrate_to_an_unknown_node_is_refused_in_one_line(daemons, victims) -> 
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and "unknown node 'nowhere'" in lines[0] and "--to test-node" in lines[0], lines
     assert alive(pid) and status(pair)["proxy"]["checkpoints"] == []
+
+
+def resident(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_migrate_refuses_a_process_the_cache_has_no_room_for(daemons, victims) -> None:
+    """The cache's HELLO says how much room it has: a process that cannot fit is refused before
+    the freeze, in one line, and goes on running here."""
+    pair = daemons(memory_limit="4MiB")
+    proc = subprocess.Popen([PYTHON, "-c", "import time; b = b'x' * (16 << 20); time.sleep(300)"],
+                            start_new_session=True)
+    threading.Thread(target=proc.wait, daemon=True).start()
+    victims.append(proc.pid)
+    wait_until(lambda: resident(proc.pid) > 16 << 20, 10, "the process to hold 16 MiB")
+    done = imgmig("migrate", str(proc.pid), "--to", "test-node", "--config", str(pair.config), "--criu", FAKE_CRIU)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "free of its memory.limit of 4 MiB" in lines[0] and "still runs here" in lines[0], lines
+    assert alive(proc.pid) and status(pair)["proxy"]["checkpoints"] == []
 
 
 def test_migrate_checks_criu_first(daemons, victims) -> None:

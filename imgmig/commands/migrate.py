@@ -115,8 +115,9 @@ def _prepare(args: argparse.Namespace, reporter: Reporter) -> Migration:
     passed = []
     with ControlClient(control_path(cfg, "proxy"), "proxy") as proxy:
         passed.append(("proxy", f"imgmig-proxy answers on {control_path(cfg, 'proxy')}"))
-        route, reached = _resolve(cfg, proxy, args.to)
+        route, reached, answer = _resolve(cfg, proxy, args.to)
         passed.append(("cache", reached))
+        passed.append(("room", _room_for(args.pid, answer)))
     criu_check(criu)
     passed.append(("criu", f"`{shlex.join(criu)} check` passed"))
     files = None
@@ -129,12 +130,12 @@ def _prepare(args: argparse.Namespace, reporter: Reporter) -> Migration:
                      not args.no_rollback, files=files)
 
 
-def _resolve(cfg: Config, proxy: ControlClient, node: str) -> tuple[str | None, str]:
+def _resolve(cfg: Config, proxy: ControlClient, node: str) -> tuple[str | None, str, dict[str, Any]]:
     """Which cache --to names, and is it reachable: a peers-map name (returned, for the
-    proxy's route), or proxy.peer's node (None: the default route)."""
+    proxy's route), or proxy.peer's node (None: the default route); and its probe's answer."""
     if peer_address(cfg, node) is not None:
         reply = _probe(proxy, node)
-        return node, f"{node} ({reply['address']}) {_reached(reply)}: its cache is {reply['node']}"
+        return node, f"{node} ({reply['address']}) {_reached(reply)}: its cache is {reply['node']}", reply
     default = cfg.proxy.peer
     aliases = {str(default), default.host} if default is not None else set()
     if cfg.proxy.peer_node is not None:
@@ -148,7 +149,23 @@ def _resolve(cfg: Config, proxy: ControlClient, node: str) -> tuple[str | None, 
         raise CommandError(f"unknown node {node!r}: not in the peers map of {cfg.source}, and proxy.peer "
                            f"{default} is node {reply['node']!r}; use --to {reply['node']} or add "
                            f"`peers: {{{node}: HOST:PORT}}`", EXIT_USAGE)
-    return None, f"{reply['node']} ({reply['address']}) {_reached(reply)}"
+    return None, f"{reply['node']} ({reply['address']}) {_reached(reply)}", reply
+
+
+def _room_for(pid: int, answer: dict[str, Any]) -> str:
+    """The process's resident memory must fit in the room the cache said it has: a
+    checkpoint that cannot fit would be refused there after the freeze (ERROR 7)."""
+    need, room = _resident_bytes(pid), answer["room"]
+    if need > room:
+        raise CommandError(f"process {pid} holds {_mib(need)}, but the cache on {answer['node']} has "
+                           f"{_mib(room)} free of its memory.limit of {_mib(answer['memory_limit'])}; "
+                           f"nothing done, the process still runs here (free room there, or raise its "
+                           f"memory.limit)")
+    return f"{_mib(need)} resident, {_mib(room)} free at the cache"
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB"
 
 
 def _reached(reply: dict[str, Any]) -> str:

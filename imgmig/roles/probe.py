@@ -11,16 +11,25 @@ trace but the connection.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from imgmig.config import HostPort, LinkConfig
 from imgmig.datapath.link import TlsLink, open_link
 from imgmig.protocol import peer_wire as wire
 from imgmig.system.tls import Trust
 
 
+@dataclass(frozen=True)
+class CacheAnswer:
+    node: str          # its node name (its certificate's, with TLS)
+    memory_limit: int  # its memory.limit, from its HELLO
+    room: int          # of which free when it answered
+
+
 def probe_cache(address: HostPort, expected_node: str | None, trust: Trust | None, settings: LinkConfig,
-                node: str, digest: wire.Digest) -> str:
-    """The cache's node name (its certificate's, with TLS); OSError if unreachable or the
-    TLS handshake fails, ValueError if it refuses this node or is no cache."""
+                node: str, digest: wire.Digest) -> CacheAnswer:
+    """Who the cache is and how much room it has; OSError if unreachable or the TLS
+    handshake fails, ValueError if it refuses this node or is no cache."""
     link = open_link(address, expected_node, trust, settings)
     try:
         auth = wire.Auth.TLS if isinstance(link, TlsLink) else wire.Auth.NONE
@@ -39,4 +48,4 @@ def probe_cache(address: HostPort, expected_node: str | None, trust: Trust | Non
         raise ValueError(f"it answered {type(event).__name__}, not a cache's HELLO")
     if link.peer_node is not None and event.node != link.peer_node:
         raise ValueError(f"it calls itself {event.node!r} in HELLO but its certificate names {link.peer_node!r}")
-    return event.node
+    return CacheAnswer(event.node, event.memory_limit, event.room)

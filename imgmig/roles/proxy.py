@@ -226,12 +226,13 @@ class Proxy:
     def _probe(self, _session: ControlSession, request: cw.Request) -> dict[str, Any]:
         target = self._target(cw.text_arg(request, "to", required=False))
         try:
-            node = probe_cache(target.address, target.node, self.trust, self.config.link, self.config.node,
-                               self.digest)
+            answer = probe_cache(target.address, target.node, self.trust, self.config.link, self.config.node,
+                                 self.digest)
         except (OSError, ValueError) as exc:
             raise OpError(f"the cache at {target.address} is not reachable or not authenticated: "
                           f"{(exc.strerror if isinstance(exc, OSError) else None) or exc}") from None
-        return {"node": node, "address": str(target.address), "authenticated": self.trust is not None}
+        return {"node": answer.node, "address": str(target.address), "authenticated": self.trust is not None,
+                "memory_limit": answer.memory_limit, "room": answer.room}
 
     def _on_restore(self, conn: socket.socket, _peer: str) -> None:
         ServeSession(conn, self.store, self.daemon.stop, "proxy", gate=self._take_right,
