@@ -25,6 +25,7 @@ from test_daemons_sim import (
     assert_restores,
     checkpoint_images,
     dump,
+    earlier_checkpoint,
     fake_proxy,
     good_checkpoint,
     one_error,
@@ -32,6 +33,7 @@ from test_daemons_sim import (
     read_events,
     restore,
     restore_order,
+    still_serving,
     wait_received_eof,
 )
 
@@ -44,19 +46,6 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def earlier_checkpoint(pair: Pair) -> dict[str, bytes]:
-    """A checkpoint on both nodes before the attack: it must come through untouched."""
-    images = checkpoint_images("before-the-attack")
-    dump(pair.proxy_dir, images)
-    pair.cache_log.wait_for(r"complete from")
-    pair.proxy_log.wait_for(r"forwarded to")
-    pair.set_marks()
-    return images
-
-
-def still_serving(pair: Pair, earlier: dict[str, bytes]) -> None:
-    assert_restores(restore(pair.cache_dir, restore_order(earlier)), earlier)
-    good_checkpoint(pair, "after-the-attack")
 
 
 # ---- CRIU's sockets: fds that are not pipes ------------------------------------------------

@@ -441,7 +441,8 @@ GARBAGE = {
 }
 
 
-def _earlier_then(pair: Pair) -> dict[str, bytes]:
+def earlier_checkpoint(pair: Pair) -> dict[str, bytes]:
+    """A checkpoint on both nodes before the bad input: it must come through untouched."""
     earlier = checkpoint_images("untouched")
     dump(pair.proxy_dir, earlier)
     pair.cache_log.wait_for(r"complete from")
@@ -450,7 +451,8 @@ def _earlier_then(pair: Pair) -> dict[str, bytes]:
     return earlier
 
 
-def _after(pair: Pair, earlier: dict[str, bytes]) -> None:
+def still_serving(pair: Pair, earlier: dict[str, bytes]) -> None:
+    """The earlier checkpoint restores intact, and a new one goes through."""
     assert_restores(restore(pair.cache_dir, restore_order(earlier)), earlier)
     good_checkpoint(pair, "after-bad-input")
 
@@ -458,7 +460,7 @@ def _after(pair: Pair, earlier: dict[str, bytes]) -> None:
 @pytest.mark.parametrize("kind", GARBAGE)
 def test_garbage_on_capture_socket(daemons, kind):
     pair = daemons()
-    earlier = _earlier_then(pair)
+    earlier = earlier_checkpoint(pair)
     sock = criu_sim.connect(pair.proxy_dir)
     sock.settimeout(IO_TIMEOUT)
     sock.sendall(GARBAGE[kind])
@@ -466,13 +468,13 @@ def test_garbage_on_capture_socket(daemons, kind):
     sock.close()
     error = one_error(pair.proxy_log, r"checkpoint .* failed: protocol error from CRIU", ignore=FORWARDER_ECHO)
     assert "dump again" in error
-    _after(pair, earlier)
+    still_serving(pair, earlier)
 
 
 def test_more_fds_than_requests_on_capture_socket(daemons):
     """Pipe fds passed without requests: one refusal line, every one of them closed."""
     pair = daemons()
-    earlier = _earlier_then(pair)
+    earlier = earlier_checkpoint(pair)
     fd_dir = Path(f"/proc/{pair.proxy.process.pid}/fd")
     before = len(list(fd_dir.iterdir()))
     pipes = [os.pipe() for _ in range(3)]
@@ -487,13 +489,13 @@ def test_more_fds_than_requests_on_capture_socket(daemons):
         os.close(r)
         os.close(w)
     wait_until(lambda: len(list(fd_dir.iterdir())) <= before, 10, "the proxy to close the fds CRIU passed")
-    _after(pair, earlier)
+    still_serving(pair, earlier)
 
 
 @pytest.mark.parametrize("kind", GARBAGE)
 def test_garbage_on_serve_socket(daemons, kind):
     pair = daemons()
-    earlier = _earlier_then(pair)
+    earlier = earlier_checkpoint(pair)
     for images_dir, log in ((pair.cache_dir, pair.cache_log), (pair.proxy_dir, pair.proxy_log)):
         sock = criu_sim.connect(images_dir, serve=True)
         sock.settimeout(IO_TIMEOUT)
@@ -501,7 +503,7 @@ def test_garbage_on_serve_socket(daemons, kind):
         assert sock.recv(1) == b"", "the restore connection is dropped"
         sock.close()
         one_error(log, r"restore connection on the (cache|proxy): protocol error from CRIU: .*connection dropped")
-    _after(pair, earlier)
+    still_serving(pair, earlier)
 
 
 @pytest.mark.parametrize("data, reason", [
@@ -514,7 +516,7 @@ def test_garbage_on_serve_socket(daemons, kind):
 ])
 def test_garbage_on_cache_tcp(daemons, data, reason):
     pair = daemons()
-    earlier = _earlier_then(pair)
+    earlier = earlier_checkpoint(pair)
     sock = peer_connect(pair)
     sock.sendall(data)
     events = wait_received_eof(sock)
@@ -522,13 +524,13 @@ def test_garbage_on_cache_tcp(daemons, data, reason):
     assert [type(e) for e in events] == [wire.Error], events
     error = one_error(pair.cache_log, r"connection from 127\.0\.0\.1 refused: .*" + f"({reason})")
     assert error
-    _after(pair, earlier)
+    still_serving(pair, earlier)
 
 
 @pytest.mark.parametrize("where", ["capture", "serve", "cache-tcp"])
 def test_fewer_than_four_bytes_then_gone(daemons, where):
     pair = daemons()
-    earlier = _earlier_then(pair)
+    earlier = earlier_checkpoint(pair)
     if where == "cache-tcp":
         sock = peer_connect(pair)
         log = pair.cache_log
@@ -541,12 +543,12 @@ def test_fewer_than_four_bytes_then_gone(daemons, where):
                     "serve": r"restore connection .* closed .*in the middle of a message",
                     "cache-tcp": r"connection from 127\.0\.0\.1 .*closed .*incomplete frame"}[where],
               ignore=FORWARDER_ECHO)
-    _after(pair, earlier)
+    still_serving(pair, earlier)
 
 
 def test_address_not_allowed(daemons):
     pair = daemons()
-    earlier = _earlier_then(pair)
+    earlier = earlier_checkpoint(pair)
     sock = peer_connect(pair, source="127.0.0.2", tls=False)  # refused before any handshake
     sock.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "intruder")))
     events = wait_received_eof(sock)
@@ -555,7 +557,7 @@ def test_address_not_allowed(daemons):
     assert events[0].code == wire.ErrorCode.REFUSED
     error = one_error(pair.cache_log, r"connection from 127\.0\.0\.2 refused: not in cache\.allow")
     assert str(pair.config) in error
-    _after(pair, earlier)
+    still_serving(pair, earlier)
 
 
 def test_digest_mismatch_never_served(daemons):

@@ -337,15 +337,20 @@ def _run_with_fds(argv: list[str], sockets: list[socket.socket], stored: dict[st
                                 pass_fds=numbers, start_new_session=True)
 
 
+def _cache_sockets(tmp_path: Path, port: int) -> tuple[socket.socket, socket.socket]:
+    """The cache's listening sockets as its .socket unit would pass them: peer TCP, serve UNIX."""
+    tcp = socket.create_server(("127.0.0.1", port))
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(str(tmp_path / "cache" / "streamer-serve.sock"))
+    unix.listen(8)
+    return tcp, unix
+
+
 def test_fd_store_keeps_a_checkpoint_over_a_restart(tmp_path: Path, notify_socket, pki: Pki) -> None:
     notify, notes = notify_socket
     port = free_port()
     config = write_config(tmp_path, port, pki)
-    serve_path = tmp_path / "cache" / "streamer-serve.sock"
-    tcp = socket.create_server(("127.0.0.1", port))
-    unix = socket.socket(socket.AF_UNIX)
-    unix.bind(str(serve_path))
-    unix.listen(8)
+    tcp, unix = _cache_sockets(tmp_path, port)
     files = {"inventory.img": b"inventory" * 100, "pages-1.img": os.urandom(3 << 20), "core-1.img": b"core"}
     log = tmp_path / "log"
     first = _run_with_fds(cache_argv(config), [tcp, unix], {}, notify, log)
@@ -368,7 +373,7 @@ def test_fd_store_keeps_a_checkpoint_over_a_restart(tmp_path: Path, notify_socke
         ready = notes.wait_for("READY", "1")
         assert ready["STATUS"].startswith("1 checkpoint,"), ready
         proxy = _link_back_and_grant(port, "fake-proxy-1", pki)
-        got = _restore_all(serve_path, [*files, "absent.img"])
+        got = _restore_all(unix.getsockname(), [*files, "absent.img"])
         proxy.join(10)
         assert not proxy.is_alive(), "the cache reported the restore and closed the link"
         assert got == {**files, "absent.img": None}
@@ -404,11 +409,7 @@ def test_fd_store_keeps_a_checkpoint_still_arriving_and_the_proxy_resumes_it(tmp
     notify, notes = notify_socket
     port = free_port()
     config = write_config(tmp_path, port, pki)
-    serve_path = tmp_path / "cache" / "streamer-serve.sock"
-    tcp = socket.create_server(("127.0.0.1", port))
-    unix = socket.socket(socket.AF_UNIX)
-    unix.bind(str(serve_path))
-    unix.listen(8)
+    tcp, unix = _cache_sockets(tmp_path, port)
     pages, inventory = os.urandom(6 << 20), b"inventory" * 100
     hello = wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "fake-proxy", auth=wire.Auth.TLS))
 
@@ -453,7 +454,7 @@ def test_fd_store_keeps_a_checkpoint_still_arriving_and_the_proxy_resumes_it(tmp
                          + wire.encode_checkpoint_end(True, 2, len(pages) + len(inventory)))
             done = _frames_until(sock, decoder, wire.CheckpointDone)
             assert done.ok, done
-            restoring = threading.Thread(target=lambda: got.update(_restore_all(serve_path, ["inventory.img",
+            restoring = threading.Thread(target=lambda: got.update(_restore_all(unix.getsockname(), ["inventory.img",
                                                                                             "pages-1.img"])))
             got: dict[str, bytes | None] = {}
             restoring.start()
