@@ -27,6 +27,7 @@ import enum
 from dataclasses import dataclass
 
 from imgmig.protocol import peer_wire as wire
+from imgmig.protocol import tunnel_wire
 from imgmig.protocol.peer_wire import BeginStatus, ErrorCode, FrameType, PeerProtocolError
 
 ACK_EVERY = 16 << 20
@@ -150,7 +151,8 @@ class LinkDead:
 
 Event = (HelloReceived | BeginRequested | BeginAnswered | FileBegun | DataReceived | FileEnded
          | CheckpointEnded | Acked | Delivered | ClaimRequested | GrantAnswered | RestoredReported
-         | DropRequested | RightReturned | Confirmed | PeerError | LinkDead)
+         | DropRequested | RightReturned | Confirmed | PeerError | LinkDead | tunnel_wire.TunnelFrame)
+TUNNEL_FRAMES = (tunnel_wire.TunnelOpen, tunnel_wire.TunnelData, tunnel_wire.TunnelEof, tunnel_wire.TunnelReset)
 
 
 class Phase(enum.Enum):
@@ -203,6 +205,8 @@ class _Side:
             frame = self.decoder.next_event()
             if frame is None:
                 return None
+            if isinstance(frame, TUNNEL_FRAMES):
+                return self._on_tunnel(frame)
             event = self._on_frame(frame, self._now)
             if event is not None:
                 return event
@@ -210,6 +214,18 @@ class _Side:
 
     def _on_frame(self, frame: wire.Event, now: float) -> Event | None:
         raise NotImplementedError
+
+    def send_tunnel(self, frames: bytes, now: float) -> None:
+        """Queue tunnel frames (protocol/tunnel_wire.py) a lazy restore's page traffic made."""
+        self._require((Phase.HOLDING,), "a tunnel frame")
+        if frames:
+            self._send(frames, now)
+
+    def _on_tunnel(self, frame: tunnel_wire.TunnelFrame) -> tunnel_wire.TunnelFrame:
+        """Tunnel frames carry a lazy restore's pages: only once the checkpoint is delivered."""
+        if self.phase is not Phase.HOLDING:
+            raise PeerProtocolError(f"{type(frame).__name__} before CHECKPOINT_DONE")
+        return frame
 
     def data_to_send(self) -> bytes:
         data = b"".join(self._out)

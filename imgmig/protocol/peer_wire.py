@@ -13,6 +13,8 @@ import struct
 from dataclasses import dataclass, replace
 from enum import IntEnum
 
+from imgmig.protocol import tunnel_wire
+
 MAGIC = b"IMGMIG"
 VERSION = 2
 MAX_CONTROL_FRAME = 64 * 1024
@@ -484,12 +486,14 @@ class FrameDecoder:
         self._payload_left -= n
         self._payload_offset += n
 
-    def next_event(self) -> Event | None:
+    def next_event(self) -> Event | tunnel_wire.TunnelFrame | None:
         if self._payload_left:
             return self._buffered_payload()
         if len(self._buf) < _HEAD.size:
             return None
         length, kind_value = _HEAD.unpack_from(self._buf)
+        if kind_value in tunnel_wire.TUNNEL_TYPES:
+            return self._tunnel_frame(length, kind_value)
         try:
             kind = FrameType(kind_value)
         except ValueError:
@@ -503,6 +507,19 @@ class FrameDecoder:
         body = bytes(self._buf[_HEAD.size:4 + length])
         del self._buf[:4 + length]
         return _decode_control(kind, body)
+
+    def _tunnel_frame(self, length: int, kind: int) -> tunnel_wire.TunnelFrame | None:
+        """A lazy migration's page-server bytes (protocol/tunnel_wire.py), bounded like a control frame."""
+        if not 1 <= length <= MAX_CONTROL_FRAME:
+            raise PeerProtocolError(f"tunnel frame length {length} outside 1..{MAX_CONTROL_FRAME}")
+        if len(self._buf) < 4 + length:
+            return None
+        body = bytes(self._buf[_HEAD.size:4 + length])
+        del self._buf[:4 + length]
+        try:
+            return tunnel_wire.decode(kind, body)
+        except tunnel_wire.TunnelError as exc:
+            raise PeerProtocolError(str(exc)) from None
 
     def _data_header(self, length: int) -> Event | None:
         payload = length - DATA_HEADER
