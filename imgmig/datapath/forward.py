@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -29,8 +30,10 @@ from imgmig.datapath.kernel_io import hash_region
 from imgmig.datapath.link import Link, LinkRefused, TlsLink
 from imgmig.datapath.receive import receive_within
 from imgmig.datapath.store import Checkpoint, Image, ImageStore, State
+from imgmig.datapath.tunnel import CONNECT_TIMEOUT, NotLazy, TunnelPump, page_server_of
 from imgmig.protocol import conversation as conv
 from imgmig.protocol import peer_wire as wire
+from imgmig.protocol import tunnel_wire
 from imgmig.protocol.peer_wire import BeginStatus, ErrorCode
 
 log = logging.getLogger(__name__)
@@ -116,6 +119,7 @@ class Forwarder:
         self.returned_by_peer = False  # a restore there failed and the cache gave the right back
         self.digest = usable(digest)  # offered in HELLO; the cache's HELLO says which is used
         self.started = time.monotonic()
+        self.pump: TunnelPump | None = None  # a lazy restore on the cache reaching the page server here
 
     @property
     def fields(self) -> dict[str, str]:
@@ -226,6 +230,9 @@ class Forwarder:
             delivered = True
             self._hold()
         finally:
+            if self.pump is not None:
+                self.pump.close("the link to the cache ended")
+                self.pump = None
             if delivered:
                 self.link.close()
             else:
@@ -454,7 +461,8 @@ class Forwarder:
     def _pump(self, timeout: float) -> list[conv.Event]:
         """Wait up to timeout for bytes, feed them, act on every event; return them."""
         assert self.conn is not None and self.link is not None
-        data = receive_within(self.link, timeout)
+        data = receive_within(self.link, timeout) if self.pump is None else self.pump.receive_within(self.link, timeout)
+        self._tunnel_out()
         if data is None:
             self._tick()
         elif not data:
@@ -500,6 +508,28 @@ class Forwarder:
             raise Settled
         elif isinstance(event, conv.PeerError):
             self._on_peer_error(event)
+        elif isinstance(event, conv.TUNNEL_FRAMES):
+            if self.pump is None:
+                self.pump = TunnelPump(tunnel_wire.Side.ACCEPTOR, connect=self._connect_page_server)
+            self.pump.on_frame(event)
+            self._tunnel_out()
+
+    def _connect_page_server(self) -> socket.socket:
+        """A lazy restore on the cache wants its pages: only for the node that holds the right
+        to restore the checkpoint, and only to the page server its marker names (loopback)."""
+        if self.checkpoint.holder != custody.destination(self.peer_name):
+            raise NotLazy(f"{self.peer_node} does not hold the right to restore {self.checkpoint.id}")
+        address = page_server_of(self.checkpoint)
+        sock = socket.create_connection(address, CONNECT_TIMEOUT)
+        sock.settimeout(None)
+        log.info("checkpoint %s: %s fetches its lazy pages from the page server at %s:%d", self.checkpoint.id,
+                 self.peer_node, *address, extra=self.fields)
+        return sock
+
+    def _tunnel_out(self) -> None:
+        assert self.conn is not None
+        if self.pump is not None and not self.conn.closed:
+            self.conn.send_tunnel(self.pump.outgoing(), time.monotonic())
 
     def _on_claim(self) -> None:
         assert self.conn is not None

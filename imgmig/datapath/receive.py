@@ -31,8 +31,10 @@ from imgmig.datapath.digest import LABELS, Digester, new_hasher, usable
 from imgmig.datapath.kernel_io import UntilHangup, hash_region, out_of_fds
 from imgmig.datapath.link import Link
 from imgmig.datapath.store import Checkpoint, Image, ImageStore, State, StoreError, TooManyFiles
+from imgmig.datapath.tunnel import TunnelPump, Tunnels
 from imgmig.protocol import conversation as conv
 from imgmig.protocol import peer_wire as wire
+from imgmig.protocol import tunnel_wire
 from imgmig.protocol.peer_wire import BeginStatus, ErrorCode
 from imgmig.system.systemd_glue import CHECKPOINT_COMPLETE_ID
 
@@ -136,7 +138,7 @@ class Transfers:
 class ReceiveSession:
     def __init__(self, link: Link, address: str, store: ImageStore, node: str,
                  stop: threading.Event, transfers: Transfers, *, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-                 on_hello: Callable[[], None] | None = None) -> None:
+                 on_hello: Callable[[], None] | None = None, tunnels: Tunnels | None = None) -> None:
         self.link = link  # from link.accept_link: its peer_node is the proxy's authenticated name
         self.greeted = False  # HELLO came: a deadline now is the idle one, not the handshake's
         self.sender = ""  # the node named in HELLO (with TLS: the certificate's)
@@ -153,6 +155,8 @@ class ReceiveSession:
         self.pending: dict[int, list[int]] = {}  # file_id -> [offset, length] stored, not yet hashed
         self.peer = address
         self.started = time.monotonic()
+        self.tunnels = tunnels  # a lazy restore's page-server socket, offered through the control socket
+        self.pump: TunnelPump | None = None
 
     @property
     def checkpoint(self) -> Checkpoint | None:
@@ -182,6 +186,8 @@ class ReceiveSession:
         except LinkLost as exc:
             self._link_lost(str(exc))
         finally:
+            if self.pump is not None:
+                self.pump.close("the link to the source ended")
             self._detach()
             self.link.close()
 
@@ -212,7 +218,8 @@ class ReceiveSession:
             wait = max(0.0, min(wait, self.conn.last_heard + self.idle_timeout - now))
         if not self.greeted:
             self.link.wait_time()  # TimeoutError once the handshake deadline (TLS and HELLO) passed
-        data = receive_within(self.link, wait)
+        data = receive_within(self.link, wait) if self.pump is None else self.pump.receive_within(self.link, wait)
+        self._tunnel_out()
         if data is None:
             if self._transferring and time.monotonic() - self.conn.last_heard >= self.idle_timeout:
                 raise BlockingIOError
@@ -265,6 +272,25 @@ class ReceiveSession:
         if self.conn.phase is conv.Phase.HOLDING and not self.conn.restored_sent and not self.conn.return_sent \
                 and custody.take_return(self.store, checkpoint):
             self._give_back(checkpoint, now)
+        if self.tunnels is not None and self.conn.phase is conv.Phase.HOLDING:
+            self._attach_tunnel(checkpoint)
+
+    def _attach_tunnel(self, checkpoint: Checkpoint) -> None:
+        """A lazy restore here offered its page-server socket: carry it to the source."""
+        assert self.tunnels is not None
+        offer = self.tunnels.take(checkpoint.id)
+        if offer is None:
+            return
+        if self.pump is None:
+            self.pump = TunnelPump(tunnel_wire.Side.OPENER)
+        channel = self.pump.attach(offer)
+        log.info("checkpoint %s: lazy restore's page traffic tunnelled to %s (channel %d)", checkpoint.id,
+                 self.peer, channel, extra=self.fields)
+        self._tunnel_out()
+
+    def _tunnel_out(self) -> None:
+        if self.pump is not None and not self.conn.closed:
+            self.conn.send_tunnel(self.pump.outgoing(), time.monotonic())
 
     def _give_back(self, checkpoint: Checkpoint, now: float) -> None:
         """A restore here failed (imgmig restore said so): the source may roll back now, so
@@ -298,6 +324,11 @@ class ReceiveSession:
             self._on_confirmed(event)
         elif isinstance(event, conv.PeerError):
             raise LinkLost(f"the proxy reported error {event.code}: {event.message}")
+        elif isinstance(event, conv.TUNNEL_FRAMES):
+            if self.pump is None:
+                raise wire.PeerProtocolError(f"{type(event).__name__} on a link that carries no tunnel")
+            self.pump.on_frame(event)
+            self._tunnel_out()
 
     def _on_hello(self, hello: wire.Hello, now: float) -> None:
         authenticated = self.link.peer_node

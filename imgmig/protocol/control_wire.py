@@ -19,7 +19,8 @@ MAX_DEPTH = 6
 MAX_KEYS = 64
 MAX_ITEMS = 10_000
 MAX_STRING = 4096
-OPS = ("status", "list", "drop", "expect", "claim", "files", "serve", "confirm", "probe")
+OPS = ("status", "list", "drop", "expect", "claim", "files", "serve", "confirm", "probe",
+       "lazy_images", "lazy_image", "tunnel", "lazy_done")
 
 
 class ControlProtocolError(ValueError):

@@ -232,3 +232,30 @@ class TunnelMux:
     def _forget_if_finished(self, state: Channel) -> None:
         if state.finished:
             del self.channels[state.id]
+
+
+# ---- how a page-server conversation ends ----------------------------------------------------
+
+PS_IOV_SIZE = 24                      # struct page_server_iov: u32 cmd, u32 nr_pages, u64 vaddr, u64 dst_id
+PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE = 0x1023, 0x1024
+_PS_CMD_MASK = 0xFFFF                 # the high half of cmd carries flags
+
+
+class CloseWatch:
+    """Reads what `criu lazy-pages` sends its page server (native-endian page_server_iov
+    records, 24 bytes, no payload: PS_IOV_GET requests, then one close command) and says
+    whether it asked the page server to close. Only then was the copy complete: a
+    lazy-pages that stops without it failed or was killed."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self.close_asked = False
+
+    def feed(self, data: bytes) -> None:
+        data = self._partial + data
+        whole = len(data) - len(data) % PS_IOV_SIZE
+        for start in range(0, whole, PS_IOV_SIZE):
+            cmd = int.from_bytes(data[start:start + 4], "little") & _PS_CMD_MASK
+            if cmd in (PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE):
+                self.close_asked = True
+        self._partial = data[whole:]

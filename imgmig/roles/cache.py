@@ -19,12 +19,14 @@ from imgmig.datapath.link import Link, LinkRefused, PeerRefusedUs, accept_link
 from imgmig.datapath.receive import ReceiveSession, Transfers
 from imgmig.datapath.serve import ServeSession
 from imgmig.datapath.store import Checkpoint, ImageStore, State
+from imgmig.datapath.tunnel import Tunnels
 from imgmig.protocol import peer_wire as wire
 from imgmig.roles.admission import Admission
 from imgmig.roles.control import ControlServer, RoleView
 from imgmig.roles.daemon import Daemon, Listener
 from imgmig.roles.doorbell import DOORBELL_SOCKET, Doorbell
 from imgmig.roles.endpoints import CONTROL_SOCKET, SERVE_SOCKET, Endpoint
+from imgmig.roles.lazy import LazyOps
 from imgmig.roles.status import RateMeter, describe_store, human_rate
 from imgmig.system.tls import Trust
 
@@ -48,9 +50,11 @@ class Cache:
             Listener(Endpoint("control", path=config.cache.images_dir / CONTROL_SOCKET, optional=True),
                      self._on_control),
         ], self.status, reload=None if self.trust is None else self.trust.reload)
+        self.tunnels = Tunnels()  # lazy restores' page-server sockets, carried by the checkpoints' links
+        lazy = LazyOps(self.store, config.node, self.tunnels, self.daemon.stop, self._await_right)
         self.control = ControlServer("cache", config.node, self.store, self.daemon.stop, RoleView(
             self._checkpoint_info, self._peers, self.status, self._may_drop, gate=self._await_right,
-            restore_failed=self._give_right_back))
+            restore_failed=self._give_right_back, extra_ops=lazy.ops))
         self.receiving: dict[int, ReceiveSession] = {}
         self.transfers = Transfers(self.store, config.cache.resume_for)
         self.seen: dict[str, float] = {}  # proxy -> when its last connection ended
@@ -90,7 +94,7 @@ class Cache:
             return
         session = ReceiveSession(link, address, self.store, self.config.node, self.daemon.stop, self.transfers,
                                  idle_timeout=self.config.cache.idle_timeout,
-                                 on_hello=lambda: self.admission.established(conn))
+                                 on_hello=lambda: self.admission.established(conn), tunnels=self.tunnels)
         self.receiving[id(session)] = session
         try:
             session.run()
@@ -104,7 +108,9 @@ class Cache:
         self.control.handle(conn, peer)
 
     def _checkpoint_info(self, checkpoint: Checkpoint) -> dict[str, Any]:
-        return {"received": checkpoint.size, "verified": checkpoint.size if checkpoint.done_receiving else 0}
+        info = {"received": checkpoint.size, "verified": checkpoint.size if checkpoint.done_receiving else 0}
+        lazy = self.tunnels.progress(checkpoint.id)
+        return info if lazy is None else info | {"lazy": lazy}
 
     def _peers(self) -> list[dict[str, Any]]:
         rate = self.receive_rate.rate(self.store.bytes_in)

@@ -1,0 +1,195 @@
+"""Lazy (post-copy) migration, the root-side steps of each node (docs/design.md, "Lazy migration").
+
+Source (`dump_lazy`): `criu dump --lazy-pages` into a private directory, its page server
+on loopback only; once the non-page images are written (CRIU then waits for its page
+server's client), they go to the proxy as one checkpoint, with a marker image
+(`imgmig-lazy.json`) naming that page server: the checkpoint is marked lazy. The dump
+exits once every page was fetched (the process is then gone from the source), or fails
+and leaves the process running here.
+
+Destination (`restore_lazy`): claim the checkpoint on the cache, take the right to
+restore it, lay its images into a private tmpfs directory, start `criu lazy-pages` on one
+end of a socketpair (`--ps-socket`: nothing listens, no other process can reach the
+pages), hand the other end to the cache, which tunnels it to the source's page server
+over the checkpoint's link, then `criu restore --lazy-pages -d`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imgmig.commands.common import CommandError, ControlClient, criu_tail
+from imgmig.criu_sim import DumpClient
+from imgmig.datapath.tunnel import LAZY_IMAGE, lazy_marker
+
+READY_WAIT = 60.0   # for the dump to write its images and listen
+LAZY_SOCKET = "lazy-pages.socket"
+LAST_IMAGE = "inventory.img"  # CRIU writes it last; the proxy takes a checkpoint without it as failed
+PRIVATE_PARENT = Path("/run")  # tmpfs, root only
+
+
+def private_dir(prefix: str, parent: Path = PRIVATE_PARENT) -> Path:
+    """A fresh directory only root can enter, on tmpfs where /run is."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent if parent.is_dir() else None))
+
+
+# ---- the source ---------------------------------------------------------------------------
+
+@dataclass
+class LazyDump:
+    proc: subprocess.Popen[bytes]
+    images_dir: Path
+    port: int
+    frozen_at: float
+    handed_at: float = 0.0   # the checkpoint was handed to the proxy
+
+    def wait(self, timeout: float | None = None) -> int:
+        """The dump's exit status: 0 once every page went (the process is gone from here)."""
+        return self.proc.wait(timeout)
+
+    def tail(self) -> str:
+        return criu_tail(self.images_dir, "dump")
+
+
+def dump_lazy(criu: list[str], pid: int, proxy_images_dir: Path, port: int, images_dir: Path | None = None,
+              options: list[str] | None = None) -> LazyDump:
+    """Dump `pid` lazily and hand its non-page images to the proxy; the dump keeps serving pages."""
+    images_dir = images_dir or private_dir("imgmig-lazy-dump-")
+    frozen_at = time.monotonic()
+    argv = [*criu, "dump", "-t", str(pid), "-D", str(images_dir), "--lazy-pages", "--address", "127.0.0.1",
+            "--port", str(port), "-o", "dump.log", "-W", str(images_dir), *(options or [])]
+    with open(images_dir / "dump.out", "wb") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    dump = LazyDump(proc, images_dir, port, frozen_at)
+    _await_page_server(dump)
+    _hand_to_proxy(images_dir, proxy_images_dir, port)
+    dump.handed_at = time.monotonic()
+    return dump
+
+
+def _await_page_server(dump: LazyDump) -> None:
+    deadline = time.monotonic() + READY_WAIT
+    while not ((dump.images_dir / LAST_IMAGE).exists() and _listening(dump.proc.pid, dump.port)):
+        if dump.proc.poll() is not None:
+            raise CommandError(f"criu dump --lazy-pages exited with {dump.proc.returncode}: {dump.tail()}; "
+                               f"the process runs on here")
+        if time.monotonic() > deadline:
+            dump.proc.kill()
+            raise CommandError(f"criu dump --lazy-pages did not start its page server within {READY_WAIT:.0f} s")
+        time.sleep(0.005)
+
+
+def _listening(pid: int, port: int) -> bool:
+    """CRIU's page server listens on 127.0.0.1:port (read from CRIU's own network namespace)."""
+    wanted = f"0100007F:{port:04X}"
+    try:
+        lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    return any(fields[1] == wanted and fields[3] == "0A" for fields in (line.split() for line in lines))
+
+
+def _hand_to_proxy(images_dir: Path, proxy_images_dir: Path, port: int) -> None:
+    """Write the images to the proxy as a CRIU stream dump would: the marker first, inventory last."""
+    names = sorted(p.name for p in images_dir.iterdir() if p.name.endswith(".img") and p.name != LAST_IMAGE)
+    client = DumpClient(proxy_images_dir)
+    try:
+        client.write_image(LAZY_IMAGE, lazy_marker(("127.0.0.1", port)))
+        for name in [*names, LAST_IMAGE]:
+            client.write_image(name, (images_dir / name).read_bytes())
+    finally:
+        client.close()
+
+
+# ---- the destination ----------------------------------------------------------------------
+
+@dataclass
+class LazyRestore:
+    checkpoint: str
+    pid: int
+    images_dir: Path
+    lazy: subprocess.Popen[bytes]
+    tunnel: threading.Thread
+    tunnel_reply: dict[str, Any] = field(default_factory=dict)
+    tunnel_error: list[str] = field(default_factory=list)
+
+    def finish(self, client: ControlClient, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for the background copy to end (lazy-pages exits once every page arrived);
+        then tell the cache, which releases both copies. The tunnel's figures."""
+        code = self.lazy.wait(timeout)
+        self.tunnel.join(timeout)
+        if code != 0 or self.tunnel_error:
+            detail = self.tunnel_error[0] if self.tunnel_error else criu_tail(self.images_dir, "lazy")
+            raise CommandError(f"the background copy of checkpoint {self.checkpoint} failed (lazy-pages exited "
+                               f"{code}): {detail}")
+        client.request("lazy_done", id=self.checkpoint)
+        client.request("confirm", id=self.checkpoint, running=True, pid=self.pid)
+        return self.tunnel_reply
+
+
+def restore_lazy(client: ControlClient, checkpoint: str, criu: list[str], images_dir: Path | None = None,
+                 options: list[str] | None = None) -> LazyRestore:
+    """Restore a claimed lazy checkpoint; returns once `criu restore -d` returned (the process runs)."""
+    images_dir = images_dir or private_dir("imgmig-lazy-restore-")
+    listed = client.request("lazy_images", timeout=None, id=checkpoint)["images"]
+    for image in listed:
+        _lay_image(client, checkpoint, image["name"], images_dir)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with open(images_dir / "lazy.out", "wb") as out:
+        lazy = subprocess.Popen([*criu, "lazy-pages", "--page-server", "--ps-socket", str(theirs.fileno()),
+                                 "-D", str(images_dir), "-o", "lazy.log", "-W", str(images_dir)],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=out, pass_fds=[theirs.fileno()])
+        theirs.close()
+        restore = LazyRestore(checkpoint, 0, images_dir, lazy, threading.Thread())
+    restore.tunnel = threading.Thread(target=_carry, args=(client, restore, ours), daemon=True)
+    restore.tunnel.start()
+    restore.pid = _restore(criu, images_dir, lazy, options or [])
+    return restore
+
+
+def _lay_image(client: ControlClient, checkpoint: str, name: str, images_dir: Path) -> None:
+    client.request("lazy_image", id=checkpoint, name=name)
+    fd = client.take_fd()
+    if fd is None:
+        raise CommandError(f"the cache passed no fd for image {name} of checkpoint {checkpoint}")
+    with os.fdopen(fd, "rb") as source, open(images_dir / name, "wb") as target:
+        shutil.copyfileobj(source, target, 1 << 20)
+
+
+def _carry(client: ControlClient, restore: LazyRestore, ours: socket.socket) -> None:
+    """Hand our end of lazy-pages' socketpair to the cache; answered when the channel ended."""
+    try:
+        with ours:
+            reply = client.request("tunnel", fd=ours.fileno(), timeout=None, id=restore.checkpoint)
+    except CommandError as exc:
+        restore.tunnel_error.append(str(exc))
+        return
+    restore.tunnel_reply.update(reply)
+    if reply.get("error"):
+        restore.tunnel_error.append(f"the tunnel ended: {reply['error']}")
+
+
+def _restore(criu: list[str], images_dir: Path, lazy: subprocess.Popen[bytes], options: list[str]) -> int:
+    deadline = time.monotonic() + READY_WAIT
+    while not (images_dir / LAZY_SOCKET).exists():
+        if lazy.poll() is not None or time.monotonic() > deadline:
+            raise CommandError(f"criu lazy-pages did not start (exit {lazy.poll()}): {criu_tail(images_dir, 'lazy')}")
+        time.sleep(0.005)
+    pidfile = images_dir / "restore.pid"
+    with open(images_dir / "restore.out", "wb") as out:
+        code = subprocess.call([*criu, "restore", "-D", str(images_dir), "--lazy-pages", "-d", "--pidfile",
+                                str(pidfile), "-o", "restore.log", "-W", str(images_dir), *options],
+                               stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    if code != 0:
+        lazy.kill()
+        raise CommandError(f"criu restore --lazy-pages exited with {code}: {criu_tail(images_dir, 'restore')}")
+    return int(pidfile.read_text().strip())

@@ -1,0 +1,272 @@
+"""The I/O side of the page-server tunnel (protocol/tunnel_wire.py) of a lazy migration.
+
+A `TunnelPump` lives on a link's own thread (forward.py on the proxy, receive.py on the
+cache), which stays the only writer to its link: it waits on the link and on the local
+stream sockets of its channels at once, so a page fault costs one poll wake-up per side
+and no timer. Local bytes become TUNNEL_DATA frames (`outgoing()`, queued through the
+conversation), frames from the peer go to the local sockets.
+
+The local ends never listen:
+- on the cache, `imgmig restore --lazy` (root) makes a socketpair, gives one end to
+  `criu lazy-pages --ps-socket` and hands the other to the cache over the control
+  socket (`Tunnels.offer`); no other local process can reach the tunnel;
+- on the proxy, a channel is opened only for a checkpoint whose right to restore the
+  cache holds, and it connects to the page server named in the checkpoint's lazy
+  marker image (loopback only), which the source's own dump wrote.
+
+No flow control beyond TCP's: a local socket that does not read blocks the link's
+thread in its send, and the link back-pressures. One lazy restore is one channel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from imgmig.datapath.link import Link
+from imgmig.datapath.store import Checkpoint
+from imgmig.protocol import tunnel_wire as tw
+from imgmig.protocol.peer_wire import PeerProtocolError
+
+log = logging.getLogger(__name__)
+
+LAZY_IMAGE = "imgmig-lazy.json"  # marks a lazy checkpoint; names the source's page server
+LOCAL_READ = 256 << 10
+CONNECT_TIMEOUT = 5.0
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+
+
+class NotLazy(ValueError):
+    """The checkpoint carries no usable lazy marker; the text says why."""
+
+
+def lazy_marker(page_server: tuple[str, int]) -> bytes:
+    """The marker image's bytes: the source page server's address (loopback)."""
+    return json.dumps({"page_server": {"host": page_server[0], "port": page_server[1]}}).encode()
+
+
+def page_server_of(checkpoint: Checkpoint) -> tuple[str, int]:
+    """The loopback address of the page server named in a lazy checkpoint's marker."""
+    image = checkpoint.images.get(LAZY_IMAGE)
+    if image is None or not image.complete:
+        raise NotLazy(f"checkpoint {checkpoint.id} is not a lazy one (no complete {LAZY_IMAGE})")
+    try:
+        server = json.loads(os.pread(image.fd, min(image.size, 4096), 0))["page_server"]
+        host, port = str(server["host"]), int(server["port"])
+        loopback = ipaddress.ip_address(host).is_loopback
+    except (ValueError, KeyError, TypeError) as exc:
+        raise NotLazy(f"checkpoint {checkpoint.id}: unreadable {LAZY_IMAGE} ({exc})") from None
+    if not loopback or not 0 < port < 65536:
+        raise NotLazy(f"checkpoint {checkpoint.id}: page server {host}:{port} is not on loopback")
+    return host, port
+
+
+@dataclass
+class Offer:
+    """A local socket handed to the cache for one checkpoint's tunnel, and how it ended."""
+    checkpoint: str
+    sock: socket.socket
+    done: threading.Event = field(default_factory=threading.Event)
+    taken: bool = False
+    error: str = ""
+    to_peer: int = 0     # bytes the local end sent (lazy-pages' requests)
+    from_peer: int = 0   # bytes that came back (the pages)
+
+
+class Tunnels:
+    """The cache's offers by checkpoint: the control socket offers, the checkpoint's link
+    takes. Progress is read by status from the same objects."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.offers: dict[str, Offer] = {}
+
+    def offer(self, checkpoint: str, sock: socket.socket) -> Offer:
+        with self.lock:
+            if checkpoint in self.offers and not self.offers[checkpoint].done.is_set():
+                raise ValueError(f"checkpoint {checkpoint} has a tunnel already")
+            offer = self.offers[checkpoint] = Offer(checkpoint, sock)
+            return offer
+
+    def take(self, checkpoint: str) -> Offer | None:
+        with self.lock:
+            offer = self.offers.get(checkpoint)
+            if offer is None or offer.taken or offer.done.is_set():
+                return None
+            offer.taken = True
+            return offer
+
+    def progress(self, checkpoint: str) -> dict[str, object] | None:
+        with self.lock:
+            offer = self.offers.get(checkpoint)
+        if offer is None:
+            return None
+        return {"pages_bytes": offer.from_peer, "requests_bytes": offer.to_peer, "done": offer.done.is_set(),
+                **({"error": offer.error} if offer.error else {})}
+
+
+class TunnelPump:
+    """The channels of one link: local sockets <-> TunnelMux, driven from the link's thread."""
+
+    def __init__(self, side: tw.Side, connect: Callable[[], socket.socket] | None = None) -> None:
+        self.mux = tw.TunnelMux(side)
+        self.connect = connect          # the proxy: a new connection to the page server
+        self.sockets: dict[int, socket.socket] = {}
+        self.reading: set[int] = set()  # channels whose local end has not reached EOF
+        self.offers: dict[int, Offer] = {}
+        self.watches: dict[int, tw.CloseWatch] = {}  # the proxy: did lazy-pages ask to close?
+
+    @property
+    def active(self) -> bool:
+        return bool(self.sockets)
+
+    def attach(self, offer: Offer) -> int:
+        """The cache: carry a local socket over a new channel."""
+        channel = self.mux.open()
+        offer.sock.setblocking(True)
+        self.sockets[channel] = offer.sock
+        self.reading.add(channel)
+        self.offers[channel] = offer
+        return channel
+
+    def outgoing(self) -> bytes:
+        return self.mux.data_to_send()
+
+    # ---- waiting --------------------------------------------------------------------------
+    def receive_within(self, link: Link, timeout: float) -> bytes | None:
+        """Like receive.receive_within, and meanwhile move what the local sockets say into
+        frames: None if the link said nothing, b"" at its end of stream."""
+        data = link.recv_nowait(65536)
+        if data is not None:
+            return data
+        poller = select.poll()
+        poller.register(link.fileno(), select.POLLIN | select.POLLRDHUP)
+        by_fd = {self.sockets[channel].fileno(): channel for channel in self.reading}
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        link_ready = False
+        for fd, _ in poller.poll(int(timeout * 1000)):
+            if fd == link.fileno():
+                link_ready = True
+            else:
+                self._read_local(by_fd[fd])
+        return link.recv_nowait(65536) if link_ready else None
+
+    def _read_local(self, channel: int) -> None:
+        sock = self.sockets[channel]
+        try:
+            data = sock.recv(LOCAL_READ, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._reset(channel, f"local end failed: {exc.strerror or exc}")
+            return
+        if not data:
+            self.reading.discard(channel)
+            self.mux.eof(channel)
+            self._close_if_finished(channel)
+            return
+        self.mux.send(channel, data)
+        if channel in self.offers:
+            self.offers[channel].to_peer += len(data)
+
+    # ---- the peer's frames ------------------------------------------------------------------
+    def on_frame(self, frame: tw.TunnelFrame) -> None:
+        try:
+            checked = self.mux.receive(frame)
+        except tw.TunnelError as exc:
+            raise PeerProtocolError(str(exc)) from None
+        if isinstance(checked, tw.TunnelOpen):
+            self._open(checked.channel)
+        elif isinstance(checked, tw.TunnelData):
+            self._write_local(checked.channel, checked.data)
+        elif isinstance(checked, tw.TunnelEof):
+            self._shutdown_local(checked.channel)
+        elif isinstance(checked, tw.TunnelReset):
+            self._finish(checked.channel, f"reset by the peer: {checked.reason}", abort=True)
+
+    def _open(self, channel: int) -> None:
+        assert self.connect is not None
+        try:
+            sock = self.connect()
+        except (OSError, NotLazy) as exc:
+            self.mux.reset(channel, f"cannot reach the page server: {exc}")
+            log.error("lazy restore: cannot reach the source's page server (%s); the destination's "
+                      "restore will fail and this node keeps the process", exc)
+            return
+        self.sockets[channel] = sock
+        self.reading.add(channel)
+        self.watches[channel] = tw.CloseWatch()
+
+    def _write_local(self, channel: int, data: bytes) -> None:
+        sock = self.sockets.get(channel)
+        if sock is None:
+            return
+        if channel in self.watches:
+            self.watches[channel].feed(data)
+        try:
+            sock.sendall(data)
+        except OSError as exc:
+            self._reset(channel, f"local end failed: {exc.strerror or exc}")
+            return
+        if channel in self.offers:
+            self.offers[channel].from_peer += len(data)
+
+    def _shutdown_local(self, channel: int) -> None:
+        """The peer's end reached end of stream. When every page went, lazy-pages asked the
+        page server to close first; a lazy-pages that stops without asking failed or was
+        killed, and a clean end of stream would let `criu dump` count the migration done
+        and kill the process on the source: the page server's connection is reset
+        instead, the dump fails and the process resumes there."""
+        sock = self.sockets.get(channel)
+        if sock is None:
+            return
+        watch = self.watches.get(channel)
+        if watch is not None and not watch.close_asked:
+            log.warning("the lazy restore on the destination ended before the page server here did; its "
+                        "connection is reset so that criu dump fails and the process resumes on this node")
+            self._reset(channel, "the restore's side ended first")
+            return
+        with contextlib.suppress(OSError):  # the local end is gone: its read side says so
+            sock.shutdown(socket.SHUT_WR)
+        self._close_if_finished(channel)
+
+    # ---- endings ------------------------------------------------------------------------------
+    def _reset(self, channel: int, reason: str) -> None:
+        self.mux.reset(channel, reason)
+        self._finish(channel, reason, abort=True)
+
+    def _close_if_finished(self, channel: int) -> None:
+        if channel not in self.mux.channels:
+            self._finish(channel, "")
+
+    def _finish(self, channel: int, error: str, abort: bool = False) -> None:
+        """Close a channel's local socket; `abort` resets it (RST), so that CRIU's page server
+        sees an error, never a clean end, when the copy did not complete."""
+        self.reading.discard(channel)
+        self.watches.pop(channel, None)
+        sock = self.sockets.pop(channel, None)
+        if sock is not None:
+            if abort:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+            sock.close()
+        offer = self.offers.pop(channel, None)
+        if offer is not None:
+            offer.error = error
+            offer.done.set()
+
+    def close(self, reason: str) -> None:
+        """The link ends: every channel ends with it (the peer learns it from the link)."""
+        for channel in list(self.sockets):
+            self.mux.channels.pop(channel, None)
+            self._finish(channel, reason, abort=True)

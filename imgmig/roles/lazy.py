@@ -1,0 +1,121 @@
+"""The cache's control ops for a lazy (post-copy) restore (docs/control.md, docs/design.md).
+
+`imgmig restore --lazy` (root, on the destination) claims a lazy checkpoint, then:
+- `lazy_images`: waits for it to be complete, takes the right to restore it (CLAIM /
+  GRANT, as any restore) and lists its images;
+- `lazy_image`: one image, passed back as a read-only fd (the command lays the images
+  into a private tmpfs directory: `criu lazy-pages` has no stream mode);
+- `tunnel`: a socket passed with the request (one end of a socketpair whose other end
+  `criu lazy-pages --ps-socket` holds) is carried to the source's page server over the
+  checkpoint's link; the op answers when that channel ended, with the bytes moved;
+- `lazy_done`: the background copy ended and lazy-pages exited 0: the checkpoint counts
+  as restored (the proxy is told, both copies are released).
+
+The cache service itself runs no CRIU and writes no file: its sandbox stays as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from imgmig.datapath import custody
+from imgmig.datapath.kernel_io import UntilHangup
+from imgmig.datapath.store import Checkpoint, ImageStore, State
+from imgmig.datapath.tunnel import LAZY_IMAGE, NotLazy, Tunnels, page_server_of
+from imgmig.protocol import control_wire as cw
+from imgmig.roles.control import ControlSession, OpError
+
+TAKE_WAIT = 10.0  # for the checkpoint's link to take an offered tunnel
+
+
+class LazyOps:
+    def __init__(self, store: ImageStore, node: str, tunnels: Tunnels, stop: threading.Event,
+                 gate: Callable[[Checkpoint], None]) -> None:
+        self.store = store
+        self.mine = custody.destination(node)
+        self.tunnels = tunnels
+        self.stop = stop
+        self.gate = gate
+
+    @property
+    def ops(self) -> dict[str, Callable[[ControlSession, cw.Request], dict[str, Any]]]:
+        return {"lazy_images": self._images, "lazy_image": self._image, "tunnel": self._tunnel,
+                "lazy_done": self._done}
+
+    def _claimed(self, session: ControlSession, request: cw.Request) -> Checkpoint:
+        checkpoint_id = cw.text_arg(request, "id")
+        checkpoint = session.claims.get(checkpoint_id)
+        if checkpoint is None:
+            raise OpError(f"checkpoint {checkpoint_id} is not claimed by this connection; claim it first")
+        return checkpoint
+
+    def _held(self, session: ControlSession, request: cw.Request) -> Checkpoint:
+        checkpoint = self._claimed(session, request)
+        if checkpoint.holder != self.mine or checkpoint.state is not State.COMPLETE:
+            raise OpError(f"checkpoint {checkpoint.id}: ask lazy_images first (it takes the right to restore it)")
+        return checkpoint
+
+    def _images(self, session: ControlSession, request: cw.Request) -> dict[str, Any]:
+        checkpoint = self._claimed(session, request)
+        client_gone = UntilHangup(self.stop, session.conn.fileno())
+        self.store.wait_until(lambda: checkpoint.state is not State.RECEIVING, client_gone)
+        if checkpoint.state is not State.COMPLETE:
+            raise OpError(f"checkpoint {checkpoint.id} is {checkpoint.state.value}, not complete; nothing restored")
+        try:
+            page_server_of(checkpoint)
+        except NotLazy as exc:
+            raise OpError(f"{exc}; restore it with `imgmig restore` (without --lazy)") from None
+        try:
+            self.gate(checkpoint)
+        except custody.NoRight as exc:
+            raise OpError(f"checkpoint {checkpoint.id} may not be restored here: {exc}") from None
+        images = [{"name": image.name, "size": image.size} for image in checkpoint.images.values()
+                  if image.name != LAZY_IMAGE]
+        return {"id": checkpoint.id, "images": images}
+
+    def _image(self, session: ControlSession, request: cw.Request) -> dict[str, Any]:
+        checkpoint = self._held(session, request)
+        name = cw.text_arg(request, "name")
+        image = checkpoint.images.get(name)
+        if image is None or not image.complete:
+            raise OpError(f"checkpoint {checkpoint.id} has no complete image {name!r}")
+        session.reply_fd = os.open(f"/proc/self/fd/{image.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        return {"name": name, "size": image.size}
+
+    def _tunnel(self, session: ControlSession, request: cw.Request) -> dict[str, Any]:
+        checkpoint = self._held(session, request)
+        fd = session.take_fd()
+        if fd is None:
+            raise OpError("tunnel needs lazy-pages' page-server socket passed with it (SCM_RIGHTS)")
+        sock = socket.socket(fileno=fd)
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            sock.close()
+            raise OpError("the passed fd is not a UNIX stream socket")
+        try:
+            offer = self.tunnels.offer(checkpoint.id, sock)
+        except ValueError as exc:
+            sock.close()
+            raise OpError(str(exc)) from None
+        client_gone = UntilHangup(self.stop, session.conn.fileno())
+        deadline = time.monotonic() + TAKE_WAIT
+        while not offer.taken and time.monotonic() < deadline and not client_gone.is_set():
+            time.sleep(0.05)
+        if not offer.taken and self.tunnels.take(checkpoint.id) is offer:  # nobody took it: withdraw it
+            offer.done.set()
+            sock.close()
+            raise OpError(f"checkpoint {checkpoint.id}: no link to its source took the tunnel within "
+                          f"{TAKE_WAIT:.0f} s; is the proxy connected?")
+        while not offer.done.wait(0.5) and not client_gone.is_set():
+            pass
+        return {"id": checkpoint.id, "pages_bytes": offer.from_peer, "requests_bytes": offer.to_peer,
+                "error": offer.error or None}
+
+    def _done(self, session: ControlSession, request: cw.Request) -> dict[str, Any]:
+        checkpoint = self._held(session, request)
+        self.store.restored(checkpoint)
+        return {"id": checkpoint.id, "restored": checkpoint.state is State.RESTORED}

@@ -1,0 +1,177 @@
+"""Lazy (post-copy) migration with real CRIU through imgmig-proxy (netns A) and
+imgmig-cache (netns B), TLS on: the non-page images travel as a checkpoint, the pages
+follow through the tunnel inside the checkpoint's link.
+
+The workload runs in netns A (CRIU dumps where the process's network is, and its page
+server listens on A's loopback, where the proxy reaches it) and in its own PID
+namespace: on one machine the frozen source stays until its last page is served, and a
+restore in the same PID namespace would find its PID taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import REPO
+from test_real_criu import criu, workdir  # noqa: F401 - fixtures shared with the other real-CRIU tests
+
+from imgmig.commands.common import CommandError, ControlClient
+from imgmig.commands.lazy import LazyDump, dump_lazy, restore_lazy
+from imgmig.roles.endpoints import CONTROL_SOCKET
+from testbed import daemons, migrate, netns, workload
+
+pytestmark = pytest.mark.realcriu
+
+MIB = 256
+PAGE_SERVER_PORT = 27027
+PIPE_MAX = 4 << 20  # CRIU's page server tees its pages through pipes of this size
+
+
+@pytest.fixture
+def nodes() -> Iterator[netns.TwoNodes]:
+    with migrate.subreaper(), netns.two_nodes("imgmig-lazy") as pair:
+        yield pair
+
+
+@pytest.fixture
+def pipe_max() -> Iterator[None]:
+    """CRIU's page server needs fs.pipe-max-size >= 4 MiB (root here lacks CAP_SYS_RESOURCE)."""
+    path = Path("/proc/sys/fs/pipe-max-size")
+    before = int(path.read_text())
+    if before < PIPE_MAX:
+        path.write_text(str(PIPE_MAX))
+    yield
+    if before < PIPE_MAX:
+        path.write_text(str(before))
+
+
+@dataclass
+class NsWorkload:
+    launcher: subprocess.Popen
+    pid: int            # the workload, seen from here (PID 1 in its own namespace)
+    state_path: Path
+    before: workload.State
+
+
+@pytest.fixture
+def ns_workload(nodes: netns.TwoNodes, workdir: Path) -> Iterator[NsWorkload]:  # noqa: F811
+    state_path = workdir / "state.json"
+    launcher = subprocess.Popen([*net_of(nodes.a), "unshare", "-p", "-f", "setsid", sys.executable, "-m",
+                                 "testbed.workload", "--mib", str(MIB), "--state", str(state_path)],
+                                env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    threading.Thread(target=launcher.wait, daemon=True).start()
+    pid = 0
+    try:
+        before = workload.wait_state(state_path, lambda s: s.counter >= 20, 60)
+        pid = int(Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()[0])
+        yield NsWorkload(launcher, pid, state_path, before)
+    finally:
+        if pid:
+            migrate.kill_and_reap(pid)
+        with contextlib.suppress(ProcessLookupError):
+            launcher.kill()
+
+
+def net_of(node: netns.Node) -> list[str]:
+    """Run in the node's network namespace only: `ip netns exec` also makes a mount
+    namespace, which CRIU would then have to dump."""
+    return ["nsenter", f"--net={netns.NETNS_DIR / node.netns}"]
+
+
+def claim(client: ControlClient, origin: str, timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        claimed = client.request("claim", **{"from": origin})["claimed"]
+        if claimed is not None:
+            return str(claimed)
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint from {origin} on the cache within {timeout:.0f} s")
+
+
+def listeners(node: netns.Node) -> list[str]:
+    out = netns.run_in(node.netns, ["ss", "-Hltn"], capture_output=True, text=True).stdout
+    return sorted(line.split()[3] for line in out.splitlines())
+
+
+def test_lazy_migration_of_256_mib_through_the_tunnel(criu: list[str], nodes: netns.TwoNodes,  # noqa: F811
+                                                      workdir: Path, pipe_max: None,  # noqa: F811
+                                                      ns_workload: NsWorkload) -> None:
+    dumped: LazyDump | None = None
+    restored_pid = 0
+    kept: list[Path] = []
+    with daemons.proxy_and_cache(workdir, nodes.a, nodes.b) as pair:
+        try:
+            dumped = dump_lazy([*net_of(nodes.a), *criu], ns_workload.pid, pair.proxy_dir, PAGE_SERVER_PORT)
+            kept.append(dumped.images_dir)
+            with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
+                checkpoint = claim(client, "node-a")
+                restore = restore_lazy(client, checkpoint, [*net_of(nodes.b), *criu])
+                kept.append(restore.images_dir)
+                restored_pid = restore.pid
+                running_at = time.monotonic()
+                # the only listener on B is the cache's own port: lazy-pages' socket is a socketpair
+                assert listeners(nodes.b) == [f"{nodes.b.address}:{daemons.DEFAULT_PORT}"]
+                with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as status:  # this one carries the tunnel
+                    info = status.request("list")["checkpoints"]
+                assert [c["id"] for c in info] == [checkpoint] and "lazy" in info[0], info
+                moved = restore.finish(client, timeout=300)
+            copied_at = time.monotonic()
+            assert dumped.wait(30) == 0, dumped.tail()  # the source's CRIU exited after the last page
+            assert moved["error"] is None and moved["pages_bytes"] >= MIB << 20, moved
+            process = psutil.Process(restored_pid)
+            assert process.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD, psutil.STATUS_STOPPED)
+            at_dump = ns_workload.before
+            later = workload.wait_state(ns_workload.state_path, lambda s: s.counter > at_dump.counter + 5, 20)
+            assert later.token == at_dump.token, "a new process started, not the restored one"
+            fresh = workload.verify(restored_pid, ns_workload.state_path)
+            assert fresh.verified_digest == workload.expected_digest(MIB) == at_dump.digest
+            pair.proxy.wait_log("fetches its lazy pages from the page server", 5)
+            pair.cache.wait_log("tunnelled to node-a", 5)
+            pair.cache.wait_released()
+            pair.proxy.wait_released(15)
+            statuses = pair.stop()
+            assert statuses == {"proxy": 0, "cache": 0}
+            for daemon in (pair.proxy, pair.cache):
+                assert "Traceback" not in daemon.log() and "unexpected error" not in daemon.log(), daemon.log()
+            print(f"lazy {MIB} MiB: freeze->running {running_at - dumped.frozen_at:.2f} s, every page after "
+                  f"{copied_at - dumped.frozen_at:.2f} s, {moved['pages_bytes']} bytes of pages tunnelled")
+        finally:
+            if restored_pid:
+                migrate.kill_and_reap(restored_pid)
+            if dumped is not None and dumped.proc.poll() is None:
+                dumped.proc.kill()
+            for path in kept:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_foreign_process_cannot_reach_the_tunnel(nodes: netns.TwoNodes, workdir: Path) -> None:  # noqa: F811
+    """Nothing listens for the pages; the control socket that takes lazy-pages' socket is
+    root's only, and its tunnel op serves only the connection that claimed the checkpoint."""
+    with daemons.proxy_and_cache(workdir, nodes.a, nodes.b) as pair:
+        path = pair.cache_dir / CONTROL_SOCKET
+        assert listeners(nodes.b) == [f"{nodes.b.address}:{daemons.DEFAULT_PORT}"]
+        assert path.stat().st_mode & 0o777 == 0o600 and path.stat().st_uid == 0
+        probe = ("import socket,sys\ns=socket.socket(socket.AF_UNIX)\n"
+                 "try:\n s.connect(sys.argv[1])\nexcept PermissionError:\n print('refused')\n")
+        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                               probe, str(path)], capture_output=True, text=True, timeout=30)
+        assert done.stdout.strip() == "refused", (done.stdout, done.stderr)
+        ours, theirs = socket.socketpair()
+        with ours, theirs, ControlClient(path, "cache") as client, \
+                pytest.raises(CommandError, match="not claimed by this connection"):
+            client.request("tunnel", fd=ours.fileno(), id="node-a-1")
+        statuses = pair.stop()
+    assert statuses == {"proxy": 0, "cache": 0}
