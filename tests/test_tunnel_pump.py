@@ -1,0 +1,191 @@
+"""The tunnel's I/O side (datapath/tunnel.py) on real kernel sockets: a lazy-pages end
+(socketpair, as `--ps-socket` gets it) on the cache, a TCP page server on the proxy's
+loopback, the two pumps joined by a link. How the channel ends decides whether CRIU's
+dump may count the migration done: only after lazy-pages asked its page server to close."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from imgmig.datapath.link import PlainLink
+from imgmig.datapath.tunnel import Offer, TunnelPump
+from imgmig.protocol import peer_wire as wire
+from imgmig.protocol import tunnel_wire as tw
+
+
+def iov(cmd: int, nr_pages: int = 0, vaddr: int = 0, dst_id: int = 0) -> bytes:
+    return struct.pack("<IIQQ", cmd, nr_pages, vaddr, dst_id)
+
+
+PS_IOV_GET = 8
+
+
+class PageServer:
+    """A TCP listener on loopback that records what it got and how its client went away."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+        self.conn: socket.socket | None = None
+        self.accepted = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        self.conn, _ = self.listener.accept()
+        self.accepted.set()
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(self.address, 2)
+
+    def read(self, n: int) -> bytes:
+        assert self.accepted.wait(5) and self.conn is not None
+        self.conn.settimeout(5)
+        data = b""
+        while len(data) < n:
+            chunk = self.conn.recv(n - len(data))
+            assert chunk, f"EOF after {len(data)} of {n} bytes"
+            data += chunk
+        return data
+
+    def ending(self) -> str:
+        """'eof' for a clean end of stream, 'reset' for RST."""
+        assert self.conn is not None
+        self.conn.settimeout(5)
+        try:
+            return "eof" if self.conn.recv(1) == b"" else "data"
+        except ConnectionResetError:
+            return "reset"
+
+
+class Tunnel:
+    """A cache pump and a proxy pump on the two ends of a link, each on its own thread
+    (as in the daemons, where each link's thread is the only one driving its pump)."""
+
+    def __init__(self) -> None:
+        self.server = PageServer()
+        near, far = socket.socketpair()
+        self.cache_link, self.proxy_link = PlainLink(near), PlainLink(far)
+        self.cache = TunnelPump(tw.Side.OPENER)
+        self.proxy = TunnelPump(tw.Side.ACCEPTOR, connect=self.server.connect)
+        self.lazy, theirs = socket.socketpair()
+        self.offer = Offer("node-a-1", theirs)
+        self.cache.attach(self.offer)
+        self.halt = threading.Event()
+        self.threads = [threading.Thread(target=self._drive, args=(pump, link), daemon=True)
+                        for pump, link in ((self.cache, self.cache_link), (self.proxy, self.proxy_link))]
+        for thread in self.threads:
+            thread.start()
+
+    def _drive(self, pump: TunnelPump, link: PlainLink) -> None:
+        decoder = wire.FrameDecoder()
+        link.send(pump.outgoing())
+        while not self.halt.is_set():
+            data = pump.receive_within(link, 0.01)
+            if data:
+                decoder.feed(data)
+                while (frame := decoder.next_event()) is not None:
+                    pump.on_frame(frame)  # type: ignore[arg-type]
+            out = pump.outgoing()
+            if out:
+                link.send(out)
+
+    def stop(self) -> None:
+        self.halt.set()
+        for thread in self.threads:
+            thread.join(5)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "the tunnel did not get there"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def tunnel() -> Iterator[Tunnel]:
+    pair = Tunnel()
+    yield pair
+    pair.stop()
+
+
+def test_pages_flow_and_a_close_asked_for_ends_cleanly(tunnel: Tunnel):
+    tunnel.lazy.sendall(iov(PS_IOV_GET, 256, 0x7F0000000000, 1))
+    wait_for(tunnel.server.accepted.is_set)
+    assert tunnel.server.read(24) == iov(PS_IOV_GET, 256, 0x7F0000000000, 1)
+    pages = bytes(range(256)) * 4096 + b"tail"  # 1 MiB and a bit: many frames
+    assert tunnel.server.conn is not None
+    tunnel.server.conn.sendall(iov(7, 256, 0x7F0000000000, 1) + pages)
+    received = bytearray()
+    tunnel.lazy.setblocking(False)
+
+    def all_pages() -> bool:
+        with contextlib.suppress(BlockingIOError):
+            received.extend(tunnel.lazy.recv(1 << 20))
+        return len(received) == 24 + len(pages)
+
+    wait_for(all_pages)
+    assert bytes(received[24:]) == pages
+    tunnel.lazy.setblocking(True)
+    tunnel.lazy.sendall(iov(tw.PS_IOV_FORCE_CLOSE))
+    assert tunnel.server.read(24) == iov(tw.PS_IOV_FORCE_CLOSE)
+    assert tunnel.proxy.watches[1].close_asked
+    tunnel.server.conn.sendall(b"\0\0\0\0")  # the page server's status answer
+    tunnel.lazy.shutdown(socket.SHUT_WR)
+    assert tunnel.server.ending() == "eof"
+    tunnel.server.conn.close()
+    wait_for(tunnel.offer.done.is_set)
+    assert tunnel.offer.error == "" and tunnel.offer.from_peer == 24 + len(pages) + 4
+    assert tunnel.offer.to_peer == 48
+    assert not tunnel.cache.mux.channels and not tunnel.proxy.mux.channels
+
+
+def test_lazy_pages_that_stops_without_close_resets_the_page_server(tunnel: Tunnel):
+    tunnel.lazy.sendall(iov(PS_IOV_GET, 1, 0x1000, 1))
+    wait_for(tunnel.server.accepted.is_set)
+    assert tunnel.server.read(24) == iov(PS_IOV_GET, 1, 0x1000, 1)
+    tunnel.lazy.close()  # killed
+    wait_for(lambda: not tunnel.proxy.sockets)
+    assert tunnel.server.ending() == "reset"
+    wait_for(tunnel.offer.done.is_set)
+    assert "ended first" in tunnel.offer.error
+
+
+def test_a_lost_link_resets_the_page_server_and_ends_the_offer(tunnel: Tunnel):
+    tunnel.lazy.sendall(iov(PS_IOV_GET, 1, 0x1000, 1))
+    wait_for(tunnel.server.accepted.is_set)
+    assert tunnel.server.read(24) == iov(PS_IOV_GET, 1, 0x1000, 1)
+    tunnel.stop()  # the links' threads end, as when a link is lost
+    tunnel.proxy.close("the link to the cache ended")
+    tunnel.cache.close("the link to the source ended")
+    assert tunnel.server.ending() == "reset"
+    assert tunnel.offer.done.is_set() and tunnel.offer.error == "the link to the source ended"
+    assert tunnel.lazy.recv(1) == b""  # lazy-pages sees its page server gone
+
+
+def test_a_page_server_that_cannot_be_reached_resets_the_channel():
+    pump = TunnelPump(tw.Side.ACCEPTOR, connect=lambda: socket.create_connection(("127.0.0.1", 1), 1))
+    pump.on_frame(tw.TunnelOpen(1))
+    (frame,) = [tw.decode(data[4], data[5:]) for data in [pump.outgoing()]]
+    assert isinstance(frame, tw.TunnelReset) and "cannot reach the page server" in frame.reason
+    assert not pump.sockets
+
+
+def test_close_watch_reads_records_split_anywhere():
+    stream = iov(PS_IOV_GET, 1, 2, 3) * 3 + iov(tw.PS_IOV_CLOSE | (1 << 16))
+    for step in (1, 5, 24, len(stream)):
+        watch = tw.CloseWatch()
+        for start in range(0, len(stream), step):
+            assert not watch.close_asked
+            watch.feed(stream[start:start + step])
+        assert watch.close_asked
+    watch = tw.CloseWatch()
+    watch.feed(iov(PS_IOV_GET, tw.PS_IOV_CLOSE, tw.PS_IOV_FORCE_CLOSE, tw.PS_IOV_CLOSE))
+    assert not watch.close_asked  # the numbers elsewhere in a record are not commands
