@@ -154,7 +154,10 @@ def test_lazy_migration_of_256_mib_through_the_tunnel(criu: list[str], nodes: ne
             if dumped is not None and dumped.proc.poll() is None:
                 dumped.proc.kill()
             for path in kept:
-                shutil.rmtree(path, ignore_errors=True)
+                if os.environ.get("IMGMIG_KEEP_WORKDIR"):
+                    print(f"kept {path} (IMGMIG_KEEP_WORKDIR)")
+                else:
+                    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_a_foreign_process_cannot_reach_the_tunnel(nodes: netns.TwoNodes, workdir: Path) -> None:  # noqa: F811
@@ -175,3 +178,63 @@ def test_a_foreign_process_cannot_reach_the_tunnel(nodes: netns.TwoNodes, workdi
             client.request("tunnel", fd=ours.fileno(), id="node-a-1")
         statuses = pair.stop()
     assert statuses == {"proxy": 0, "cache": 0}
+
+
+def test_killed_lazy_pages_leaves_the_process_on_the_source(criu: list[str], nodes: netns.TwoNodes,  # noqa: F811
+                                                           workdir: Path, pipe_max: None,  # noqa: F811
+                                                           ns_workload: NsWorkload) -> None:
+    """CRIU alone loses the process in both places here (the dump counts the migration done
+    and kills the source). Through imgmig the page server is reset instead: the dump fails,
+    the process resumes on the source, and the half-restored copy on the destination dies."""
+    dumped: LazyDump | None = None
+    restored_pid = 0
+    kept: list[Path] = []
+    with daemons.proxy_and_cache(workdir, nodes.a, nodes.b) as pair:
+        try:
+            dumped = dump_lazy([*net_of(nodes.a), *criu], ns_workload.pid, pair.proxy_dir, PAGE_SERVER_PORT)
+            kept.append(dumped.images_dir)
+            with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
+                restore = restore_lazy(client, claim(client, "node-a"), [*net_of(nodes.b), *criu])
+                kept.append(restore.images_dir)
+                restored_pid = restore.pid
+                time.sleep(0.5)  # the background copy of 256 MiB takes seconds
+                restore.lazy.kill()
+                with pytest.raises(CommandError, match=r"background copy .* failed"):
+                    restore.finish(client, timeout=60)
+            assert dumped.wait(60) != 0, "the dump counted a killed lazy-pages as a finished migration"
+            pair.proxy.wait_log("criu dump fails and the process resumes on this node", 5)
+            source = psutil.Process(ns_workload.pid)
+            assert source.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD, psutil.STATUS_STOPPED)
+            wait_for_exit(restored_pid, 30)
+            at_dump = ns_workload.before
+            later = workload.wait_state(ns_workload.state_path, lambda s: s.counter > at_dump.counter + 5, 20)
+            assert later.token == at_dump.token
+            fresh = workload.verify(ns_workload.pid, ns_workload.state_path)
+            assert fresh.verified_digest == at_dump.digest, "the source's memory changed"
+            statuses = pair.stop()
+            assert statuses == {"proxy": 0, "cache": 0}
+            for daemon in (pair.proxy, pair.cache):
+                assert "Traceback" not in daemon.log() and "unexpected error" not in daemon.log(), daemon.log()
+        finally:
+            if restored_pid:
+                migrate.kill_and_reap(restored_pid)
+            if dumped is not None and dumped.proc.poll() is None:
+                dumped.proc.kill()
+            for path in kept:
+                if os.environ.get("IMGMIG_KEEP_WORKDIR"):
+                    print(f"kept {path} (IMGMIG_KEEP_WORKDIR)")
+                else:
+                    shutil.rmtree(path, ignore_errors=True)
+
+
+def wait_for_exit(pid: int, timeout: float) -> None:
+    """The process is gone (or a zombie: the subreaper reaps it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the half-restored process {pid} still runs on the destination")

@@ -155,7 +155,7 @@ def test_lazy_pages_that_stops_without_close_resets_the_page_server(tunnel: Tunn
     wait_for(lambda: not tunnel.proxy.sockets)
     assert tunnel.server.ending() == "reset"
     wait_for(tunnel.offer.done.is_set)
-    assert "ended first" in tunnel.offer.error
+    assert "ended before its page server did" in tunnel.offer.error
 
 
 def test_a_lost_link_resets_the_page_server_and_ends_the_offer(tunnel: Tunnel):

@@ -232,9 +232,7 @@ class TunnelPump:
             return
         watch = self.watches.get(channel)
         if watch is not None and not watch.close_asked:
-            log.warning("the lazy restore on the destination ended before the page server here did; its "
-                        "connection is reset so that criu dump fails and the process resumes on this node")
-            self._reset(channel, "the restore's side ended first")
+            self._reset(channel, "the lazy restore on the destination ended before its page server did")
             return
         with contextlib.suppress(OSError):  # the local end is gone: its read side says so
             sock.shutdown(socket.SHUT_WR)
@@ -255,6 +253,9 @@ class TunnelPump:
         self.reading.discard(channel)
         self.watches.pop(channel, None)
         sock = self.sockets.pop(channel, None)
+        if sock is not None and abort and self.mux.side is tw.Side.ACCEPTOR:
+            log.warning("lazy restore: %s; the page server's connection is reset, so criu dump fails and the "
+                        "process resumes on this node", error)
         if sock is not None:
             if abort:
                 with contextlib.suppress(OSError):
