@@ -238,3 +238,31 @@ def wait_for_exit(pid: int, timeout: float) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"the half-restored process {pid} still runs on the destination")
+
+
+def test_a_failed_lazy_restore_leaves_the_process_on_the_source(criu: list[str], nodes: netns.TwoNodes,  # noqa: F811
+                                                                workdir: Path, pipe_max: None,  # noqa: F811
+                                                                ns_workload: NsWorkload) -> None:
+    dumped: LazyDump | None = None
+    with daemons.proxy_and_cache(workdir, nodes.a, nodes.b) as pair:
+        try:
+            (workdir / "b").mkdir()
+            dumped = dump_lazy([*net_of(nodes.a), *criu], ns_workload.pid, pair.proxy_dir, PAGE_SERVER_PORT)
+            with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client, \
+                    pytest.raises(CommandError, match="criu restore --lazy-pages exited with"):
+                # CRIU refuses an unknown option: the restore fails on purpose
+                restore_lazy(client, claim(client, "node-a"), [*net_of(nodes.b), *criu], workdir / "b",
+                             options=["--no-such"])
+            assert dumped.wait(60) != 0, "the dump counted a failed restore as a finished migration"
+            pair.proxy.wait_log("criu dump fails and the process resumes on this node", 5)
+            at_dump = ns_workload.before
+            later = workload.wait_state(ns_workload.state_path, lambda s: s.counter > at_dump.counter + 5, 20)
+            assert later.token == at_dump.token
+            assert workload.verify(ns_workload.pid, ns_workload.state_path).verified_digest == at_dump.digest
+            statuses = pair.stop()
+            assert statuses == {"proxy": 0, "cache": 0}
+        finally:
+            if dumped is not None:
+                if dumped.proc.poll() is None:
+                    dumped.proc.kill()
+                shutil.rmtree(dumped.images_dir, ignore_errors=True)

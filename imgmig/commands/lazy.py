@@ -191,5 +191,6 @@ def _restore(criu: list[str], images_dir: Path, lazy: subprocess.Popen[bytes], o
                                stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     if code != 0:
         lazy.kill()
-        raise CommandError(f"criu restore --lazy-pages exited with {code}: {criu_tail(images_dir, 'restore')}")
+        raise CommandError(f"criu restore --lazy-pages exited with {code}: {criu_tail(images_dir, 'restore')} "
+                           f"(logs in {images_dir}); the process resumes on its source")
     return int(pidfile.read_text().strip())
