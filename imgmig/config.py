@@ -31,6 +31,7 @@ DEAD_PEER_TIMEOUT = 60.0
 # An allow entry made only of these characters is meant as an address, never a node name.
 _ADDRESS_CHARS = set("0123456789abcdefABCDEF.:/")
 RESTORE_MODES = ("manual", "auto")
+MIGRATE_MODES = ("copy", "lazy")  # migrate.mode: full copy through the images, or post-copy (docs/design.md)
 
 _UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -99,6 +100,7 @@ class Config:
     link: LinkConfig = LinkConfig()
     peers: tuple[tuple[str, HostPort], ...] = ()  # node name -> cache address, for `imgmig migrate --to`
     criu: tuple[str, ...] = ("criu",)  # the command that runs CRIU: a path, or a wrapper with arguments
+    migrate_mode: str = "copy"  # `imgmig migrate` without --lazy: copy (full copy) or lazy (post-copy)
     source: str = field(default="<defaults>", compare=False)
 
     @property
@@ -120,6 +122,7 @@ _SCHEMA: dict[str, Any] = {
     "link": {"handshake_timeout": None, "dead_peer_timeout": None},
     "peers": None,
     "criu": None,
+    "migrate": {"mode": None},
 }
 
 
@@ -287,7 +290,10 @@ def _build(raw: Any, where: str) -> Config:
     max_files = _count(raw.get("max_files", DEFAULT_MAX_FILES), "max_files", where)
     return Config(node=node, proxy=proxy, cache=cache, memory_limit=limit, transfer=transfer, digest=digest,
                   max_files=max_files, tls=_tls(raw.get("tls"), where), link=_link(_section(raw, "link"), where),
-                  peers=_peers(raw.get("peers"), where), criu=_criu(raw.get("criu"), where), source=where)
+                  peers=_peers(raw.get("peers"), where), criu=_criu(raw.get("criu"), where),
+                  migrate_mode=_choice(_section(raw, "migrate").get("mode", "copy"), "migrate.mode", MIGRATE_MODES,
+                                       where),
+                  source=where)
 
 
 def _count(value: Any, key: str, where: str) -> int:

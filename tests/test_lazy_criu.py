@@ -11,7 +11,9 @@ restore in the same PID namespace would find its PID taken.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -266,3 +268,40 @@ def test_a_failed_lazy_restore_leaves_the_process_on_the_source(criu: list[str],
                 if dumped.proc.poll() is None:
                     dumped.proc.kill()
                 shutil.rmtree(dumped.images_dir, ignore_errors=True)
+
+
+def test_migrate_lazy_and_restore_lazy_commands(criu: list[str], nodes: netns.TwoNodes,  # noqa: F811
+                                                workdir: Path, pipe_max: None,  # noqa: F811
+                                                ns_workload: NsWorkload) -> None:
+    """The operator's commands: `imgmig restore --lazy` on B, `imgmig migrate --lazy` on A."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with daemons.proxy_and_cache(workdir, nodes.a, nodes.b) as pair:
+        restore = subprocess.Popen([sys.executable, "-m", "imgmig", "restore", "--from", "node-a", "--lazy",
+                                    "--config", str(workdir / "cache.yaml"), "--criu",
+                                    shlex.join([*net_of(nodes.b), *criu])],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        migrate_run = subprocess.run([sys.executable, "-m", "imgmig", "migrate", str(ns_workload.pid), "--to",
+                                      "node-b", "--lazy", "--json", "--config", str(workdir / "proxy.yaml"),
+                                      "--criu", shlex.join([*net_of(nodes.a), *criu])],
+                                     capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+        out, err = restore.communicate(timeout=300)
+        events = [json.loads(line) for line in migrate_run.stdout.splitlines()]
+        assert migrate_run.returncode == 0 and restore.returncode == 0, (events[-1:], migrate_run.stderr, out, err)
+        result = events[-1]
+        assert "post-copy" in result["outcome"] and result["exit"] == 0
+        assert [e["phase"] for e in events if e["event"] == "phase"] == [
+            "frozen", "dump done", "verified at the destination", "every page sent", "running on the destination"]
+        assert "restored lazily: running as pid" in out and "every page arrived" in out, out
+        restored_pid = int(out.split("running as pid ")[1].split()[0])
+        try:
+            at_dump = ns_workload.before
+            later = workload.wait_state(ns_workload.state_path, lambda s: s.counter > at_dump.counter + 5, 20)
+            assert later.token == at_dump.token
+            assert workload.verify(restored_pid, ns_workload.state_path).verified_digest == at_dump.digest
+        finally:
+            migrate.kill_and_reap(restored_pid)
+        pair.cache.wait_released()
+        statuses = pair.stop()
+    assert statuses == {"proxy": 0, "cache": 0}
+    shutil.rmtree(result["workdir"], ignore_errors=True)
+    shutil.rmtree(out.split("CRIU logs in ")[1].split(")")[0], ignore_errors=True)

@@ -60,6 +60,13 @@ class LazyDump:
         return criu_tail(self.images_dir, "dump")
 
 
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for the dump's page server."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def dump_lazy(criu: list[str], pid: int, proxy_images_dir: Path, port: int, images_dir: Path | None = None,
               options: list[str] | None = None) -> LazyDump:
     """Dump `pid` lazily and hand its non-page images to the proxy; the dump keeps serving pages."""

@@ -34,6 +34,7 @@ from imgmig.commands.common import (
     load_config,
 )
 from imgmig.commands.files import pack as pack_files
+from imgmig.commands.lazy import dump_lazy, free_loopback_port
 from imgmig.commands.progress import Reporter, Snapshot, make_reporter
 from imgmig.commands.restore import restore_claimed
 from imgmig.config import Config, peer_address
@@ -66,6 +67,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--files", nargs="+", metavar="PATH", default=[],
                         help="files and directories that travel with the process, unpacked at the same paths "
                              "on NODE before the restore")
+    parser.add_argument("--lazy", action="store_true",
+                        help="post-copy: the process runs on NODE before its memory arrived, which follows from "
+                             "here (`migrate.mode: lazy` in the config does the same); NODE restores it with "
+                             "`imgmig restore --lazy`")
     parser.set_defaults(run=migrate_command)
 
 
@@ -85,6 +90,7 @@ class Migration:
     phases: dict[str, float] = field(default_factory=dict)
     checkpoint: str | None = None
     files: int | None = None  # the sealed memfd of --files, until the proxy has it
+    lazy: bool = False
 
     def phase(self, name: str) -> None:
         self.phases[name] = round(time.monotonic() - self.started, 3)
@@ -120,6 +126,9 @@ def _prepare(args: argparse.Namespace, reporter: Reporter) -> Migration:
         passed.append(("room", _room_for(args.pid, answer)))
     criu_check(criu)
     passed.append(("criu", f"`{shlex.join(criu)} check` passed"))
+    lazy = (args.lazy or cfg.migrate_mode == "lazy") and _lazy_possible(criu, reporter)
+    if lazy:
+        passed.append(("lazy", "userfaultfd works (criu check --feature uffd-noncoop): post-copy"))
     files = None
     if args.files:
         files, size = pack_files(args.files)
@@ -127,7 +136,18 @@ def _prepare(args: argparse.Namespace, reporter: Reporter) -> Migration:
     for name, detail in passed:
         reporter.check(name, detail)
     return Migration(cfg, args.pid, args.to, route, criu, args.criu_options, reporter, args.timeout,
-                     not args.no_rollback, files=files)
+                     not args.no_rollback, files=files, lazy=lazy)
+
+
+def _lazy_possible(criu: list[str], reporter: Reporter) -> bool:
+    """Post-copy needs userfaultfd as CRIU uses it; without it, say so in one line and copy."""
+    done = subprocess.run([*criu, "check", "--feature", "uffd-noncoop"], capture_output=True, text=True)
+    if done.returncode == 0:
+        return True
+    reporter.message(f"lazy migration is not possible here (criu check --feature uffd-noncoop: "
+                     f"{(done.stdout + done.stderr).strip().splitlines()[-1:] or ['failed']}); "
+                     f"falling back to a full copy")
+    return False
 
 
 def _resolve(cfg: Config, proxy: ControlClient, node: str) -> tuple[str | None, str, dict[str, Any]]:
@@ -187,6 +207,8 @@ def _run(m: Migration) -> tuple[int, str]:
                                    **({"to": m.route} if m.route else {}))["ticket"])
         if m.files is not None:
             os.close(m.files)  # the proxy holds it now
+        if m.lazy:
+            return _run_lazy(m, proxy, ticket)
         estimate = _resident_bytes(m.pid)
         argv = [*m.criu, "dump", "--stream", "-D", str(m.cfg.proxy.images_dir), "-t", str(m.pid),
                 "-o", "dump.log", "-W", str(m.workdir), *m.options]
@@ -241,6 +263,30 @@ def _follow(m: Migration, proxy: ControlClient, ticket: str, dump: subprocess.Po
             return _fail_over(m, proxy, f"the destination did not report the process restored within "
                                         f"{m.timeout:.0f} s")
         time.sleep(POLL)
+
+
+def _run_lazy(m: Migration, proxy: ControlClient, ticket: str) -> tuple[int, str]:
+    """Post-copy (commands/lazy.py): the process is gone from here once its last page went,
+    and runs here again if the dump fails (CRIU resumes it), so there is nothing to roll back."""
+    m.started = time.monotonic()
+    m.phase("frozen")
+    try:
+        dump = dump_lazy(m.criu, m.pid, m.cfg.proxy.images_dir, free_loopback_port(), m.workdir, m.options)
+    except CommandError as exc:
+        return (EXIT_FAILED if Path(f"/proc/{m.pid}").exists() else EXIT_LOST), str(exc)
+    m.phase("dump done")
+    while dump.proc.poll() is None:
+        status = proxy.request("status")
+        m.checkpoint = m.checkpoint or status["tickets"].get(ticket)
+        live, _ = _find(status, m.checkpoint)
+        if live is not None and live.get("delivered") and "verified at the destination" not in m.phases:
+            m.phase("verified at the destination")
+        time.sleep(POLL)
+    if dump.proc.returncode != 0:
+        return _dump_failed(m, dump.proc.returncode)
+    m.phase("every page sent")
+    m.phase("running on the destination")
+    return EXIT_OK, f"running on {m.node}: every page of checkpoint {m.checkpoint} went there (post-copy)"
 
 
 def _find(status: dict[str, Any], checkpoint: str | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:

@@ -35,6 +35,7 @@ from imgmig.commands.common import (
     load_config,
 )
 from imgmig.commands.files import unpack as unpack_files
+from imgmig.commands.lazy import restore_lazy
 from imgmig.roles.endpoints import SERVE_SOCKET
 from imgmig.roles.status import human_bytes
 
@@ -66,6 +67,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="give up waiting for a checkpoint after this long (default: wait)")
     parser.add_argument("--files-root", metavar="DIR", default="/", type=Path,
                         help="unpack files carried by `migrate --files` under DIR instead of / (a chroot)")
+    parser.add_argument("--lazy", action="store_true",
+                        help="a lazy (post-copy) checkpoint: restore it at once, its memory follows from the "
+                             "source; waits until every page arrived")
     parser.add_argument("--doorbell", action="store_true",
                         help="for imgmig-restore@.service: restore the checkpoint whose id the cache wrote to stdin")
     parser.set_defaults(run=restore_command)
@@ -87,6 +91,8 @@ def restore_command(args: argparse.Namespace) -> int:
                 raise
             print(f"nothing to do: {exc}")  # restored by hand already, or being restored
             return 0
+        if args.lazy:
+            return restore_lazy_command(client, checkpoint, criu, args.criu_options)
         workdir = Path(tempfile.mkdtemp(prefix="imgmig-restore-"))
         if not args.rollback:  # on the source node the files never left
             _unpack_files(client, checkpoint, args.files_root)
@@ -95,6 +101,19 @@ def restore_command(args: argparse.Namespace) -> int:
     if result.pid is None:
         raise CommandError(f"restore of checkpoint {checkpoint} failed: {result.error}", EXIT_FAILED)
     print(f"checkpoint {checkpoint} restored: running as pid {result.pid}")
+    return 0
+
+
+def restore_lazy_command(client: ControlClient, checkpoint: str, criu: list[str], options: list[str]) -> int:
+    """Restore a lazy checkpoint, then wait for its background copy (commands/lazy.py)."""
+    started = time.monotonic()
+    restore = restore_lazy(client, checkpoint, criu, options=options)
+    print(f"checkpoint {checkpoint} restored lazily: running as pid {restore.pid} after "
+          f"{time.monotonic() - started:.2f} s; its memory follows from the source (CRIU logs in "
+          f"{restore.images_dir})", flush=True)
+    moved = restore.finish(client)
+    print(f"checkpoint {checkpoint}: every page arrived ({human_bytes(moved['pages_bytes'])} in "
+          f"{time.monotonic() - started:.1f} s); running as pid {restore.pid}")
     return 0
 
 

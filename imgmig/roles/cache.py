@@ -19,7 +19,7 @@ from imgmig.datapath.link import Link, LinkRefused, PeerRefusedUs, accept_link
 from imgmig.datapath.receive import ReceiveSession, Transfers
 from imgmig.datapath.serve import ServeSession
 from imgmig.datapath.store import Checkpoint, ImageStore, State
-from imgmig.datapath.tunnel import Tunnels
+from imgmig.datapath.tunnel import LAZY_IMAGE, Tunnels
 from imgmig.protocol import peer_wire as wire
 from imgmig.roles.admission import Admission
 from imgmig.roles.control import ControlServer, RoleView
@@ -51,7 +51,7 @@ class Cache:
                      self._on_control),
         ], self.status, reload=None if self.trust is None else self.trust.reload)
         self.tunnels = Tunnels()  # lazy restores' page-server sockets, carried by the checkpoints' links
-        lazy = LazyOps(self.store, config.node, self.tunnels, self.daemon.stop, self._await_right)
+        lazy = LazyOps(self.store, config.node, self.tunnels, self.daemon.stop, self._await_grant)
         self.control = ControlServer("cache", config.node, self.store, self.daemon.stop, RoleView(
             self._checkpoint_info, self._peers, self.status, self._may_drop, gate=self._await_right,
             restore_failed=self._give_right_back, extra_ops=lazy.ops))
@@ -152,7 +152,14 @@ class Cache:
                      mine=custody.destination(self.config.node)).run()
 
     def _await_right(self, checkpoint: Checkpoint) -> None:
-        """Serve nothing before the proxy granted this node the right to restore it."""
+        """Serve nothing before the proxy granted this node the right to restore it; never
+        serve a lazy checkpoint to a stream restore (its pages are not in it)."""
+        if LAZY_IMAGE in checkpoint.images:
+            raise custody.NoRight("it is a lazy checkpoint (its memory is on the source's page server): "
+                                  "restore it with `imgmig restore --lazy`")
+        self._await_grant(checkpoint)
+
+    def _await_grant(self, checkpoint: Checkpoint) -> None:
         custody.await_grant(self.store, checkpoint, self.config.cache.grant_timeout, self.daemon.stop)
 
     def _give_right_back(self, checkpoint: Checkpoint) -> None:
