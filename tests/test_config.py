@@ -459,3 +459,10 @@ def test_peers_map_and_criu_command() -> None:
         config.parse("peers:\n  node-c: node-d@10.0.0.3:9997\n")
     with pytest.raises(config.ConfigError, match="key 'criu'"):
         config.parse("criu: ''\n")
+
+
+def test_migrate_mode():
+    assert config.parse("node: a").migrate_mode == "copy"
+    assert config.parse("migrate: {mode: lazy}").migrate_mode == "lazy"
+    with pytest.raises(ConfigError, match=r"migrate\.mode"):
+        config.parse("migrate: {mode: postcopy}")
