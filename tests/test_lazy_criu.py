@@ -10,7 +10,6 @@ restore in the same PID namespace would find its PID taken.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
@@ -18,10 +17,8 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -32,13 +29,13 @@ from test_real_criu import criu, workdir  # noqa: F401 - fixtures shared with th
 from imgmig.commands.common import CommandError, ControlClient
 from imgmig.commands.lazy import LazyDump, dump_lazy, restore_lazy
 from imgmig.roles.endpoints import CONTROL_SOCKET
-from testbed import daemons, migrate, netns, workload
+from testbed import daemons, lazy, migrate, netns, workload
+from testbed.lazy import NsWorkload, claim, net_of
 
 pytestmark = pytest.mark.realcriu
 
 MIB = 256
 PAGE_SERVER_PORT = 27027
-PIPE_MAX = 4 << 20  # CRIU's page server tees its pages through pipes of this size
 
 
 @pytest.fixture
@@ -49,58 +46,14 @@ def nodes() -> Iterator[netns.TwoNodes]:
 
 @pytest.fixture
 def pipe_max() -> Iterator[None]:
-    """CRIU's page server needs fs.pipe-max-size >= 4 MiB (root here lacks CAP_SYS_RESOURCE)."""
-    path = Path("/proc/sys/fs/pipe-max-size")
-    before = int(path.read_text())
-    if before < PIPE_MAX:
-        path.write_text(str(PIPE_MAX))
-    yield
-    if before < PIPE_MAX:
-        path.write_text(str(before))
-
-
-@dataclass
-class NsWorkload:
-    launcher: subprocess.Popen
-    pid: int            # the workload, seen from here (PID 1 in its own namespace)
-    state_path: Path
-    before: workload.State
+    with lazy.pipe_max():
+        yield
 
 
 @pytest.fixture
 def ns_workload(nodes: netns.TwoNodes, workdir: Path) -> Iterator[NsWorkload]:  # noqa: F811
-    state_path = workdir / "state.json"
-    launcher = subprocess.Popen([*net_of(nodes.a), "unshare", "-p", "-f", "setsid", sys.executable, "-m",
-                                 "testbed.workload", "--mib", str(MIB), "--state", str(state_path)],
-                                env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    threading.Thread(target=launcher.wait, daemon=True).start()
-    pid = 0
-    try:
-        before = workload.wait_state(state_path, lambda s: s.counter >= 20, 60)
-        pid = int(Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()[0])
-        yield NsWorkload(launcher, pid, state_path, before)
-    finally:
-        if pid:
-            migrate.kill_and_reap(pid)
-        with contextlib.suppress(ProcessLookupError):
-            launcher.kill()
-
-
-def net_of(node: netns.Node) -> list[str]:
-    """Run in the node's network namespace only: `ip netns exec` also makes a mount
-    namespace, which CRIU would then have to dump."""
-    return ["nsenter", f"--net={netns.NETNS_DIR / node.netns}"]
-
-
-def claim(client: ControlClient, origin: str, timeout: float = 30.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        claimed = client.request("claim", **{"from": origin})["claimed"]
-        if claimed is not None:
-            return str(claimed)
-        time.sleep(0.05)
-    raise AssertionError(f"no checkpoint from {origin} on the cache within {timeout:.0f} s")
+    with lazy.ns_workload(nodes.a, MIB, workdir / "state.json") as running:
+        yield running
 
 
 def listeners(node: netns.Node) -> list[str]:
