@@ -57,6 +57,7 @@ class NsWorkload:
 
 @contextlib.contextmanager
 def ns_workload(node: netns.Node, mib: int, state_path: Path, warmup: int = 20) -> Iterator[NsWorkload]:
+    state_path.unlink(missing_ok=True)  # a state left by an earlier workload would pass for this one's
     launcher = subprocess.Popen([*net_of(node), "unshare", "-p", "-f", "setsid", sys.executable, "-m",
                                  "testbed.workload", "--mib", str(mib), "--state", str(state_path)],
                                 env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, cwd=REPO_ROOT,
