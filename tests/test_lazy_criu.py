@@ -158,6 +158,9 @@ def test_killed_lazy_pages_leaves_the_process_on_the_source(criu: list[str], nod
                     restore.finish(client, timeout=60)
             assert dumped.wait(60) != 0, "the dump counted a killed lazy-pages as a finished migration"
             pair.proxy.wait_log("criu dump fails and the process resumes on this node", 5)
+            pair.proxy.wait_log("the lazy restore on node-b (10.77.0.2:9996) failed", 10)
+            pair.cache.wait_released()
+            pair.proxy.wait_released()
             source = psutil.Process(ns_workload.pid)
             assert source.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD, psutil.STATUS_STOPPED)
             wait_for_exit(restored_pid, 30)
@@ -180,6 +183,53 @@ def test_killed_lazy_pages_leaves_the_process_on_the_source(criu: list[str], nod
                     print(f"kept {path} (IMGMIG_KEEP_WORKDIR)")
                 else:
                     shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_link_cut_during_the_copy_leaves_the_process_on_the_source(criu: list[str],  # noqa: F811
+                                                                      nodes: netns.TwoNodes,
+                                                                      workdir: Path, pipe_max: None,  # noqa: F811
+                                                                      ns_workload: NsWorkload) -> None:
+    """The link resumes, a page stream cannot: the channel ends on both nodes, the page
+    server is reset, the dump fails and the process resumes on the source; the
+    half-restored copy on the destination dies."""
+    dumped: LazyDump | None = None
+    restored_pid = 0
+    kept: list[Path] = []
+    with daemons.proxy_and_cache(workdir, nodes.a, nodes.b) as pair:
+        try:
+            dumped = dump_lazy([*net_of(nodes.a), *criu], ns_workload.pid, pair.proxy_dir, PAGE_SERVER_PORT)
+            kept.append(dumped.images_dir)
+            with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
+                restore = restore_lazy(client, claim(client, "node-a"), [*net_of(nodes.b), *criu])
+                kept.append(restore.images_dir)
+                restored_pid = restore.pid
+                time.sleep(0.5)  # the background copy of 256 MiB takes seconds
+                cut = netns.run_in(nodes.a.netns, ["ss", "-K", "-t", "-H", "dst", nodes.b.address, "dport", "=",
+                                                   str(daemons.DEFAULT_PORT)], capture_output=True, text=True)
+                assert cut.stdout.strip(), "no connection to cut"
+                with pytest.raises(CommandError, match=r"background copy .* failed"):
+                    restore.finish(client, timeout=60)
+            assert dumped.wait(60) != 0, "the dump counted a cut link as a finished migration"
+            pair.proxy.wait_log("criu dump fails and the process resumes on this node", 5)
+            pair.proxy.wait_log("the lazy restore on node-b (10.77.0.2:9996) failed", 15)
+            pair.cache.wait_released()
+            pair.proxy.wait_released()
+            wait_for_exit(restored_pid, 30)
+            at_dump = ns_workload.before
+            later = workload.wait_state(ns_workload.state_path, lambda s: s.counter > at_dump.counter + 5, 20)
+            assert later.token == at_dump.token
+            assert workload.verify(ns_workload.pid, ns_workload.state_path).verified_digest == at_dump.digest
+            statuses = pair.stop()
+            assert statuses == {"proxy": 0, "cache": 0}
+            for daemon in (pair.proxy, pair.cache):
+                assert "Traceback" not in daemon.log() and "unexpected error" not in daemon.log(), daemon.log()
+        finally:
+            if restored_pid:
+                migrate.kill_and_reap(restored_pid)
+            if dumped is not None and dumped.proc.poll() is None:
+                dumped.proc.kill()
+            for path in kept:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def wait_for_exit(pid: int, timeout: float) -> None:
@@ -210,6 +260,9 @@ def test_a_failed_lazy_restore_leaves_the_process_on_the_source(criu: list[str],
                              options=["--no-such"])
             assert dumped.wait(60) != 0, "the dump counted a failed restore as a finished migration"
             pair.proxy.wait_log("criu dump fails and the process resumes on this node", 5)
+            pair.proxy.wait_log("the lazy restore on node-b (10.77.0.2:9996) failed", 10)
+            pair.cache.wait_released()
+            pair.proxy.wait_released()
             at_dump = ns_workload.before
             later = workload.wait_state(ns_workload.state_path, lambda s: s.counter > at_dump.counter + 5, 20)
             assert later.token == at_dump.token

@@ -32,6 +32,7 @@ from imgmig.criu_sim import DumpClient
 from imgmig.datapath.tunnel import LAZY_IMAGE, lazy_marker
 
 READY_WAIT = 60.0   # for the dump to write its images and listen
+TUNNEL_END_WAIT = 15.0  # for the cache to answer the tunnel op once lazy-pages is gone
 LAZY_SOCKET = "lazy-pages.socket"
 LAST_IMAGE = "inventory.img"  # CRIU writes it last; the proxy takes a checkpoint without it as failed
 PRIVATE_PARENT = Path("/run")  # tmpfs, root only
@@ -136,11 +137,22 @@ class LazyRestore:
         self.tunnel.join(timeout)
         if code != 0 or self.tunnel_error:
             detail = self.tunnel_error[0] if self.tunnel_error else criu_tail(self.images_dir, "lazy")
-            raise CommandError(f"the background copy of checkpoint {self.checkpoint} failed (lazy-pages exited "
-                               f"{code}): {detail}")
+            failure = f"the background copy of checkpoint {self.checkpoint} failed (lazy-pages exited {code}): {detail}"
+            self.give_back(client, failure)
+            raise CommandError(f"{failure}; the process resumes on its source (logs in {self.images_dir})")
         client.request("lazy_done", id=self.checkpoint)
         client.request("confirm", id=self.checkpoint, running=True, pid=self.pid)
         return self.tunnel_reply
+
+    def give_back(self, client: ControlClient, failure: str) -> None:
+        """The copy here is useless now (its page server is gone): drop it, and give the right
+        to restore back to the source (confirm running=false, as a failed restore does)."""
+        self.lazy.kill()
+        self.lazy.wait()
+        self.tunnel.join(TUNNEL_END_WAIT)
+        if not self.tunnel.is_alive():  # the control connection is free again
+            client.request("confirm", id=self.checkpoint, running=False, detail=failure)
+
 
 
 def restore_lazy(client: ControlClient, checkpoint: str, criu: list[str], images_dir: Path | None = None,
@@ -159,7 +171,11 @@ def restore_lazy(client: ControlClient, checkpoint: str, criu: list[str], images
         restore = LazyRestore(checkpoint, 0, images_dir, lazy, threading.Thread())
     restore.tunnel = threading.Thread(target=_carry, args=(client, restore, ours), daemon=True)
     restore.tunnel.start()
-    restore.pid = _restore(criu, images_dir, lazy, options or [])
+    try:
+        restore.pid = _restore(criu, images_dir, lazy, options or [])
+    except CommandError as exc:
+        restore.give_back(client, str(exc))
+        raise
     return restore
 
 
@@ -197,7 +213,6 @@ def _restore(criu: list[str], images_dir: Path, lazy: subprocess.Popen[bytes], o
                                 str(pidfile), "-o", "restore.log", "-W", str(images_dir), *options],
                                stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     if code != 0:
-        lazy.kill()
         raise CommandError(f"criu restore --lazy-pages exited with {code}: {criu_tail(images_dir, 'restore')} "
                            f"(logs in {images_dir}); the process resumes on its source")
     return int(pidfile.read_text().strip())

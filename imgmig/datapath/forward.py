@@ -30,7 +30,7 @@ from imgmig.datapath.kernel_io import hash_region
 from imgmig.datapath.link import Link, LinkRefused, TlsLink
 from imgmig.datapath.receive import receive_within
 from imgmig.datapath.store import Checkpoint, Image, ImageStore, State
-from imgmig.datapath.tunnel import CONNECT_TIMEOUT, NotLazy, TunnelPump, page_server_of
+from imgmig.datapath.tunnel import CONNECT_TIMEOUT, LAZY_IMAGE, NotLazy, TunnelPump, page_server_of
 from imgmig.protocol import conversation as conv
 from imgmig.protocol import peer_wire as wire
 from imgmig.protocol import tunnel_wire
@@ -548,8 +548,14 @@ class Forwarder:
         assert self.conn is not None
         custody.taken_back(self.store, self.checkpoint, self.peer_name)
         self.returned_by_peer = True
-        log.warning("the restore on %s failed; the right to restore %s is back on this node: roll it back here",
-                    self.peer_node, self.checkpoint.id, extra=self.fields)
+        if LAZY_IMAGE in self.checkpoint.images:
+            log.warning("the lazy restore on %s failed; checkpoint %s is dropped here too (its memory was never in "
+                        "it): the process resumes on this node once its dump fails", self.peer_node,
+                        self.checkpoint.id, extra=self.fields)
+            self.store.drop(self.checkpoint)
+        else:
+            log.warning("the restore on %s failed; the right to restore %s is back on this node: roll it back here",
+                        self.peer_node, self.checkpoint.id, extra=self.fields)
         self.conn.confirm_return(time.monotonic())
         self._flush()
         raise Settled

@@ -27,6 +27,7 @@ from imgmig.datapath.kernel_io import out_of_fds
 from imgmig.datapath.link import Link, open_link
 from imgmig.datapath.serve import ServeSession
 from imgmig.datapath.store import FILES_IMAGE, Checkpoint, ImageStore, State
+from imgmig.datapath.tunnel import LAZY_IMAGE
 from imgmig.protocol import control_wire as cw
 from imgmig.roles.control import ControlServer, ControlSession, OpError, RoleView
 from imgmig.roles.daemon import Daemon, Listener
@@ -240,6 +241,9 @@ class Proxy:
 
     def _take_right(self, checkpoint: Checkpoint) -> None:
         """A rollback here takes the right to restore the checkpoint, unless the cache holds it."""
+        if LAZY_IMAGE in checkpoint.images:
+            raise custody.NoRight("it is a lazy checkpoint: its memory was never in it (a failed lazy migration "
+                                  "resumes the process on this node by itself)")
         custody.take_for_rollback(self.store, checkpoint, self.config.node)
 
 
