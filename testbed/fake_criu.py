@@ -101,7 +101,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--pidfile")
     parser.add_argument("-o", dest="log")
     parser.add_argument("-W", dest="workdir", default=".")
+    parser.add_argument("--feature")
     args, _unknown = parser.parse_known_args(argv)
+    if args.action == "check" and args.feature == "uffd-noncoop" and os.environ.get("FAKE_CRIU_NO_UFFD") == "1":
+        print("Error (fake): UFFD is not supported", file=sys.stderr)  # as without userfaultfd
+        return 1
     if args.action == "check":
         if os.environ.get("FAKE_CRIU_FAIL_CHECK") == "1":
             print("Error (fake): the kernel lacks what CRIU needs", file=sys.stderr)

@@ -245,6 +245,24 @@ def test_migrate_with_a_waiting_restore_reports_progress_and_runs_there(daemons,
     assert f"as pid {new_pid}" in after["cache"]["ended"][0]["outcome"]
 
 
+def test_migrate_lazy_falls_back_to_a_full_copy_without_userfaultfd(daemons, victims) -> None:
+    pair = daemons()
+    pid = start_victim(victims)
+    restore = start_imgmig("restore", "--from", "test-node", "--config", str(pair.config), "--criu", FAKE_CRIU)
+    done = imgmig("migrate", str(pid), "--to", "test-node", "--lazy", "--json", "--config", str(pair.config),
+                  "--criu", FAKE_CRIU, env={"FAKE_CRIU_NO_UFFD": "1"})
+    out, err = restore.communicate(timeout=TIMEOUT)
+    assert done.returncode == 0 and restore.returncode == 0, (done.stdout, done.stderr, out, err)
+    stream = events(done.stdout)
+    (fallback,) = [e["text"] for e in stream if e["event"] == "message"]
+    assert fallback == ("lazy migration is not possible here (criu check --feature uffd-noncoop: Error (fake): "
+                        "UFFD is not supported); falling back to a full copy")
+    assert [e["name"] for e in stream if e["event"] == "check"] == ["proxy", "cache", "room", "criu"]
+    phases = [e["phase"] for e in stream if e["event"] == "phase"]
+    assert phases == ["frozen", "dump done", "verified at the destination", "running on the destination"]
+    victims.append(int(out.strip().splitlines()[-1].rsplit(" ", 1)[1]))
+
+
 def test_migrate_rolls_back_when_the_restore_fails(daemons, victims) -> None:
     pair = daemons()
     pid = start_victim(victims)

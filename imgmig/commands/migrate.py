@@ -144,9 +144,9 @@ def _lazy_possible(criu: list[str], reporter: Reporter) -> bool:
     done = subprocess.run([*criu, "check", "--feature", "uffd-noncoop"], capture_output=True, text=True)
     if done.returncode == 0:
         return True
+    said = (done.stdout + done.stderr).strip().splitlines()
     reporter.message(f"lazy migration is not possible here (criu check --feature uffd-noncoop: "
-                     f"{(done.stdout + done.stderr).strip().splitlines()[-1:] or ['failed']}); "
-                     f"falling back to a full copy")
+                     f"{said[-1] if said else 'failed'}); falling back to a full copy")
     return False
 
 
