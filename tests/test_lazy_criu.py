@@ -298,6 +298,9 @@ def test_migrate_lazy_and_restore_lazy_commands(criu: list[str], nodes: netns.Tw
         assert [e["phase"] for e in events if e["event"] == "phase"] == [
             "frozen", "dump done", "verified at the destination", "every page sent", "running on the destination"]
         assert "restored lazily: running as pid" in out and "every page arrived" in out, out
+        copied = [int(e["text"].split(": ")[1].split(" MiB")[0]) for e in events
+                  if e["event"] == "message" and e["text"].startswith("background copy: ")]
+        assert copied and copied == sorted(copied) and copied[-1] > 0, events
         restored_pid = int(out.split("running as pid ")[1].split()[0])
         try:
             at_dump = ns_workload.before

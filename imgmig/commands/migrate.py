@@ -275,12 +275,16 @@ def _run_lazy(m: Migration, proxy: ControlClient, ticket: str) -> tuple[int, str
     except CommandError as exc:
         return (EXIT_FAILED if Path(f"/proc/{m.pid}").exists() else EXIT_LOST), str(exc)
     m.phase("dump done")
+    shown_at, shown = 0.0, -1
     while dump.proc.poll() is None:
         status = proxy.request("status")
         m.checkpoint = m.checkpoint or status["tickets"].get(ticket)
         live, _ = _find(status, m.checkpoint)
         if live is not None and live.get("delivered") and "verified at the destination" not in m.phases:
             m.phase("verified at the destination")
+        if live is not None and live["pages_sent"] != shown and time.monotonic() - shown_at >= HEARTBEAT / 5:
+            shown, shown_at = live["pages_sent"], time.monotonic()
+            m.reporter.message(f"background copy: {_mib(shown)} of memory sent to {m.node}")
         time.sleep(POLL)
     if dump.proc.returncode != 0:
         return _dump_failed(m, dump.proc.returncode)

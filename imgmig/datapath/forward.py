@@ -120,6 +120,13 @@ class Forwarder:
         self.digest = usable(digest)  # offered in HELLO; the cache's HELLO says which is used
         self.started = time.monotonic()
         self.pump: TunnelPump | None = None  # a lazy restore on the cache reaching the page server here
+        self.tunnelled_before = 0  # page bytes that earlier connections' pumps carried
+
+    @property
+    def tunnelled(self) -> int:
+        """Bytes of a lazy restore's pages sent to the cache so far."""
+        pump = self.pump
+        return self.tunnelled_before + (pump.moved_out if pump is not None else 0)
 
     @property
     def fields(self) -> dict[str, str]:
@@ -232,6 +239,7 @@ class Forwarder:
         finally:
             if self.pump is not None:
                 self.pump.close("the link to the cache ended")
+                self.tunnelled_before += self.pump.moved_out
                 self.pump = None
             if delivered:
                 self.link.close()

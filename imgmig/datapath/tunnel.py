@@ -124,6 +124,7 @@ class TunnelPump:
         self.reading: set[int] = set()  # channels whose local end has not reached EOF
         self.offers: dict[int, Offer] = {}
         self.watches: dict[int, tw.CloseWatch] = {}  # the proxy: did lazy-pages ask to close?
+        self.moved_out = 0  # bytes from the local sockets to the peer (on the proxy: the pages)
 
     @property
     def active(self) -> bool:
@@ -176,6 +177,7 @@ class TunnelPump:
             self._close_if_finished(channel)
             return
         self.mux.send(channel, data)
+        self.moved_out += len(data)
         if channel in self.offers:
             self.offers[channel].to_peer += len(data)
 

@@ -194,7 +194,8 @@ class Proxy:
         if restored_at_peer:
             link = "restored there; this copy kept for proxy.keep_restored_for"
         return {"forwarded": forwarded, "verified": checkpoint.size if checkpoint.delivered else 0,
-                "delivered": checkpoint.delivered, "link": link, "peer": peer, "restored_at_peer": restored_at_peer}
+                "delivered": checkpoint.delivered, "link": link, "peer": peer, "restored_at_peer": restored_at_peer,
+                "pages_sent": forwarder.tunnelled if forwarder is not None else 0}
 
     def _peers(self) -> list[dict[str, Any]]:
         forwarders = list(self.forwarders)
