@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from imgmig.datapath.link import PlainLink
-from imgmig.datapath.tunnel import Offer, TunnelPump
+from imgmig.datapath.tunnel import Offer, TunnelPump, Tunnels
 from imgmig.protocol import peer_wire as wire
 from imgmig.protocol import tunnel_wire as tw
 
@@ -189,3 +189,20 @@ def test_close_watch_reads_records_split_anywhere():
     watch = tw.CloseWatch()
     watch.feed(iov(PS_IOV_GET, tw.PS_IOV_CLOSE, tw.PS_IOV_FORCE_CLOSE, tw.PS_IOV_CLOSE))
     assert not watch.close_asked  # the numbers elsewhere in a record are not commands
+
+
+def test_one_tunnel_per_checkpoint_taken_once_with_its_progress():
+    tunnels = Tunnels()
+    first, second = socket.socketpair()
+    with first, second:
+        offer = tunnels.offer("node-a-1", first)
+        with pytest.raises(ValueError, match="has a tunnel already"):
+            tunnels.offer("node-a-1", second)
+        assert tunnels.take("node-a-2") is None
+        assert tunnels.take("node-a-1") is offer and tunnels.take("node-a-1") is None
+        offer.from_peer, offer.to_peer = 8192, 48
+        assert tunnels.progress("node-a-1") == {"pages_bytes": 8192, "requests_bytes": 48, "done": False}
+        offer.error = "reset by the peer: gone"
+        offer.done.set()
+        assert tunnels.progress("node-a-1")["error"] == "reset by the peer: gone"  # type: ignore[index]
+        assert tunnels.offer("node-a-1", second) is not offer  # a retry after the first ended

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 LAZY_IMAGE = "imgmig-lazy.json"  # marks a lazy checkpoint; names the source's page server
 LOCAL_READ = 256 << 10
+KEPT_OFFERS = 16
 CONNECT_TIMEOUT = 5.0
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
@@ -94,6 +95,8 @@ class Tunnels:
         with self.lock:
             if checkpoint in self.offers and not self.offers[checkpoint].done.is_set():
                 raise ValueError(f"checkpoint {checkpoint} has a tunnel already")
+            for ended in [key for key, old in self.offers.items() if old.done.is_set()][:-KEPT_OFFERS]:
+                del self.offers[ended]  # the last few stay, for status to show how they ended
             offer = self.offers[checkpoint] = Offer(checkpoint, sock)
             return offer
 
