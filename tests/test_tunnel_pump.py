@@ -117,6 +117,7 @@ def tunnel() -> Iterator[Tunnel]:
 
 
 def test_pages_flow_and_a_close_asked_for_ends_cleanly(tunnel: Tunnel):
+    tunnel.offer.running.set()  # criu restore -d returned 0 on the destination
     tunnel.lazy.sendall(iov(PS_IOV_GET, 256, 0x7F0000000000, 1))
     wait_for(tunnel.server.accepted.is_set)
     assert tunnel.server.read(24) == iov(PS_IOV_GET, 256, 0x7F0000000000, 1)
@@ -191,6 +192,16 @@ def test_close_watch_reads_records_split_anywhere():
     assert not watch.close_asked  # the numbers elsewhere in a record are not commands
 
 
+def test_close_watch_says_where_the_close_request_begins():
+    watch = tw.CloseWatch()
+    assert watch.feed(iov(PS_IOV_GET)[:10]) is None
+    assert watch.feed(iov(PS_IOV_GET)[10:] + iov(tw.PS_IOV_FORCE_CLOSE)[:5]) is None
+    assert watch.feed(iov(tw.PS_IOV_FORCE_CLOSE)[5:]) == 0  # it began in the chunk before
+    watch = tw.CloseWatch()
+    assert watch.feed(iov(PS_IOV_GET) * 2 + iov(tw.PS_IOV_CLOSE)) == 48
+    assert watch.feed(iov(tw.PS_IOV_CLOSE)) is None  # only the first counts
+
+
 def test_one_tunnel_per_checkpoint_taken_once_with_its_progress():
     tunnels = Tunnels()
     first, second = socket.socketpair()
@@ -206,3 +217,24 @@ def test_one_tunnel_per_checkpoint_taken_once_with_its_progress():
         offer.done.set()
         assert tunnels.progress("node-a-1")["error"] == "reset by the peer: gone"  # type: ignore[index]
         assert tunnels.offer("node-a-1", second) is not offer  # a retry after the first ended
+
+
+def test_the_close_request_waits_until_the_restore_runs(tunnel: Tunnel):
+    tunnel.lazy.sendall(iov(PS_IOV_GET, 1, 0x1000, 1) + iov(tw.PS_IOV_FORCE_CLOSE))
+    wait_for(tunnel.server.accepted.is_set)
+    assert tunnel.server.read(24) == iov(PS_IOV_GET, 1, 0x1000, 1)
+    time.sleep(0.2)
+    assert tunnel.cache.held == {1: iov(tw.PS_IOV_FORCE_CLOSE)}  # held: the restore has not said it runs
+    tunnel.offer.running.set()
+    assert tunnel.server.read(24) == iov(tw.PS_IOV_FORCE_CLOSE)
+
+
+def test_a_held_close_request_is_dropped_when_lazy_pages_ends(tunnel: Tunnel):
+    """The restore never ran (it failed late, after lazy-pages had everything): the source
+    must not see the close request, or its dump would kill the process there."""
+    tunnel.lazy.sendall(iov(PS_IOV_GET, 1, 0x1000, 1) + iov(tw.PS_IOV_FORCE_CLOSE))
+    wait_for(tunnel.server.accepted.is_set)
+    assert tunnel.server.read(24) == iov(PS_IOV_GET, 1, 0x1000, 1)
+    wait_for(lambda: bool(tunnel.cache.held))
+    tunnel.lazy.close()
+    assert tunnel.server.ending() == "reset"

@@ -16,8 +16,10 @@ over the checkpoint's link, then `criu restore --lazy-pages -d`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -138,11 +140,20 @@ class LazyRestore:
         if code != 0 or self.tunnel_error:
             detail = self.tunnel_error[0] if self.tunnel_error else criu_tail(self.images_dir, "lazy")
             failure = f"the background copy of checkpoint {self.checkpoint} failed (lazy-pages exited {code}): {detail}"
+            self.kill_restored()
             self.give_back(client, failure)
-            raise CommandError(f"{failure}; the process resumes on its source (logs in {self.images_dir})")
+            raise CommandError(f"{failure}; the process restored here (pid {self.pid}) was killed, its memory being "
+                               f"incomplete, and resumes on its source (logs in {self.images_dir})")
         client.request("lazy_done", id=self.checkpoint)
         client.request("confirm", id=self.checkpoint, running=True, pid=self.pid)
         return self.tunnel_reply
+
+    def kill_restored(self) -> None:
+        """Without lazy-pages the kernel fills the pages that never came with zeros: the process
+        would run on here with corrupt memory while it resumes on the source. It dies instead."""
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
 
     def give_back(self, client: ControlClient, failure: str) -> None:
         """The copy here is useless now (its page server is gone): drop it, and give the right
@@ -176,6 +187,8 @@ def restore_lazy(client: ControlClient, checkpoint: str, criu: list[str], images
     except CommandError as exc:
         restore.give_back(client, str(exc))
         raise
+    with ControlClient(client.path, client.role) as other:  # `client` is busy carrying the tunnel
+        other.request("lazy_running", id=checkpoint)
     return restore
 
 

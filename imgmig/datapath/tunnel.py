@@ -78,6 +78,7 @@ class Offer:
     sock: socket.socket
     done: threading.Event = field(default_factory=threading.Event)
     taken: bool = False
+    running: threading.Event = field(default_factory=threading.Event)  # criu restore -d returned 0
     error: str = ""
     to_peer: int = 0     # bytes the local end sent (lazy-pages' requests)
     from_peer: int = 0   # bytes that came back (the pages)
@@ -108,6 +109,10 @@ class Tunnels:
             offer.taken = True
             return offer
 
+    def get(self, checkpoint: str) -> Offer | None:
+        with self.lock:
+            return self.offers.get(checkpoint)
+
     def progress(self, checkpoint: str) -> dict[str, object] | None:
         with self.lock:
             offer = self.offers.get(checkpoint)
@@ -128,6 +133,8 @@ class TunnelPump:
         self.offers: dict[int, Offer] = {}
         self.watches: dict[int, tw.CloseWatch] = {}  # the proxy: did lazy-pages ask to close?
         self.moved_out = 0  # bytes from the local sockets to the peer (on the proxy: the pages)
+        self.requests: dict[int, tw.CloseWatch] = {}  # the cache: lazy-pages' requests, for its close
+        self.held: dict[int, bytes] = {}  # the cache: a close request held until the restore runs
 
     @property
     def active(self) -> bool:
@@ -140,6 +147,7 @@ class TunnelPump:
         self.sockets[channel] = offer.sock
         self.reading.add(channel)
         self.offers[channel] = offer
+        self.requests[channel] = tw.CloseWatch()
         return channel
 
     def outgoing(self) -> bytes:
@@ -149,6 +157,7 @@ class TunnelPump:
     def receive_within(self, link: Link, timeout: float) -> bytes | None:
         """Like receive.receive_within, and meanwhile move what the local sockets say into
         frames: None if the link said nothing, b"" at its end of stream."""
+        self._release_held()
         data = link.recv_nowait(65536)
         if data is not None:
             return data
@@ -175,14 +184,41 @@ class TunnelPump:
             self._reset(channel, f"local end failed: {exc.strerror or exc}")
             return
         if not data:
-            self.reading.discard(channel)
-            self.mux.eof(channel)
-            self._close_if_finished(channel)
+            self._local_eof(channel)
+            return
+        data = self._hold_close(channel, data)
+        if not data:
             return
         self.mux.send(channel, data)
         self.moved_out += len(data)
         if channel in self.offers:
             self.offers[channel].to_peer += len(data)
+
+    def _hold_close(self, channel: int, data: bytes) -> bytes:
+        """The cache: lazy-pages' close request (every page arrived) goes to the source only
+        once `criu restore -d` returned 0 here; before, the source's dump would take it for a
+        finished migration and kill the process there, whatever became of the restore."""
+        if channel in self.held:
+            self.held[channel] += data
+            return b""
+        watch = self.requests.get(channel)
+        start = watch.feed(data) if watch is not None else None
+        if start is None or self.offers[channel].running.is_set():
+            return data
+        self.held[channel] = data[start:]
+        return data[:start]
+
+    def _release_held(self) -> None:
+        for channel in [c for c in self.held if self.offers[c].running.is_set()]:
+            self.mux.send(channel, self.held.pop(channel))
+
+    def _local_eof(self, channel: int) -> None:
+        if self.held.pop(channel, None) is not None:
+            log.warning("lazy restore: lazy-pages ended without the restore having run here; its close request "
+                        "is not passed on, so the source's dump fails and the process resumes there")
+        self.reading.discard(channel)
+        self.mux.eof(channel)
+        self._close_if_finished(channel)
 
     # ---- the peer's frames ------------------------------------------------------------------
     def on_frame(self, frame: tw.TunnelFrame) -> None:
@@ -257,6 +293,8 @@ class TunnelPump:
         sees an error, never a clean end, when the copy did not complete."""
         self.reading.discard(channel)
         self.watches.pop(channel, None)
+        self.requests.pop(channel, None)
+        self.held.pop(channel, None)
         sock = self.sockets.pop(channel, None)
         if sock is not None and abort and self.mux.side is tw.Side.ACCEPTOR:
             log.warning("lazy restore: %s; the page server's connection is reset, so criu dump fails and the "

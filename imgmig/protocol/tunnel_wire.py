@@ -251,11 +251,17 @@ class CloseWatch:
         self._partial = b""
         self.close_asked = False
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> int | None:
+        """Read more of the stream; where in `data` the first close request begins (it may
+        begin in an earlier chunk: then 0), or None."""
+        carried = len(self._partial)
         data = self._partial + data
         whole = len(data) - len(data) % PS_IOV_SIZE
+        found = None
         for start in range(0, whole, PS_IOV_SIZE):
             cmd = int.from_bytes(data[start:start + 4], "little") & _PS_CMD_MASK
-            if cmd in (PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE):
+            if cmd in (PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE) and not self.close_asked:
                 self.close_asked = True
+                found = max(0, start - carried)
         self._partial = data[whole:]
+        return found

@@ -45,7 +45,7 @@ class LazyOps:
     @property
     def ops(self) -> dict[str, Callable[[ControlSession, cw.Request], dict[str, Any]]]:
         return {"lazy_images": self._images, "lazy_image": self._image, "tunnel": self._tunnel,
-                "lazy_done": self._done}
+                "lazy_running": self._running, "lazy_done": self._done}
 
     def _claimed(self, session: ControlSession, request: cw.Request) -> Checkpoint:
         checkpoint_id = cw.text_arg(request, "id")
@@ -114,6 +114,17 @@ class LazyOps:
             pass
         return {"id": checkpoint.id, "pages_bytes": offer.from_peer, "requests_bytes": offer.to_peer,
                 "error": offer.error or None}
+
+    def _running(self, _session: ControlSession, request: cw.Request) -> dict[str, Any]:
+        """`criu restore --lazy-pages -d` returned 0: lazy-pages' close request may go to the
+        source once every page arrived. From any connection: the one that claimed the
+        checkpoint is busy carrying the tunnel."""
+        checkpoint_id = cw.text_arg(request, "id")
+        offer = self.tunnels.get(checkpoint_id)
+        if offer is None or offer.done.is_set():
+            raise OpError(f"checkpoint {checkpoint_id} has no tunnel open here")
+        offer.running.set()
+        return {"id": checkpoint_id}
 
     def _done(self, session: ControlSession, request: cw.Request) -> dict[str, Any]:
         checkpoint = self._held(session, request)
