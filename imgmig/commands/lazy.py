@@ -146,6 +146,8 @@ class LazyRestore:
                                f"incomplete, and resumes on its source (logs in {self.images_dir})")
         client.request("lazy_done", id=self.checkpoint)
         client.request("confirm", id=self.checkpoint, running=True, pid=self.pid)
+        for image in self.images_dir.glob("*.img"):  # tmpfs is memory; the logs stay
+            image.unlink()
         return self.tunnel_reply
 
     def kill_restored(self) -> None:
