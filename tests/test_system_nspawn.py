@@ -13,8 +13,10 @@ package build tools; anything missing skips the whole module with the reason in 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -26,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from imgmig.commands.pki import init_ca, issue_node
-from testbed import containers, migrate, netns, workload
+from testbed import containers, criu_relay, migrate, netns, workload
 from testbed import criu as testbed_criu
 
 pytestmark = pytest.mark.system
@@ -283,20 +285,32 @@ def test_mismatched_socket_unit_is_refused_in_one_line(nodes) -> None:
         node_b.systemctl("restart", "imgmig-cache.socket")
 
 
-def test_auto_restore_through_the_units_with_one_command(nodes, workdir: Path, pki: Path) -> None:
-    """cache.restore: auto on B, with mutual TLS: `imgmig migrate` (run on the host against
-    A's proxy) is the only command, and its cache check is an authenticated HELLO. CRIU
-    cannot run inside nspawn here, so testbed/fake_criu.py stands in on both sides; what is
-    real is the units, the TLS credentials, the sandboxed cache ringing the doorbell, and
-    the root imgmig-restore@.service claiming and restoring the checkpoint."""
+def test_auto_restore_through_the_units_with_one_command(nodes, criu: list[str], workdir: Path, pki: Path) -> None:
+    """cache.restore: auto on B, with mutual TLS, REAL CRIU on both sides, and a real
+    workload: `imgmig migrate PID --to node-b` (run on the host as A's operator, against
+    A's proxy) is the only command, and the process then runs with its memory intact.
+
+    WHERE CRIU EXECUTES: ON THE HOST, BOTH SIDES. CRIU cannot run inside nspawn on this
+    kernel ("Can't lookup mount ... /dev/null" on a dump, /proc/sys read-only), so:
+    - the dump is `imgmig migrate` on the host with the host's CRIU, into A's proxy
+      socket through A's root (/proc/<A's PID 1>/root/run/imgmig/proxy);
+    - on B, everything up to CRIU is B's own: the sandboxed cache rings the doorbell,
+      the root imgmig-restore@.service runs `imgmig restore`, which claims the checkpoint
+      and runs B's `criu:` command. That command is testbed/criu_relay.py: it passes its
+      argv, cwd and stdio (SCM_RIGHTS) to a relay this test runs on the host, which runs
+      the host's CRIU with B's paths under B's root and answers CRIU's exit status.
+    The restored process therefore lives in the HOST's PID namespace, under the PID it was
+    dumped with; that host PID is what CRIU's pidfile holds, what `imgmig restore` reports
+    and what the cache records, and this test checks it is the workload's own PID."""
     node_a, node_b, pair = nodes
-    repo = Path(__file__).resolve().parents[1]
-    node_b.copy_in(repo / "testbed/fake_criu.py", "/usr/local/lib/fake_criu.py")
+    relay_file = "/usr/local/lib/imgmig-criu-relay.py"
+    relay_socket = "/run/imgmig-criu-relay.sock"
+    node_b.copy_in(Path(criu_relay.__file__), relay_file)
     node_b.systemctl("stop", "imgmig-cache.service")
     node_a.systemctl("stop", "imgmig-proxy.service")
     _install_tls(node_a, pki, "node-a", pair.a.address)
     _install_tls(node_b, pki, "node-b", pair.b.address)
-    node_b.write("/etc/imgmig/imgmig.yaml", f"node: node-b\ncriu: /usr/bin/python3 /usr/local/lib/fake_criu.py\n"
+    node_b.write("/etc/imgmig/imgmig.yaml", f"node: node-b\ncriu: /usr/bin/python3 {relay_file} {relay_socket}\n"
                                              f"cache:\n  listen: 0.0.0.0:{PORT}\n  allow: [node-a]\n"
                                              f"  restore: auto\n")
     node_a.write("/etc/imgmig/imgmig.yaml", f"node: node-a\nproxy:\n  peer: node-b@{pair.b.address}:{PORT}\n")
@@ -306,31 +320,52 @@ def test_auto_restore_through_the_units_with_one_command(nodes, workdir: Path, p
     host_config = workdir / "host.yaml"
     host_config.write_text(f"node: node-a\nproxy:\n  images_dir: {node_a.root}/run/imgmig/proxy\n"
                            f"  peer: node-b@{pair.b.address}:{PORT}\n")
-    victim = subprocess.Popen(["sleep", "300"], start_new_session=True)
-    threading.Thread(target=victim.wait, daemon=True).start()
-    done = subprocess.run(["/usr/bin/python3", "-m", "imgmig", "migrate", str(victim.pid), "--to", "node-b", "--json",
-                           "--config", str(host_config), "--criu", "/usr/bin/python3 -m testbed.fake_criu"],
-                          capture_output=True, text=True, timeout=120, cwd=repo,
-                          env={**os.environ, "PYTHONPATH": str(repo)})
-    restores = _journal(node_b, "-u", "imgmig-restore@*")
-    assert done.returncode == 0, (done.stdout[-2000:], done.stderr, [e["MESSAGE"] for e in restores])
-    events = [json.loads(line) for line in done.stdout.splitlines()]
-    cache_check = next(e for e in events if e["event"] == "check" and e["name"] == "cache")
-    assert "authenticated" in cache_check["detail"], cache_check
-    result = events[-1]
-    assert result["checkpoint"].startswith("node-a-"), result
-    assert result["phases"]["running on the destination"] > 0
-    line = next(e["MESSAGE"] for e in restores if "restored: running as pid" in e["MESSAGE"])
-    assert result["checkpoint"] in line
-    pid = line.rsplit(" ", 1)[1]
-    # the restore unit has ended; the restored process lives on (KillMode=process)
-    _wait(lambda: node_b.run("pgrep", "-f", "imgmig restore --doorbell", check=False).returncode != 0,
-          "the restore instance to end", 20)
-    node_b.run("kill", "-0", pid)
-    node_b.run("kill", pid)
-    cache_status = json.loads(node_b.run("imgmig", "status", "--json").stdout)["cache"]
-    assert cache_status["ended"][0]["state"] == "running", cache_status
-    node_b.systemctl("disable", "--now", "imgmig-restore.socket")
+
+    state = workdir / "auto-workload.json"
+    task = workload.start(MIB, state, log_path=workdir / "auto-workload.log")
+    threading.Thread(target=task.wait, daemon=True).start()  # reaped at once: the restore needs its PID
+    before = workload.wait_state(state, lambda s: s.counter > 20)
+    repo = Path(__file__).resolve().parents[1]
+    with criu_relay.serving(node_b.root / relay_socket.lstrip("/"), node_b.root, criu) as relay:
+        done = subprocess.run(["/usr/bin/python3", "-m", "imgmig", "migrate", str(task.pid), "--to", "node-b",
+                               "--json", "--config", str(host_config), "--criu", shlex.join(criu)],
+                              capture_output=True, text=True, timeout=180, cwd=repo,
+                              env={**os.environ, "PYTHONPATH": str(repo)})
+        restores = _journal(node_b, "-u", "imgmig-restore@*")
+        # the restore unit has ended; the restored process lives on (on the host: see above)
+        _wait(lambda: node_b.run("pgrep", "-f", "imgmig restore --doorbell", check=False).returncode != 0,
+              "the restore instance to end", 30)
+    try:
+        assert done.returncode == 0, (done.stdout[-2000:], done.stderr, [e["MESSAGE"] for e in restores])
+        events = [json.loads(line) for line in done.stdout.splitlines()]
+        cache_check = next(e for e in events if e["event"] == "check" and e["name"] == "cache")
+        assert "authenticated" in cache_check["detail"], cache_check
+        assert any(e["event"] == "progress" for e in events), events
+        result = events[-1]
+        checkpoint = result["checkpoint"]
+        assert checkpoint.startswith("node-a-"), result
+        assert result["phases"]["running on the destination"] > 0, result
+
+        # B's `imgmig restore` ran CRIU exactly once, through the relay, and it succeeded
+        assert [(run.argv[0], run.exit) for run in relay.runs] == [("restore", 0)], relay.runs
+        assert "--stream" in relay.runs[0].argv and "-d" in relay.runs[0].argv, relay.runs[0]
+        line = next(e["MESSAGE"] for e in _journal(node_b, "-u", "imgmig-restore@*")
+                    if "restored: running as pid" in e["MESSAGE"])
+        assert checkpoint in line, line
+        restored = int(line.rsplit(" ", 1)[1])
+        assert restored == task.pid, f"{line}: CRIU restores the dumped PID (a host PID here)"
+
+        after = workload.verify(restored, state)
+        assert after.pid == restored and after.token == before.token and after.counter > before.counter, after
+        assert after.verified_digest == before.digest == workload.expected_digest(MIB), after
+
+        cache_status = json.loads(node_b.run("imgmig", "status", "--json").stdout)["cache"]
+        ended = next(e for e in cache_status["ended"] if e["id"] == checkpoint)
+        assert ended["state"] == "running" and f"as pid {restored}" in ended["outcome"], ended
+    finally:
+        with contextlib.suppress(ProcessLookupError, TimeoutError):
+            migrate.kill_and_reap(task.pid)
+        node_b.systemctl("disable", "--now", "imgmig-restore.socket")
 
 
 def test_installs_and_starts_on_bookworm(deb: Path, workdir: Path, pki: Path) -> None:
