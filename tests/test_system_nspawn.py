@@ -2,10 +2,12 @@
 
 Two trixie containers (systemd-nspawn --ephemeral on a cached debootstrap tree) sit
 on two network namespaces joined by a veth pair. Node A runs imgmig-proxy.socket,
-node B imgmig-cache.socket, both from `apt install ./imgmig_*.deb`. CRIU runs on the
-host (it fails inside nspawn) and reaches each container's sockets through
-/proc/<container's PID 1>/root/run/imgmig/... . A bookworm container proves the
-package installs and its units start on systemd 252.
+node B imgmig-cache.socket, both from `apt install ./imgmig_*.deb`. CRIU EXECUTES ON
+THE HOST (it fails inside nspawn on this kernel) and reaches each container's sockets
+through /proc/<container's PID 1>/root/run/imgmig/... ; in the auto-mode test B's own
+`imgmig restore` runs CRIU through testbed/criu_relay.py, which executes the host's
+CRIU for it. A bookworm container proves the package installs and its units start on
+systemd 252.
 
 Needs root, network (once, for debootstrap), systemd-container, debootstrap and the
 package build tools; anything missing skips the whole module with the reason in capitals.
@@ -340,8 +342,11 @@ def test_auto_restore_through_the_units_with_one_command(nodes, criu: list[str],
         events = [json.loads(line) for line in done.stdout.splitlines()]
         cache_check = next(e for e in events if e["event"] == "check" and e["name"] == "cache")
         assert "authenticated" in cache_check["detail"], cache_check
-        assert any(e["event"] == "progress" for e in events), events
+        progress = [e for e in events if e["event"] == "progress"]
+        assert progress and progress[-1]["captured"] == progress[-1]["forwarded"] > MIB << 20, progress
         result = events[-1]
+        assert result["event"] == "result" and result["exit"] == 0, result
+        print(f"auto migration: {result['outcome']}; phases {result['phases']}")
         checkpoint = result["checkpoint"]
         assert checkpoint.startswith("node-a-"), result
         assert result["phases"]["running on the destination"] > 0, result
