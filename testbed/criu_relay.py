@@ -19,6 +19,9 @@ listens on, and exits with the status the relay answers. The relay runs the host
   restore` sent it;
 - and kills CRIU if the client goes away (as `imgmig restore` kills a CRIU that never
   connects).
+Those fds are all CRIU inherits from `imgmig restore`: CRIU connects to the private
+socket `imgmig restore` listens on (-D DIR/streamer-serve.sock, reached under the root),
+and `imgmig restore` hands that connection to the cache itself (control op `serve`).
 
 PIDs: the restored process lives in the HOST's PID namespace, under the PID it was dumped
 with (CRIU restores PIDs). The pidfile holds that host PID, so `imgmig restore` reports it
