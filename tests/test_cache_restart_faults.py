@@ -11,13 +11,14 @@ open throughout, so the proxy's reconnection waits in its backlog, as with syste
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import re
 import time
 from pathlib import Path
 
-from conftest import Log
+from conftest import Log, wait_until
 from test_custody_faults import SIZE_MIB, PagesRestore
 from test_systemd_units import (  # noqa: F401 - notify_socket is a fixture
     _cache_sockets,
@@ -28,6 +29,7 @@ from test_systemd_units import (  # noqa: F401 - notify_socket is a fixture
 )
 
 from imgmig import criu_sim
+from imgmig.system.fdstore import META_NAME
 
 RESTARTS = 5
 
@@ -49,8 +51,18 @@ class RestartableCache:
         self.notes.wait_for("READY", "1")
         return process
 
+    def holds_a_partial_image(self) -> bool:
+        """The fd store's metadata (the memfd the daemon writes in place) lists an image: the
+        daemon mirrors its store there a moment after a file begins, from another thread."""
+        self.notes.poll(0.01)
+        fd = self.notes.stored.get(META_NAME)
+        if fd is None or not os.fstat(fd).st_size:
+            return False
+        return bool(json.loads(os.pread(fd, os.fstat(fd).st_size, 0))["images"])
+
     def restart(self) -> tuple[float, float]:
         """SIGTERM, then a new process with the stored fds; (when it began, when the new one was READY)."""
+        wait_until(self.holds_a_partial_image, 10, "the checkpoint's first image in the fd store")
         began = time.monotonic()
         assert stop(self.process) == 0, self.log
         self.notes.poll()
