@@ -115,10 +115,12 @@ def test_cut_after_delivery_keeps_the_custody_conversation(daemons):
     dump(pair.proxy_dir, images)
     pair.proxy_log.wait_for(r"forwarded to .*verified by the cache")
     assert cut(pair.port)
-    pair.proxy_log.wait_for(r"back after .*the cache holds it complete")
+    back = pair.proxy_log.wait_for(r"back after .*the cache holds it complete")[0]
     assert_restores(Restore(pair.cache_dir, restore_order(images)).result(IO_TIMEOUT), images)
     pair.proxy_log.wait_for(r"releasing this node's copy")
     assert not pair.proxy_log.errors(new=False) and not pair.cache_log.errors(new=False)
+    print(f"\nFAULT TABLE cut after delivery: 1 cut injected, 1/1 survived (grant and RESTORED flowed on the "
+          f"resumed link); {resumed_figures(back)}")
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -139,7 +141,17 @@ def test_cut_mid_small_checkpoint_resumes(daemons, seed):
             client.write_image(name, data)
     client.close()
     assert_restores(waiting.result(), images)
-    pair.proxy_log.wait_for(r"back after .*resuming after")
+    back = pair.proxy_log.wait_for(r"back after .*resuming after")[0]
+    print(f"\nFAULT TABLE cut mid small checkpoint (seed {seed}): 8 MiB checkpoint, 1 cut injected, 1/1 restored "
+          f"with matching bytes; {resumed_figures(back)}")
+
+
+def resumed_figures(back: str) -> str:
+    """Bytes resent and time to recover, from the proxy's "back after" line."""
+    down = float(re.search(r"back after ([0-9.]+) s", back).group(1))
+    resent, acked = re.search(r"resent so far: (\d+) bytes, of them acknowledged before: (\d+)", back).groups()
+    assert acked == "0", back
+    return f"bytes resent: {resent}, past the acknowledged offset: {acked}; time to recover: {down:.2f} s"
 
 
 def _race(pair, rng: random.Random, tag: str) -> tuple[str, str]:
@@ -201,6 +213,7 @@ def test_checkpoint_over_the_cache_limit_fails_fast_and_the_next_flows(daemons, 
     config.write_text(config.read_text().replace(str(cache_tmp / "cache"), str(pair.cache_dir)))
     pair.daemons["cache"] = start_daemon("cache", config, cache_tmp)
     big = checkpoint_images("too-big", big=48 << 20)
+    started = time.monotonic()
     dump(pair.proxy_dir, big)
     outgrew = pair.proxy_log.wait_for(r"captured: 9 files")
     cache_line = one_line(pair.cache_log, r"refused: checkpoint \S+ has grown to 3\d\.\d MiB, over this cache's "
@@ -208,11 +221,15 @@ def test_checkpoint_over_the_cache_limit_fails_fast_and_the_next_flows(daemons, 
     proxy_line = one_line(pair.proxy_log, r"checkpoint \S+ cannot be forwarded: .*memory.limit of 32\.0 MiB.*"
                                           r"this node keeps it")
     assert outgrew and cache_line and proxy_line
+    refused_in = time.monotonic() - started
     later = checkpoint_images("fits")
     waiting = Restore(pair.cache_dir, restore_order(later))
     dump(pair.proxy_dir, later)
     assert_restores(waiting.result(), later)
     assert_restores(Restore(pair.proxy_dir, restore_order(big)).result(), big)  # the rollback copy
+    print(f"\nFAULT TABLE over the cache's limit: a 48 MiB checkpoint into a 32 MiB cache, refused with one line "
+          f"on each node within {refused_in:.2f} s of the dump's start; the next checkpoint restored at the cache, "
+          f"the refused one rolled back from the proxy's copy")
 
 
 def test_dump_over_the_proxy_limit_fails_cleanly(daemons):
@@ -231,6 +248,8 @@ def test_dump_over_the_proxy_limit_fails_cleanly(daemons):
     waiting = Restore(pair.cache_dir, restore_order(good))
     dump(pair.proxy_dir, good)
     assert_restores(waiting.result(), good)
+    print("\nFAULT TABLE over the proxy's limit: a 24 MiB dump into a 16 MiB proxy, CRIU's dump refused with one "
+          "line; the next dump restored at the cache")
 
 
 def one_line(log, pattern: str) -> str:
@@ -256,5 +275,7 @@ def test_with_the_link_down_a_restore_waits_grant_timeout_then_is_refused(daemon
         attempt.result()
     waited = time.monotonic() - started
     assert 1.4 < waited < 5, f"refused after {waited:.1f} s, not after the 1.5 s grant_timeout"
+    print(f"\nFAULT TABLE source gone before the grant: proxy killed, the restore refused after {waited:.2f} s "
+          f"(cache.grant_timeout 1.5 s), one line naming why")
     one_line(pair.cache_log, r"restore of checkpoint \S+ on the cache refused: its source did not grant the "
                              r"right to restore it within 1\.5 s \(cache.grant_timeout\)")

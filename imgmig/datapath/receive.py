@@ -67,6 +67,8 @@ class Inbound:
     images: dict[int, Image] = field(default_factory=dict)
     hashers: dict[int, Digester] = field(default_factory=dict)
     attached: bool = False
+    link: Link | None = None  # the attached connection's, for a resume to take over from
+    taken_over: bool = False  # a resume from its proxy ended that connection
 
 
 class Transfers:
@@ -344,7 +346,7 @@ class ReceiveSession:
                 checkpoint = self.store.begin(checkpoint_id, self.peer)
             except StoreError as exc:
                 raise Refused(str(exc)) from None
-            inbound = Inbound(checkpoint, wire.InboundCheckpoint(), self.digest, attached=True)
+            inbound = Inbound(checkpoint, wire.InboundCheckpoint(), self.digest, attached=True, link=self.link)
             self.transfers.inbound[checkpoint_id] = inbound
         self.started = time.monotonic()
         return inbound
@@ -358,13 +360,14 @@ class ReceiveSession:
         inbound = transfers.inbound.get(checkpoint_id) or self._adopted(checkpoint_id)
         if inbound is None:
             return BeginStatus.NEW, self._new(checkpoint_id)
+        self._take_over(inbound)
         if not self.store.wait_until(lambda: not inbound.attached, self.stop, TAKEOVER_WAIT):
             raise Refused(f"checkpoint {checkpoint_id} is still attached to its previous connection; "
                           f"the proxy retries", ErrorCode.INTERNAL)
         if inbound.digest is not self.digest:
             raise Refused(f"checkpoint {checkpoint_id} was begun with another digest", ErrorCode.PROTOCOL)
         with self.store.cond:
-            inbound.attached = True
+            inbound.attached, inbound.link, inbound.taken_over = True, self.link, False
             state = inbound.checkpoint.state
         self.started = time.monotonic()
         if state is State.RECEIVING:
@@ -372,6 +375,15 @@ class ReceiveSession:
         if state is State.COMPLETE:
             return BeginStatus.COMPLETE, inbound
         return (BeginStatus.RESTORED if state is State.RESTORED else BeginStatus.GONE), None
+
+    def _take_over(self, inbound: Inbound) -> None:
+        """End the connection the checkpoint is still attached to. Its proxy, the only sender,
+        has left it: after a cut whose reset never arrived it is half-open, and keepalive would
+        take dead_peer_timeout to tell, with every resume refused meanwhile."""
+        with self.store.cond:  # before that connection's _detach, so before it closes its socket
+            if inbound.attached and inbound.link is not None:
+                inbound.taken_over = True
+                inbound.link.shutdown(socket.SHUT_RDWR)  # wakes its thread, even mid-payload
 
     def _adopted(self, checkpoint_id: str) -> Inbound | None:
         """A checkpoint this cache took back from the fd store after a restart: complete, or
@@ -530,7 +542,7 @@ class ReceiveSession:
             for file_id in list(self.pending):
                 self._flush(file_id)
         with self.store.cond:
-            was_attached, inbound.attached = inbound.attached, False
+            was_attached, inbound.attached, inbound.link = inbound.attached, False, None
             self.store.changed()
         if was_attached and inbound.checkpoint.state is State.RECEIVING:
             self.transfers.expire_later(inbound)
@@ -539,6 +551,8 @@ class ReceiveSession:
         checkpoint = self.checkpoint
         if self.stop.is_set() or checkpoint is None:
             return
+        if self._inbound().taken_over:
+            reason = "a new connection from the proxy resumes it"
         if checkpoint.state is State.RECEIVING:
             log.warning("link from %s lost mid-checkpoint %s (%s); it is kept %.0f s for the proxy to resume",
                         self.peer, checkpoint.id, reason, self.transfers.resume_for, extra=self.fields)
