@@ -12,9 +12,13 @@ import hashlib
 import os
 import random
 import re
+import signal
+import socket
 import subprocess
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import wait_until
@@ -29,6 +33,7 @@ from test_daemons_sim import (
 )
 
 from imgmig import criu_sim
+from imgmig.commands.common import ControlClient
 
 SIZE_MIB = int(os.environ.get("IMGMIG_FAULT_SIZE_MIB", "256"))
 CUTS = 20
@@ -119,6 +124,60 @@ def test_cut_after_delivery_keeps_the_custody_conversation(daemons):
     assert_restores(Restore(pair.cache_dir, restore_order(images)).result(IO_TIMEOUT), images)
     pair.proxy_log.wait_for(r"releasing this node's copy")
     assert not pair.proxy_log.errors(new=False) and not pair.cache_log.errors(new=False)
+
+
+def serve_claimed(client: ControlClient, checkpoint: str, images: dict[str, bytes]) -> dict[str, bytes | None]:
+    """What `imgmig restore` does with CRIU's connection: pass it to the daemon with `serve`
+    (the simulated CRIU reads every image); the daemon answers once it was read whole."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as directory:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(f"{directory}/streamer-serve.sock")
+            listener.listen(1)
+            reader = Restore(Path(directory), restore_order(images))
+            conn, _ = listener.accept()
+            with conn:
+                reply = client.request("serve", fd=conn.fileno(), timeout=IO_TIMEOUT, id=checkpoint)
+        finally:
+            listener.close()
+    assert reply["restored"] is True, reply
+    return reader.result()
+
+
+def test_running_confirmed_while_the_link_is_down_reaches_the_proxy_after_the_resume(daemons):
+    """Restored means running: the restore read everything, the link went down (the proxy
+    stalled and its connection was cut), then the restore confirmed the process runs. The
+    confirmation waits for the link: on the resume BEGUN says RUNNING and RUNNING follows,
+    and only then does the proxy release its copy."""
+    pair = daemons()
+    images = checkpoint_images("confirm-in-a-cut")
+    dump(pair.proxy_dir, images)
+    pair.cache_log.wait_for(r"complete from")
+    with ControlClient(pair.cache_dir / "control.sock", "cache") as client:
+        checkpoint = client.request("claim")["claimed"]
+        assert_restores(serve_claimed(client, checkpoint, images), images)
+        pair.cache_log.wait_for(rf"checkpoint {checkpoint} read whole by its restore on the cache")
+        pair.proxy.process.send_signal(signal.SIGSTOP)
+        try:
+            assert cut(pair.port)
+            pair.cache_log.wait_for(rf"link from .* closed .*checkpoint {checkpoint} stays here, complete")
+            client.request("confirm", id=checkpoint, running=True, pid=4242)
+            pair.cache_log.wait_for(rf"checkpoint {checkpoint} restored from the cache: running on test-node as "
+                                    rf"pid 4242 \(confirmed by imgmig restore\)")
+            time.sleep(0.5)
+            assert not pair.proxy_log.matching("running on"), "the proxy is stopped: nothing reached it yet"
+        finally:
+            pair.proxy.process.send_signal(signal.SIGCONT)
+    pair.cache_log.wait_for(rf"checkpoint {checkpoint} from .*: already running as pid 4242 here, nothing to resume")
+    line = pair.proxy_log.wait_for(rf"checkpoint {checkpoint}: running on test-node \(.*\) as pid 4242, confirmed "
+                                   rf"by its restore; this node's copy released")
+    assert len(line) == 1
+    with ControlClient(pair.proxy_dir / "control.sock", "proxy") as proxy:
+        listed = proxy.request("list")
+    assert listed["checkpoints"] == []
+    (ended,) = listed["ended"]
+    assert ended["state"] == "running-at-peer" and "running on test-node as pid 4242" in ended["outcome"]
+    assert not pair.proxy_log.matching("keep_restored_for") and not pair.proxy_log.errors(new=False)
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -84,8 +84,8 @@ def answer_claim(store: ImageStore, checkpoint: Checkpoint, granted: bool, holde
 
 def give_back(store: ImageStore, checkpoint: Checkpoint, timeout: float, stop: threading.Event) -> bool:
     """Cache: a restore here that held the right failed; the link driver returns the right
-    to the proxy (RETURN) and drops this copy. False if no link took it within timeout:
-    then this node keeps both the right and its copy."""
+    to the proxy (RETURN), and this copy stays for a retry. False if no link took it within
+    timeout: then this node keeps the right too."""
     with store.cond:
         if not checkpoint.holder:
             return False
@@ -110,8 +110,8 @@ def take_return(store: ImageStore, checkpoint: Checkpoint) -> bool:
 
 
 def taken_back(store: ImageStore, checkpoint: Checkpoint, peer: str) -> None:
-    """Proxy: the cache on node `peer` returned the right (its restore failed) and dropped
-    its copy: nobody holds the right, and this copy is the only one (never evicted)."""
+    """Proxy: the cache on node `peer` returned the right (its restore failed): nobody
+    holds the right, and this copy is kept for a rollback (no longer evicted for memory)."""
     with store.cond:
         if checkpoint.holder == destination(peer):
             checkpoint.holder = ""

@@ -4,8 +4,8 @@ One proxy connection carries one checkpoint. FILE_DATA payloads go link -> memfd
 (spliced on a plain link); each file's digest is computed from the memfd as it fills
 and checked against FILE_END before the file may be served. This thread is the only
 writer to its link: what other threads want said (a restore asking for the right to
-restore, a restore that read everything, a failed one giving the right back) it finds in
-the store and says itself.
+restore, a bare restore that read everything, a restore confirmed running, a failed one
+giving the right back) it finds in the store and says itself.
 
 A cut link leaves an unfinished checkpoint in `Transfers`, with its file order and
 digests so far, for `cache.resume_for` seconds: the proxy reconnects and continues
@@ -76,7 +76,7 @@ class Transfers:
         self.store = store
         self.resume_for = resume_for
         self.inbound: dict[str, Inbound] = {}
-        self.settled: dict[str, BeginStatus] = {}
+        self.settled: dict[str, tuple[BeginStatus, int]] = {}  # id -> (status, pid if RUNNING)
         threading.Thread(target=self._watch_taken_back, name="taken-back", daemon=True).start()
 
     def _watch_taken_back(self) -> None:
@@ -105,10 +105,10 @@ class Transfers:
         self.store.fail(checkpoint, "the proxy did not come back to resume it")
         self.settle(checkpoint.id, BeginStatus.GONE)
 
-    def settle(self, checkpoint_id: str, status: BeginStatus) -> None:
+    def settle(self, checkpoint_id: str, status: BeginStatus, pid: int = 0) -> None:
         with self.store.cond:
             self.inbound.pop(checkpoint_id, None)
-            self.settled[checkpoint_id] = status
+            self.settled[checkpoint_id] = (status, pid)
             while len(self.settled) > SETTLED_KEPT:
                 del self.settled[next(iter(self.settled))]
 
@@ -151,6 +151,7 @@ class ReceiveSession:
         self.inbound: Inbound | None = None
         self.digest = wire.Digest.SHA256
         self.pending: dict[int, list[int]] = {}  # file_id -> [offset, length] stored, not yet hashed
+        self.running_pid = 0  # a resumed checkpoint confirmed running here while the link was down
         self.peer = address
         self.started = time.monotonic()
 
@@ -259,21 +260,17 @@ class ReceiveSession:
         if checkpoint.grant_wanted and not checkpoint.holder and not self.conn.claim_sent \
                 and self.conn.phase in (conv.Phase.TRANSFER, conv.Phase.ENDED, conv.Phase.HOLDING):
             self.conn.claim(now)
-        if checkpoint.state is State.RESTORED and self.conn.phase is conv.Phase.HOLDING \
-                and not self.conn.restored_sent:
-            self.conn.restored(now)
-        if self.conn.phase is conv.Phase.HOLDING and not self.conn.restored_sent and not self.conn.return_sent \
-                and custody.take_return(self.store, checkpoint):
-            self._give_back(checkpoint, now)
-
-    def _give_back(self, checkpoint: Checkpoint, now: float) -> None:
-        """A restore here failed (imgmig restore said so): the source may roll back now, so
-        this copy goes first, then the right goes back to the proxy."""
-        log.warning("checkpoint %s: the restore here failed; the right to restore it is returned to %s, which "
-                    "may roll it back, and this copy is dropped", checkpoint.id, self.peer, extra=self.fields)
-        self.store.fail(checkpoint, "its restore here failed; the right to restore it went back to its source")
-        self.transfers.settle(checkpoint.id, BeginStatus.GONE)
-        self.conn.give_back(now)
+        settling = self.conn.restored_sent or self.conn.running_sent or self.conn.return_sent
+        if checkpoint.state is State.RESTORED and self.conn.phase is conv.Phase.HOLDING and not settling:
+            if checkpoint.running_pid:
+                self.conn.running(checkpoint.running_pid, now)
+            else:
+                self.conn.restored(now)
+        elif self.conn.phase is conv.Phase.HOLDING and not settling and custody.take_return(self.store, checkpoint):
+            log.warning("checkpoint %s: the restore here failed; the right to restore it is returned to %s, "
+                        "which may roll it back; this copy stays for a retry (`imgmig restore --id %s`) "
+                        "until the source rolls back", checkpoint.id, self.peer, checkpoint.id, extra=self.fields)
+            self.conn.give_back(now)
 
     # ---- events --------------------------------------------------------------------------
     def _on_event(self, event: conv.Event) -> None:
@@ -328,6 +325,8 @@ class ReceiveSession:
             status, inbound = BeginStatus.NEW, self._new(event.checkpoint)
         self.inbound = inbound
         self.conn.begun(status, inbound.order if status is BeginStatus.RESUMED else None, now)
+        if status is BeginStatus.RUNNING:  # confirmed while the link was down: say it now
+            self.conn.running(self.running_pid, now)
         if status is BeginStatus.NEW and inbound is not None:
             inbound.order = self.conn.order
         verb = {BeginStatus.NEW: "begins", BeginStatus.RESUMED: "resumes",
@@ -335,8 +334,9 @@ class ReceiveSession:
         if verb is not None:
             log.info("checkpoint %s %s from %s", event.checkpoint, verb, self.peer, extra=self.fields)
         else:
+            already = {BeginStatus.RESTORED: "restored", BeginStatus.RUNNING: f"running as pid {self.running_pid}"}
             log.info("checkpoint %s from %s: already %s here, nothing to resume", event.checkpoint, self.peer,
-                     "restored" if status is BeginStatus.RESTORED else "dropped", extra=self.fields)
+                     already.get(status, "dropped"), extra=self.fields)
 
     def _new(self, checkpoint_id: str) -> Inbound:
         with self.store.cond:  # begun and registered at once: no waiter sees one without the other
@@ -352,10 +352,16 @@ class ReceiveSession:
     def _resume(self, checkpoint_id: str) -> tuple[BeginStatus, Inbound | None]:
         transfers = self.transfers
         with self.store.cond:
+            inbound = transfers.inbound.get(checkpoint_id)
+            if inbound is not None and inbound.checkpoint.state is State.RESTORED:  # told the proxy nothing yet
+                checkpoint = inbound.checkpoint
+                transfers.settle(checkpoint_id, BeginStatus.RUNNING if checkpoint.running_pid
+                                 else BeginStatus.RESTORED, checkpoint.running_pid)
             settled = transfers.settled.get(checkpoint_id)
             if settled is not None:
-                return settled, None
-        inbound = transfers.inbound.get(checkpoint_id) or self._adopted(checkpoint_id)
+                status, self.running_pid = settled
+                return status, None
+        inbound = inbound or self._adopted(checkpoint_id)
         if inbound is None:
             return BeginStatus.NEW, self._new(checkpoint_id)
         if not self.store.wait_until(lambda: not inbound.attached, self.stop, TAKEOVER_WAIT):
@@ -515,6 +521,10 @@ class ReceiveSession:
     def _on_confirmed(self, event: conv.Confirmed) -> None:
         if event.kind is wire.FrameType.RESTORED:
             self.transfers.settle(self._inbound().checkpoint.id, BeginStatus.RESTORED)
+        elif event.kind is wire.FrameType.RUNNING:
+            checkpoint = self.checkpoint
+            pid = checkpoint.running_pid if checkpoint is not None else self.running_pid
+            self.transfers.settle(self.conn.checkpoint, BeginStatus.RUNNING, pid)
 
     # ---- endings ---------------------------------------------------------------------------
     def _inbound(self) -> Inbound:
