@@ -8,7 +8,9 @@ figures in docs/design.md were measured with 1024).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import random
 import re
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
+from conftest import REPO, wait_until
 from test_daemons_sim import (
     IO_TIMEOUT,
     Restore,
@@ -31,9 +33,11 @@ from test_daemons_sim import (
     dump,
     restore_order,
 )
+from test_operator import FAKE_CRIU, imgmig, start_victim, status
 
 from imgmig import criu_sim
 from imgmig.commands.common import ControlClient
+from testbed import fake_criu
 
 SIZE_MIB = int(os.environ.get("IMGMIG_FAULT_SIZE_MIB", "256"))
 CUTS = 20
@@ -317,3 +321,80 @@ def test_with_the_link_down_a_restore_waits_grant_timeout_then_is_refused(daemon
     assert 1.4 < waited < 5, f"refused after {waited:.1f} s, not after the 1.5 s grant_timeout"
     one_line(pair.cache_log, r"restore of checkpoint \S+ on the cache refused: its source did not grant the "
                              r"right to restore it within 1\.5 s \(cache.grant_timeout\)")
+
+
+def memfds(pid: int) -> list[str]:
+    """The names of the memfds a process holds (the store's images are `imgmig:NAME`)."""
+    names = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("/memfd:"):
+                names.append(target.removeprefix("/memfd:").removesuffix(" (deleted)"))
+    return names
+
+
+def _restore_with_fake_criu(pair, checkpoint: str, env: dict[str, str]) -> tuple[int, dict, str]:
+    """`imgmig restore --id` with testbed.fake_criu: exit status, what CRIU read (its
+    restored.json), and stdout + stderr."""
+    done = imgmig("restore", "--id", checkpoint, "--config", str(pair.config), "--criu", FAKE_CRIU, env=env)
+    workdir = re.search(r"\(CRIU logs in (\S+)\)", done.stdout)
+    assert workdir, (done.stdout, done.stderr)
+    return done.returncode, json.loads((Path(workdir.group(1)) / "restored.json").read_text()), \
+        done.stdout + done.stderr
+
+
+def test_a_restore_that_fails_after_reading_everything_keeps_both_copies_and_a_retry_succeeds(daemons, tmp_path):
+    """CRIU reads every image of the checkpoint, then fails (simulated CRIU, once): the
+    cache keeps its copy and gives the right back, the proxy keeps its own, and
+    `imgmig restore --id` again claims the right through the normal grant and succeeds,
+    from the same bytes."""
+    victims: list[int] = []
+    try:
+        _fail_once_then_retry(daemons(), victims, tmp_path)
+    finally:
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _fail_once_then_retry(pair, victims: list[int], tmp_path: Path) -> None:
+    pid = start_victim(victims)
+    dumped = subprocess.run([*FAKE_CRIU.split(), "dump", "--stream", "-D", str(pair.proxy_dir), "-t", str(pid)],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert dumped.returncode == 0
+    pair.proxy_log.wait_for(r"verified by the cache")
+    (checkpoint,) = [c["id"] for c in status(pair)["cache"]["checkpoints"]]
+    env = {"FAKE_CRIU_FAIL_ONCE_AFTER_READ": str(tmp_path / "failed-once")}
+
+    code, first, said = _restore_with_fake_criu(pair, checkpoint, env)
+    assert code == 1 and "failed on purpose after reading every image" in said, said
+    pair.cache_log.wait_for(rf"checkpoint {checkpoint} read whole by its restore on the cache")
+    pair.cache_log.wait_for(rf"checkpoint {checkpoint}: its restore read every image and then failed; this cache "
+                            rf"keeps its copy")
+    pair.cache_log.wait_for(rf"checkpoint {checkpoint}: the restore here failed; the right to restore it is "
+                            rf"returned to .*; this copy stays for a retry")
+    pair.proxy_log.wait_for(rf"the right to restore {checkpoint} is back on this node")
+    both = status(pair)
+    (cached,) = both["cache"]["checkpoints"]
+    (held,) = both["proxy"]["checkpoints"]
+    assert cached["id"] == held["id"] == checkpoint, both
+    assert cached["state"] == "complete" and not cached["claimed"], "the cache's copy is servable again"
+    assert held["state"] == "complete" and held["returned"] and not held["delivered"], held
+    for daemon in (pair.proxy, pair.cache):  # the bytes themselves: each daemon still has the memfds
+        assert "imgmig:pages-1.img" in memfds(daemon.process.pid), f"imgmig-{daemon.role} let its copy go"
+
+    code, retry, said = _restore_with_fake_criu(pair, checkpoint, env)
+    assert code == 0 and "restored: running as pid" in said, said
+    victims.append(retry["pid"])
+    assert retry["images"] == first["images"], "the retry read other bytes than the failed restore"
+    expected = {name: hashlib.sha256(data).hexdigest() for name, data in fake_criu.images(pid, 8)
+                if name != "inventory.img"}
+    assert retry["images"] == expected, "the retry's images differ from what was dumped"
+    assert len(pair.proxy_log.matching(rf"checkpoint {checkpoint}: the right to restore it is granted to")) == 2
+    pair.proxy_log.wait_for(rf"checkpoint {checkpoint}: running on test-node \(.*\) as pid {retry['pid']}, "
+                            rf"confirmed by its restore; this node's copy released")
+    after = status(pair)
+    assert after["proxy"]["checkpoints"] == [] and after["cache"]["checkpoints"] == []
+    assert after["proxy"]["ended"][0]["state"] == "running-at-peer"
+    assert not pair.proxy_log.errors(new=False) and not pair.cache_log.errors(new=False)

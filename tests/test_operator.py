@@ -251,11 +251,13 @@ def test_migrate_with_a_waiting_restore_reports_progress_and_runs_there(daemons,
     assert not pair.proxy_log.matching("keep_restored_for"), "no fallback timer when the restore confirmed"
 
 
-def test_migrate_rolls_back_when_the_restore_fails(daemons, victims) -> None:
+@pytest.mark.parametrize("fails", ["after inventory.img", "after reading every image"])
+def test_migrate_rolls_back_when_the_restore_fails(daemons, victims, tmp_path, fails) -> None:
     pair = daemons()
     pid = start_victim(victims)
-    restore = start_imgmig("restore", "--config", str(pair.config), "--criu", FAKE_CRIU,
-                           env={"FAKE_CRIU_FAIL_RESTORE": "1"})
+    env = {"FAKE_CRIU_FAIL_RESTORE": "1"} if fails == "after inventory.img" \
+        else {"FAKE_CRIU_FAIL_ONCE_AFTER_READ": str(tmp_path / "failed-once")}
+    restore = start_imgmig("restore", "--config", str(pair.config), "--criu", FAKE_CRIU, env=env)
     done = imgmig("migrate", str(pid), "--to", "test-node", "--json", "--timeout", "3", "--config",
                   str(pair.config), "--criu", FAKE_CRIU)
     _, err = restore.communicate(timeout=TIMEOUT)
@@ -266,9 +268,11 @@ def test_migrate_rolls_back_when_the_restore_fails(daemons, victims) -> None:
     rolled = int(result["outcome"].split("as pid ")[1].split(";")[0])
     victims.append(rolled)
     assert alive(rolled) and not alive(pid)
-    # the destination gave the right back and dropped its copy: it must not be restored there a second time
+    # the destination gave the right back, and the rollback made it drop its copy: it must not be
+    # restored there a second time
     pair.cache_log.wait_for("is returned to")
     pair.proxy_log.wait_for("is back on this node: roll it back here")
+    pair.cache_log.wait_for(rf"checkpoint {result['checkpoint']} was restored on its source .* this copy is dropped")
     assert status(pair)["cache"]["checkpoints"] == []
     again = imgmig("restore", "--id", result["checkpoint"], "--config", str(pair.config), "--criu", FAKE_CRIU)
     assert again.returncode == 1 and f"checkpoint {result['checkpoint']} is gone from this cache" in again.stderr
