@@ -321,6 +321,55 @@ def test_with_the_link_down_a_restore_waits_grant_timeout_then_is_refused(daemon
     assert 1.4 < waited < 5, f"refused after {waited:.1f} s, not after the 1.5 s grant_timeout"
     one_line(pair.cache_log, r"restore of checkpoint \S+ on the cache refused: its source did not grant the "
                              r"right to restore it within 1\.5 s \(cache.grant_timeout\)")
+    # fencing: the operator knows the source is dead and takes the right here
+    (checkpoint,) = [c["id"] for c in status_of(pair, "cache")["checkpoints"]]
+    unforced = imgmig("handoff", checkpoint, "--config", str(pair.config))
+    assert unforced.returncode == 1 and unforced.stdout == "", unforced
+    (line,) = unforced.stderr.splitlines()
+    assert "source node is down (powered off or fenced" in line and f"imgmig handoff --force {checkpoint}" in line
+    forced = imgmig("handoff", "--force", checkpoint, "--config", str(pair.config))
+    assert forced.returncode == 0 and "the right to restore it is this node's now (fencing)" in forced.stdout, forced
+    warned = pair.cache_log.wait_for(rf"checkpoint {checkpoint}: the right to restore it is taken on this node "
+                                     rf"without its source .* \(imgmig handoff --force\): fencing")
+    assert len(warned) == 1 and ": WARNING " in warned[0], warned
+    assert_restores(Restore(pair.cache_dir, restore_order(images)).result(), images)
+    pair.cache_log.wait_for(rf"checkpoint {checkpoint} restored from the cache")
+    assert len(pair.cache_log.errors(new=False)) == 1, "the refusal before the handoff is the only error"
+
+
+def status_of(pair, role: str) -> dict:
+    with ControlClient((pair.proxy_dir if role == "proxy" else pair.cache_dir) / "control.sock", role) as client:
+        return client.request("list")
+
+
+def test_after_a_handoff_the_returning_source_is_told_and_its_rollback_refused(daemons):
+    """The source stalls (SIGSTOP: a node that hung, the case fencing is for); the operator
+    forces the handoff and the restore runs on the destination. The source comes back
+    (SIGCONT) with its copy: the cache tells it that it holds the right, and the rollback
+    there is refused, one line on each node."""
+    pair = daemons(cache_keys={"grant_timeout": 1.5}, proxy_keys={"keep_restored_for": 60})
+    images = checkpoint_images("fenced")
+    dump(pair.proxy_dir, images)
+    pair.cache_log.wait_for(r"complete from")
+    (checkpoint,) = [c["id"] for c in status_of(pair, "cache")["checkpoints"]]
+    pair.proxy.process.send_signal(signal.SIGSTOP)
+    try:
+        forced = imgmig("handoff", "--force", checkpoint, "--config", str(pair.config))
+        assert forced.returncode == 0, forced
+        assert_restores(Restore(pair.cache_dir, restore_order(images)).result(), images)
+        pair.cache_log.wait_for(rf"checkpoint {checkpoint} restored from the cache")
+    finally:
+        pair.proxy.process.send_signal(signal.SIGCONT)
+    told = pair.cache_log.wait_for(rf"checkpoint {checkpoint}: its source .* is back .*this node holds the right "
+                                   rf"to restore it .*a rollback there is refused")
+    pair.proxy_log.wait_for(rf"checkpoint {checkpoint} was restored on test-node .*keeps its copy 60 s")
+    assert checkpoint in [c["id"] for c in status_of(pair, "proxy")["checkpoints"]], "the source kept its copy"
+    rollback = Restore(pair.proxy_dir, restore_order(images))
+    with pytest.raises(OSError):
+        rollback.result()
+    refused = one_line(pair.proxy_log, rf"restore of checkpoint {checkpoint} on the proxy refused: the right to "
+                                       rf"restore it is held by test-node \(the destination\)")
+    assert refused and len(told) == 1 and not pair.cache_log.errors(new=False)
 
 
 def memfds(pid: int) -> list[str]:

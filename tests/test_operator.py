@@ -180,6 +180,14 @@ def test_control_socket_fed_garbage_logs_one_line_each_and_keeps_serving(daemons
         with pytest.raises(Declined, match="holds no checkpoint"):
             client.request("drop", id="nothing")
         assert client.request("list")["checkpoints"] == []  # a declined request keeps the connection
+        with pytest.raises(Declined, match="the proxy has no op 'handoff'; it is the other daemon's"):
+            client.request("handoff", id="nothing", force=True)
+    with ControlClient(pair.cache_dir / "control.sock", "cache") as client:
+        with pytest.raises(Declined, match="safe only once the source node is down"):
+            client.request("handoff", id="nothing", force=False)
+        with pytest.raises(Declined, match="this cache holds no checkpoint nothing"):
+            client.request("handoff", id="nothing", force=True)
+    assert not pair.cache_log.errors(new=False)
 
 
 def test_a_claim_hides_the_checkpoint_from_a_bare_restore(daemons) -> None:

@@ -427,7 +427,17 @@ class Forwarder:
             self._pump(LOOK_EVERY)
         raise Settled
 
+    def _used_there(self) -> None:
+        """The right was used on the cache: record it (a handoff --force there took it without
+        this proxy), so that a rollback here is refused; one line if a rollback here used it too."""
+        before = custody.used_at_peer(self.store, self.checkpoint, self.peer_name)
+        if before == custody.source(self.node):
+            log.error("checkpoint %s was restored on this node (a rollback) and on %s, whose cache took the right "
+                      "to restore it with `imgmig handoff --force` while this node was unreachable: the process may "
+                      "run on both nodes; stop one of them", self.checkpoint.id, self.peer_node, extra=self.fields)
+
     def _restored_there(self) -> None:
+        self._used_there()
         if self.keep_restored_for <= 0:
             self._release("reported by the cache")
             raise Settled
@@ -521,6 +531,7 @@ class Forwarder:
     def _running_there(self, pid: int) -> None:
         """The restore on the cache confirmed the process runs: nothing can need this copy."""
         assert self.conn is not None
+        self._used_there()
         self.running_at_peer = f"{self.peer_name} as pid {pid}"
         log.info("checkpoint %s: running on %s as pid %d, confirmed by its restore; this node's copy released",
                  self.checkpoint.id, self.peer_node, pid, extra=self.fields)

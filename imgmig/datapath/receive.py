@@ -67,6 +67,7 @@ class Inbound:
     images: dict[int, Image] = field(default_factory=dict)
     hashers: dict[int, Digester] = field(default_factory=dict)
     attached: bool = False
+    force_told: bool = False  # the proxy acknowledged this node's `imgmig handoff --force` (a GRANT)
 
 
 class Transfers:
@@ -261,6 +262,9 @@ class ReceiveSession:
                 and self.conn.phase in (conv.Phase.TRANSFER, conv.Phase.ENDED, conv.Phase.HOLDING):
             self.conn.claim(now)
         settling = self.conn.restored_sent or self.conn.running_sent or self.conn.return_sent
+        if checkpoint.forced and not self._inbound().force_told and checkpoint.state is State.COMPLETE \
+                and self.conn.phase is conv.Phase.HOLDING and not self.conn.claim_sent and not settling:
+            self.conn.claim(now)  # fencing: the proxy must learn who holds the right before it rolls back
         if checkpoint.state is State.RESTORED and self.conn.phase is conv.Phase.HOLDING and not settling:
             if checkpoint.running_pid:
                 self.conn.running(checkpoint.running_pid, now)
@@ -357,6 +361,10 @@ class ReceiveSession:
                 checkpoint = inbound.checkpoint
                 transfers.settle(checkpoint_id, BeginStatus.RUNNING if checkpoint.running_pid
                                  else BeginStatus.RESTORED, checkpoint.running_pid)
+                if checkpoint.forced:
+                    log.warning("checkpoint %s: its source %s is back; it was restored here with the right taken by "
+                                "imgmig handoff --force, and the source is told so: a rollback there is refused",
+                                checkpoint_id, self.peer, extra={"IMGMIG_CHECKPOINT": checkpoint_id})
             settled = transfers.settled.get(checkpoint_id)
             if settled is not None:
                 status, self.running_pid = settled
@@ -500,10 +508,28 @@ class ReceiveSession:
 
     def _on_grant(self, event: conv.GrantAnswered) -> None:
         checkpoint = self._inbound().checkpoint
+        if checkpoint.forced:
+            self._fencing_answered(checkpoint, event)
+            return
         custody.answer_claim(self.store, checkpoint, event.granted, event.holder)
         if event.granted:
             log.info("checkpoint %s: %s granted this node the right to restore it", checkpoint.id, self.peer,
                      extra=self.fields)
+
+    def _fencing_answered(self, checkpoint: Checkpoint, event: conv.GrantAnswered) -> None:
+        """The source came back while this node held the right by `imgmig handoff --force`."""
+        inbound = self._inbound()
+        if event.granted and not inbound.force_told:
+            inbound.force_told = True
+            log.warning("checkpoint %s: its source %s is back and now records that this node holds the right to "
+                        "restore it (taken with imgmig handoff --force): a rollback there is refused",
+                        checkpoint.id, self.peer, extra=self.fields)
+        elif not event.granted:
+            log.error("checkpoint %s: fencing failed: its source %s is back and had restored it itself (%s) after "
+                      "this node took the right with imgmig handoff --force; it is no longer restored here, and if "
+                      "it already was, the process runs on both nodes: stop one", checkpoint.id, self.peer,
+                      event.holder, extra=self.fields)
+            custody.answer_claim(self.store, checkpoint, False, event.holder)
 
     def _on_drop(self) -> None:
         """The source node restored this checkpoint itself (a rollback): restoring it here

@@ -107,6 +107,7 @@ class Checkpoint:
     grant_wanted: bool = False
     refused_by: str = ""
     return_wanted: bool = False
+    forced: bool = False  # cache: `imgmig handoff --force` took the right without the proxy (fencing)
     # `imgmig restore` confirmed that the process runs, as this pid (CRIU's exit status and
     # pidfile): the cache says RUNNING instead of RESTORED, and the proxy releases its copy.
     running_pid: int = 0

@@ -459,8 +459,11 @@ class ControlSession:
             left -= len(data)
 
     def _dispatch(self, request: cw.Request) -> bytes:
+        op = self.server.ops.get(request.op)
+        if op is None:  # an op of the other role
+            return cw.encode_error(f"the {self.server.role} has no op {request.op!r}; it is the other daemon's")
         try:
-            return cw.encode_reply(self.server.ops[request.op](self, request))
+            return cw.encode_reply(op(self, request))
         except OpError as exc:
             return cw.encode_error(str(exc))
 
