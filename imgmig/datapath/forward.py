@@ -578,6 +578,8 @@ class Forwarder:
 def _describe_resume(answered: conv.BeginAnswered) -> str:
     if answered.status is BeginStatus.COMPLETE:
         return "the cache holds it complete"
+    if answered.status is BeginStatus.RUNNING:
+        return "a restore there confirmed the process runs while the link was down"
     if answered.status is BeginStatus.NEW:
         return "the cache had none of it: sending it again"
     held = sum(answered.held.values())
