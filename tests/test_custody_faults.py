@@ -342,11 +342,13 @@ def status_of(pair, role: str) -> dict:
         return client.request("list")
 
 
-def test_after_a_handoff_the_returning_source_is_told_and_its_rollback_refused(daemons):
+@pytest.mark.parametrize("link", ["kept", "cut"])
+def test_after_a_handoff_the_returning_source_is_told_and_its_rollback_refused(daemons, link):
     """The source stalls (SIGSTOP: a node that hung, the case fencing is for); the operator
     forces the handoff and the restore runs on the destination. The source comes back
-    (SIGCONT) with its copy: the cache tells it that it holds the right, and the rollback
-    there is refused, one line on each node."""
+    (SIGCONT) with its copy, on its old connection or (cut) on a resumed one: the cache
+    tells it that it holds the right, and the rollback there is refused, one line on each
+    node."""
     pair = daemons(cache_keys={"grant_timeout": 1.5}, proxy_keys={"keep_restored_for": 60})
     images = checkpoint_images("fenced")
     dump(pair.proxy_dir, images)
@@ -358,6 +360,8 @@ def test_after_a_handoff_the_returning_source_is_told_and_its_rollback_refused(d
         assert forced.returncode == 0, forced
         assert_restores(Restore(pair.cache_dir, restore_order(images)).result(), images)
         pair.cache_log.wait_for(rf"checkpoint {checkpoint} restored from the cache")
+        if link == "cut":
+            assert cut(pair.port)
     finally:
         pair.proxy.process.send_signal(signal.SIGCONT)
     told = pair.cache_log.wait_for(rf"checkpoint {checkpoint}: its source .* is back .*this node holds the right "

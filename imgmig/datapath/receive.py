@@ -362,9 +362,9 @@ class ReceiveSession:
                 transfers.settle(checkpoint_id, BeginStatus.RUNNING if checkpoint.running_pid
                                  else BeginStatus.RESTORED, checkpoint.running_pid)
                 if checkpoint.forced:
-                    log.warning("checkpoint %s: its source %s is back; it was restored here with the right taken by "
-                                "imgmig handoff --force, and the source is told so: a rollback there is refused",
-                                checkpoint_id, self.peer, extra={"IMGMIG_CHECKPOINT": checkpoint_id})
+                    log.warning("checkpoint %s: its source %s is back and is told that this node holds the right to "
+                                "restore it (taken with imgmig handoff --force) and restored it: a rollback there is "
+                                "refused", checkpoint_id, self.peer, extra={"IMGMIG_CHECKPOINT": checkpoint_id})
             settled = transfers.settled.get(checkpoint_id)
             if settled is not None:
                 status, self.running_pid = settled
