@@ -184,6 +184,27 @@ def test_running_confirmed_while_the_link_is_down_reaches_the_proxy_after_the_re
     assert not pair.proxy_log.matching("keep_restored_for") and not pair.proxy_log.errors(new=False)
 
 
+def test_a_restore_gone_before_its_confirm_counts_as_restored(daemons):
+    """`imgmig restore` killed after CRIU read everything, before it confirmed: CRIU may be
+    running the process, so the checkpoint is not offered to another restore; it counts as
+    restored, as after a bare restore (RESTORED, the proxy's keep_restored_for)."""
+    pair = daemons()
+    images = checkpoint_images("unconfirmed")
+    dump(pair.proxy_dir, images)
+    pair.cache_log.wait_for(r"complete from")
+    with ControlClient(pair.cache_dir / "control.sock", "cache") as client:
+        checkpoint = client.request("claim")["claimed"]
+        assert_restores(serve_claimed(client, checkpoint, images), images)
+    line = pair.cache_log.wait_for(rf"checkpoint {checkpoint}: imgmig restore went away before it confirmed the "
+                                   rf"outcome of a restore that read it whole; it counts as restored")
+    assert ": WARNING " in line[0]
+    pair.proxy_log.wait_for(rf"checkpoint {checkpoint} was restored on .*\(reported by the cache\); this node keeps "
+                            rf"its copy 1 s")
+    with ControlClient(pair.cache_dir / "control.sock", "cache") as client:
+        listed = client.request("list")
+    assert listed["checkpoints"] == [] and listed["ended"][0]["state"] == "restored", listed
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_cut_mid_small_checkpoint_resumes(daemons, seed):
     pair = daemons()
