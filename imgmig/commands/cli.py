@@ -52,7 +52,7 @@ def cache_main(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from imgmig.commands import migrate, pki, restore, status
+    from imgmig.commands import handoff, migrate, pki, restore, status
     from imgmig.commands.common import CommandError, say
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     status.add_parsers(commands)
     migrate.add_parser(commands)
     restore.add_parser(commands)
+    handoff.add_parser(commands)
     args = parser.parse_args(argv)
     if criu_options and args.command not in ("migrate", "restore"):
         parser.error(f"arguments after -- are for CRIU; `imgmig {args.command}` runs no CRIU")

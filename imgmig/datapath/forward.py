@@ -8,8 +8,10 @@ seconds and resumes: each file continues at the offset the cache says it holds, 
 nothing the cache acknowledged is sent again. After CHECKPOINT_DONE the connection
 stays: the proxy decides who may restore the checkpoint (CLAIM / GRANT, or a rollback
 here, which takes the right and tells the cache to DROP its copy), releases its own
-copy once the cache reports the checkpoint restored, and keeps it when a failed restore
-there gives the right back (RETURN) for a rollback here.
+copy at once when the cache confirms the process runs there (RUNNING), keeps it
+`keep_restored_for` when a bare restore there only read it all (RESTORED), and keeps it
+when a failed restore there gives the right back (RETURN): then a rollback here, or a
+retry there, may take the right.
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ class Forwarder:
         self.after = after
         self.begun = threading.Event()
         self.restored_at_peer = False  # the cache reported every image read by a restore there
-        self.returned_by_peer = False  # a restore there failed and the cache gave the right back
+        self.running_at_peer = ""      # the cache confirmed the process runs there: "NODE as pid P"
+        self.returned_by_peer = False  # a restore there failed and the cache gave the right back (since the last grant)
         self.digest = usable(digest)  # offered in HELLO; the cache's HELLO says which is used
         self.started = time.monotonic()
 
@@ -252,7 +255,7 @@ class Forwarder:
             raise GiveUp(f"the cache no longer has checkpoint {self.checkpoint.id} (dropped or failed there)")
         if answered.status is BeginStatus.COMPLETE:
             self._delivered()
-        else:
+        elif answered.status is not BeginStatus.RUNNING:  # RUNNING: its frame comes next (_hold)
             self._continue_files(answered)
         if resume:
             self.reconnects += 1
@@ -424,7 +427,17 @@ class Forwarder:
             self._pump(LOOK_EVERY)
         raise Settled
 
+    def _used_there(self) -> None:
+        """The right was used on the cache: record it (a handoff --force there took it without
+        this proxy), so that a rollback here is refused; one line if a rollback here used it too."""
+        before = custody.used_at_peer(self.store, self.checkpoint, self.peer_name)
+        if before == custody.source(self.node):
+            log.error("checkpoint %s was restored on this node (a rollback) and on %s, whose cache took the right "
+                      "to restore it with `imgmig handoff --force` while this node was unreachable: the process may "
+                      "run on both nodes; stop one of them", self.checkpoint.id, self.peer_node, extra=self.fields)
+
     def _restored_there(self) -> None:
+        self._used_there()
         if self.keep_restored_for <= 0:
             self._release("reported by the cache")
             raise Settled
@@ -492,6 +505,8 @@ class Forwarder:
             self.conn.confirm_restored(time.monotonic())
             self._flush()
             self._restored_there()
+        elif isinstance(event, conv.RunningReported):
+            self._running_there(event.pid)
         elif isinstance(event, conv.RightReturned):
             self._right_returned()
         elif isinstance(event, conv.Confirmed):
@@ -506,23 +521,35 @@ class Forwarder:
         granted, holder = custody.grant_to_peer(self.store, self.checkpoint, self.peer_name)
         self.conn.grant(granted, holder, time.monotonic())
         if granted:
+            self.returned_by_peer = False
             log.info("checkpoint %s: the right to restore it is granted to %s", self.checkpoint.id,
                      self.peer_node, extra=self.fields)
         else:
             log.warning("checkpoint %s: %s asked for the right to restore it; refused, it is held by %s",
                         self.checkpoint.id, self.peer_node, holder, extra=self.fields)
 
+    def _running_there(self, pid: int) -> None:
+        """The restore on the cache confirmed the process runs: nothing can need this copy."""
+        assert self.conn is not None
+        self._used_there()
+        self.running_at_peer = f"{self.peer_name} as pid {pid}"
+        log.info("checkpoint %s: running on %s as pid %d, confirmed by its restore; this node's copy released",
+                 self.checkpoint.id, self.peer_node, pid, extra=self.fields)
+        self.store.drop(self.checkpoint)
+        self.conn.confirm_running(time.monotonic())
+        self._flush()
+        raise Settled
+
     def _right_returned(self) -> None:
-        """The restore on the cache failed and its copy is gone: this copy is kept for a
-        rollback, which may take the right now; the link has nothing more to carry."""
+        """The restore on the cache failed; both copies stay. A rollback here may take the
+        right now, or a retry there may claim it again; the link stays for either."""
         assert self.conn is not None
         custody.taken_back(self.store, self.checkpoint, self.peer_name)
         self.returned_by_peer = True
-        log.warning("the restore on %s failed; the right to restore %s is back on this node: roll it back here",
-                    self.peer_node, self.checkpoint.id, extra=self.fields)
+        log.warning("the restore on %s failed; the right to restore %s is back on this node: roll it back here, "
+                    "or retry the restore there", self.peer_node, self.checkpoint.id, extra=self.fields)
         self.conn.confirm_return(time.monotonic())
         self._flush()
-        raise Settled
 
     def _on_peer_error(self, event: conv.PeerError) -> None:
         if event.code == ErrorCode.INTERNAL:
@@ -551,6 +578,8 @@ class Forwarder:
 def _describe_resume(answered: conv.BeginAnswered) -> str:
     if answered.status is BeginStatus.COMPLETE:
         return "the cache holds it complete"
+    if answered.status is BeginStatus.RUNNING:
+        return "a restore there confirmed the process runs while the link was down"
     if answered.status is BeginStatus.NEW:
         return "the cache had none of it: sending it again"
     held = sum(answered.held.values())

@@ -4,8 +4,8 @@ One proxy connection carries one checkpoint. FILE_DATA payloads go link -> memfd
 (spliced on a plain link); each file's digest is computed from the memfd as it fills
 and checked against FILE_END before the file may be served. This thread is the only
 writer to its link: what other threads want said (a restore asking for the right to
-restore, a restore that read everything, a failed one giving the right back) it finds in
-the store and says itself.
+restore, a bare restore that read everything, a restore confirmed running, a failed one
+giving the right back) it finds in the store and says itself.
 
 A cut link leaves an unfinished checkpoint in `Transfers`, with its file order and
 digests so far, for `cache.resume_for` seconds: the proxy reconnects and continues
@@ -69,6 +69,7 @@ class Inbound:
     attached: bool = False
     link: Link | None = None  # the attached connection's, for a resume to take over from
     taken_over: bool = False  # a resume from its proxy ended that connection
+    force_told: bool = False  # the proxy acknowledged this node's `imgmig handoff --force` (a GRANT)
 
 
 class Transfers:
@@ -78,7 +79,7 @@ class Transfers:
         self.store = store
         self.resume_for = resume_for
         self.inbound: dict[str, Inbound] = {}
-        self.settled: dict[str, BeginStatus] = {}
+        self.settled: dict[str, tuple[BeginStatus, int]] = {}  # id -> (status, pid if RUNNING)
         threading.Thread(target=self._watch_taken_back, name="taken-back", daemon=True).start()
 
     def _watch_taken_back(self) -> None:
@@ -107,10 +108,10 @@ class Transfers:
         self.store.fail(checkpoint, "the proxy did not come back to resume it")
         self.settle(checkpoint.id, BeginStatus.GONE)
 
-    def settle(self, checkpoint_id: str, status: BeginStatus) -> None:
+    def settle(self, checkpoint_id: str, status: BeginStatus, pid: int = 0) -> None:
         with self.store.cond:
             self.inbound.pop(checkpoint_id, None)
-            self.settled[checkpoint_id] = status
+            self.settled[checkpoint_id] = (status, pid)
             while len(self.settled) > SETTLED_KEPT:
                 del self.settled[next(iter(self.settled))]
 
@@ -153,6 +154,7 @@ class ReceiveSession:
         self.inbound: Inbound | None = None
         self.digest = wire.Digest.SHA256
         self.pending: dict[int, list[int]] = {}  # file_id -> [offset, length] stored, not yet hashed
+        self.running_pid = 0  # a resumed checkpoint confirmed running here while the link was down
         self.peer = address
         self.started = time.monotonic()
 
@@ -261,21 +263,20 @@ class ReceiveSession:
         if checkpoint.grant_wanted and not checkpoint.holder and not self.conn.claim_sent \
                 and self.conn.phase in (conv.Phase.TRANSFER, conv.Phase.ENDED, conv.Phase.HOLDING):
             self.conn.claim(now)
-        if checkpoint.state is State.RESTORED and self.conn.phase is conv.Phase.HOLDING \
-                and not self.conn.restored_sent:
-            self.conn.restored(now)
-        if self.conn.phase is conv.Phase.HOLDING and not self.conn.restored_sent and not self.conn.return_sent \
-                and custody.take_return(self.store, checkpoint):
-            self._give_back(checkpoint, now)
-
-    def _give_back(self, checkpoint: Checkpoint, now: float) -> None:
-        """A restore here failed (imgmig restore said so): the source may roll back now, so
-        this copy goes first, then the right goes back to the proxy."""
-        log.warning("checkpoint %s: the restore here failed; the right to restore it is returned to %s, which "
-                    "may roll it back, and this copy is dropped", checkpoint.id, self.peer, extra=self.fields)
-        self.store.fail(checkpoint, "its restore here failed; the right to restore it went back to its source")
-        self.transfers.settle(checkpoint.id, BeginStatus.GONE)
-        self.conn.give_back(now)
+        settling = self.conn.restored_sent or self.conn.running_sent or self.conn.return_sent
+        if checkpoint.forced and not self._inbound().force_told and checkpoint.state is State.COMPLETE \
+                and self.conn.phase is conv.Phase.HOLDING and not self.conn.claim_sent and not settling:
+            self.conn.claim(now)  # fencing: the proxy must learn who holds the right before it rolls back
+        if checkpoint.state is State.RESTORED and self.conn.phase is conv.Phase.HOLDING and not settling:
+            if checkpoint.running_pid:
+                self.conn.running(checkpoint.running_pid, now)
+            else:
+                self.conn.restored(now)
+        elif self.conn.phase is conv.Phase.HOLDING and not settling and custody.take_return(self.store, checkpoint):
+            log.warning("checkpoint %s: the restore here failed; the right to restore it is returned to %s, "
+                        "which may roll it back; this copy stays for a retry (`imgmig restore --id %s`) "
+                        "until the source rolls back", checkpoint.id, self.peer, checkpoint.id, extra=self.fields)
+            self.conn.give_back(now)
 
     # ---- events --------------------------------------------------------------------------
     def _on_event(self, event: conv.Event) -> None:
@@ -330,6 +331,8 @@ class ReceiveSession:
             status, inbound = BeginStatus.NEW, self._new(event.checkpoint)
         self.inbound = inbound
         self.conn.begun(status, inbound.order if status is BeginStatus.RESUMED else None, now)
+        if status is BeginStatus.RUNNING:  # confirmed while the link was down: say it now
+            self.conn.running(self.running_pid, now)
         if status is BeginStatus.NEW and inbound is not None:
             inbound.order = self.conn.order
         verb = {BeginStatus.NEW: "begins", BeginStatus.RESUMED: "resumes",
@@ -337,8 +340,9 @@ class ReceiveSession:
         if verb is not None:
             log.info("checkpoint %s %s from %s", event.checkpoint, verb, self.peer, extra=self.fields)
         else:
+            already = {BeginStatus.RESTORED: "restored", BeginStatus.RUNNING: f"running as pid {self.running_pid}"}
             log.info("checkpoint %s from %s: already %s here, nothing to resume", event.checkpoint, self.peer,
-                     "restored" if status is BeginStatus.RESTORED else "dropped", extra=self.fields)
+                     already.get(status, "dropped"), extra=self.fields)
 
     def _new(self, checkpoint_id: str) -> Inbound:
         with self.store.cond:  # begun and registered at once: no waiter sees one without the other
@@ -354,10 +358,20 @@ class ReceiveSession:
     def _resume(self, checkpoint_id: str) -> tuple[BeginStatus, Inbound | None]:
         transfers = self.transfers
         with self.store.cond:
+            inbound = transfers.inbound.get(checkpoint_id)
+            if inbound is not None and inbound.checkpoint.state is State.RESTORED:  # told the proxy nothing yet
+                checkpoint = inbound.checkpoint
+                transfers.settle(checkpoint_id, BeginStatus.RUNNING if checkpoint.running_pid
+                                 else BeginStatus.RESTORED, checkpoint.running_pid)
+                if checkpoint.forced:
+                    log.warning("checkpoint %s: its source %s is back and is told that this node holds the right to "
+                                "restore it (taken with imgmig handoff --force) and restored it: a rollback there is "
+                                "refused", checkpoint_id, self.peer, extra={"IMGMIG_CHECKPOINT": checkpoint_id})
             settled = transfers.settled.get(checkpoint_id)
             if settled is not None:
-                return settled, None
-        inbound = transfers.inbound.get(checkpoint_id) or self._adopted(checkpoint_id)
+                status, self.running_pid = settled
+                return status, None
+        inbound = inbound or self._adopted(checkpoint_id)
         if inbound is None:
             return BeginStatus.NEW, self._new(checkpoint_id)
         self._take_over(inbound)
@@ -506,10 +520,28 @@ class ReceiveSession:
 
     def _on_grant(self, event: conv.GrantAnswered) -> None:
         checkpoint = self._inbound().checkpoint
+        if checkpoint.forced:
+            self._fencing_answered(checkpoint, event)
+            return
         custody.answer_claim(self.store, checkpoint, event.granted, event.holder)
         if event.granted:
             log.info("checkpoint %s: %s granted this node the right to restore it", checkpoint.id, self.peer,
                      extra=self.fields)
+
+    def _fencing_answered(self, checkpoint: Checkpoint, event: conv.GrantAnswered) -> None:
+        """The source came back while this node held the right by `imgmig handoff --force`."""
+        inbound = self._inbound()
+        if event.granted and not inbound.force_told:
+            inbound.force_told = True
+            log.warning("checkpoint %s: its source %s is back and now records that this node holds the right to "
+                        "restore it (taken with imgmig handoff --force): a rollback there is refused",
+                        checkpoint.id, self.peer, extra=self.fields)
+        elif not event.granted:
+            log.error("checkpoint %s: fencing failed: its source %s is back and had restored it itself (%s) after "
+                      "this node took the right with imgmig handoff --force; it is no longer restored here, and if "
+                      "it already was, the process runs on both nodes: stop one", checkpoint.id, self.peer,
+                      event.holder, extra=self.fields)
+            custody.answer_claim(self.store, checkpoint, False, event.holder)
 
     def _on_drop(self) -> None:
         """The source node restored this checkpoint itself (a rollback): restoring it here
@@ -527,6 +559,10 @@ class ReceiveSession:
     def _on_confirmed(self, event: conv.Confirmed) -> None:
         if event.kind is wire.FrameType.RESTORED:
             self.transfers.settle(self._inbound().checkpoint.id, BeginStatus.RESTORED)
+        elif event.kind is wire.FrameType.RUNNING:
+            checkpoint = self.checkpoint
+            pid = checkpoint.running_pid if checkpoint is not None else self.running_pid
+            self.transfers.settle(self.conn.checkpoint, BeginStatus.RUNNING, pid)
 
     # ---- endings ---------------------------------------------------------------------------
     def _inbound(self) -> Inbound:

@@ -107,6 +107,10 @@ class Checkpoint:
     grant_wanted: bool = False
     refused_by: str = ""
     return_wanted: bool = False
+    forced: bool = False  # cache: `imgmig handoff --force` took the right without the proxy (fencing)
+    # `imgmig restore` confirmed that the process runs, as this pid (CRIU's exit status and
+    # pidfile): the cache says RUNNING instead of RESTORED, and the proxy releases its copy.
+    running_pid: int = 0
     # What the memory limit counts for all its images, kept as they are charged: a sum over
     # the images on every check would make a dump of n files cost O(n^2).
     charged: int = 0

@@ -74,7 +74,7 @@ class Proxy:
         self.forwarded_before = 0  # bytes sent by forwarders that have finished
         self.capture_rate, self.forward_rate = RateMeter(), RateMeter()
         self.ended_links: dict[str, int] = {}  # checkpoint id -> bytes forwarded, once its link ended
-        self.restored_there: dict[str, str] = {}  # checkpoint id -> the peer that reported it restored
+        self.restored_there: dict[str, tuple[str, str]] = {}  # checkpoint id -> (state, outcome) at the peer
 
     def status(self) -> str:
         """E.g. `1 checkpoint (1 receiving), 1.3 GiB held of 12.0 GiB; capturing at 900 MB/s;
@@ -134,17 +134,18 @@ class Proxy:
         try:
             forwarder.run()
         finally:
+            self._note_outcome(forwarder)  # before it leaves `forwarders`: _ended_as finds it in one or the other
             self.forwarders.discard(forwarder)
             self.forwarded_before += forwarder.bytes_sent
-            self._note_outcome(forwarder)
 
     def _note_outcome(self, forwarder: Forwarder) -> None:
         """Its bytes forwarded, and, if the link ended without a restore there, that (migrate rolls back)."""
         checkpoint = forwarder.checkpoint
         self.ended_links[checkpoint.id] = forwarder.bytes_sent
-        if forwarder.restored_at_peer:
-            self.restored_there[checkpoint.id] = forwarder.peer_node
-            self.control.journal.note(checkpoint.id, f"restored on {forwarder.peer_node}", "restored-at-peer")
+        ended_as = _ended_there(forwarder)
+        if ended_as is not None:
+            self.restored_there[checkpoint.id] = ended_as
+            self.control.journal.note(checkpoint.id, ended_as[1], ended_as[0])
         while len(self.restored_there) > ENDED_LINKS:
             self.restored_there.pop(next(iter(self.restored_there)))
         while len(self.ended_links) > ENDED_LINKS:
@@ -152,19 +153,17 @@ class Proxy:
         if forwarder.returned_by_peer:
             self.control.journal.note(checkpoint.id, f"the restore on {forwarder.peer_node} failed; the right to "
                                       f"restore it is back on this node: roll it back here")
-        elif not forwarder.restored_at_peer and checkpoint.state is State.COMPLETE \
+        elif not forwarder.restored_at_peer and not forwarder.running_at_peer and checkpoint.state is State.COMPLETE \
                 and not self.daemon.stop.is_set():
             self.control.journal.note(checkpoint.id, f"the link to {forwarder.peer_node} closed before a restore "
                                       f"there; this node keeps its copy for a rollback")
 
     def _ended_as(self, event: str, checkpoint: Checkpoint) -> tuple[str, str] | None:
-        """Dropped after the peer reported it restored (kept proxy.keep_restored_for first)."""
+        """Dropped once the peer confirmed the process runs there, or after it reported it
+        read whole by a bare restore (kept proxy.keep_restored_for first)."""
         forwarder = self._forwarder(checkpoint)
-        peer = forwarder.peer_node if forwarder is not None and forwarder.restored_at_peer \
-            else self.restored_there.get(checkpoint.id)
-        if event == "dropped" and peer is not None:
-            return "restored-at-peer", f"restored on {peer}"
-        return None
+        known = _ended_there(forwarder) if forwarder is not None else self.restored_there.get(checkpoint.id)
+        return known if event == "dropped" else None
 
     def _on_control(self, conn: socket.socket, peer: str) -> None:
         self.control.handle(conn, peer)
@@ -190,10 +189,14 @@ class Proxy:
         else:
             link, forwarded, peer = "closed", self.ended_links.get(checkpoint.id, 0), None
         restored_at_peer = forwarder is not None and forwarder.restored_at_peer
+        returned = forwarder is not None and forwarder.returned_by_peer
         if restored_at_peer:
-            link = "restored there; this copy kept for proxy.keep_restored_for"
+            link = "read whole by a restore there, not confirmed running; this copy kept for proxy.keep_restored_for"
+        elif returned:
+            link = "the restore there failed and gave the right back; both copies kept"
         return {"forwarded": forwarded, "verified": checkpoint.size if checkpoint.delivered else 0,
-                "delivered": checkpoint.delivered, "link": link, "peer": peer, "restored_at_peer": restored_at_peer}
+                "delivered": checkpoint.delivered, "link": link, "peer": peer, "restored_at_peer": restored_at_peer,
+                "returned": returned}
 
     def _peers(self) -> list[dict[str, Any]]:
         forwarders = list(self.forwarders)
@@ -241,6 +244,15 @@ class Proxy:
     def _take_right(self, checkpoint: Checkpoint) -> None:
         """A rollback here takes the right to restore the checkpoint, unless the cache holds it."""
         custody.take_for_rollback(self.store, checkpoint, self.config.node)
+
+
+def _ended_there(forwarder: Forwarder) -> tuple[str, str] | None:
+    """(state, outcome) of a checkpoint the peer restored: confirmed running, or read whole."""
+    if forwarder.running_at_peer:
+        return "running-at-peer", f"running on {forwarder.running_at_peer}, confirmed by its restore"
+    if forwarder.restored_at_peer:
+        return "restored-at-peer", f"restored on {forwarder.peer_node}"
+    return None
 
 
 def _sealed_memfd(fd: int | None) -> int:
