@@ -129,7 +129,8 @@ class FdStore:
     def take_back(self, stored: dict[str, int]) -> TakenBack:
         """Adopt the checkpoints a previous run left in the fd store; release what cannot be used."""
         meta_fd = stored.pop(META_NAME, -1)
-        records, self.last_number = _read_meta(meta_fd, len(stored)) if meta_fd >= 0 else ([], 0)
+        meta = _read_meta(meta_fd, len(stored)) if meta_fd >= 0 else ([], 0)
+        records, self.last_number = meta or ([], 0)
         if meta_fd >= 0:
             self.meta_fd = meta_fd
         taken = TakenBack()
@@ -148,8 +149,11 @@ class FdStore:
             self.records[record.id] = record
             self.serial = max([self.serial, *(_serial(image.fdname) for image in record.images)])
         taken.last_number = self.last_number = max([self.last_number, *(_number(r.id) for r in records)])
-        for name in set(stored) - used:
-            log.warning("fd store: %s is not part of a checkpoint taken back; released", name)
+        unused = sorted(set(stored) - used)
+        if unused and meta is not None:  # (an unusable document was reported already)
+            log.warning("fd store: %d fds left by the previous run are not part of a checkpoint taken back (%s); "
+                        "released", len(unused), ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else ""))
+        for name in unused:
             self._forget(name)
             os.close(stored[name])
         if self.enabled:
@@ -270,9 +274,9 @@ class FdStore:
         os.ftruncate(self.meta_fd, len(data))
 
 
-def _read_meta(fd: int, fds: int) -> tuple[list[_Record], int]:
-    """The records of the previous run's metadata and its last_number; nothing (with one
-    line saying why) if unusable."""
+def _read_meta(fd: int, fds: int) -> tuple[list[_Record], int] | None:
+    """The records of the previous run's metadata and its last_number; None (with one line
+    saying why) if unusable."""
     try:
         size = os.fstat(fd).st_size
         raw: Any = json.loads(os.pread(fd, size, 0)) if size else {"format": FORMAT, "checkpoints": [],
@@ -280,19 +284,19 @@ def _read_meta(fd: int, fds: int) -> tuple[list[_Record], int]:
     except (OSError, ValueError) as exc:
         log.error("fd store: the metadata left by the previous run is unreadable (%s); its %d image fds are "
                   "released, and the checkpoints they held do not survive this restart", exc, fds)
-        return [], 0
+        return None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         found = raw.get("format") if isinstance(raw, dict) else None
         log.error("fd store: the metadata left by the previous run is format %r, this imgmig reads format %d "
                   "(imgmig was changed between the two runs); its %d image fds are released, and the "
                   "checkpoints they held do not survive this restart", found, FORMAT, fds)
-        return [], 0
+        return None
     try:
         return [_record(item) for item in raw["checkpoints"]], int(raw["last_number"])
     except (TypeError, KeyError, ValueError) as exc:
         log.error("fd store: the metadata left by the previous run is malformed (%s); its %d image fds are "
                   "released, and the checkpoints they held do not survive this restart", exc, fds)
-        return [], 0
+        return None
 
 
 def _record(item: dict[str, Any]) -> _Record:
