@@ -115,6 +115,14 @@ class Supervised:
         assert process.poll() is None, f"imgmig-{self.role} exited at start:\n{self.daemon.log}"
         return self.daemon
 
+    def forget(self) -> None:
+        """`systemctl stop` then `start`: the fd store is emptied (its fds closed)."""
+        with self.lock:
+            self._drain(0)
+            for fd in self.stored.values():
+                os.close(fd)
+            self.stored.clear()
+
     def kill9(self) -> None:
         assert self.daemon is not None
         self.daemon.process.send_signal(signal.SIGKILL)

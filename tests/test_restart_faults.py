@@ -295,3 +295,31 @@ def test_kill_9_at_random_points_never_serves_anything_incomplete(supervised, ro
               f"{outcome}, restored byte for byte; bytes resent {resent} (past the acknowledged offset {acked})")
     print(f"FAULT TABLE kill -9 imgmig-{role}: {len(points)} points, {len(table)} survived with matching images, "
           f"bytes resent {sum(row[3] for row in table)}, past the acknowledged offset {sum(row[4] for row in table)}")
+
+
+def test_a_checkpoint_granted_to_a_cache_that_lost_it_is_not_sent_again(supervised):
+    """The cache's restore held the right when the cache was stopped and started (its fd store
+    emptied): the process may run there, so the proxy neither sends the checkpoint again nor
+    lets a rollback take it; the empty one the cache began on the resume goes at once."""
+    pair, nodes = supervised()
+    images = checkpoint_images("granted-then-lost", big=1 << 20)
+    dump(pair.proxy_dir, images)
+    pair.proxy_log.wait_for(r"forwarded to .*verified by the cache")
+    restorer = criu_sim.RestoreClient(pair.cache_dir)
+    restorer.sock.settimeout(IO_TIMEOUT)
+    try:
+        assert restorer.read_image("inventory.img") == images["inventory.img"]
+        pair.proxy_log.wait_for(r"the right to restore it is granted to")
+        nodes["cache"].kill9()
+    finally:
+        restorer.close()
+    nodes["cache"].forget()
+    pair.daemons["cache"] = nodes["cache"].start()
+    pair.proxy_log.wait_for(r"no longer knows it, yet it was granted the right to restore it")
+    pair.cache_log.wait_for(r"failed: the proxy reports the dump did not finish")
+    wait_until(lambda: not held(pair.cache_dir), 10, "the cache to drop what it began on the resume")
+    rollback = Restore(pair.proxy_dir, restore_order(images))
+    assert rollback.done.wait(IO_TIMEOUT) and not rollback.got.get("inventory.img"), "nothing served to a rollback"
+    pair.proxy_log.wait_for(r"on the proxy refused: the right to restore it is held by test-node \(the destination\)")
+    (kept,) = held(pair.proxy_dir)
+    assert kept["right"] == "test-node (the destination)", kept

@@ -258,9 +258,12 @@ class Forwarder:
         if answered.status is BeginStatus.GONE:
             raise GiveUp(f"the cache no longer has checkpoint {self.checkpoint.id} (dropped or failed there)")
         if answered.status is BeginStatus.NEW and holder == custody.destination(self.peer_name):
-            raise GiveUp(f"the cache no longer knows checkpoint {self.checkpoint.id}, yet it was granted the right "
-                         f"to restore it: it may run there; this copy is not sent again, and a rollback here is "
-                         f"refused until the operator settles it")
+            log.error("checkpoint %s: %s no longer knows it, yet it was granted the right to restore it: the process "
+                      "may run there; this copy is not sent again, and a rollback here is refused (`imgmig drop "
+                      "--force %s` once it is known not to run there)", self.checkpoint.id, self.peer_node,
+                      self.checkpoint.id, extra=self.fields)
+            self._end_at_cache()  # what the cache began on this BEGIN goes at once
+            raise GiveUp("granted to a cache that lost it", logged=True)
         if answered.status is BeginStatus.COMPLETE and self.checkpoint.state is State.FAILED:
             log.warning("checkpoint %s is complete at %s although this proxy stopped before it recorded the capture "
                         "as complete: that copy is the only one; its restore there is granted", self.checkpoint.id,
@@ -351,13 +354,17 @@ class Forwarder:
 
     def _dump_failed(self) -> None:
         """Tell the cache (it drops its part), read its answer, and stop: capture logged why."""
+        self._end_at_cache()
+        raise Settled
+
+    def _end_at_cache(self) -> None:
+        """CHECKPOINT_END clean=0: the cache drops what it holds of the checkpoint."""
         assert self.conn is not None
         self.conn.checkpoint_end(False, len(self.outgoing), self.bytes_sent, time.monotonic())
         self._flush()
         deadline = time.monotonic() + LINGER_AFTER_FAILURE
         while not self.conn.closed and time.monotonic() < deadline:
             self._pump(min(LOOK_EVERY, deadline - time.monotonic()))
-        raise Settled
 
     def _wait_for_work(self) -> None:
         """Sleep until there is something to send (checked under the store's lock, so a

@@ -150,8 +150,9 @@ class Proxy:
         try:
             target = self._target(checkpoint.route or None)
         except OpError as exc:
-            log.error("checkpoint %s cannot be forwarded after the restart: %s; it stays on this node for a "
-                      "rollback", checkpoint.id, exc, extra={"IMGMIG_CHECKPOINT": checkpoint.id})
+            kept = "" if checkpoint.state is State.FAILED else "; it stays on this node for a rollback"
+            log.error("checkpoint %s cannot be forwarded after the restart: %s%s", checkpoint.id, exc, kept,
+                      extra={"IMGMIG_CHECKPOINT": checkpoint.id})
             return
         forwarder = self._new_forwarder(checkpoint, target, taken_back=True)
         self.daemon.spawn(f"forward-{checkpoint.id}", self._forward, forwarder)
