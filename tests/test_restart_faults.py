@@ -159,6 +159,33 @@ def test_proxy_restart_mid_forwarding_resumes_at_the_cache_offsets(supervised, w
     assert not pair.proxy_log.errors(new=False) and not pair.cache_log.errors(new=False)
 
 
+def test_proxy_restart_mid_dump_fails_the_dump_and_the_cache_drops_its_part(supervised):
+    """`systemctl restart imgmig-proxy` while CRIU dumps: the dump fails (CRIU would resume the
+    process), the restarted proxy tells the cache to drop what it received, and the restore
+    waiting there is served the next checkpoint, byte for byte, never the cut one."""
+    pair, nodes = supervised()
+    later = checkpoint_images("after-the-cut")
+    waiting = Restore(pair.cache_dir, restore_order(later))
+    client = criu_sim.DumpClient(pair.proxy_dir)
+    pages = client.open_image("pages-1.img")
+    criu_sim.write_all(pages, b"p" * (2 << 20))
+    pair.cache_log.wait_for(r"begins from")
+    cut = re.search(r"checkpoint (\S+) begins: criu dump connected", "\n".join(pair.proxy_log.lines())).group(1)
+    restarted(pair, nodes["proxy"])
+    with pytest.raises(OSError):
+        criu_sim.write_all(pages, b"p" * (4 << 20))
+        client.write_image("inventory.img", b"inv")
+    os.close(pages)
+    client.close()
+    pair.proxy_log.wait_for(rf"checkpoint {cut} failed: .*a restarted imgmig-proxy tells the cache to drop its part")
+    pair.proxy_log.wait_for(rf"checkpoint {cut} was being captured when imgmig-proxy stopped")
+    pair.cache_log.wait_for(rf"checkpoint {cut} from .* failed: the proxy reports the dump did not finish")
+    wait_until(lambda: not held(pair.cache_dir) and not held(pair.proxy_dir), 20, "both to hold nothing of it")
+    dump(pair.proxy_dir, later)
+    assert_restores(waiting.result(), later)
+    assert not pair.cache_log.matching(rf"checkpoint {cut} (complete|restored) from"), "the cut one is never served"
+
+
 def test_a_grant_given_before_the_proxy_restart_still_holds(supervised):
     """The cache's restore holds the right when the proxy restarts: a rollback on the restarted
     proxy is refused naming the destination, and the cache's restore completes."""
