@@ -15,9 +15,10 @@ import os
 import random
 import re
 import signal
+import subprocess
 
 import pytest
-from conftest import wait_until
+from conftest import PYTHON, REPO, wait_until
 from fake_systemd import Supervised, wait_for_stored
 from test_daemons_sim import (
     IO_TIMEOUT,
@@ -204,6 +205,12 @@ def test_a_grant_given_before_the_proxy_restart_still_holds(supervised):
         pair.proxy_log.wait_for(r"taken back .*the right to restore it is held by test-node \(the destination\)")
         (listed,) = held(pair.proxy_dir)
         assert listed["right"] == "test-node (the destination)", listed
+        shown = subprocess.run([PYTHON, "-m", "imgmig", "status", "--config", str(pair.config)], cwd=REPO,
+                               env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                               check=True).stdout
+        line = next(line for line in shown.splitlines() if listed["id"] in line and "complete" in line)
+        assert "right to restore held by test-node (the destination)" in line, shown
+        assert "kept over a restart of imgmig-proxy" in line, shown
         rollback = Restore(pair.proxy_dir, restore_order(images))
         assert rollback.done.wait(IO_TIMEOUT), "the rollback is refused at once"
         assert rollback.error is not None or not rollback.got.get("inventory.img"), "nothing served to the rollback"
