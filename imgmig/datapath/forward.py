@@ -26,7 +26,7 @@ from imgmig.config import HostPort
 from imgmig.datapath import custody
 from imgmig.datapath.digest import Digester, new_hasher, usable
 from imgmig.datapath.kernel_io import hash_region
-from imgmig.datapath.link import Link, LinkRefused, TlsLink
+from imgmig.datapath.link import HandshakeCut, Link, LinkRefused, TlsLink
 from imgmig.datapath.receive import receive_within
 from imgmig.datapath.store import Checkpoint, Image, ImageStore, State
 from imgmig.protocol import conversation as conv
@@ -175,6 +175,8 @@ class Forwarder:
             except wire.PeerProtocolError as exc:
                 self._report_failure(f"the cache broke the protocol: {exc}")
                 return
+            except HandshakeCut as exc:  # a refusal, or a cache that stopped then: tried again like a cut
+                reason = str(exc)
             except LinkRefused as exc:  # not authenticated: trying again will not help
                 self._report_failure(str(exc))
                 return
