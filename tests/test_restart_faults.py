@@ -171,7 +171,7 @@ def test_proxy_restart_mid_dump_fails_the_dump_and_the_cache_drops_its_part(supe
     pages = client.open_image("pages-1.img")
     criu_sim.write_all(pages, b"p" * (2 << 20))
     pair.cache_log.wait_for(r"begins from")
-    cut = re.search(r"checkpoint (\S+) begins: criu dump connected", "\n".join(pair.proxy_log.lines())).group(1)
+    cut = re.search(r"checkpoint (\S+) begins: criu dump connected", str(pair.proxy_log)).group(1)
     restarted(pair, nodes["proxy"])
     with pytest.raises(OSError):
         criu_sim.write_all(pages, b"p" * (4 << 20))
@@ -291,7 +291,7 @@ def kill_at(supervised, role: str, point: int, rollback: bool) -> tuple[str, int
     pair.daemons[role] = victim.start()
     expected, outcome = images, "survived"
     if role == "proxy" and point < PAGES_MIB:
-        cut = re.search(r"checkpoint (\S+) begins: criu dump connected", pair.proxy_log.lines()[2]).group(1)
+        cut = re.search(r"checkpoint (\S+) begins: criu dump connected", str(pair.proxy_log)).group(1)
         pair.proxy_log.wait_for(rf"checkpoint {cut} was being captured when imgmig-proxy stopped")
         pair.cache_log.wait_for(rf"checkpoint {cut} from .* failed: the proxy reports the dump did not finish")
         wait_until(lambda: not held(pair.cache_dir) and not held(pair.proxy_dir), 20,
