@@ -276,7 +276,10 @@ def kill_at(supervised, role: str, point: int, rollback: bool) -> tuple[str, int
     pair, nodes = supervised()
     victim = nodes[role]
     images = with_pages(f"kill-{role}-{point}-{rollback}", PAGES_MIB)
-    waiting = None if rollback or role == "cache" else Restore(pair.cache_dir, restore_order(images))
+    # A restore waiting at the cache through a cut capture must be served the next checkpoint, never
+    # the cut one; at the other points it starts after the restart (else it may be over before the kill).
+    cut_capture = role == "proxy" and point < PAGES_MIB
+    waiting = Restore(pair.cache_dir, restore_order(images)) if cut_capture and not rollback else None
     if point < PAGES_MIB:
         went_through = dump_killing(pair, images, point, victim.kill9)
         assert went_through is (role == "cache"), "CRIU's dump fails exactly when the proxy dies under it"
@@ -290,7 +293,7 @@ def kill_at(supervised, role: str, point: int, rollback: bool) -> tuple[str, int
         victim.kill9()
     pair.daemons[role] = victim.start()
     expected, outcome = images, "survived"
-    if role == "proxy" and point < PAGES_MIB:
+    if cut_capture:
         cut = re.search(r"checkpoint (\S+) begins: criu dump connected", str(pair.proxy_log)).group(1)
         pair.proxy_log.wait_for(rf"checkpoint {cut} was being captured when imgmig-proxy stopped")
         pair.cache_log.wait_for(rf"checkpoint {cut} from .* failed: the proxy reports the dump did not finish")
