@@ -171,3 +171,15 @@ def test_following_the_store_costs_what_changed_not_what_is_held(systemd, monkey
            and all(i["complete"] for i in m["checkpoints"][0]["images"]), "every image complete")
     # each image at most: when it began (empty), when it grew, once complete; O(n^2) would be ~n^2/2
     assert len(encoded) <= 3 * files, f"{len(encoded)} encodings for {files} images"
+
+
+def test_an_image_sealed_before_a_restart_completes_again_without_error(systemd):
+    """The cache's record said "still arriving", but the image completed (and was sealed) before
+    the cache died: the resumed transfer ends it again, which must not fail on the seals (EPERM)."""
+    store = ImageStore(1 << 30)
+    checkpoint = store.begin("node-a-20261128T000000-1", "node-a")
+    image = write(store, checkpoint, "seccomp.img", b"s" * 20)
+    again = ImageStore(1 << 30)
+    adopted = again.adopt(checkpoint.id, "node-a", [type(image)("seccomp.img", os.dup(image.fd), 20)], False)
+    again.finish_image(adopted.images["seccomp.img"], b"\x02" * 16)
+    assert adopted.images["seccomp.img"].complete

@@ -82,8 +82,11 @@ class Image:
         return IMAGE_OVERHEAD + -(-self.size // PAGE) * PAGE
 
     def seal(self) -> None:
-        """A complete image can no longer change: what is served is what arrived."""
-        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)
+        """A complete image can no longer change: what is served is what arrived. Sealed
+        already when it completed in a run before a restart, after the fd store's
+        metadata last described it (still arriving): adding seals then is refused (EPERM)."""
+        if not fcntl.fcntl(self.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SEAL:
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)
 
 
 @dataclass(eq=False)
