@@ -196,6 +196,8 @@ class Forwarder:
                             "(proxy.reconnect_for); the checkpoint stays on this node meanwhile, a rollback "
                             "restore here is possible", self.checkpoint.id, self.peer, reason,
                             self.reconnect_for, extra=self.fields)
+            if self.checkpoint.state is State.RESTORED and not self.checkpoint.delivered and not self.begun.is_set():
+                return  # rolled back here, and the cache never had any of it: nothing to tell it
             if now - lost_at > self.reconnect_for:
                 self._report_failure(f"{reason}; no working link for {self.reconnect_for:.0f} s")
                 return
