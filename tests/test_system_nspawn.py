@@ -248,6 +248,11 @@ def test_migration_through_the_units_survives_a_cache_restart(nodes, criu: list[
     cache = _ready(node_b, "imgmig-cache.service")
     assert cache["MainPID"] != old_pid and cache["ActiveState"] == "active", cache
     assert cache["StatusText"].startswith("1 checkpoint,"), cache
+    # And the proxy: its copy (the rollback copy) comes back too, and links back to the cache.
+    old_pid = proxy["MainPID"]
+    node_a.systemctl("restart", "imgmig-proxy.service")
+    proxy = _ready(node_a, "imgmig-proxy.service")
+    assert proxy["MainPID"] != old_pid and proxy["StatusText"].startswith("1 checkpoint,"), proxy
 
     proc, log, pidfile = migrate.start_restore(criu, cache_dir, workdir)
     restored = migrate.finish_restore(proc, log, pidfile)
@@ -268,8 +273,10 @@ def test_migration_through_the_units_survives_a_cache_restart(nodes, criu: list[
     assert all(entry.get("SYSLOG_IDENTIFIER") == "imgmig-cache" for entry in story)
     _wait(lambda: _ready(node_b, "imgmig-cache.service")["StatusText"].startswith("0 checkpoints"),
           "the cache to release the restored checkpoint", 10)
-    proxy_story = _journal(node_a, "-u", "imgmig-proxy", f"IMGMIG_CHECKPOINT={checkpoint}")
-    assert proxy_story, "the proxy logged nothing for the checkpoint"
+    proxy_story = [entry["MESSAGE"] for entry in _journal(node_a, "-u", "imgmig-proxy",
+                                                          f"IMGMIG_CHECKPOINT={checkpoint}")]
+    assert any("taken back from systemd's fd store" in m for m in proxy_story), proxy_story
+    assert any("kept over a restart: linked back" in m for m in proxy_story), proxy_story
     for node, unit in ((node_a, "imgmig-proxy"), (node_b, "imgmig-cache")):
         started = [entry["MESSAGE"] for entry in _journal(node, "-u", unit) if "TLS on" in entry.get("MESSAGE", "")]
         assert started and "/run/credentials/" not in started[-1], started

@@ -37,7 +37,9 @@ def _daemon_main(role: str, build: Callable[[Config], object], argv: list[str] |
         return EXIT_CONFIG
     tls.log_start(role_object.trust, cfg.source)  # type: ignore[attr-defined]
     # Checkpoints kept in systemd's fd store over a restart are back before READY=1.
-    FdStore(role_object.store, role).take_back(passed.stored)  # type: ignore[attr-defined]
+    taken = FdStore(role_object.store, role).take_back(passed.stored)  # type: ignore[attr-defined]
+    if role == "proxy":  # their forwarding resumes, and the cache drops what a cut capture left there
+        role_object.resume_after_restart(taken)  # type: ignore[attr-defined]
     return daemon.run()
 
 

@@ -226,7 +226,7 @@ class ControlServer:
             info = {"id": checkpoint.id, "origin": checkpoint.origin, "state": checkpoint.state.value,
                     "bytes": checkpoint.size, "images": len(checkpoint.images),
                     "age": round(now - checkpoint.started, 1), "claimed": checkpoint.claimed,
-                    "outcome": self.journal.outcome(checkpoint.id)}
+                    "right": checkpoint.holder, "outcome": self.journal.outcome(checkpoint.id)}
             held.append(info | self.view.checkpoint_info(checkpoint))
         return {"checkpoints": held, "ended": self.journal.entries()}
 

@@ -33,6 +33,7 @@ from imgmig.roles.daemon import Daemon, Listener
 from imgmig.roles.endpoints import CAPTURE_SOCKET, CONTROL_SOCKET, SERVE_SOCKET, Endpoint
 from imgmig.roles.probe import probe_cache
 from imgmig.roles.status import RateMeter, describe_store, human_rate
+from imgmig.system.fdstore import TakenBack
 from imgmig.system.tls import Trust
 
 log = logging.getLogger(__name__)
@@ -98,20 +99,16 @@ class Proxy:
 
     def _on_capture(self, conn: socket.socket, _peer: str) -> None:
         with self.begin_lock:
-            checkpoint = self.store.begin(self.new_checkpoint_id(), self.config.node)
             expectation = self.control.take_expectation()  # announced by `imgmig migrate`, if any
-            target = self._target(None)
+            route = (expectation.to or "") if expectation is not None else ""
+            target = self._target(route or None)
+            checkpoint = self.store.begin(self.new_checkpoint_id(), self.config.node, route)
             if expectation is not None:
                 expectation.checkpoint = checkpoint.id
-                target = self._target(expectation.to)
                 if expectation.files is not None:  # first in the checkpoint: unpacked before the restore
                     self.store.add_complete_image(checkpoint, FILES_IMAGE, expectation.files)
                     expectation.files = None
-            forwarder = Forwarder(self.store, checkpoint, target.address, self.config.node, self.daemon.stop,
-                                  functools.partial(self._connect, target),
-                                  wait_for_complete=self.config.store_and_forward, after=self.last_begun,
-                                  digest=self.digest, reconnect_for=self.config.proxy.reconnect_for,
-                                  keep_restored_for=self.config.proxy.keep_restored_for)
+            forwarder = self._new_forwarder(checkpoint, target, after=self.last_begun)
             self.last_begun = forwarder.begun
         self.daemon.spawn(f"forward-{checkpoint.id}", self._forward, forwarder)
         try:
@@ -125,6 +122,40 @@ class Proxy:
             conn.close()
             return
         session.run()
+
+    def _new_forwarder(self, checkpoint: Checkpoint, target: Target, *, after: threading.Event | None = None,
+                       taken_back: bool = False) -> Forwarder:
+        return Forwarder(self.store, checkpoint, target.address, self.config.node, self.daemon.stop,
+                         functools.partial(self._connect, target), wait_for_complete=self.config.store_and_forward,
+                         after=after, digest=self.digest, reconnect_for=self.config.proxy.reconnect_for,
+                         keep_restored_for=self.config.proxy.keep_restored_for, taken_back=taken_back)
+
+    def resume_after_restart(self, taken: TakenBack) -> None:
+        """After a restart: forward again what systemd's fd store kept (resumed at the cache's
+        offsets, the right to restore each where it was), and tell the cache to drop what a
+        capture cut by the restart left there (CRIU's dump failed with it)."""
+        self.counter = itertools.count(taken.last_number + 1)  # no checkpoint id of the previous run repeats
+        for checkpoint in taken.checkpoints:
+            self.control.journal.note(checkpoint.id, "kept over a restart of imgmig-proxy")
+            self._resume_forwarding(checkpoint)
+        for cut in taken.abandoned:
+            log.warning("checkpoint %s was being captured when imgmig-proxy stopped: CRIU's dump failed with it "
+                        "and the process went on running here; the cache is told to drop its part",
+                        cut.id, extra={"IMGMIG_CHECKPOINT": cut.id})
+            ghost = Checkpoint(cut.id, cut.origin, state=State.FAILED, dropped=True, route=cut.route,
+                               reason="its capture was cut by a restart of imgmig-proxy")
+            self._resume_forwarding(ghost)
+
+    def _resume_forwarding(self, checkpoint: Checkpoint) -> None:
+        try:
+            target = self._target(checkpoint.route or None)
+        except OpError as exc:
+            kept = "" if checkpoint.state is State.FAILED else "; it stays on this node for a rollback"
+            log.error("checkpoint %s cannot be forwarded after the restart: %s%s", checkpoint.id, exc, kept,
+                      extra={"IMGMIG_CHECKPOINT": checkpoint.id})
+            return
+        forwarder = self._new_forwarder(checkpoint, target, taken_back=True)
+        self.daemon.spawn(f"forward-{checkpoint.id}", self._forward, forwarder)
 
     def _connect(self, target: Target) -> Link:
         return open_link(target.address, target.node, self.trust, self.config.link)
