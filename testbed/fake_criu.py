@@ -7,6 +7,8 @@ restored process" and writes its PID to --pidfile. It also records in the -W dir
 checkpoint it read (restored.json), so a test can see exactly what it got.
 Environment: FAKE_CRIU_MIB (size of pages-1.img, default 8), FAKE_CRIU_SLOW (seconds
 per MiB written), FAKE_CRIU_FAIL_RESTORE=1 (read inventory.img, then exit 1),
+FAKE_CRIU_FAIL_ONCE_AFTER_READ=PATH (read every image, then exit 1 if PATH does not exist
+yet, creating it: the first restore fails after reading everything, a retry succeeds),
 FAKE_CRIU_FAIL_CHECK=1, FAKE_CRIU_EXPECT_FILE=PATH (restore fails unless PATH exists).
 
 Run as: python3 -m testbed.fake_criu ARGS (PYTHONPATH at the repo root).
@@ -84,10 +86,17 @@ def restore(images_dir: str, pidfile: str, workdir: Path) -> int:
             return 1
         digests[name] = hashlib.sha256(got).hexdigest()
     client.close()
+    read = {"dumped_pid": pid, "images": digests}
+    fail_once = os.environ.get("FAKE_CRIU_FAIL_ONCE_AFTER_READ")
+    if fail_once and not Path(fail_once).exists():
+        Path(fail_once).touch()
+        (workdir / "restored.json").write_text(json.dumps(read | {"pid": None}))
+        print("Error (fake): restore failed on purpose after reading every image", file=sys.stderr)
+        return 1
     process = subprocess.Popen(["sleep", "300"], start_new_session=True, stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     Path(pidfile).write_text(f"{process.pid}\n")
-    (workdir / "restored.json").write_text(json.dumps({"dumped_pid": pid, "pid": process.pid, "images": digests}))
+    (workdir / "restored.json").write_text(json.dumps(read | {"pid": process.pid}))
     return 0
 
 

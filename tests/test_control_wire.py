@@ -85,7 +85,7 @@ def test_an_oversized_reply_is_not_encoded() -> None:
         cw.encode_reply({"blob": "x" * cw.MAX_REPLY})
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)
 @given(st.binary(max_size=2048))
 def test_fuzz_arbitrary_bytes_raise_only_protocol_errors(data: bytes) -> None:
     try:
@@ -101,7 +101,7 @@ json_values = st.recursive(
     max_leaves=20)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(deadline=None)
 @given(st.dictionaries(st.text(min_size=1, max_size=8).filter(lambda k: k not in ("v", "op")), json_values,
                        max_size=8))
 def test_fuzz_requests_round_trip(args: dict) -> None:

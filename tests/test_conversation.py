@@ -259,15 +259,44 @@ def granted_then_failed() -> Wire:
     return link
 
 
-def test_return_of_the_right_is_confirmed_and_ends_the_link():
+def test_return_of_the_right_is_confirmed_and_the_link_stays_for_a_retry():
     link = granted_then_failed()
     link.cache.conn.give_back(0.0)
-    link.pump()
+    assert link.cache.conn.data_to_send() == wire.encode_return("cp-1")
+    link.proxy.conn.receive_data(wire.encode_return("cp-1"), 0.0)
+    link.proxy.handle()
     assert link.proxy.events[-1] == conv.RightReturned()
     assert not link.cache.conn.closed, "the cache waits for the CONFIRM"
     link.proxy.conn.confirm_return(0.0)
-    link.pump()
+    assert link.proxy.conn.data_to_send() == b"\x00\x00\x00\x07\x0f\x11\x04cp-1"  # CONFIRM of RETURN
+    link.cache.conn.receive_data(wire.encode_confirm(FrameType.RETURN, "cp-1"), 0.0)
+    link.cache.handle()
     assert link.cache.events[-1] == conv.Confirmed(FrameType.RETURN)
+    assert not link.proxy.conn.closed and not link.cache.conn.closed
+    assert link.proxy.conn.phase is link.cache.conn.phase is conv.Phase.HOLDING
+    # the retry: the same CLAIM / GRANT, then the restore runs
+    link.cache.conn.claim(0.0)
+    link.pump()
+    assert link.proxy.events[-1] == conv.ClaimRequested()
+    link.proxy.conn.grant(True, "node-b (the destination)", 0.0)
+    link.pump()
+    assert link.cache.events[-1] == conv.GrantAnswered(True, "node-b (the destination)")
+    link.cache.conn.running(77, 0.0)
+    link.pump()
+    assert link.proxy.events[-1] == conv.RunningReported(77)
+
+
+def test_a_rollback_after_a_return_drops_the_copy_kept_on_the_cache():
+    link = granted_then_failed()
+    link.cache.conn.give_back(0.0)
+    link.pump()
+    link.proxy.conn.confirm_return(0.0)
+    link.pump()
+    link.proxy.conn.drop(0.0)  # the source rolls back: the right is its own again
+    link.pump()
+    assert link.cache.events[-1] == conv.DropRequested()
+    assert link.proxy.events[-1] == conv.Confirmed(FrameType.DROP)
+    assert "cp-1" not in link.cache.kept
     assert link.proxy.conn.closed and link.cache.conn.closed
 
 
@@ -288,6 +317,80 @@ def test_return_only_while_holding_and_not_after_restored():
     link.cache.conn.restored(0.0)
     with pytest.raises(RuntimeError, match="RETURN after RESTORED"):
         link.cache.conn.give_back(0.0)
+    with pytest.raises(RuntimeError, match="RUNNING after RESTORED"):
+        link.cache.conn.running(5, 0.0)
+
+
+# ---- restored means running: RUNNING ---------------------------------------------------------
+
+def test_running_is_reported_with_its_pid_confirmed_and_ends_the_link():
+    link = granted_then_failed()  # granted; this time CRIU succeeds
+    link.cache.conn.running(4242, 3.0)
+    assert link.cache.conn.data_to_send() == b"\x00\x00\x00\x0a\x12\x04cp-1\x00\x00\x10\x92"
+    link.proxy.conn.receive_data(wire.encode_running("cp-1", 4242), 3.0)
+    link.proxy.handle()
+    assert link.proxy.events[-1] == conv.RunningReported(4242)
+    assert not link.proxy.conn.closed, "the proxy confirms once its copy is released"
+    link.proxy.conn.confirm_running(3.0)
+    assert link.proxy.conn.data_to_send() == b"\x00\x00\x00\x07\x0f\x12\x04cp-1"
+    assert link.proxy.conn.closed
+    link.cache.conn.receive_data(wire.encode_confirm(FrameType.RUNNING, "cp-1"), 3.0)
+    link.cache.handle()
+    assert link.cache.events[-1] == conv.Confirmed(FrameType.RUNNING)
+    assert link.cache.conn.closed
+
+
+def test_running_unconfirmed_is_a_dead_link():
+    link = granted_then_failed()
+    link.cache.conn.running(7, 1.0)
+    link.cache.conn.data_to_send()  # lost on the way
+    assert link.cache.conn.next_deadline() == 1.0 + conv.HELLO_TIMEOUT
+    assert link.cache.conn.handle_timeout(1.0 + conv.HELLO_TIMEOUT) == conv.LinkDead(
+        "no CONFIRM of RUNNING within 10 s")
+
+
+def test_running_only_while_holding_and_once():
+    link = connect(FILES)
+    with pytest.raises(RuntimeError, match="RUNNING in phase transfer"):
+        link.cache.conn.running(7, 0.0)
+    full_transfer(link)
+    link.cache.conn.running(7, 0.0)
+    with pytest.raises(RuntimeError, match="RUNNING after RESTORED, RUNNING"):
+        link.cache.conn.running(7, 0.0)
+    with pytest.raises(RuntimeError, match="RESTORED after RESTORED, RUNNING"):
+        link.cache.conn.restored(0.0)
+
+
+def test_running_confirmed_while_the_link_was_down_is_sent_after_the_resume():
+    """The restore confirmed the process runs during a cut: the resumed connection's BEGUN
+    says RUNNING, the RUNNING frame follows at once, the proxy releases and confirms."""
+    kept: dict[str, CacheSide] = {}
+    first = connect(FILES, kept)
+    full_transfer(first)  # then the link is cut; the restore on the cache succeeds meanwhile
+    link = Wire(ProxySide(FILES, resume=True), CacheSide(kept))
+    link.cache.status_for["cp-1"] = BeginStatus.RUNNING
+    link.pump()
+    link.proxy.conn.begin(0.0)
+    link.pump()
+    assert link.proxy.events[-1] == conv.BeginAnswered(BeginStatus.RUNNING, 0, {})
+    assert link.proxy.conn.phase is conv.Phase.HOLDING and link.cache.conn.phase is conv.Phase.HOLDING
+    link.cache.conn.running(99, 0.0)
+    link.pump()
+    assert link.proxy.events[-1] == conv.RunningReported(99)
+    link.proxy.conn.confirm_running(0.0)
+    link.pump()
+    assert link.cache.events[-1] == conv.Confirmed(FrameType.RUNNING)
+    assert link.proxy.conn.closed and link.cache.conn.closed
+
+
+def test_begun_running_for_a_first_send_is_refused():
+    proxy = ProxySide(FILES)
+    proxy.conn.receive_data(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.CACHE, "node-b")), 0.0)
+    proxy.handle()
+    proxy.conn.begin(0.0)
+    proxy.conn.receive_data(wire.encode_begun(BeginStatus.RUNNING, "cp-1"), 0.0)
+    with pytest.raises(PeerProtocolError, match="BEGUN says RUNNING for a checkpoint sent for the first time"):
+        proxy.handle()
 
 
 def test_proxy_refuses_a_return_after_its_own_drop():
@@ -500,6 +603,9 @@ def hello_done_proxy() -> conv.ProxyConnection:
     (wire.encode_return("cp-1"), "RETURN before CHECKPOINT_DONE"),
     (wire.encode_return("cp-2"), "RETURN for checkpoint cp-2"),
     (wire.encode_confirm(FrameType.RETURN, "cp-1"), "CONFIRM of a RETURN this proxy never sent"),
+    (wire.encode_running("cp-1", 5), "RUNNING before CHECKPOINT_DONE"),
+    (wire.encode_running("cp-2", 5), "RUNNING for checkpoint cp-2"),
+    (wire.encode_confirm(FrameType.RUNNING, "cp-1"), "CONFIRM of a RUNNING this proxy never sent"),
     (wire.encode_begun(BeginStatus.NEW, "cp-1"), "BEGUN that answers no CHECKPOINT_BEGIN"),
 ])
 def test_proxy_refuses_what_a_cache_must_not_say(frame, match):
@@ -536,6 +642,8 @@ def started_cache() -> conv.CacheConnection:
     (wire.encode_confirm(FrameType.RESTORED, "cp-1"), "CONFIRM of a RESTORED this cache never sent"),
     (wire.encode_confirm(FrameType.RETURN, "cp-1"), "CONFIRM of a RETURN this cache never sent"),
     (wire.encode_return("cp-1"), "Return is not sent by a proxy"),
+    (wire.encode_confirm(FrameType.RUNNING, "cp-1"), "CONFIRM of a RUNNING this cache never sent"),
+    (wire.encode_running("cp-1", 5), "Running is not sent by a proxy"),
     (wire.encode_file_begin(1, "a.img"), "file id 1, expected 0"),
     (wire.encode_checkpoint_begin("cp-1"), "CheckpointBegin is not sent by a proxy"),
     (wire.encode_checkpoint_end(True, 0, 0) + wire.encode_file_begin(0, "a.img"), "after CHECKPOINT_END"),

@@ -95,8 +95,36 @@ def frame(draw: st.DrawFn) -> tuple[bytes, wire.Event]:
     if kind is wire.FrameType.DROP:
         event = Drop(draw(names))
         return wire.encode_drop(event.checkpoint), event
-    code, message = draw(st.sampled_from(wire.ErrorCode)), draw(messages)
-    return wire.encode_error(code, message), Error(code, message)
+    if kind is wire.FrameType.ERROR:
+        code, message = draw(st.sampled_from(wire.ErrorCode)), draw(messages)
+        return wire.encode_error(code, message), Error(code, message)
+    return _handoff_frame(draw, kind)
+
+
+def _handoff_frame(draw: st.DrawFn, kind: wire.FrameType) -> tuple[bytes, wire.Event]:
+    """The frames of version 2's ordering and handoff: BEGUN, CLAIM, GRANT, CONFIRM, PING,
+    RETURN, RUNNING."""
+    if kind is wire.FrameType.BEGUN:
+        held = tuple(draw(st.lists(st.tuples(U32, U64), max_size=5)))
+        event: wire.Event = wire.Begun(draw(st.sampled_from(wire.BeginStatus)), draw(names), draw(U32), held)
+        return wire.encode_begun(event.status, event.checkpoint, event.files, event.held), event
+    if kind is wire.FrameType.CLAIM:
+        event = wire.Claim(draw(names))
+        return wire.encode_claim(event.checkpoint), event
+    if kind is wire.FrameType.GRANT:
+        event = wire.Grant(draw(st.booleans()), draw(names), draw(names))
+        return wire.encode_grant(event.granted, event.checkpoint, event.holder), event
+    if kind is wire.FrameType.CONFIRM:
+        event = wire.Confirm(draw(st.sampled_from(wire.CONFIRMABLE)), draw(names))
+        return wire.encode_confirm(event.kind, event.checkpoint), event
+    if kind is wire.FrameType.PING:
+        return wire.encode_ping(), wire.Ping()
+    if kind is wire.FrameType.RETURN:
+        event = wire.Return(draw(names))
+        return wire.encode_return(event.checkpoint), event
+    assert kind is wire.FrameType.RUNNING, kind
+    event = wire.Running(draw(names), draw(U32))
+    return wire.encode_running(event.checkpoint, event.pid), event
 
 
 def matches(decoded: wire.Event, sent: wire.Event) -> bool:
@@ -322,6 +350,8 @@ def encode(event: wire.Event) -> bytes:
         return wire.encode_restored(event.checkpoint)
     if isinstance(event, Drop):
         return wire.encode_drop(event.checkpoint)
+    if isinstance(event, wire.Running):
+        return wire.encode_running(event.checkpoint, event.pid)
     return wire.encode_error(event.code, event.message)  # type: ignore[arg-type]  # any u16 goes
 
 
@@ -362,7 +392,7 @@ def _file_event_ok(event: wire.Event, past: list[wire.Event]) -> bool:
         return event.offset == sent if isinstance(event, FileData) else event.size == sent
     if isinstance(event, CheckpointEnd):
         return not event.clean or (set(begins) <= ended and event.files == len(begins))
-    return False  # ACK, CHECKPOINT_DONE, RESTORED, HELLO, CHECKPOINT_BEGIN: not from a proxy here
+    return False  # ACK, CHECKPOINT_DONE, RESTORED, RUNNING, HELLO, CHECKPOINT_BEGIN: not from a proxy here
 
 
 def checked(events: list[wire.Event]) -> int | None:
@@ -410,6 +440,7 @@ other_events = st.one_of(
     st.builds(Ack, st.integers(0, 3), st.integers(0, 60)),
     st.builds(CheckpointDone, st.booleans(), st.just("")),
     st.builds(Restored, names),
+    st.builds(wire.Running, names, U32),
     st.builds(Drop, names),
     st.builds(Error, st.integers(0, 10), st.just("x")),
 )

@@ -180,6 +180,14 @@ def test_control_socket_fed_garbage_logs_one_line_each_and_keeps_serving(daemons
         with pytest.raises(Declined, match="holds no checkpoint"):
             client.request("drop", id="nothing")
         assert client.request("list")["checkpoints"] == []  # a declined request keeps the connection
+        with pytest.raises(Declined, match="the proxy has no op 'handoff'; it is the other daemon's"):
+            client.request("handoff", id="nothing", force=True)
+    with ControlClient(pair.cache_dir / "control.sock", "cache") as client:
+        with pytest.raises(Declined, match="safe only once the source node is down"):
+            client.request("handoff", id="nothing", force=False)
+        with pytest.raises(Declined, match="this cache holds no checkpoint nothing"):
+            client.request("handoff", id="nothing", force=True)
+    assert not pair.cache_log.errors(new=False)
 
 
 def test_a_claim_hides_the_checkpoint_from_a_bare_restore(daemons) -> None:
@@ -236,13 +244,19 @@ def test_migrate_with_a_waiting_restore_reports_progress_and_runs_there(daemons,
     new_pid = int(restored_line.rsplit(" ", 1)[1])
     victims.append(new_pid)
     assert alive(new_pid)
-    # the proxy keeps its copy keep_restored_for (1 s here) after the cache reported the restore
-    wait_until(lambda: status(pair)["proxy"]["ended"], 10, "the proxy to release its copy")
+    # restored means running: the cache confirmed it (RUNNING), and the proxy released its copy at once
+    assert f"running on test-node as pid {new_pid}, confirmed by its restore" in result["outcome"]
     after = status(pair)
     (ended,) = after["proxy"]["ended"]
-    assert ended["state"] == "restored-at-peer" and ended["id"] == result["checkpoint"]
+    assert ended["state"] == "running-at-peer" and ended["id"] == result["checkpoint"]
+    assert ended["outcome"] == f"running on test-node as pid {new_pid}, confirmed by its restore"
+    assert after["proxy"]["checkpoints"] == [] and after["cache"]["checkpoints"] == []
     assert after["cache"]["ended"][0]["state"] == "running"
     assert f"as pid {new_pid}" in after["cache"]["ended"][0]["outcome"]
+    (line,) = pair.proxy_log.matching(r"running on test-node \(127\.0\.0\.1:\d+\) as pid \d+, confirmed by its "
+                                      r"restore; this node's copy released")
+    assert f"checkpoint {result['checkpoint']}: running on" in line and f"as pid {new_pid}," in line
+    assert not pair.proxy_log.matching("keep_restored_for"), "no fallback timer when the restore confirmed"
 
 
 def test_migrate_lazy_falls_back_to_a_full_copy_without_userfaultfd(daemons, victims) -> None:
@@ -263,11 +277,13 @@ def test_migrate_lazy_falls_back_to_a_full_copy_without_userfaultfd(daemons, vic
     victims.append(int(out.strip().splitlines()[-1].rsplit(" ", 1)[1]))
 
 
-def test_migrate_rolls_back_when_the_restore_fails(daemons, victims) -> None:
+@pytest.mark.parametrize("fails", ["after inventory.img", "after reading every image"])
+def test_migrate_rolls_back_when_the_restore_fails(daemons, victims, tmp_path, fails) -> None:
     pair = daemons()
     pid = start_victim(victims)
-    restore = start_imgmig("restore", "--config", str(pair.config), "--criu", FAKE_CRIU,
-                           env={"FAKE_CRIU_FAIL_RESTORE": "1"})
+    env = {"FAKE_CRIU_FAIL_RESTORE": "1"} if fails == "after inventory.img" \
+        else {"FAKE_CRIU_FAIL_ONCE_AFTER_READ": str(tmp_path / "failed-once")}
+    restore = start_imgmig("restore", "--config", str(pair.config), "--criu", FAKE_CRIU, env=env)
     done = imgmig("migrate", str(pid), "--to", "test-node", "--json", "--timeout", "3", "--config",
                   str(pair.config), "--criu", FAKE_CRIU)
     _, err = restore.communicate(timeout=TIMEOUT)
@@ -278,12 +294,46 @@ def test_migrate_rolls_back_when_the_restore_fails(daemons, victims) -> None:
     rolled = int(result["outcome"].split("as pid ")[1].split(";")[0])
     victims.append(rolled)
     assert alive(rolled) and not alive(pid)
-    # the destination gave the right back and dropped its copy: it must not be restored there a second time
+    # the destination gave the right back, and the rollback made it drop its copy: it must not be
+    # restored there a second time
     pair.cache_log.wait_for("is returned to")
     pair.proxy_log.wait_for("is back on this node: roll it back here")
+    pair.cache_log.wait_for(rf"checkpoint {result['checkpoint']} was restored on its source .* this copy is dropped")
     assert status(pair)["cache"]["checkpoints"] == []
     again = imgmig("restore", "--id", result["checkpoint"], "--config", str(pair.config), "--criu", FAKE_CRIU)
     assert again.returncode == 1 and f"checkpoint {result['checkpoint']} is gone from this cache" in again.stderr
+
+
+def test_migrate_does_not_count_a_bare_restore_as_running(daemons, victims) -> None:
+    """A bare `criu restore --stream` on the destination only reads every image: RESTORED is
+    not RUNNING, so migrate does not report success; it exits 3 and says what to check,
+    without a rollback (the right stays with the destination)."""
+    from testbed.fake_criu import NAMES
+
+    pair = daemons()
+    pid = start_victim(victims)
+    bare = criu_sim.RestoreClient(pair.cache_dir)
+
+    def read_all_and_hang_up() -> None:  # as CRIU does; its exit status the cache never sees
+        for name in ["inventory.img", *(n for n in NAMES if n != "inventory.img")]:
+            bare.read_image(name)
+        bare.close()
+
+    reader = threading.Thread(target=read_all_and_hang_up)
+    reader.start()
+    done = imgmig("migrate", str(pid), "--to", "test-node", "--json", "--timeout", "3", "--config",
+                  str(pair.config), "--criu", FAKE_CRIU)
+    reader.join(TIMEOUT)
+    assert done.returncode == 3, (done.stdout, done.stderr)
+    stream = events(done.stdout)
+    result = stream[-1]
+    assert "did not confirm that the process runs" in result["outcome"] and "bare `criu restore" in result["outcome"]
+    assert "running on the destination" not in result["phases"] and "rolled back" not in result["phases"]
+    assert any("read every image; waiting for it to confirm" in e.get("text", "") for e in stream), stream
+    proxy = status(pair)["proxy"]
+    live = [c for c in proxy["checkpoints"] if c["restored_at_peer"]]
+    gone = [e for e in proxy["ended"] if e["state"] == "restored-at-peer"]  # after keep_restored_for (1 s)
+    assert [c["id"] for c in live + gone] == [result["checkpoint"]], proxy
 
 
 def test_migrate_without_rollback_exits_3_and_says_what_to_do(daemons, victims) -> None:
@@ -342,9 +392,8 @@ def test_migrate_carries_files_unpacked_before_the_restore(daemons, victims, tmp
     assert (carried / "sub" / "data.bin").stat().st_mode & 0o777 == 0o640
     checks = {e["name"]: e["detail"] for e in events(done.stdout) if e["event"] == "check"}
     assert "1 path(s) packed" in checks["files"]
-    # the proxy keeps its copy keep_restored_for (1 s here) after the cache reported the restore
-    ended = wait_until(lambda: status(pair)["proxy"]["ended"], 10, "the proxy to release its copy")
-    assert ended[0]["state"] == "restored-at-peer"
+    ended = status(pair)["proxy"]["ended"]  # released at once: the restore confirmed it runs
+    assert ended[0]["state"] == "running-at-peer"
     too_big = imgmig("migrate", str(start_victim(victims)), "--to", "test-node", "--files", str(tmp_path / "nope"),
                      "--config", str(pair.config), "--criu", FAKE_CRIU)
     assert too_big.returncode == 2 and "does not exist" in too_big.stderr

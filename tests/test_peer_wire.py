@@ -61,6 +61,10 @@ ROUNDTRIPS = [
     (wire.encode_ping(), wire.Ping()),
     (wire.encode_return("cp-1"), wire.Return("cp-1")),
     (wire.encode_confirm(FrameType.RETURN, "cp-1"), wire.Confirm(FrameType.RETURN, "cp-1")),
+    (wire.encode_running("cp-1", 4242), wire.Running("cp-1", 4242)),
+    (wire.encode_running("cp-1", 2**32 - 1), wire.Running("cp-1", 2**32 - 1)),
+    (wire.encode_confirm(FrameType.RUNNING, "cp-1"), wire.Confirm(FrameType.RUNNING, "cp-1")),
+    (wire.encode_begun(wire.BeginStatus.RUNNING, "cp-1"), wire.Begun(wire.BeginStatus.RUNNING, "cp-1")),
 ]
 
 
@@ -151,6 +155,17 @@ def test_exact_bytes_v2_frames():
     assert wire.encode_confirm(FrameType.RETURN, "cp") == b"\x00\x00\x00\x05\x0f\x11\x02cp"
 
 
+def test_exact_bytes_running_its_confirm_and_begun_running():
+    assert wire.encode_running("cp", 0x01020304) == (
+        b"\x00\x00\x00\x08"      # length 8 = type 1 + id 3 + pid 4
+        b"\x12"                  # RUNNING (18)
+        b"\x02cp"                # checkpoint id, u8 length
+        b"\x01\x02\x03\x04")      # pid, u32 big-endian
+    assert wire.encode_confirm(FrameType.RUNNING, "cp") == b"\x00\x00\x00\x05\x0f\x12\x02cp"
+    assert wire.encode_begun(wire.BeginStatus.RUNNING, "cp") == (
+        b"\x00\x00\x00\x0b\x0c" b"\x05" b"\x02cp" b"\x00\x00\x00\x00" b"\x00\x00")
+
+
 def test_encoder_refuses_confirm_of_other_frames_and_too_many_held_files():
     with pytest.raises(ValueError, match="not confirmed"):
         wire.encode_confirm(FrameType.ACK, "cp")
@@ -191,7 +206,8 @@ def test_exact_bytes_done_restored_error():
 
 
 def test_frame_type_numbers():
-    assert [t.value for t in FrameType] == list(range(1, 18))
+    assert [t.value for t in FrameType] == list(range(1, 19))
+    assert [s.value for s in wire.BeginStatus] == list(range(0, 6))
     assert [c.value for c in ErrorCode] == list(range(1, 9))
 
 
@@ -309,10 +325,14 @@ MALFORMED = {
     "empty node": (raw_frame(1, hello_body(node=b"\x00")), "invalid node", ErrorCode.PROTOCOL),
     "node not utf-8": (raw_frame(1, hello_body(node=b"\x02\xff\xfe")), "UTF-8", ErrorCode.PROTOCOL),
     "unknown type 0": (raw_frame(0, b""), "unknown frame type 0", ErrorCode.PROTOCOL),
-    "unknown type 18": (raw_frame(18, b""), "unknown frame type 18", ErrorCode.PROTOCOL),
+    "unknown type 19": (raw_frame(19, b""), "unknown frame type 19", ErrorCode.PROTOCOL),
+    "running without pid": (raw_frame(18, b"\x02cp"), "truncated", ErrorCode.PROTOCOL),
+    "running short pid": (raw_frame(18, b"\x02cp\x00\x00\x01"), "truncated", ErrorCode.PROTOCOL),
+    "running trailing": (raw_frame(18, b"\x02cp\x00\x00\x00\x01x"), "trailing", ErrorCode.PROTOCOL),
+    "running bad id": (raw_frame(18, b"\x02..\x00\x00\x00\x01"), "invalid checkpoint id", ErrorCode.PROTOCOL),
     "return without id": (raw_frame(17, b""), "truncated", ErrorCode.PROTOCOL),
     "return trailing": (raw_frame(17, b"\x02cpx"), "trailing", ErrorCode.PROTOCOL),
-    "begun unknown status": (raw_frame(12, b"\x05\x02cp" + b"\x00" * 6), "BEGUN", ErrorCode.PROTOCOL),
+    "begun unknown status": (raw_frame(12, b"\x06\x02cp" + b"\x00" * 6), "BEGUN", ErrorCode.PROTOCOL),
     "begun held truncated": (raw_frame(12, b"\x01\x02cp" + b"\x00" * 4 + b"\x00\x01" + b"\x00" * 11),
                              "truncated", ErrorCode.PROTOCOL),
     "grant flag 2": (raw_frame(14, b"\x02\x02cp\x01b"), "flag byte 2", ErrorCode.PROTOCOL),
@@ -542,7 +562,7 @@ def test_order_frames_after_end(event):
 
 
 @pytest.mark.parametrize("event", [Ack(0, 0), CheckpointDone(True, ""), Restored("cp-1"), PROXY_HELLO,
-                                   CheckpointBegin("cp-2")])
+                                   CheckpointBegin("cp-2"), wire.Running("cp-1", 7)])
 def test_order_frames_a_proxy_never_sends(event):
     order = started()
     with pytest.raises(PeerProtocolError):

@@ -486,5 +486,5 @@ def test_a_checkpoint_taken_back_still_arriving_expires_unless_resumed(caplog):
     checkpoint = store.adopt("cp", "node-a", [Image("pages-1.img", fd, 7, False)], complete=False)
     assert checkpoint.state is State.RECEIVING and transfers.inbound == {}
     assert store.wait_until(lambda: checkpoint.state is State.FAILED, timeout=WAIT)
-    assert transfers.settled["cp"] is BeginStatus.GONE
+    assert transfers.settled["cp"] == (BeginStatus.GONE, 0)
     assert "its proxy did not come back within 0 s (cache.resume_for)" in caplog.text

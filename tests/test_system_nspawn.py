@@ -2,10 +2,12 @@
 
 Two trixie containers (systemd-nspawn --ephemeral on a cached debootstrap tree) sit
 on two network namespaces joined by a veth pair. Node A runs imgmig-proxy.socket,
-node B imgmig-cache.socket, both from `apt install ./imgmig_*.deb`. CRIU runs on the
-host (it fails inside nspawn) and reaches each container's sockets through
-/proc/<container's PID 1>/root/run/imgmig/... . A bookworm container proves the
-package installs and its units start on systemd 252.
+node B imgmig-cache.socket, both from `apt install ./imgmig_*.deb`. CRIU EXECUTES ON
+THE HOST (it fails inside nspawn on this kernel) and reaches each container's sockets
+through /proc/<container's PID 1>/root/run/imgmig/... ; in the auto-mode test B's own
+`imgmig restore` runs CRIU through testbed/criu_relay.py, which executes the host's
+CRIU for it. A bookworm container proves the package installs and its units start on
+systemd 252.
 
 Needs root, network (once, for debootstrap), systemd-container, debootstrap and the
 package build tools; anything missing skips the whole module with the reason in capitals.
@@ -13,8 +15,11 @@ package build tools; anything missing skips the whole module with the reason in 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -25,8 +30,9 @@ from pathlib import Path
 
 import pytest
 
+from imgmig.commands.common import ControlClient
 from imgmig.commands.pki import init_ca, issue_node
-from testbed import containers, migrate, netns, workload
+from testbed import containers, criu_relay, migrate, netns, workload
 from testbed import criu as testbed_criu
 
 pytestmark = pytest.mark.system
@@ -188,10 +194,9 @@ def test_install_leaves_units_off_and_they_verify(nodes, pki: Path) -> None:
     _check_units(node_b)
 
 
-def test_migration_through_the_units_survives_a_cache_restart(nodes, criu: list[str], workdir: Path,
-                                                              pki: Path) -> None:
-    """With mutual TLS: keys made by `imgmig pki`, each node's key passed as a credential, the
-    proxy naming the cache's node and the cache allowing node-a by name."""
+def _start_units_with_tls(nodes, pki: Path) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
+    """Node A's proxy names node B's cache, which allows node-a by name; both socket units
+    started. Returns the proxy's and the cache's images dirs as the host reaches them."""
     node_a, node_b, pair = nodes
     _install_tls(node_a, pki, "node-a", pair.a.address)
     _install_tls(node_b, pki, "node-b", pair.b.address)
@@ -203,6 +208,15 @@ def test_migration_through_the_units_survives_a_cache_restart(nodes, criu: list[
     proxy_dir = node_a.root / "run/imgmig/proxy"
     cache_dir = node_b.root / "run/imgmig/cache"
     assert (proxy_dir / "streamer-capture.sock").is_socket() and (cache_dir / "streamer-serve.sock").is_socket()
+    return proxy_dir, cache_dir
+
+
+def test_migration_through_the_units_survives_a_cache_restart(nodes, criu: list[str], workdir: Path,
+                                                              pki: Path) -> None:
+    """With mutual TLS: keys made by `imgmig pki`, each node's key passed as a credential, the
+    proxy naming the cache's node and the cache allowing node-a by name."""
+    node_a, node_b, _ = nodes
+    proxy_dir, cache_dir = _start_units_with_tls(nodes, pki)
 
     state = workdir / "workload.json"
     task = workload.start(MIB, state, log_path=workdir / "workload.log")
@@ -234,6 +248,11 @@ def test_migration_through_the_units_survives_a_cache_restart(nodes, criu: list[
     cache = _ready(node_b, "imgmig-cache.service")
     assert cache["MainPID"] != old_pid and cache["ActiveState"] == "active", cache
     assert cache["StatusText"].startswith("1 checkpoint,"), cache
+    # And the proxy: its copy (the rollback copy) comes back too, and links back to the cache.
+    old_pid = proxy["MainPID"]
+    node_a.systemctl("restart", "imgmig-proxy.service")
+    proxy = _ready(node_a, "imgmig-proxy.service")
+    assert proxy["MainPID"] != old_pid and proxy["StatusText"].startswith("1 checkpoint,"), proxy
 
     proc, log, pidfile = migrate.start_restore(criu, cache_dir, workdir)
     restored = migrate.finish_restore(proc, log, pidfile)
@@ -254,12 +273,79 @@ def test_migration_through_the_units_survives_a_cache_restart(nodes, criu: list[
     assert all(entry.get("SYSLOG_IDENTIFIER") == "imgmig-cache" for entry in story)
     _wait(lambda: _ready(node_b, "imgmig-cache.service")["StatusText"].startswith("0 checkpoints"),
           "the cache to release the restored checkpoint", 10)
-    proxy_story = _journal(node_a, "-u", "imgmig-proxy", f"IMGMIG_CHECKPOINT={checkpoint}")
-    assert proxy_story, "the proxy logged nothing for the checkpoint"
+    proxy_story = [entry["MESSAGE"] for entry in _journal(node_a, "-u", "imgmig-proxy",
+                                                          f"IMGMIG_CHECKPOINT={checkpoint}")]
+    assert any("taken back from systemd's fd store" in m for m in proxy_story), proxy_story
+    assert any("kept over a restart: linked back" in m for m in proxy_story), proxy_story
     for node, unit in ((node_a, "imgmig-proxy"), (node_b, "imgmig-cache")):
         started = [entry["MESSAGE"] for entry in _journal(node, "-u", unit) if "TLS on" in entry.get("MESSAGE", "")]
         assert started and "/run/credentials/" not in started[-1], started
         assert not _journal(node, "-u", unit, "-p", "err"), f"{unit} logged errors"
+
+
+FAULT_MIB = 256
+FAULT_RATE = "400mbit"  # 256 MiB take about 5.5 s over the veth: time to restart the cache midway
+
+
+def _cache_holds(cache_dir: Path) -> int:
+    with ControlClient(cache_dir / "control.sock", "cache") as client:
+        return sum(checkpoint["bytes"] for checkpoint in client.request("status")["checkpoints"])
+
+
+def test_cache_restarted_mid_transfer_keeps_the_partial_checkpoint(nodes, criu: list[str], workdir: Path,
+                                                                   pki: Path) -> None:
+    """Issue 8: real CRIU, a 256 MiB workload, `systemctl restart imgmig-cache.service` while
+    the checkpoint is on its way (tbf on the veth stretches the transfer). The partial images
+    survive in systemd's fd store, the proxy resumes from the cache's offsets, and a restore
+    started after the restart brings the process back with its memory intact."""
+    node_a, node_b, pair = nodes
+    proxy_dir, cache_dir = _start_units_with_tls(nodes, pki)
+    state = workdir / "fault-workload.json"
+    task = workload.start(FAULT_MIB, state, log_path=workdir / "fault-workload.log")
+    reaper = threading.Thread(target=task.wait, daemon=True)
+    reaper.start()
+    before = workload.wait_state(state, lambda s: s.counter > 20)
+    subprocess.run(["tc", "-n", pair.a.netns, "qdisc", "add", "dev", pair.a.veth, "root", "tbf", "rate", FAULT_RATE,
+                    "burst", "256kb", "latency", "50ms"], check=True)
+    restored = None
+    try:
+        migrate.dump(criu, task.pid, proxy_dir, workdir, name="fault-dump")
+        reaper.join(10)
+        at_dump = workload.State.read(state)
+        _wait(lambda: _cache_holds(cache_dir) >= (FAULT_MIB << 20) * 0.4, "the cache to hold 40%", 60)
+        held = _cache_holds(cache_dir)
+        old_pid = _ready(node_b, "imgmig-cache.service")["MainPID"]
+        restart_began = time.time()
+        node_b.systemctl("restart", "imgmig-cache.service")  # returns once the new daemon said READY
+        restart_ended = time.time()
+        cache = _ready(node_b, "imgmig-cache.service")
+        assert cache["MainPID"] != old_pid and cache["ActiveState"] == "active", cache
+        backs = lambda: [e for e in _journal(node_a, "-u", "imgmig-proxy") if "back after" in e["MESSAGE"]  # noqa: E731
+                         and int(e["__REALTIME_TIMESTAMP"]) / 1e6 >= restart_began]
+        _wait(lambda: bool(backs()), "the proxy to resume", 60)
+        back = backs()[-1]
+        recovered = int(back["__REALTIME_TIMESTAMP"]) / 1e6 - restart_ended
+        proc, log, pidfile = migrate.start_restore(criu, cache_dir, workdir, name="fault-restore")
+        restored = migrate.finish_restore(proc, log, pidfile)
+        after = workload.verify(restored, state)
+    finally:
+        subprocess.run(["tc", "-n", pair.a.netns, "qdisc", "del", "dev", pair.a.veth, "root"], check=False)
+        if restored is not None:
+            migrate.kill_and_reap(restored)
+    assert at_dump is not None and after.token == before.token and after.counter > at_dump.counter
+    assert after.verified_digest == before.digest == workload.expected_digest(FAULT_MIB)
+    assert "resuming after" in back["MESSAGE"], back["MESSAGE"]  # not "the cache had none of it"
+    resent, resent_acked = map(int, re.search(r"resent so far: (\d+) bytes, of them acknowledged before: (\d+)",
+                                              back["MESSAGE"]).groups())
+    assert resent_acked == 0, back["MESSAGE"]
+    cache_story = [e["MESSAGE"] for e in _journal(node_b, "-u", "imgmig-cache", f"_PID={cache['MainPID']}")]
+    assert any("taken back from systemd's fd store" in m and "still arriving" in m for m in cache_story), cache_story
+    for node, unit in ((node_a, "imgmig-proxy"), (node_b, "imgmig-cache")):
+        assert not _journal(node, "-u", unit, "-p", "err"), f"{unit} logged errors"
+    print(f"\nFAULT TABLE real cache restart: {FAULT_MIB} MiB workload, real CRIU and systemd, 1 restart at "
+          f"{held / (1 << 20):.0f} MiB held by the cache, 1/1 survived (process runs, digest intact); bytes "
+          f"resent: {resent}, past the acknowledged offset: {resent_acked}; restart took "
+          f"{restart_ended - restart_began:.2f} s, transfer resumed {recovered:.2f} s after it")
 
 
 def test_mismatched_socket_unit_is_refused_in_one_line(nodes) -> None:
@@ -283,20 +369,32 @@ def test_mismatched_socket_unit_is_refused_in_one_line(nodes) -> None:
         node_b.systemctl("restart", "imgmig-cache.socket")
 
 
-def test_auto_restore_through_the_units_with_one_command(nodes, workdir: Path, pki: Path) -> None:
-    """cache.restore: auto on B, with mutual TLS: `imgmig migrate` (run on the host against
-    A's proxy) is the only command, and its cache check is an authenticated HELLO. CRIU
-    cannot run inside nspawn here, so testbed/fake_criu.py stands in on both sides; what is
-    real is the units, the TLS credentials, the sandboxed cache ringing the doorbell, and
-    the root imgmig-restore@.service claiming and restoring the checkpoint."""
+def test_auto_restore_through_the_units_with_one_command(nodes, criu: list[str], workdir: Path, pki: Path) -> None:
+    """cache.restore: auto on B, with mutual TLS, REAL CRIU on both sides, and a real
+    workload: `imgmig migrate PID --to node-b` (run on the host as A's operator, against
+    A's proxy) is the only command, and the process then runs with its memory intact.
+
+    WHERE CRIU EXECUTES: ON THE HOST, BOTH SIDES. CRIU cannot run inside nspawn on this
+    kernel ("Can't lookup mount ... /dev/null" on a dump, /proc/sys read-only), so:
+    - the dump is `imgmig migrate` on the host with the host's CRIU, into A's proxy
+      socket through A's root (/proc/<A's PID 1>/root/run/imgmig/proxy);
+    - on B, everything up to CRIU is B's own: the sandboxed cache rings the doorbell,
+      the root imgmig-restore@.service runs `imgmig restore`, which claims the checkpoint
+      and runs B's `criu:` command. That command is testbed/criu_relay.py: it passes its
+      argv, cwd and stdio (SCM_RIGHTS) to a relay this test runs on the host, which runs
+      the host's CRIU with B's paths under B's root and answers CRIU's exit status.
+    The restored process therefore lives in the HOST's PID namespace, under the PID it was
+    dumped with; that host PID is what CRIU's pidfile holds, what `imgmig restore` reports
+    and what the cache records, and this test checks it is the workload's own PID."""
     node_a, node_b, pair = nodes
-    repo = Path(__file__).resolve().parents[1]
-    node_b.copy_in(repo / "testbed/fake_criu.py", "/usr/local/lib/fake_criu.py")
+    relay_file = "/usr/local/lib/imgmig-criu-relay.py"
+    relay_socket = "/run/imgmig-criu-relay.sock"
+    node_b.copy_in(Path(criu_relay.__file__), relay_file)
     node_b.systemctl("stop", "imgmig-cache.service")
     node_a.systemctl("stop", "imgmig-proxy.service")
     _install_tls(node_a, pki, "node-a", pair.a.address)
     _install_tls(node_b, pki, "node-b", pair.b.address)
-    node_b.write("/etc/imgmig/imgmig.yaml", f"node: node-b\ncriu: /usr/bin/python3 /usr/local/lib/fake_criu.py\n"
+    node_b.write("/etc/imgmig/imgmig.yaml", f"node: node-b\ncriu: /usr/bin/python3 {relay_file} {relay_socket}\n"
                                              f"cache:\n  listen: 0.0.0.0:{PORT}\n  allow: [node-a]\n"
                                              f"  restore: auto\n")
     node_a.write("/etc/imgmig/imgmig.yaml", f"node: node-a\nproxy:\n  peer: node-b@{pair.b.address}:{PORT}\n")
@@ -306,31 +404,55 @@ def test_auto_restore_through_the_units_with_one_command(nodes, workdir: Path, p
     host_config = workdir / "host.yaml"
     host_config.write_text(f"node: node-a\nproxy:\n  images_dir: {node_a.root}/run/imgmig/proxy\n"
                            f"  peer: node-b@{pair.b.address}:{PORT}\n")
-    victim = subprocess.Popen(["sleep", "300"], start_new_session=True)
-    threading.Thread(target=victim.wait, daemon=True).start()
-    done = subprocess.run(["/usr/bin/python3", "-m", "imgmig", "migrate", str(victim.pid), "--to", "node-b", "--json",
-                           "--config", str(host_config), "--criu", "/usr/bin/python3 -m testbed.fake_criu"],
-                          capture_output=True, text=True, timeout=120, cwd=repo,
-                          env={**os.environ, "PYTHONPATH": str(repo)})
-    restores = _journal(node_b, "-u", "imgmig-restore@*")
-    assert done.returncode == 0, (done.stdout[-2000:], done.stderr, [e["MESSAGE"] for e in restores])
-    events = [json.loads(line) for line in done.stdout.splitlines()]
-    cache_check = next(e for e in events if e["event"] == "check" and e["name"] == "cache")
-    assert "authenticated" in cache_check["detail"], cache_check
-    result = events[-1]
-    assert result["checkpoint"].startswith("node-a-"), result
-    assert result["phases"]["running on the destination"] > 0
-    line = next(e["MESSAGE"] for e in restores if "restored: running as pid" in e["MESSAGE"])
-    assert result["checkpoint"] in line
-    pid = line.rsplit(" ", 1)[1]
-    # the restore unit has ended; the restored process lives on (KillMode=process)
-    _wait(lambda: node_b.run("pgrep", "-f", "imgmig restore --doorbell", check=False).returncode != 0,
-          "the restore instance to end", 20)
-    node_b.run("kill", "-0", pid)
-    node_b.run("kill", pid)
-    cache_status = json.loads(node_b.run("imgmig", "status", "--json").stdout)["cache"]
-    assert cache_status["ended"][0]["state"] == "running", cache_status
-    node_b.systemctl("disable", "--now", "imgmig-restore.socket")
+
+    state = workdir / "auto-workload.json"
+    task = workload.start(MIB, state, log_path=workdir / "auto-workload.log")
+    threading.Thread(target=task.wait, daemon=True).start()  # reaped at once: the restore needs its PID
+    before = workload.wait_state(state, lambda s: s.counter > 20)
+    repo = Path(__file__).resolve().parents[1]
+    with criu_relay.serving(node_b.root / relay_socket.lstrip("/"), node_b.root, criu) as relay:
+        done = subprocess.run(["/usr/bin/python3", "-m", "imgmig", "migrate", str(task.pid), "--to", "node-b",
+                               "--json", "--config", str(host_config), "--criu", shlex.join(criu)],
+                              capture_output=True, text=True, timeout=180, cwd=repo,
+                              env={**os.environ, "PYTHONPATH": str(repo)})
+        restores = _journal(node_b, "-u", "imgmig-restore@*")
+        # the restore unit has ended; the restored process lives on (on the host: see above)
+        _wait(lambda: node_b.run("pgrep", "-f", "imgmig restore --doorbell", check=False).returncode != 0,
+              "the restore instance to end", 30)
+    try:
+        assert done.returncode == 0, (done.stdout[-2000:], done.stderr, [e["MESSAGE"] for e in restores])
+        events = [json.loads(line) for line in done.stdout.splitlines()]
+        cache_check = next(e for e in events if e["event"] == "check" and e["name"] == "cache")
+        assert "authenticated" in cache_check["detail"], cache_check
+        progress = [e for e in events if e["event"] == "progress"]
+        assert progress and progress[-1]["captured"] == progress[-1]["forwarded"] > MIB << 20, progress
+        result = events[-1]
+        assert result["event"] == "result" and result["exit"] == 0, result
+        print(f"auto migration: {result['outcome']}; phases {result['phases']}")
+        checkpoint = result["checkpoint"]
+        assert checkpoint.startswith("node-a-"), result
+        assert result["phases"]["running on the destination"] > 0, result
+
+        # B's `imgmig restore` ran CRIU exactly once, through the relay, and it succeeded
+        assert [(run.argv[0], run.exit) for run in relay.runs] == [("restore", 0)], relay.runs
+        assert "--stream" in relay.runs[0].argv and "-d" in relay.runs[0].argv, relay.runs[0]
+        line = next(e["MESSAGE"] for e in _journal(node_b, "-u", "imgmig-restore@*")
+                    if "restored: running as pid" in e["MESSAGE"])
+        assert checkpoint in line, line
+        restored = int(line.rsplit(" ", 1)[1])
+        assert restored == task.pid, f"{line}: CRIU restores the dumped PID (a host PID here)"
+
+        after = workload.verify(restored, state)
+        assert after.pid == restored and after.token == before.token and after.counter > before.counter, after
+        assert after.verified_digest == before.digest == workload.expected_digest(MIB), after
+
+        cache_status = json.loads(node_b.run("imgmig", "status", "--json").stdout)["cache"]
+        ended = next(e for e in cache_status["ended"] if e["id"] == checkpoint)
+        assert ended["state"] == "running" and f"as pid {restored}" in ended["outcome"], ended
+    finally:
+        with contextlib.suppress(ProcessLookupError, TimeoutError):
+            migrate.kill_and_reap(task.pid)
+        node_b.systemctl("disable", "--now", "imgmig-restore.socket")
 
 
 def test_installs_and_starts_on_bookworm(deb: Path, workdir: Path, pki: Path) -> None:

@@ -37,7 +37,9 @@ def _daemon_main(role: str, build: Callable[[Config], object], argv: list[str] |
         return EXIT_CONFIG
     tls.log_start(role_object.trust, cfg.source)  # type: ignore[attr-defined]
     # Checkpoints kept in systemd's fd store over a restart are back before READY=1.
-    FdStore(role_object.store, role).take_back(passed.stored)  # type: ignore[attr-defined]
+    taken = FdStore(role_object.store, role).take_back(passed.stored)  # type: ignore[attr-defined]
+    if role == "proxy":  # their forwarding resumes, and the cache drops what a cut capture left there
+        role_object.resume_after_restart(taken)  # type: ignore[attr-defined]
     return daemon.run()
 
 
@@ -52,7 +54,7 @@ def cache_main(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from imgmig.commands import migrate, pki, restore, status
+    from imgmig.commands import handoff, migrate, pki, restore, status
     from imgmig.commands.common import CommandError, say
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     status.add_parsers(commands)
     migrate.add_parser(commands)
     restore.add_parser(commands)
+    handoff.add_parser(commands)
     args = parser.parse_args(argv)
     if criu_options and args.command not in ("migrate", "restore"):
         parser.error(f"arguments after -- are for CRIU; `imgmig {args.command}` runs no CRIU")

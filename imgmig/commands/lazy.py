@@ -144,7 +144,7 @@ class LazyRestore:
             self.give_back(client, failure)
             raise CommandError(f"{failure}; the process restored here (pid {self.pid}) was killed, its memory being "
                                f"incomplete, and resumes on its source (logs in {self.images_dir})")
-        client.request("lazy_done", id=self.checkpoint)
+        client.request("lazy_done", id=self.checkpoint, pid=self.pid)
         client.request("confirm", id=self.checkpoint, running=True, pid=self.pid)
         for image in self.images_dir.glob("*.img"):  # tmpfs is memory; the logs stay
             image.unlink()

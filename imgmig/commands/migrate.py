@@ -41,6 +41,7 @@ from imgmig.config import Config, peer_address
 
 POLL = 0.25
 HEARTBEAT = 5.0  # seconds between progress events when nothing moves
+LAZY_RUNNING_WAIT = 5.0  # for the restore's RUNNING after a lazy dump ended (it names the pid)
 DEFAULT_TIMEOUT = 300.0
 # Dump options the rollback restore needs as well (CRIU refuses to restore a shell job
 # without --shell-job, and so on); options with values are not carried over.
@@ -91,6 +92,7 @@ class Migration:
     checkpoint: str | None = None
     files: int | None = None  # the sealed memfd of --files, until the proxy has it
     lazy: bool = False
+    notes: set[str] = field(default_factory=set)  # what was said once already
 
     def phase(self, name: str) -> None:
         self.phases[name] = round(time.monotonic() - self.started, 3)
@@ -254,12 +256,17 @@ def _follow(m: Migration, proxy: ControlClient, ticket: str, dump: subprocess.Po
             m.phase("verified at the destination")
         if ended is not None and (finished or ended["state"] != "failed"):  # a failed capture: criu's exit first
             return _ended(m, ended)
-        if live is not None and live.get("restored_at_peer") and "dump done" in m.phases:
-            # the proxy keeps its copy a while longer (proxy.keep_restored_for): the peer's report is the news
-            return _ended(m, {"state": "restored-at-peer", "outcome": f"restored on {live['peer']}"})
+        if live is not None and live.get("restored_at_peer") and "read whole at the destination" not in m.notes:
+            # a bare restore there: only its own confirmation (RUNNING) says the process runs
+            m.notes.add("read whole at the destination")
+            m.reporter.message(f"a restore on {m.node} read every image; waiting for it to confirm the process runs")
+        if live is not None and live.get("returned") and "dump done" in m.phases:
+            return _fail_over(m, proxy, f"the restore on {m.node} failed and gave the right to restore back")
         if live is not None and live["link"] == "closed" and "dump done" in m.phases:
             return _fail_over(m, proxy, live["outcome"] or "the link to the cache closed")
         if deadline is not None and time.monotonic() > deadline:
+            if "read whole at the destination" in m.notes:
+                return _unconfirmed(m)
             return _fail_over(m, proxy, f"the destination did not report the process restored within "
                                         f"{m.timeout:.0f} s")
         time.sleep(POLL)
@@ -290,7 +297,17 @@ def _run_lazy(m: Migration, proxy: ControlClient, ticket: str) -> tuple[int, str
         return _dump_failed(m, dump.proc.returncode)
     m.phase("every page sent")
     m.phase("running on the destination")
-    return EXIT_OK, f"running on {m.node}: every page of checkpoint {m.checkpoint} went there (post-copy)"
+    # the dump ends only after `criu restore -d` returned 0 there (lazy_running): it runs; the
+    # restore's RUNNING (lazy_done) names its pid a moment later
+    outcome = f"every page of checkpoint {m.checkpoint} went there (post-copy)"
+    deadline = time.monotonic() + LAZY_RUNNING_WAIT
+    while time.monotonic() < deadline:
+        _, ended = _find(proxy.request("status"), m.checkpoint)
+        if ended is not None and ended["state"] == "running-at-peer":
+            outcome += f"; {ended['outcome']}"
+            break
+        time.sleep(POLL)
+    return EXIT_OK, f"running on {m.node}: {outcome}"
 
 
 def _find(status: dict[str, Any], checkpoint: str | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -311,17 +328,28 @@ def _snapshot(m: Migration, live: dict[str, Any], estimate: int) -> Snapshot:
 
 
 def _ended(m: Migration, ended: dict[str, Any]) -> tuple[int, str]:
-    if ended["state"] == "restored-at-peer":
+    if ended["state"] == "running-at-peer":  # the restore there confirmed it (RUNNING)
         if "verified at the destination" not in m.phases:
             # a restore there reads only verified images: the poll missed the short window between
             m.phase("verified at the destination")
         m.phase("running on the destination")
         return EXIT_OK, f"running on {m.node}: {ended['outcome']}"
-    if ended["state"] == "restored":
+    if ended["state"] == "restored-at-peer":
+        return _unconfirmed(m)
+    if ended["state"] in ("restored", "running"):
         return EXIT_FAILED, "restored on this node by another restore (a rollback); it runs here"
     return EXIT_LOST, (f"checkpoint {m.checkpoint} {ended['state']} on the proxy ({ended['outcome']}) after the "
                        f"dump: the process runs nowhere; check `imgmig status` on {m.node}, and the CRIU logs in "
                        f"{m.workdir}")
+
+
+def _unconfirmed(m: Migration) -> tuple[int, str]:
+    """A restore there read every image but never said whether CRIU succeeded (a bare
+    `criu restore --stream`): the right stays there, so no rollback here."""
+    return EXIT_LOST, (f"a restore on {m.node} read every image of checkpoint {m.checkpoint} but did not confirm "
+                       f"that the process runs (a bare `criu restore --stream`? `imgmig restore` confirms it): "
+                       f"check on {m.node}; the right to restore it stays there, and this node keeps its copy "
+                       f"for proxy.keep_restored_for")
 
 
 def _dump_failed(m: Migration, code: int) -> tuple[int, str]:

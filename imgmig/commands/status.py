@@ -112,6 +112,8 @@ def _print_checkpoints(reply: dict[str, Any], indent: str) -> None:
         detail = []
         if checkpoint.get("claimed"):
             detail.append("being restored")
+        if checkpoint.get("right"):
+            detail.append(f"right to restore held by {checkpoint['right']}")
         if "forwarded" in checkpoint:
             detail.append(f"forwarded {human_bytes(checkpoint['forwarded'])}, link {checkpoint['link']}")
         if checkpoint.get("outcome"):

@@ -164,6 +164,12 @@ class CaptureSession:
                      len(self.checkpoint.images), self.checkpoint.size, elapsed,
                      self.checkpoint.size / max(elapsed, 1e-6) / 1e6, extra=fields)
             self.store.complete(self.checkpoint, clean=True)
+        elif self.stop.is_set():
+            # Left as it is: systemd's fd store keeps it as a capture under way, and the next
+            # run tells the cache to drop its part (fdstore.py); failing it here would forget that.
+            log.error("checkpoint %s failed: %s; CRIU's dump fails and the process goes on running here; a "
+                      "restarted imgmig-proxy tells the cache to drop its part", self.checkpoint.id, self.error,
+                      extra=fields)
         else:
             log.error("checkpoint %s failed: %s; it cannot be restored and is dropped; check CRIU's log "
                       "and dump again", self.checkpoint.id, self.error, extra=fields)

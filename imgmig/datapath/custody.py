@@ -5,6 +5,8 @@ the source takes the right directly from its store; the cache asks for it (CLAIM
 the checkpoint's connection and serves nothing before the proxy granted it. Both
 sides keep the answer in the checkpoint (`holder`, `refused_by`) under the store's
 condition, so a serve thread and a link driver meet there without calling each other.
+The one exception is fencing: with the source node down, the operator takes the right
+on the cache (`imgmig handoff --force`, `force`); the cache tells the proxy if it comes back.
 """
 
 from __future__ import annotations
@@ -77,15 +79,15 @@ def answer_claim(store: ImageStore, checkpoint: Checkpoint, granted: bool, holde
         checkpoint.grant_wanted = False  # answered: the link driver must not ask again
         if granted:
             checkpoint.holder = holder
-        else:
-            checkpoint.refused_by = holder
+        else:  # a right this node held by `handoff --force` is void too: the source restored it itself
+            checkpoint.holder, checkpoint.forced, checkpoint.refused_by = "", False, holder
         store.changed()
 
 
 def give_back(store: ImageStore, checkpoint: Checkpoint, timeout: float, stop: threading.Event) -> bool:
     """Cache: a restore here that held the right failed; the link driver returns the right
-    to the proxy (RETURN) and drops this copy. False if no link took it within timeout:
-    then this node keeps both the right and its copy."""
+    to the proxy (RETURN), and this copy stays for a retry. False if no link took it within
+    timeout: then this node keeps the right too."""
     with store.cond:
         if not checkpoint.holder:
             return False
@@ -110,10 +112,41 @@ def take_return(store: ImageStore, checkpoint: Checkpoint) -> bool:
 
 
 def taken_back(store: ImageStore, checkpoint: Checkpoint, peer: str) -> None:
-    """Proxy: the cache on node `peer` returned the right (its restore failed) and dropped
-    its copy: nobody holds the right, and this copy is the only one (never evicted)."""
+    """Proxy: the cache on node `peer` returned the right (its restore failed): nobody
+    holds the right, and this copy is kept for a rollback (no longer evicted for memory)."""
     with store.cond:
         if checkpoint.holder == destination(peer):
             checkpoint.holder = ""
         checkpoint.delivered = False
         store.changed()
+
+
+def not_fenced(checkpoint_id: str) -> str:
+    """Why `imgmig handoff` without --force is refused: the one line both the command and the cache say."""
+    return (f"checkpoint {checkpoint_id} not handed over: its source node's proxy grants the right to restore it, and "
+            f"taking it here without that is safe only once the source node is down (powered off or fenced, so that "
+            f"it cannot roll back): make sure of that first, then say so with `imgmig handoff --force "
+            f"{checkpoint_id}`")
+
+
+def force(store: ImageStore, checkpoint: Checkpoint, node: str) -> None:
+    """Cache: `imgmig handoff --force` (fencing): this node takes the right without its
+    source's proxy, which the operator says is down; a restore waiting for a GRANT goes on."""
+    with store.cond:
+        checkpoint.holder = destination(node)
+        checkpoint.forced = True
+        checkpoint.refused_by = ""
+        checkpoint.grant_wanted = False
+        store.changed()
+
+
+def used_at_peer(store: ImageStore, checkpoint: Checkpoint, peer: str) -> str:
+    """Proxy: a restore on the cache of node `peer` read the checkpoint (RESTORED, RUNNING):
+    the right was used there, granted here or taken by `imgmig handoff --force` while this
+    node was unreachable. Records it, so that no rollback follows; returns the holder before."""
+    with store.cond:
+        before = checkpoint.holder
+        if not before:
+            checkpoint.holder = destination(peer)
+            store.changed()
+        return before

@@ -8,8 +8,10 @@ seconds and resumes: each file continues at the offset the cache says it holds, 
 nothing the cache acknowledged is sent again. After CHECKPOINT_DONE the connection
 stays: the proxy decides who may restore the checkpoint (CLAIM / GRANT, or a rollback
 here, which takes the right and tells the cache to DROP its copy), releases its own
-copy once the cache reports the checkpoint restored, and keeps it when a failed restore
-there gives the right back (RETURN) for a rollback here.
+copy at once when the cache confirms the process runs there (RUNNING), keeps it
+`keep_restored_for` when a bare restore there only read it all (RESTORED), and keeps it
+when a failed restore there gives the right back (RETURN): then a rollback here, or a
+retry there, may take the right.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from imgmig.config import HostPort
 from imgmig.datapath import custody
 from imgmig.datapath.digest import Digester, new_hasher, usable
 from imgmig.datapath.kernel_io import hash_region
-from imgmig.datapath.link import Link, LinkRefused, TlsLink
+from imgmig.datapath.link import HandshakeCut, Link, LinkRefused, TlsLink
 from imgmig.datapath.receive import receive_within
 from imgmig.datapath.store import Checkpoint, Image, ImageStore, State
 from imgmig.datapath.tunnel import CONNECT_TIMEOUT, LAZY_IMAGE, NotLazy, TunnelPump, page_server_of
@@ -87,7 +89,7 @@ class Forwarder:
     def __init__(self, store: ImageStore, checkpoint: Checkpoint, peer: HostPort, node: str,
                  stop: threading.Event, connect: Callable[[], Link], *, wait_for_complete: bool = False,
                  after: threading.Event | None = None, digest: wire.Digest = wire.Digest.SHA256,
-                 reconnect_for: float = 300.0, keep_restored_for: float = 600.0) -> None:
+                 reconnect_for: float = 300.0, keep_restored_for: float = 600.0, taken_back: bool = False) -> None:
         self.connect = connect  # link.open_link with this proxy's peer and trust
         self.store = store
         self.checkpoint = checkpoint
@@ -115,8 +117,15 @@ class Forwarder:
         # with BEGUN, or that forwarder ended.
         self.after = after
         self.begun = threading.Event()
+        # Kept over a restart of the proxy (fdstore.py): the cache may hold any part of it, so
+        # the first connection is a resume; what a previous run sent is unknown here.
+        self.taken_back = taken_back
+        self.held_at_restart = -1  # bytes the cache held when a taken-back checkpoint resumed
+        if taken_back:
+            self.begun.set()
         self.restored_at_peer = False  # the cache reported every image read by a restore there
-        self.returned_by_peer = False  # a restore there failed and the cache gave the right back
+        self.running_at_peer = ""      # the cache confirmed the process runs there: "NODE as pid P"
+        self.returned_by_peer = False  # a restore there failed and the cache gave the right back (since the last grant)
         self.digest = usable(digest)  # offered in HELLO; the cache's HELLO says which is used
         self.started = time.monotonic()
         self.pump: TunnelPump | None = None  # a lazy restore on the cache reaching the page server here
@@ -180,6 +189,8 @@ class Forwarder:
             except wire.PeerProtocolError as exc:
                 self._report_failure(f"the cache broke the protocol: {exc}")
                 return
+            except HandshakeCut as exc:  # a refusal, or a cache that stopped then: tried again like a cut
+                reason = str(exc)
             except LinkRefused as exc:  # not authenticated: trying again will not help
                 self._report_failure(str(exc))
                 return
@@ -199,8 +210,8 @@ class Forwarder:
                             "(proxy.reconnect_for); the checkpoint stays on this node meanwhile, a rollback "
                             "restore here is possible", self.checkpoint.id, self.peer, reason,
                             self.reconnect_for, extra=self.fields)
-            if self.checkpoint.state is State.RESTORED and not self.checkpoint.delivered:
-                return  # rolled back here; the cache never had it whole, and cannot get the right to it
+            if self.checkpoint.state is State.RESTORED and not self.checkpoint.delivered and not self.begun.is_set():
+                return  # rolled back here, and the cache never had any of it: nothing to tell it
             if now - lost_at > self.reconnect_for:
                 self._report_failure(f"{reason}; no working link for {self.reconnect_for:.0f} s")
                 return
@@ -228,10 +239,11 @@ class Forwarder:
             self.peer_node = f"{hello.node} ({self.peer})"
             if not resume:
                 self._await_previous()
+            holder = self.checkpoint.holder  # before BEGIN: a CLAIM may come right after BEGUN
             self.conn.begin(time.monotonic())
             self._flush()
             answered = self._wait_for(conv.BeginAnswered)
-            self._on_begun(answered, resume)
+            self._on_begun(answered, resume, holder)
             if self.conn.phase is conv.Phase.TRANSFER:
                 self._stream()
             delivered = True
@@ -258,18 +270,32 @@ class Forwarder:
                 return
             self._tick()
 
-    def _on_begun(self, answered: conv.BeginAnswered, resume: bool) -> None:
+    def _on_begun(self, answered: conv.BeginAnswered, resume: bool, holder: str) -> None:
         self.begun.set()
         self.progressed = True
         if answered.status is BeginStatus.RESTORED:
             self._restored_there()
         if answered.status is BeginStatus.GONE:
             raise GiveUp(f"the cache no longer has checkpoint {self.checkpoint.id} (dropped or failed there)")
-        if answered.status is BeginStatus.COMPLETE:
+        if answered.status is BeginStatus.NEW and holder == custody.destination(self.peer_name):
+            log.error("checkpoint %s: %s no longer knows it, yet it was granted the right to restore it: the process "
+                      "may run there; this copy is not sent again, and a rollback here is refused (`imgmig drop "
+                      "--force %s` once it is known not to run there)", self.checkpoint.id, self.peer_node,
+                      self.checkpoint.id, extra=self.fields)
+            self._end_at_cache()  # what the cache began on this BEGIN goes at once
+            raise GiveUp("granted to a cache that lost it", logged=True)
+        if answered.status is BeginStatus.COMPLETE and self.checkpoint.state is State.FAILED:
+            log.warning("checkpoint %s is complete at %s although this proxy stopped before it recorded the capture "
+                        "as complete: that copy is the only one; its restore there is granted", self.checkpoint.id,
+                        self.peer_node, extra=self.fields)
+        elif answered.status is BeginStatus.COMPLETE:
             self._delivered()
-        else:
+        elif answered.status is not BeginStatus.RUNNING:  # RUNNING: its frame comes next (_hold)
             self._continue_files(answered)
-        if resume:
+        if resume and self.reconnects == 0 and self.taken_back:
+            self.reconnects += 1
+            self._log_taken_back(answered)
+        elif resume:
             self.reconnects += 1
             down = time.monotonic() - self.lost_at
             log.info("checkpoint %s: link to %s back after %.2f s; %s (resent so far: %d bytes, of them "
@@ -278,10 +304,24 @@ class Forwarder:
         else:
             log.info("checkpoint %s: forwarding to %s", self.checkpoint.id, self.peer_node, extra=self.fields)
 
+    def _log_taken_back(self, answered: conv.BeginAnswered) -> None:
+        if self.checkpoint.state is State.FAILED:  # a capture the restart cut: only the cache's part matters
+            return
+        if answered.status is BeginStatus.RESUMED or answered.status is BeginStatus.NEW:
+            size = self.checkpoint.size
+            log.info("checkpoint %s, kept over a restart: forwarding to %s resumes; the cache holds %d of its %d "
+                     "bytes, the other %d are sent", self.checkpoint.id, self.peer_node, self.held_at_restart, size,
+                     size - self.held_at_restart, extra=self.fields)
+        else:
+            log.info("checkpoint %s, kept over a restart: linked back to %s; %s", self.checkpoint.id,
+                     self.peer_node, _describe_resume(answered), extra=self.fields)
+
     def _continue_files(self, answered: conv.BeginAnswered) -> None:
         """Where each file goes on from: what the cache holds, never below what it acknowledged."""
         assert self.conn is not None
+        self._learn_images()  # after a restart of this proxy, the files are known only from the store
         self.active = []
+        held_here = 0
         for out in self.outgoing:
             if out.file_id >= answered.files:
                 self._restart_file(out, 0)
@@ -293,9 +333,14 @@ class Forwarder:
                 self._restart_file(out, held)
                 self.conn.continue_file(out.file_id)
                 self.active.append(out)
+                held_here += held
             else:
                 out.ended, out.acked = True, out.image.size
+                held_here += out.image.size
         self.next_to_begin = min(answered.files, len(self.outgoing))
+        if self.held_at_restart < 0 and self.taken_back:
+            self.held_at_restart = held_here
+            self.bytes_sent = 0  # counts what this run sends
 
     def _restart_file(self, out: _Outgoing, offset: int) -> None:
         self.resent += max(0, out.sent - offset)
@@ -329,13 +374,17 @@ class Forwarder:
 
     def _dump_failed(self) -> None:
         """Tell the cache (it drops its part), read its answer, and stop: capture logged why."""
+        self._end_at_cache()
+        raise Settled
+
+    def _end_at_cache(self) -> None:
+        """CHECKPOINT_END clean=0: the cache drops what it holds of the checkpoint."""
         assert self.conn is not None
         self.conn.checkpoint_end(False, len(self.outgoing), self.bytes_sent, time.monotonic())
         self._flush()
         deadline = time.monotonic() + LINGER_AFTER_FAILURE
         while not self.conn.closed and time.monotonic() < deadline:
             self._pump(min(LOOK_EVERY, deadline - time.monotonic()))
-        raise Settled
 
     def _wait_for_work(self) -> None:
         """Sleep until there is something to send (checked under the store's lock, so a
@@ -359,12 +408,7 @@ class Forwarder:
 
     def _send_available(self) -> None:
         assert self.conn is not None
-        images = self.checkpoint.images
-        # Images are never removed from a checkpoint and dicts keep insertion order: the
-        # new ones are those past the count already known. list() copies without letting
-        # another thread run, unlike a Python-level loop over a dict that may grow.
-        for image in list(itertools.islice(images.values(), len(self.outgoing), None)):
-            self.outgoing.append(_Outgoing(image, len(self.outgoing), new_hasher(self.digest)))
+        self._learn_images()
         small = 0
         for out in self.outgoing[self.next_to_begin:]:
             self.next_to_begin += 1
@@ -380,6 +424,15 @@ class Forwarder:
         for out in self.active:
             self._send_bytes(out)
         self.active = [out for out in self.active if not out.ended]
+
+    def _learn_images(self) -> None:
+        """Images are never removed from a checkpoint and dicts keep insertion order: the
+        new ones are those past the count already known, and their file ids follow it. list()
+        copies without letting another thread run, unlike a Python-level loop over a dict
+        that may grow."""
+        images = self.checkpoint.images
+        for image in list(itertools.islice(images.values(), len(self.outgoing), None)):
+            self.outgoing.append(_Outgoing(image, len(self.outgoing), new_hasher(self.digest)))
 
     def _frame_small(self, out: _Outgoing) -> None:
         """FILE_BEGIN, one buffered FILE_DATA and FILE_END: the same frames as for a large
@@ -439,7 +492,17 @@ class Forwarder:
             self._pump(LOOK_EVERY)
         raise Settled
 
+    def _used_there(self) -> None:
+        """The right was used on the cache: record it (a handoff --force there took it without
+        this proxy), so that a rollback here is refused; one line if a rollback here used it too."""
+        before = custody.used_at_peer(self.store, self.checkpoint, self.peer_name)
+        if before == custody.source(self.node):
+            log.error("checkpoint %s was restored on this node (a rollback) and on %s, whose cache took the right "
+                      "to restore it with `imgmig handoff --force` while this node was unreachable: the process may "
+                      "run on both nodes; stop one of them", self.checkpoint.id, self.peer_node, extra=self.fields)
+
     def _restored_there(self) -> None:
+        self._used_there()
         if self.keep_restored_for <= 0:
             self._release("reported by the cache")
             raise Settled
@@ -508,6 +571,8 @@ class Forwarder:
             self.conn.confirm_restored(time.monotonic())
             self._flush()
             self._restored_there()
+        elif isinstance(event, conv.RunningReported):
+            self._running_there(event.pid)
         elif isinstance(event, conv.RightReturned):
             self._right_returned()
         elif isinstance(event, conv.Confirmed):
@@ -544,15 +609,28 @@ class Forwarder:
         granted, holder = custody.grant_to_peer(self.store, self.checkpoint, self.peer_name)
         self.conn.grant(granted, holder, time.monotonic())
         if granted:
+            self.returned_by_peer = False
             log.info("checkpoint %s: the right to restore it is granted to %s", self.checkpoint.id,
                      self.peer_node, extra=self.fields)
         else:
             log.warning("checkpoint %s: %s asked for the right to restore it; refused, it is held by %s",
                         self.checkpoint.id, self.peer_node, holder, extra=self.fields)
 
+    def _running_there(self, pid: int) -> None:
+        """The restore on the cache confirmed the process runs: nothing can need this copy."""
+        assert self.conn is not None
+        self._used_there()
+        self.running_at_peer = f"{self.peer_name} as pid {pid}"
+        log.info("checkpoint %s: running on %s as pid %d, confirmed by its restore; this node's copy released",
+                 self.checkpoint.id, self.peer_node, pid, extra=self.fields)
+        self.store.drop(self.checkpoint)
+        self.conn.confirm_running(time.monotonic())
+        self._flush()
+        raise Settled
+
     def _right_returned(self) -> None:
-        """The restore on the cache failed and its copy is gone: this copy is kept for a
-        rollback, which may take the right now; the link has nothing more to carry."""
+        """The restore on the cache failed; both copies stay. A rollback here may take the
+        right now, or a retry there may claim it again; the link stays for either."""
         assert self.conn is not None
         custody.taken_back(self.store, self.checkpoint, self.peer_name)
         self.returned_by_peer = True
@@ -561,12 +639,13 @@ class Forwarder:
                         "it): the process resumes on this node once its dump fails", self.peer_node,
                         self.checkpoint.id, extra=self.fields)
             self.store.drop(self.checkpoint)
-        else:
-            log.warning("the restore on %s failed; the right to restore %s is back on this node: roll it back here",
-                        self.peer_node, self.checkpoint.id, extra=self.fields)
+            self.conn.confirm_return(time.monotonic())
+            self._flush()
+            raise Settled
+        log.warning("the restore on %s failed; the right to restore %s is back on this node: roll it back here, "
+                    "or retry the restore there", self.peer_node, self.checkpoint.id, extra=self.fields)
         self.conn.confirm_return(time.monotonic())
         self._flush()
-        raise Settled
 
     def _on_peer_error(self, event: conv.PeerError) -> None:
         if event.code == ErrorCode.INTERNAL:
@@ -584,6 +663,10 @@ class Forwarder:
             self.link.send(data)
 
     def _report_failure(self, reason: str) -> None:
+        if self.taken_back and self.checkpoint.state is State.FAILED and not self.stop.is_set():
+            log.warning("checkpoint %s: the cache at %s could not be told to drop what it holds of it (%s); it "
+                        "drops it itself after cache.resume_for", self.checkpoint.id, self.peer, reason,
+                        extra=self.fields)
         if self.stop.is_set() or self.checkpoint.state in (State.RESTORED, State.FAILED):
             return
         log.error("forwarding checkpoint %s to %s failed: %s; the checkpoint stays on this node "
@@ -595,6 +678,8 @@ class Forwarder:
 def _describe_resume(answered: conv.BeginAnswered) -> str:
     if answered.status is BeginStatus.COMPLETE:
         return "the cache holds it complete"
+    if answered.status is BeginStatus.RUNNING:
+        return "a restore there confirmed the process runs while the link was down"
     if answered.status is BeginStatus.NEW:
         return "the cache had none of it: sending it again"
     held = sum(answered.held.values())

@@ -54,6 +54,11 @@ class PeerRefusedUs(LinkRefused):
     reports it as a warning."""
 
 
+class HandshakeCut(PeerRefusedUs):
+    """The peer closed or reset the connection mid-handshake, without a TLS alert: a refusal,
+    or a peer that died or restarted then (a proxy tries again)."""
+
+
 class _Deadline:
     """A per-operation timeout (settimeout) or, until the first settimeout, a total deadline."""
 
@@ -438,8 +443,8 @@ def _handshake(link: TlsLink, timeout: float, peer: str) -> None:
     except LinkRefused:
         raise
     except (ConnectionResetError, BrokenPipeError):
-        raise PeerRefusedUs(f"{peer} closed the connection during the TLS handshake (it does not accept this "
-                            f"node's certificate?)") from None
+        raise HandshakeCut(f"{peer} closed the connection during the TLS handshake (it does not accept this "
+                           f"node's certificate, or it stopped?)") from None
     except ConnectionError as exc:
         raise LinkRefused(f"TLS handshake failed: {exc}") from None
 

@@ -4,8 +4,8 @@ One proxy connection carries one checkpoint. FILE_DATA payloads go link -> memfd
 (spliced on a plain link); each file's digest is computed from the memfd as it fills
 and checked against FILE_END before the file may be served. This thread is the only
 writer to its link: what other threads want said (a restore asking for the right to
-restore, a restore that read everything, a failed one giving the right back) it finds in
-the store and says itself.
+restore, a bare restore that read everything, a restore confirmed running, a failed one
+giving the right back) it finds in the store and says itself.
 
 A cut link leaves an unfinished checkpoint in `Transfers`, with its file order and
 digests so far, for `cache.resume_for` seconds: the proxy reconnects and continues
@@ -31,7 +31,7 @@ from imgmig.datapath.digest import LABELS, Digester, new_hasher, usable
 from imgmig.datapath.kernel_io import UntilHangup, hash_region, out_of_fds
 from imgmig.datapath.link import Link
 from imgmig.datapath.store import Checkpoint, Image, ImageStore, State, StoreError, TooManyFiles
-from imgmig.datapath.tunnel import TunnelPump, Tunnels
+from imgmig.datapath.tunnel import LAZY_IMAGE, TunnelPump, Tunnels
 from imgmig.protocol import conversation as conv
 from imgmig.protocol import peer_wire as wire
 from imgmig.protocol import tunnel_wire
@@ -69,6 +69,9 @@ class Inbound:
     images: dict[int, Image] = field(default_factory=dict)
     hashers: dict[int, Digester] = field(default_factory=dict)
     attached: bool = False
+    link: Link | None = None  # the attached connection's, for a resume to take over from
+    taken_over: bool = False  # a resume from its proxy ended that connection
+    force_told: bool = False  # the proxy acknowledged this node's `imgmig handoff --force` (a GRANT)
 
 
 class Transfers:
@@ -78,7 +81,7 @@ class Transfers:
         self.store = store
         self.resume_for = resume_for
         self.inbound: dict[str, Inbound] = {}
-        self.settled: dict[str, BeginStatus] = {}
+        self.settled: dict[str, tuple[BeginStatus, int]] = {}  # id -> (status, pid if RUNNING)
         threading.Thread(target=self._watch_taken_back, name="taken-back", daemon=True).start()
 
     def _watch_taken_back(self) -> None:
@@ -107,10 +110,10 @@ class Transfers:
         self.store.fail(checkpoint, "the proxy did not come back to resume it")
         self.settle(checkpoint.id, BeginStatus.GONE)
 
-    def settle(self, checkpoint_id: str, status: BeginStatus) -> None:
+    def settle(self, checkpoint_id: str, status: BeginStatus, pid: int = 0) -> None:
         with self.store.cond:
             self.inbound.pop(checkpoint_id, None)
-            self.settled[checkpoint_id] = status
+            self.settled[checkpoint_id] = (status, pid)
             while len(self.settled) > SETTLED_KEPT:
                 del self.settled[next(iter(self.settled))]
 
@@ -153,6 +156,7 @@ class ReceiveSession:
         self.inbound: Inbound | None = None
         self.digest = wire.Digest.SHA256
         self.pending: dict[int, list[int]] = {}  # file_id -> [offset, length] stored, not yet hashed
+        self.running_pid = 0  # a resumed checkpoint confirmed running here while the link was down
         self.peer = address
         self.started = time.monotonic()
         self.tunnels = tunnels  # a lazy restore's page-server socket, offered through the control socket
@@ -266,12 +270,23 @@ class ReceiveSession:
         if checkpoint.grant_wanted and not checkpoint.holder and not self.conn.claim_sent \
                 and self.conn.phase in (conv.Phase.TRANSFER, conv.Phase.ENDED, conv.Phase.HOLDING):
             self.conn.claim(now)
-        if checkpoint.state is State.RESTORED and self.conn.phase is conv.Phase.HOLDING \
-                and not self.conn.restored_sent:
-            self.conn.restored(now)
-        if self.conn.phase is conv.Phase.HOLDING and not self.conn.restored_sent and not self.conn.return_sent \
-                and custody.take_return(self.store, checkpoint):
-            self._give_back(checkpoint, now)
+        settling = self.conn.restored_sent or self.conn.running_sent or self.conn.return_sent
+        if checkpoint.forced and not self._inbound().force_told and checkpoint.state is State.COMPLETE \
+                and self.conn.phase is conv.Phase.HOLDING and not self.conn.claim_sent and not settling:
+            self.conn.claim(now)  # fencing: the proxy must learn who holds the right before it rolls back
+        if checkpoint.state is State.RESTORED and self.conn.phase is conv.Phase.HOLDING and not settling:
+            if checkpoint.running_pid:
+                self.conn.running(checkpoint.running_pid, now)
+            else:
+                self.conn.restored(now)
+        elif self.conn.phase is conv.Phase.HOLDING and not settling and custody.take_return(self.store, checkpoint):
+            if LAZY_IMAGE in checkpoint.images:
+                self._give_back_lazy(checkpoint, now)
+            else:
+                log.warning("checkpoint %s: the restore here failed; the right to restore it is returned to %s, "
+                            "which may roll it back; this copy stays for a retry (`imgmig restore --id %s`) "
+                            "until the source rolls back", checkpoint.id, self.peer, checkpoint.id, extra=self.fields)
+                self.conn.give_back(now)
         if self.tunnels is not None and self.conn.phase is conv.Phase.HOLDING:
             self._attach_tunnel(checkpoint)
 
@@ -292,12 +307,13 @@ class ReceiveSession:
         if self.pump is not None and not self.conn.closed:
             self.conn.send_tunnel(self.pump.outgoing(), time.monotonic())
 
-    def _give_back(self, checkpoint: Checkpoint, now: float) -> None:
-        """A restore here failed (imgmig restore said so): the source may roll back now, so
-        this copy goes first, then the right goes back to the proxy."""
-        log.warning("checkpoint %s: the restore here failed; the right to restore it is returned to %s, which "
-                    "may roll it back, and this copy is dropped", checkpoint.id, self.peer, extra=self.fields)
-        self.store.fail(checkpoint, "its restore here failed; the right to restore it went back to its source")
+    def _give_back_lazy(self, checkpoint: Checkpoint, now: float) -> None:
+        """A lazy restore here failed: unlike a full copy, this one cannot be retried (its
+        page server on the source is gone), so it goes first, then the right goes back."""
+        log.warning("checkpoint %s: the lazy restore here failed; the right to restore it is returned to %s, "
+                    "where the process resumes, and this copy is dropped", checkpoint.id, self.peer,
+                    extra=self.fields)
+        self.store.fail(checkpoint, "its lazy restore here failed; the right to restore it went back to its source")
         self.transfers.settle(checkpoint.id, BeginStatus.GONE)
         self.conn.give_back(now)
 
@@ -359,6 +375,8 @@ class ReceiveSession:
             status, inbound = BeginStatus.NEW, self._new(event.checkpoint)
         self.inbound = inbound
         self.conn.begun(status, inbound.order if status is BeginStatus.RESUMED else None, now)
+        if status is BeginStatus.RUNNING:  # confirmed while the link was down: say it now
+            self.conn.running(self.running_pid, now)
         if status is BeginStatus.NEW and inbound is not None:
             inbound.order = self.conn.order
         verb = {BeginStatus.NEW: "begins", BeginStatus.RESUMED: "resumes",
@@ -366,8 +384,9 @@ class ReceiveSession:
         if verb is not None:
             log.info("checkpoint %s %s from %s", event.checkpoint, verb, self.peer, extra=self.fields)
         else:
+            already = {BeginStatus.RESTORED: "restored", BeginStatus.RUNNING: f"running as pid {self.running_pid}"}
             log.info("checkpoint %s from %s: already %s here, nothing to resume", event.checkpoint, self.peer,
-                     "restored" if status is BeginStatus.RESTORED else "dropped", extra=self.fields)
+                     already.get(status, "dropped"), extra=self.fields)
 
     def _new(self, checkpoint_id: str) -> Inbound:
         with self.store.cond:  # begun and registered at once: no waiter sees one without the other
@@ -375,7 +394,7 @@ class ReceiveSession:
                 checkpoint = self.store.begin(checkpoint_id, self.peer)
             except StoreError as exc:
                 raise Refused(str(exc)) from None
-            inbound = Inbound(checkpoint, wire.InboundCheckpoint(), self.digest, attached=True)
+            inbound = Inbound(checkpoint, wire.InboundCheckpoint(), self.digest, attached=True, link=self.link)
             self.transfers.inbound[checkpoint_id] = inbound
         self.started = time.monotonic()
         return inbound
@@ -383,19 +402,30 @@ class ReceiveSession:
     def _resume(self, checkpoint_id: str) -> tuple[BeginStatus, Inbound | None]:
         transfers = self.transfers
         with self.store.cond:
+            inbound = transfers.inbound.get(checkpoint_id)
+            if inbound is not None and inbound.checkpoint.state is State.RESTORED:  # told the proxy nothing yet
+                checkpoint = inbound.checkpoint
+                transfers.settle(checkpoint_id, BeginStatus.RUNNING if checkpoint.running_pid
+                                 else BeginStatus.RESTORED, checkpoint.running_pid)
+                if checkpoint.forced:
+                    log.warning("checkpoint %s: its source %s is back and is told that this node holds the right to "
+                                "restore it (taken with imgmig handoff --force) and restored it: a rollback there is "
+                                "refused", checkpoint_id, self.peer, extra={"IMGMIG_CHECKPOINT": checkpoint_id})
             settled = transfers.settled.get(checkpoint_id)
             if settled is not None:
-                return settled, None
-        inbound = transfers.inbound.get(checkpoint_id) or self._adopted(checkpoint_id)
+                status, self.running_pid = settled
+                return status, None
+        inbound = inbound or self._adopted(checkpoint_id)
         if inbound is None:
             return BeginStatus.NEW, self._new(checkpoint_id)
+        self._take_over(inbound)
         if not self.store.wait_until(lambda: not inbound.attached, self.stop, TAKEOVER_WAIT):
             raise Refused(f"checkpoint {checkpoint_id} is still attached to its previous connection; "
                           f"the proxy retries", ErrorCode.INTERNAL)
         if inbound.digest is not self.digest:
             raise Refused(f"checkpoint {checkpoint_id} was begun with another digest", ErrorCode.PROTOCOL)
         with self.store.cond:
-            inbound.attached = True
+            inbound.attached, inbound.link, inbound.taken_over = True, self.link, False
             state = inbound.checkpoint.state
         self.started = time.monotonic()
         if state is State.RECEIVING:
@@ -403,6 +433,15 @@ class ReceiveSession:
         if state is State.COMPLETE:
             return BeginStatus.COMPLETE, inbound
         return (BeginStatus.RESTORED if state is State.RESTORED else BeginStatus.GONE), None
+
+    def _take_over(self, inbound: Inbound) -> None:
+        """End the connection the checkpoint is still attached to. Its proxy, the only sender,
+        has left it: after a cut whose reset never arrived it is half-open, and keepalive would
+        take dead_peer_timeout to tell, with every resume refused meanwhile."""
+        with self.store.cond:  # before that connection's _detach, so before it closes its socket
+            if inbound.attached and inbound.link is not None:
+                inbound.taken_over = True
+                inbound.link.shutdown(socket.SHUT_RDWR)  # wakes its thread, even mid-payload
 
     def _adopted(self, checkpoint_id: str) -> Inbound | None:
         """A checkpoint this cache took back from the fd store after a restart: complete, or
@@ -525,10 +564,28 @@ class ReceiveSession:
 
     def _on_grant(self, event: conv.GrantAnswered) -> None:
         checkpoint = self._inbound().checkpoint
+        if checkpoint.forced:
+            self._fencing_answered(checkpoint, event)
+            return
         custody.answer_claim(self.store, checkpoint, event.granted, event.holder)
         if event.granted:
             log.info("checkpoint %s: %s granted this node the right to restore it", checkpoint.id, self.peer,
                      extra=self.fields)
+
+    def _fencing_answered(self, checkpoint: Checkpoint, event: conv.GrantAnswered) -> None:
+        """The source came back while this node held the right by `imgmig handoff --force`."""
+        inbound = self._inbound()
+        if event.granted and not inbound.force_told:
+            inbound.force_told = True
+            log.warning("checkpoint %s: its source %s is back and now records that this node holds the right to "
+                        "restore it (taken with imgmig handoff --force): a rollback there is refused",
+                        checkpoint.id, self.peer, extra=self.fields)
+        elif not event.granted:
+            log.error("checkpoint %s: fencing failed: its source %s is back and had restored it itself (%s) after "
+                      "this node took the right with imgmig handoff --force; it is no longer restored here, and if "
+                      "it already was, the process runs on both nodes: stop one", checkpoint.id, self.peer,
+                      event.holder, extra=self.fields)
+            custody.answer_claim(self.store, checkpoint, False, event.holder)
 
     def _on_drop(self) -> None:
         """The source node restored this checkpoint itself (a rollback): restoring it here
@@ -546,6 +603,10 @@ class ReceiveSession:
     def _on_confirmed(self, event: conv.Confirmed) -> None:
         if event.kind is wire.FrameType.RESTORED:
             self.transfers.settle(self._inbound().checkpoint.id, BeginStatus.RESTORED)
+        elif event.kind is wire.FrameType.RUNNING:
+            checkpoint = self.checkpoint
+            pid = checkpoint.running_pid if checkpoint is not None else self.running_pid
+            self.transfers.settle(self.conn.checkpoint, BeginStatus.RUNNING, pid)
 
     # ---- endings ---------------------------------------------------------------------------
     def _inbound(self) -> Inbound:
@@ -561,7 +622,7 @@ class ReceiveSession:
             for file_id in list(self.pending):
                 self._flush(file_id)
         with self.store.cond:
-            was_attached, inbound.attached = inbound.attached, False
+            was_attached, inbound.attached, inbound.link = inbound.attached, False, None
             self.store.changed()
         if was_attached and inbound.checkpoint.state is State.RECEIVING:
             self.transfers.expire_later(inbound)
@@ -570,6 +631,8 @@ class ReceiveSession:
         checkpoint = self.checkpoint
         if self.stop.is_set() or checkpoint is None:
             return
+        if self._inbound().taken_over:
+            reason = "a new connection from the proxy resumes it"
         if checkpoint.state is State.RECEIVING:
             log.warning("link from %s lost mid-checkpoint %s (%s); it is kept %.0f s for the proxy to resume",
                         self.peer, checkpoint.id, reason, self.transfers.resume_for, extra=self.fields)

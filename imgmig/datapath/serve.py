@@ -163,6 +163,14 @@ class ServeSession:
         """CRIU read every image (the files image is unpacked by `imgmig restore`, not read by CRIU)."""
         return bool(self.served) and self.served >= set(checkpoint.images) - {FILES_IMAGE}
 
+    def _read_whole(self, checkpoint: Checkpoint) -> None:
+        """A bare restore read every image: that is all this node will learn of it (CRIU's
+        exit status goes to whoever ran it), so the checkpoint counts as restored."""
+        log.info("checkpoint %s restored from the %s: %d files served; its memory is released",
+                 checkpoint.id, self.role, len(self.served),
+                 extra={"IMGMIG_CHECKPOINT": checkpoint.id, "MESSAGE_ID": CHECKPOINT_RESTORED_ID})
+        self.store.restored(checkpoint)
+
     def _finish(self) -> None:
         for fd in self.protocol.fds_to_close():
             os.close(fd)
@@ -173,10 +181,7 @@ class ServeSession:
         if self._read_everything(checkpoint):
             self._await_end_of_transfer(checkpoint)
         if self._read_everything(checkpoint) and checkpoint.done_receiving:
-            log.info("checkpoint %s restored from the %s: %d files served; its memory is released",
-                     checkpoint.id, self.role, len(self.served),
-                     extra={"IMGMIG_CHECKPOINT": checkpoint.id, "MESSAGE_ID": CHECKPOINT_RESTORED_ID})
-            self.store.restored(checkpoint)
+            self._read_whole(checkpoint)
         else:
             self.store.unclaim(checkpoint)
             if self.answered:

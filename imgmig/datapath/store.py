@@ -82,8 +82,11 @@ class Image:
         return IMAGE_OVERHEAD + -(-self.size // PAGE) * PAGE
 
     def seal(self) -> None:
-        """A complete image can no longer change: what is served is what arrived."""
-        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)
+        """A complete image can no longer change: what is served is what arrived. Sealed
+        already when it completed in a run before a restart, after the fd store's
+        metadata last described it (still arriving): adding seals then is refused (EPERM)."""
+        if not fcntl.fcntl(self.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SEAL:
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)
 
 
 @dataclass(eq=False)
@@ -107,6 +110,12 @@ class Checkpoint:
     grant_wanted: bool = False
     refused_by: str = ""
     return_wanted: bool = False
+    forced: bool = False  # cache: `imgmig handoff --force` took the right without the proxy (fencing)
+    # `imgmig restore` confirmed that the process runs, as this pid (CRIU's exit status and
+    # pidfile): the cache says RUNNING instead of RESTORED, and the proxy releases its copy.
+    running_pid: int = 0
+    # Proxy: the peers-map node it is forwarded to ("" for proxy.peer); kept over a restart.
+    route: str = ""
     # What the memory limit counts for all its images, kept as they are charged: a sum over
     # the images on every check would make a dump of n files cost O(n^2).
     charged: int = 0
@@ -169,21 +178,23 @@ class ImageStore:
             return self._checkpoints.get(checkpoint_id)
 
     # ---- writing -----------------------------------------------------------------
-    def begin(self, checkpoint_id: str, origin: str) -> Checkpoint:
+    def begin(self, checkpoint_id: str, origin: str, route: str = "") -> Checkpoint:
         with self.cond:
             if checkpoint_id in self._checkpoints:
                 raise StoreError(f"checkpoint {checkpoint_id} already exists")
-            checkpoint = Checkpoint(checkpoint_id, origin)
+            checkpoint = Checkpoint(checkpoint_id, origin, route=route)
             self._checkpoints[checkpoint_id] = checkpoint
             self._changed_locked()
         return checkpoint
 
-    def adopt(self, checkpoint_id: str, origin: str, images: list[Image], complete: bool = True) -> Checkpoint:
+    def adopt(self, checkpoint_id: str, origin: str, images: list[Image], complete: bool = True, *,
+              holder: str = "", route: str = "") -> Checkpoint:
         """A checkpoint taken back from systemd's fd store after a restart: complete, or
-        (complete=False, on the cache) still arriving, for its proxy to resume."""
+        (complete=False, on the cache) still arriving, for its proxy to resume; with the
+        right to restore it where it was (`holder`) and, on the proxy, where it goes (`route`)."""
         checkpoint = Checkpoint(checkpoint_id, origin, {image.name: image for image in images},
                                 State.COMPLETE if complete else State.RECEIVING, clean=complete,
-                                finished=time.monotonic() if complete else None)
+                                finished=time.monotonic() if complete else None, holder=holder, route=route)
         with self.cond:
             if checkpoint_id in self._checkpoints:
                 raise StoreError(f"checkpoint {checkpoint_id} already exists")

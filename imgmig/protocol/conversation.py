@@ -15,7 +15,8 @@ decision, like BeginRequested, holds the following frames back until it is answe
 
 What they own: the handshake, checkpoint ordering (CHECKPOINT_BEGIN is answered by
 BEGUN), the ACK cadence, the acknowledgements of CHECKPOINT_DONE / RESTORED / DROP /
-RETURN (CONFIRM), the resume offsets, the handoff (CLAIM / GRANT, RETURN), and keepalive: a peer
+RETURN / RUNNING (CONFIRM), the resume offsets, the handoff (CLAIM / GRANT, RETURN,
+RUNNING), and keepalive: a peer
 silent for `dead_after` seconds is gone, which the driver treats like a cut link.
 What the drivers own: the store, the bytes, the digests, and the decisions the
 machines ask for (BeginRequested, ClaimRequested, ...).
@@ -120,19 +121,26 @@ class RestoredReported:
 
 
 @dataclass(frozen=True)
+class RunningReported:
+    """Proxy: the restore on the cache confirmed that the process runs there as `pid`;
+    release this copy, then `confirm_running()`."""
+    pid: int
+
+
+@dataclass(frozen=True)
 class DropRequested:
     """Cache: the proxy restored the checkpoint itself; drop the copy, then `confirm_drop()`."""
 
 
 @dataclass(frozen=True)
 class RightReturned:
-    """Proxy: a restore on the cache failed; the right is back here and the cache dropped
-    its copy. `confirm_return()` once the right is taken back."""
+    """Proxy: a restore on the cache failed; the right is back here, and the cache keeps
+    its copy for a retry. `confirm_return()` once the right is taken back."""
 
 
 @dataclass(frozen=True)
 class Confirmed:
-    """The peer acted upon our CHECKPOINT_DONE, RESTORED, DROP or RETURN."""
+    """The peer acted upon our CHECKPOINT_DONE, RESTORED, DROP, RETURN or RUNNING."""
     kind: FrameType
 
 
@@ -151,7 +159,8 @@ class LinkDead:
 
 Event = (HelloReceived | BeginRequested | BeginAnswered | FileBegun | DataReceived | FileEnded
          | CheckpointEnded | Acked | Delivered | ClaimRequested | GrantAnswered | RestoredReported
-         | DropRequested | RightReturned | Confirmed | PeerError | LinkDead | tunnel_wire.TunnelFrame)
+         | RunningReported | DropRequested | RightReturned | Confirmed | PeerError | LinkDead
+         | tunnel_wire.TunnelFrame)
 TUNNEL_FRAMES = (tunnel_wire.TunnelOpen, tunnel_wire.TunnelData, tunnel_wire.TunnelEof, tunnel_wire.TunnelReset)
 
 
@@ -160,8 +169,14 @@ class Phase(enum.Enum):
     BEGIN = "begin"          # proxy: HELLO done, BEGIN not yet (or not yet answered); cache: waiting for BEGIN
     TRANSFER = "transfer"    # files flow
     ENDED = "ended"          # CHECKPOINT_END sent/received, DONE not yet
-    HOLDING = "holding"      # DONE: claims, grants, RESTORED, DROP, RETURN
+    HOLDING = "holding"      # DONE: claims, grants, RESTORED, RUNNING, DROP, RETURN
     CLOSED = "closed"        # nothing more; the driver closes the socket
+
+
+# Where a connection goes on from after BEGUN (any other status ends it). RUNNING: the
+# cache sends RUNNING next, the confirmation that reached it while the link was down.
+_AFTER_BEGUN = {BeginStatus.NEW: Phase.TRANSFER, BeginStatus.RESUMED: Phase.TRANSFER,
+                BeginStatus.COMPLETE: Phase.HOLDING, BeginStatus.RUNNING: Phase.HOLDING}
 
 
 class _Side:
@@ -302,7 +317,8 @@ class ProxyConnection(_Side):
     HELLO is queued at once. After the cache's HELLO (HelloReceived) the driver calls
     `begin()` once the previous checkpoint was answered; BeginAnswered says what the cache
     holds. Then files and `checkpoint_end()`; Delivered; then the connection stays for
-    ClaimRequested / RestoredReported / RightReturned / `drop()` until the checkpoint is settled.
+    ClaimRequested / RightReturned (the connection goes on) / RestoredReported /
+    RunningReported / `drop()` until the checkpoint is settled.
     """
 
     def __init__(self, node: str, checkpoint: str, digest: wire.Digest, now: float, *, resume: bool = False,
@@ -369,8 +385,13 @@ class ProxyConnection(_Side):
         self.phase = Phase.CLOSED
 
     def confirm_return(self, now: float) -> None:
-        """Answer RightReturned: the right is back on this node; the connection ends."""
+        """Answer RightReturned: the right is back on this node. The connection goes on: the
+        cache still holds its copy, and a retry there may CLAIM it again."""
         self._send(wire.encode_confirm(FrameType.RETURN, self.checkpoint), now)
+
+    def confirm_running(self, now: float) -> None:
+        """Answer RunningReported once this copy is released; the connection ends."""
+        self._send(wire.encode_confirm(FrameType.RUNNING, self.checkpoint), now)
         self.phase = Phase.CLOSED
 
     def drop(self, now: float) -> None:
@@ -410,6 +431,11 @@ class ProxyConnection(_Side):
             if self.phase is not Phase.HOLDING:
                 raise PeerProtocolError("RESTORED before CHECKPOINT_DONE")
             return RestoredReported()
+        if isinstance(frame, wire.Running):
+            self._for_this(frame.checkpoint, "RUNNING")
+            if self.phase is not Phase.HOLDING:
+                raise PeerProtocolError("RUNNING before CHECKPOINT_DONE")
+            return RunningReported(frame.pid)
         if isinstance(frame, wire.Return):
             return self._on_return(frame)
         if isinstance(frame, wire.Confirm):
@@ -433,8 +459,7 @@ class ProxyConnection(_Side):
         self._answered()
         self._waiting_for = ""
         self.acked = dict(frame.held)
-        self.phase = {BeginStatus.NEW: Phase.TRANSFER, BeginStatus.RESUMED: Phase.TRANSFER,
-                      BeginStatus.COMPLETE: Phase.HOLDING}.get(frame.status, Phase.CLOSED)
+        self.phase = _AFTER_BEGUN.get(frame.status, Phase.CLOSED)
         return BeginAnswered(frame.status, frame.files, dict(frame.held))
 
     def _on_ack(self, frame: wire.Ack) -> Event:
@@ -486,7 +511,8 @@ class CacheConnection(_Side):
     kept from a cut connection when it resumes) or `refuse()`; then FileBegun,
     DataReceived, payloads (`payload`, `consume_payload()`), FileEnded -> `file_verified()`,
     CheckpointEnded -> `done()`. Afterwards `claim()` (GrantAnswered), `restored()`
-    (Confirmed), `give_back()` (Confirmed), DropRequested -> `confirm_drop()`.
+    (Confirmed), `running()` (Confirmed), `give_back()` (Confirmed; the connection goes
+    on, and a retry may `claim()` again), DropRequested -> `confirm_drop()`.
     """
 
     def __init__(self, node: str, now: float, *, ack_every: int = ACK_EVERY, ping_every: float = PING_EVERY,
@@ -498,6 +524,7 @@ class CacheConnection(_Side):
         self._unacked: dict[int, int] = {}
         self.claim_sent = False
         self.restored_sent = False
+        self.running_sent = False
         self.return_sent = False
 
     # ---- the payload the driver moves itself --------------------------------------------------
@@ -529,7 +556,8 @@ class CacheConnection(_Side):
 
     def begun(self, status: BeginStatus, order: wire.InboundCheckpoint | None, now: float) -> None:
         """Answer BeginRequested. NEW: files come from 0; RESUMED: `order` is the file order
-        kept from the cut connection; COMPLETE, RESTORED, GONE: nothing is to be sent."""
+        kept from the cut connection; COMPLETE, RESTORED, GONE, RUNNING: nothing is to be
+        sent (after RUNNING, say `running()` at once)."""
         self._require((Phase.BEGIN,), "BEGUN")
         if not self._deciding:
             raise RuntimeError("begun() answers no CHECKPOINT_BEGIN")
@@ -546,8 +574,7 @@ class CacheConnection(_Side):
             files, held = order.held()
         self.order = order
         self._send(wire.encode_begun(status, self.checkpoint, files, held), now)
-        self.phase = {BeginStatus.NEW: Phase.TRANSFER, BeginStatus.RESUMED: Phase.TRANSFER,
-                      BeginStatus.COMPLETE: Phase.HOLDING}.get(status, Phase.CLOSED)
+        self.phase = _AFTER_BEGUN.get(status, Phase.CLOSED)
 
     def stored(self, file_id: int, size: int, n: int, now: float) -> None:
         """n more bytes of file_id are in the store, size in all: ACK every `ack_every` bytes."""
@@ -575,18 +602,29 @@ class CacheConnection(_Side):
         self._expect_answer("GRANT", now)
 
     def restored(self, now: float) -> None:
-        """A restore here read the whole checkpoint; the proxy confirms (Confirmed)."""
+        """A bare restore here read the whole checkpoint (whether it runs is not known);
+        the proxy confirms (Confirmed)."""
         self._require((Phase.HOLDING,), "RESTORED")
+        self._settling("RESTORED")
         self.restored_sent = True
         self._send(wire.encode_restored(self.checkpoint), now)
         self._expect_answer("CONFIRM of RESTORED", now)
 
+    def running(self, pid: int, now: float) -> None:
+        """The restore here confirmed that the process runs as `pid` and the copy here is
+        released; the proxy releases its own and confirms (Confirmed)."""
+        self._require((Phase.HOLDING,), "RUNNING")
+        self._settling("RUNNING")
+        self.running_sent = True
+        self._send(wire.encode_running(self.checkpoint, pid), now)
+        self._expect_answer("CONFIRM of RUNNING", now)
+
     def give_back(self, now: float) -> None:
         """A restore here that held the right failed: return the right (RETURN); the proxy
-        confirms (Confirmed) and the connection ends. The copy here must be gone by now."""
+        confirms (Confirmed) and the connection goes on. The copy here stays, for a retry
+        that claims the right again, or for the proxy's DROP after a rollback there."""
         self._require((Phase.HOLDING,), "RETURN")
-        if self.restored_sent or self.return_sent:
-            raise RuntimeError("RETURN after RESTORED or RETURN")
+        self._settling("RETURN")
         self.return_sent = True
         self._send(wire.encode_return(self.checkpoint), now)
         self._expect_answer("CONFIRM of RETURN", now)
@@ -594,6 +632,12 @@ class CacheConnection(_Side):
     def confirm_drop(self, now: float) -> None:
         self._send(wire.encode_confirm(FrameType.DROP, self.checkpoint), now)
         self.phase = Phase.CLOSED
+
+    def _settling(self, frame: str) -> None:
+        """RESTORED, RUNNING and RETURN each wait for their CONFIRM; after RESTORED or
+        RUNNING nothing more is said of the checkpoint."""
+        if self.restored_sent or self.running_sent or self.return_sent:
+            raise RuntimeError(f"{frame} after RESTORED, RUNNING or an unconfirmed RETURN")
 
     # ---- what the proxy says ------------------------------------------------------------------
     def _on_frame(self, frame: wire.Event, now: float) -> Event | None:
@@ -653,8 +697,12 @@ class CacheConnection(_Side):
         self._for_this(frame.checkpoint, "CONFIRM")
         if frame.kind is FrameType.CHECKPOINT_DONE and self.phase is Phase.HOLDING:
             return Confirmed(frame.kind)
+        if frame.kind is FrameType.RETURN and self.return_sent:
+            self._answered()
+            self.return_sent = False  # the right is the proxy's again; a retry may CLAIM it
+            return Confirmed(frame.kind)
         if (frame.kind is FrameType.RESTORED and self.restored_sent) \
-                or (frame.kind is FrameType.RETURN and self.return_sent):
+                or (frame.kind is FrameType.RUNNING and self.running_sent):
             self._answered()
             self.phase = Phase.CLOSED
             return Confirmed(frame.kind)

@@ -42,6 +42,7 @@ class FrameType(IntEnum):
     CONFIRM = 15
     PING = 16
     RETURN = 17
+    RUNNING = 18
 
 
 class Role(IntEnum):
@@ -77,6 +78,7 @@ class BeginStatus(IntEnum):
     COMPLETE = 2   # all of it, verified: nothing to send
     RESTORED = 3   # a restore here read all of it: nothing to send
     GONE = 4       # it was dropped or failed here: do not send it again
+    RUNNING = 5    # a restore here confirmed the process runs: RUNNING follows, release your copy
 
 
 class PeerProtocolError(ValueError):
@@ -189,13 +191,21 @@ class Grant:
 @dataclass(frozen=True)
 class Return:
     """Cache to proxy: a restore here that held the right failed; the right goes back to
-    the proxy and the cache has dropped its copy."""
+    the proxy, and the cache keeps its copy for a retry (the proxy may grant it again)."""
     checkpoint: str
 
 
 @dataclass(frozen=True)
+class Running:
+    """Cache to proxy: the restore here confirmed that the process runs, as `pid` (the
+    restore's own report, CRIU's exit status); the cache released its copy."""
+    checkpoint: str
+    pid: int
+
+
+@dataclass(frozen=True)
 class Confirm:
-    """Either way: the frame of type `kind` (CHECKPOINT_DONE, RESTORED, DROP, RETURN) about this
+    """Either way: the frame of type `kind` (CHECKPOINT_DONE, RESTORED, DROP, RETURN, RUNNING) about this
     checkpoint has been acted upon."""
     kind: FrameType
     checkpoint: str
@@ -207,8 +217,8 @@ class Ping:
 
 
 Event = (Hello | CheckpointBegin | FileBegin | FileData | FileEnd | CheckpointEnd | Ack
-         | CheckpointDone | Restored | Error | Drop | Begun | Claim | Grant | Confirm | Ping | Return)
-CONFIRMABLE = (FrameType.CHECKPOINT_DONE, FrameType.RESTORED, FrameType.DROP, FrameType.RETURN)
+         | CheckpointDone | Restored | Error | Drop | Begun | Claim | Grant | Confirm | Ping | Return | Running)
+CONFIRMABLE = (FrameType.CHECKPOINT_DONE, FrameType.RESTORED, FrameType.DROP, FrameType.RETURN, FrameType.RUNNING)
 MAX_HELD = 4096  # open files listed in one BEGUN (13 bytes each: well under a control frame)
 
 _U8, _U16, _U32, _U64 = (struct.Struct(f">{c}") for c in "BHIQ")
@@ -319,6 +329,10 @@ def encode_ping() -> bytes:
 
 def encode_return(checkpoint: str) -> bytes:
     return _frame(FrameType.RETURN, _str8(checkpoint))
+
+
+def encode_running(checkpoint: str, pid: int) -> bytes:
+    return _frame(FrameType.RUNNING, _str8(checkpoint) + _U32.pack(pid))
 
 
 class _Body:
@@ -449,6 +463,8 @@ def _decode_control(kind: FrameType, data: bytes) -> Event:
         event = Ping()
     elif kind is FrameType.RETURN:
         event = Return(body.name("checkpoint id"))
+    elif kind is FrameType.RUNNING:
+        event = Running(body.name("checkpoint id"), body.u32())
     else:
         event = Error(body.u16(), body.message())
     body.end()

@@ -20,9 +20,10 @@ from imgmig.datapath.receive import ReceiveSession, Transfers
 from imgmig.datapath.serve import ServeSession
 from imgmig.datapath.store import Checkpoint, ImageStore, State
 from imgmig.datapath.tunnel import LAZY_IMAGE, Tunnels
+from imgmig.protocol import control_wire as cw
 from imgmig.protocol import peer_wire as wire
 from imgmig.roles.admission import Admission
-from imgmig.roles.control import ControlServer, RoleView
+from imgmig.roles.control import ControlServer, ControlSession, OpError, RoleView, node_of
 from imgmig.roles.daemon import Daemon, Listener
 from imgmig.roles.doorbell import DOORBELL_SOCKET, Doorbell
 from imgmig.roles.endpoints import CONTROL_SOCKET, SERVE_SOCKET, Endpoint
@@ -53,8 +54,8 @@ class Cache:
         self.tunnels = Tunnels()  # lazy restores' page-server sockets, carried by the checkpoints' links
         lazy = LazyOps(self.store, config.node, self.tunnels, self.daemon.stop, self._await_grant)
         self.control = ControlServer("cache", config.node, self.store, self.daemon.stop, RoleView(
-            self._checkpoint_info, self._peers, self.status, self._may_drop, gate=self._await_right,
-            restore_failed=self._give_right_back, extra_ops=lazy.ops))
+            self._checkpoint_info, self._peers, self.status, self._may_drop, {"handoff": self._handoff} | lazy.ops,
+            gate=self._await_right, restore_failed=self._give_right_back))
         self.receiving: dict[int, ReceiveSession] = {}
         self.transfers = Transfers(self.store, config.cache.resume_for)
         self.seen: dict[str, float] = {}  # proxy -> when its last connection ended
@@ -161,6 +162,29 @@ class Cache:
 
     def _await_grant(self, checkpoint: Checkpoint) -> None:
         custody.await_grant(self.store, checkpoint, self.config.cache.grant_timeout, self.daemon.stop)
+
+    def _handoff(self, _session: ControlSession, request: cw.Request) -> dict[str, Any]:
+        """`imgmig handoff --force ID`: fencing. The source node is down (the operator says
+        so with force), so no GRANT can come: this node takes the right to restore the
+        checkpoint itself, and a restore waiting for it, or the next, proceeds."""
+        checkpoint_id = cw.text_arg(request, "id")
+        if not cw.bool_arg(request, "force"):
+            raise OpError(custody.not_fenced(checkpoint_id))
+        checkpoint = self.store.get(checkpoint_id)
+        if checkpoint is None:
+            raise OpError(f"this cache holds no checkpoint {checkpoint_id}; `imgmig list` shows what it holds")
+        if checkpoint.state is not State.COMPLETE:
+            raise OpError(f"checkpoint {checkpoint_id} is {checkpoint.state.value} here, not complete: only a "
+                          f"complete checkpoint can be restored; nothing handed over")
+        mine = custody.destination(self.config.node)
+        if checkpoint.holder == mine:
+            return {"id": checkpoint_id, "holder": mine, "already": True}
+        custody.force(self.store, checkpoint, self.config.node)
+        log.warning("checkpoint %s: the right to restore it is taken on this node without its source %s, by the "
+                    "operator (imgmig handoff --force): fencing, the operator vouches that %s is down; if its proxy "
+                    "comes back, it is told, and a rollback there is refused", checkpoint_id, checkpoint.origin,
+                    node_of(checkpoint.origin), extra={"IMGMIG_CHECKPOINT": checkpoint_id})
+        return {"id": checkpoint_id, "holder": mine, "already": False}
 
     def _give_right_back(self, checkpoint: Checkpoint) -> None:
         """imgmig restore says CRIU failed here: the right goes back to the source, which may

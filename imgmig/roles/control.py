@@ -33,6 +33,7 @@ from imgmig.datapath.store import (
     watch_checkpoints,
 )
 from imgmig.protocol import control_wire as cw
+from imgmig.system.systemd_glue import CHECKPOINT_RESTORED_ID
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class Journal:
         self.lock = threading.Lock()
         self.ended: OrderedDict[str, Ended] = OrderedDict()
         self.outcomes: dict[str, str] = {}
+        self.states: dict[str, str] = {}  # noted before the checkpoint left the store (`running`)
         self.ended_as = ended_as
         watch_checkpoints(store, on_gone=self._on_gone)
 
@@ -83,9 +85,10 @@ class Journal:
         known = self.ended_as(event, checkpoint) if self.ended_as is not None else None
         if known is not None:
             state, outcome = known
-        with self.lock:
-            outcome = "; ".join(text for text in (checkpoint.reason, self.outcomes.get(checkpoint.id), outcome)
-                                if text)
+        with self.lock:  # each text once: the role may know what a note already said
+            state = state if known is not None else self.states.pop(checkpoint.id, state)
+            outcome = "; ".join(dict.fromkeys(text for text in (checkpoint.reason, self.outcomes.get(checkpoint.id),
+                                                                outcome) if text))
             self.ended[checkpoint.id] = Ended(checkpoint.id, checkpoint.origin, state, checkpoint.size,
                                               len(checkpoint.images), time.monotonic(), outcome)
             self.ended.move_to_end(checkpoint.id)
@@ -100,6 +103,8 @@ class Journal:
             if entry is not None:
                 entry.outcome = outcome
                 entry.state = state or entry.state
+            elif state is not None:
+                self.states[checkpoint_id] = state
 
     def outcome(self, checkpoint_id: str) -> str:
         with self.lock:
@@ -221,7 +226,7 @@ class ControlServer:
             info = {"id": checkpoint.id, "origin": checkpoint.origin, "state": checkpoint.state.value,
                     "bytes": checkpoint.size, "images": len(checkpoint.images),
                     "age": round(now - checkpoint.started, 1), "claimed": checkpoint.claimed,
-                    "outcome": self.journal.outcome(checkpoint.id)}
+                    "right": checkpoint.holder, "outcome": self.journal.outcome(checkpoint.id)}
             held.append(info | self.view.checkpoint_info(checkpoint))
         return {"checkpoints": held, "ended": self.journal.entries()}
 
@@ -315,20 +320,37 @@ class ControlServer:
         serving = PinnedServe(conn, self.store, self.stop, self.role, checkpoint, self.view.gate)
         serving.run()
         del session.claims[checkpoint_id]
-        return {"id": checkpoint_id, "served": len(serving.served), "restored": checkpoint.state is State.RESTORED}
+        if serving.read_whole:  # still claimed: the copy waits for `confirm`
+            session.unconfirmed[checkpoint_id] = checkpoint
+        return {"id": checkpoint_id, "served": len(serving.served), "restored": serving.read_whole}
 
-    def _confirm(self, _session: ControlSession, request: cw.Request) -> dict[str, Any]:
+    def _confirm(self, session: ControlSession, request: cw.Request) -> dict[str, Any]:
         checkpoint_id = cw.text_arg(request, "id")
         running = cw.bool_arg(request, "running")
         pid = request.args.get("pid")
+        if running and (not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 1 << 32):
+            raise OpError("confirm with running=true needs the restored process's pid")
         if running:
-            outcome = f"running on {self.node}" + (f" as pid {pid}" if isinstance(pid, int) else "")
+            outcome = f"running on {self.node} as pid {pid}"
         else:
             detail = request.args.get("detail")
             outcome = "restore failed" + (f": {detail}" if isinstance(detail, str) else "")
+        self.journal.note(checkpoint_id, outcome, "running" if running else None)
+        read_whole = session.unconfirmed.pop(checkpoint_id, None)
+        if read_whole is not None and running:
+            log.info("checkpoint %s restored from the %s: %s (confirmed by imgmig restore); its memory is released",
+                     checkpoint_id, self.role, outcome,
+                     extra={"IMGMIG_CHECKPOINT": checkpoint_id, "MESSAGE_ID": CHECKPOINT_RESTORED_ID})
+            with self.store.cond:  # the link driver says RUNNING, not RESTORED (cache)
+                read_whole.running_pid = pid
+                self.store.restored(read_whole)
+            return {"id": checkpoint_id}
         log.info("checkpoint %s: %s (confirmed by imgmig restore)", checkpoint_id, outcome,
                  extra={"IMGMIG_CHECKPOINT": checkpoint_id})
-        self.journal.note(checkpoint_id, outcome, "running" if running else None)
+        if read_whole is not None:
+            log.warning("checkpoint %s: its restore read every image and then failed; this %s keeps its copy, "
+                        "a retry may restore it", checkpoint_id, self.role, extra={"IMGMIG_CHECKPOINT": checkpoint_id})
+            self.store.unclaim(read_whole)
         checkpoint = self.store.get(checkpoint_id)
         if not running and checkpoint is not None and self.view.restore_failed is not None:
             self.view.restore_failed(checkpoint)
@@ -337,13 +359,22 @@ class ControlServer:
 
 class PinnedServe(ServeSession):
     """A restore of one claimed checkpoint: if it fails, no other checkpoint is served
-    in its place (a bare restore would take the next one)."""
+    in its place (a bare restore would take the next one). Once CRIU has read it whole,
+    the copy stays (claimed) until `imgmig restore` confirms what became of the process:
+    running, and it is released; failed, and it is kept for a retry."""
 
     def __init__(self, sock: socket.socket, store: ImageStore, stop: threading.Event, role: str,
                  checkpoint: Checkpoint, gate: Callable[[Checkpoint], None] | None) -> None:
         super().__init__(sock, store, stop, role, gate=gate)
         self.checkpoint = checkpoint
         self.gated = False
+        self.read_whole = False
+
+    def _read_whole(self, checkpoint: Checkpoint) -> None:
+        log.info("checkpoint %s read whole by its restore on the %s (%d files); its copy is kept until "
+                 "imgmig restore confirms the process runs", checkpoint.id, self.role, len(self.served),
+                 extra={"IMGMIG_CHECKPOINT": checkpoint.id})
+        self.read_whole = True
 
     def _checkpoint(self) -> Checkpoint:
         if self.checkpoint is None:
@@ -362,6 +393,7 @@ class ControlSession:
         self.decoder = cw.LineDecoder(cw.MAX_REQUEST)
         self.fds: list[int] = []
         self.claims: dict[str, Checkpoint] = {}
+        self.unconfirmed: dict[str, Checkpoint] = {}  # read whole by this connection's restore, outcome not told
         self.expectations: list[Expectation] = []
         self.reply_fd: int | None = None  # passed with the next reply, then closed here
 
@@ -427,8 +459,11 @@ class ControlSession:
             left -= len(data)
 
     def _dispatch(self, request: cw.Request) -> bytes:
+        op = self.server.ops.get(request.op)
+        if op is None:  # an op of the other role
+            return cw.encode_error(f"the {self.server.role} has no op {request.op!r}; it is the other daemon's")
         try:
-            return cw.encode_reply(self.server.ops[request.op](self, request))
+            return cw.encode_reply(op(self, request))
         except OpError as exc:
             return cw.encode_error(str(exc))
 
@@ -438,6 +473,12 @@ class ControlSession:
         for checkpoint in self.claims.values():
             if checkpoint.state is not State.RESTORED:
                 self.server.store.unclaim(checkpoint)
+        for checkpoint in self.unconfirmed.values():
+            # CRIU may be running the process now: it counts as restored, as after a bare restore
+            log.warning("checkpoint %s: imgmig restore went away before it confirmed the outcome of a restore that "
+                        "read it whole; it counts as restored (whether the process runs is not known here)",
+                        checkpoint.id, extra={"IMGMIG_CHECKPOINT": checkpoint.id})
+            self.server.store.restored(checkpoint)
         for expectation in self.expectations:
             self.server.forget(expectation)
         self.conn.close()

@@ -9,7 +9,7 @@
   `criu lazy-pages --ps-socket` holds) is carried to the source's page server over the
   checkpoint's link; the op answers when that channel ended, with the bytes moved;
 - `lazy_done`: the background copy ended and lazy-pages exited 0: the checkpoint counts
-  as restored (the proxy is told, both copies are released).
+  as restored and running (the proxy is told RUNNING with the pid, both copies are released).
 
 The cache service itself runs no CRIU and writes no file: its sandbox stays as it is.
 """
@@ -127,6 +127,13 @@ class LazyOps:
         return {"id": checkpoint_id}
 
     def _done(self, session: ControlSession, request: cw.Request) -> dict[str, Any]:
+        """Every page arrived and the process runs: the link driver tells the proxy RUNNING
+        with its pid (docs/protocol.md), which releases the source's copy as for any restore."""
         checkpoint = self._held(session, request)
-        self.store.restored(checkpoint)
+        pid = request.args.get("pid")
+        if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 1 << 32:
+            raise OpError("lazy_done needs the restored process's pid")
+        with self.store.cond:
+            checkpoint.running_pid = pid
+            self.store.restored(checkpoint)
         return {"id": checkpoint.id, "restored": checkpoint.state is State.RESTORED}

@@ -34,6 +34,7 @@ from imgmig.roles.daemon import Daemon, Listener
 from imgmig.roles.endpoints import CAPTURE_SOCKET, CONTROL_SOCKET, SERVE_SOCKET, Endpoint
 from imgmig.roles.probe import probe_cache
 from imgmig.roles.status import RateMeter, describe_store, human_rate
+from imgmig.system.fdstore import TakenBack
 from imgmig.system.tls import Trust
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class Proxy:
         self.forwarded_before = 0  # bytes sent by forwarders that have finished
         self.capture_rate, self.forward_rate = RateMeter(), RateMeter()
         self.ended_links: dict[str, int] = {}  # checkpoint id -> bytes forwarded, once its link ended
-        self.restored_there: dict[str, str] = {}  # checkpoint id -> the peer that reported it restored
+        self.restored_there: dict[str, tuple[str, str]] = {}  # checkpoint id -> (state, outcome) at the peer
 
     def status(self) -> str:
         """E.g. `1 checkpoint (1 receiving), 1.3 GiB held of 12.0 GiB; capturing at 900 MB/s;
@@ -99,20 +100,16 @@ class Proxy:
 
     def _on_capture(self, conn: socket.socket, _peer: str) -> None:
         with self.begin_lock:
-            checkpoint = self.store.begin(self.new_checkpoint_id(), self.config.node)
             expectation = self.control.take_expectation()  # announced by `imgmig migrate`, if any
-            target = self._target(None)
+            route = (expectation.to or "") if expectation is not None else ""
+            target = self._target(route or None)
+            checkpoint = self.store.begin(self.new_checkpoint_id(), self.config.node, route)
             if expectation is not None:
                 expectation.checkpoint = checkpoint.id
-                target = self._target(expectation.to)
                 if expectation.files is not None:  # first in the checkpoint: unpacked before the restore
                     self.store.add_complete_image(checkpoint, FILES_IMAGE, expectation.files)
                     expectation.files = None
-            forwarder = Forwarder(self.store, checkpoint, target.address, self.config.node, self.daemon.stop,
-                                  functools.partial(self._connect, target),
-                                  wait_for_complete=self.config.store_and_forward, after=self.last_begun,
-                                  digest=self.digest, reconnect_for=self.config.proxy.reconnect_for,
-                                  keep_restored_for=self.config.proxy.keep_restored_for)
+            forwarder = self._new_forwarder(checkpoint, target, after=self.last_begun)
             self.last_begun = forwarder.begun
         self.daemon.spawn(f"forward-{checkpoint.id}", self._forward, forwarder)
         try:
@@ -127,6 +124,40 @@ class Proxy:
             return
         session.run()
 
+    def _new_forwarder(self, checkpoint: Checkpoint, target: Target, *, after: threading.Event | None = None,
+                       taken_back: bool = False) -> Forwarder:
+        return Forwarder(self.store, checkpoint, target.address, self.config.node, self.daemon.stop,
+                         functools.partial(self._connect, target), wait_for_complete=self.config.store_and_forward,
+                         after=after, digest=self.digest, reconnect_for=self.config.proxy.reconnect_for,
+                         keep_restored_for=self.config.proxy.keep_restored_for, taken_back=taken_back)
+
+    def resume_after_restart(self, taken: TakenBack) -> None:
+        """After a restart: forward again what systemd's fd store kept (resumed at the cache's
+        offsets, the right to restore each where it was), and tell the cache to drop what a
+        capture cut by the restart left there (CRIU's dump failed with it)."""
+        self.counter = itertools.count(taken.last_number + 1)  # no checkpoint id of the previous run repeats
+        for checkpoint in taken.checkpoints:
+            self.control.journal.note(checkpoint.id, "kept over a restart of imgmig-proxy")
+            self._resume_forwarding(checkpoint)
+        for cut in taken.abandoned:
+            log.warning("checkpoint %s was being captured when imgmig-proxy stopped: CRIU's dump failed with it "
+                        "and the process went on running here; the cache is told to drop its part",
+                        cut.id, extra={"IMGMIG_CHECKPOINT": cut.id})
+            ghost = Checkpoint(cut.id, cut.origin, state=State.FAILED, dropped=True, route=cut.route,
+                               reason="its capture was cut by a restart of imgmig-proxy")
+            self._resume_forwarding(ghost)
+
+    def _resume_forwarding(self, checkpoint: Checkpoint) -> None:
+        try:
+            target = self._target(checkpoint.route or None)
+        except OpError as exc:
+            kept = "" if checkpoint.state is State.FAILED else "; it stays on this node for a rollback"
+            log.error("checkpoint %s cannot be forwarded after the restart: %s%s", checkpoint.id, exc, kept,
+                      extra={"IMGMIG_CHECKPOINT": checkpoint.id})
+            return
+        forwarder = self._new_forwarder(checkpoint, target, taken_back=True)
+        self.daemon.spawn(f"forward-{checkpoint.id}", self._forward, forwarder)
+
     def _connect(self, target: Target) -> Link:
         return open_link(target.address, target.node, self.trust, self.config.link)
 
@@ -135,17 +166,18 @@ class Proxy:
         try:
             forwarder.run()
         finally:
+            self._note_outcome(forwarder)  # before it leaves `forwarders`: _ended_as finds it in one or the other
             self.forwarders.discard(forwarder)
             self.forwarded_before += forwarder.bytes_sent
-            self._note_outcome(forwarder)
 
     def _note_outcome(self, forwarder: Forwarder) -> None:
         """Its bytes forwarded, and, if the link ended without a restore there, that (migrate rolls back)."""
         checkpoint = forwarder.checkpoint
         self.ended_links[checkpoint.id] = forwarder.bytes_sent
-        if forwarder.restored_at_peer:
-            self.restored_there[checkpoint.id] = forwarder.peer_node
-            self.control.journal.note(checkpoint.id, f"restored on {forwarder.peer_node}", "restored-at-peer")
+        ended_as = _ended_there(forwarder)
+        if ended_as is not None:
+            self.restored_there[checkpoint.id] = ended_as
+            self.control.journal.note(checkpoint.id, ended_as[1], ended_as[0])
         while len(self.restored_there) > ENDED_LINKS:
             self.restored_there.pop(next(iter(self.restored_there)))
         while len(self.ended_links) > ENDED_LINKS:
@@ -153,19 +185,17 @@ class Proxy:
         if forwarder.returned_by_peer:
             self.control.journal.note(checkpoint.id, f"the restore on {forwarder.peer_node} failed; the right to "
                                       f"restore it is back on this node: roll it back here")
-        elif not forwarder.restored_at_peer and checkpoint.state is State.COMPLETE \
+        elif not forwarder.restored_at_peer and not forwarder.running_at_peer and checkpoint.state is State.COMPLETE \
                 and not self.daemon.stop.is_set():
             self.control.journal.note(checkpoint.id, f"the link to {forwarder.peer_node} closed before a restore "
                                       f"there; this node keeps its copy for a rollback")
 
     def _ended_as(self, event: str, checkpoint: Checkpoint) -> tuple[str, str] | None:
-        """Dropped after the peer reported it restored (kept proxy.keep_restored_for first)."""
+        """Dropped once the peer confirmed the process runs there, or after it reported it
+        read whole by a bare restore (kept proxy.keep_restored_for first)."""
         forwarder = self._forwarder(checkpoint)
-        peer = forwarder.peer_node if forwarder is not None and forwarder.restored_at_peer \
-            else self.restored_there.get(checkpoint.id)
-        if event == "dropped" and peer is not None:
-            return "restored-at-peer", f"restored on {peer}"
-        return None
+        known = _ended_there(forwarder) if forwarder is not None else self.restored_there.get(checkpoint.id)
+        return known if event == "dropped" else None
 
     def _on_control(self, conn: socket.socket, peer: str) -> None:
         self.control.handle(conn, peer)
@@ -191,11 +221,14 @@ class Proxy:
         else:
             link, forwarded, peer = "closed", self.ended_links.get(checkpoint.id, 0), None
         restored_at_peer = forwarder is not None and forwarder.restored_at_peer
+        returned = forwarder is not None and forwarder.returned_by_peer
         if restored_at_peer:
-            link = "restored there; this copy kept for proxy.keep_restored_for"
+            link = "read whole by a restore there, not confirmed running; this copy kept for proxy.keep_restored_for"
+        elif returned:
+            link = "the restore there failed and gave the right back; both copies kept"
         return {"forwarded": forwarded, "verified": checkpoint.size if checkpoint.delivered else 0,
                 "delivered": checkpoint.delivered, "link": link, "peer": peer, "restored_at_peer": restored_at_peer,
-                "pages_sent": forwarder.tunnelled if forwarder is not None else 0}
+                "returned": returned, "pages_sent": forwarder.tunnelled if forwarder is not None else 0}
 
     def _peers(self) -> list[dict[str, Any]]:
         forwarders = list(self.forwarders)
@@ -246,6 +279,15 @@ class Proxy:
             raise custody.NoRight("it is a lazy checkpoint: its memory was never in it (a failed lazy migration "
                                   "resumes the process on this node by itself)")
         custody.take_for_rollback(self.store, checkpoint, self.config.node)
+
+
+def _ended_there(forwarder: Forwarder) -> tuple[str, str] | None:
+    """(state, outcome) of a checkpoint the peer restored: confirmed running, or read whole."""
+    if forwarder.running_at_peer:
+        return "running-at-peer", f"running on {forwarder.running_at_peer}, confirmed by its restore"
+    if forwarder.restored_at_peer:
+        return "restored-at-peer", f"restored on {forwarder.peer_node}"
+    return None
 
 
 def _sealed_memfd(fd: int | None) -> int:

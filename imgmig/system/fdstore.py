@@ -1,12 +1,16 @@
-"""Keep checkpoints across `systemctl restart` in systemd's fd store.
+"""Keep checkpoints across `systemctl restart` (or a crash with Restart=) in systemd's fd store.
 
-Every image of a complete checkpoint is a sealed memfd; it is handed to systemd with
-FDSTORE=1 and FDNAME=img-<n>. On the cache, the images of a checkpoint still arriving
-are handed over as they begin, so that its proxy can resume it after a restart: an
-unfinished image's bytes are what its memfd holds (they are written in order), and the
-proxy continues from there. One more memfd, FDNAME=imgmig-meta, holds the JSON that
-says what the image fds are (checkpoint id, origin, image name, file id, size, digest,
-whether it and its checkpoint are complete).
+Every image of a checkpoint is a memfd; it is handed to systemd with FDSTORE=1 and
+FDNAME=img-<n>. On the proxy that happens when the checkpoint is complete (captured);
+on the cache as each image begins, so that its proxy can resume a transfer after a
+restart: an unfinished image's bytes are what its memfd holds (they are written in
+order), and the proxy continues from there. One more memfd, FDNAME=imgmig-meta, holds
+the JSON that says what the image fds are: per checkpoint its id, origin, whether it is
+complete, who holds the right to restore it (custody.py) and, on the proxy, where it is
+forwarded; per image its fd name, name, size, digest and whether it is complete. The
+proxy also records each checkpoint it is still capturing, without images: CRIU's dump
+fails when the proxy dies, so such a checkpoint is never adopted, and the restarted
+proxy tells the cache to drop its part of it.
 On start the daemon takes the fds back (LISTEN_FDNAMES), rebuilds those checkpoints
 from the metadata, and only then reports READY. When a checkpoint is restored,
 dropped or failed its fds leave the store (FDSTOREREMOVE=1).
@@ -14,16 +18,20 @@ dropped or failed its fds leave the store (FDSTOREREMOVE=1).
 The metadata memfd is written in place (systemd holds the same open file), so it is
 stored once; a write is `pwrite` of the whole JSON then `ftruncate`, and a torn or
 unreadable document on start only costs the held checkpoints, never a wrong image:
-sizes are checked against the memfds before anything is adopted.
+a checkpoint is adopted whole or not at all, and sizes are checked against the memfds.
+Following the store costs O(images that changed) per change, not O(images held): each
+checkpoint's record remembers how many of its images it has seen and which are open,
+and each image's JSON is made once it can no longer change.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from imgmig.datapath.store import Checkpoint, Image, ImageStore, State
@@ -33,129 +41,216 @@ log = logging.getLogger(__name__)
 
 META_NAME = "imgmig-meta"
 IMAGE_PREFIX = "img-"
-FORMAT = 2
+FORMAT = 3
 
 
 @dataclass
-class _Entry:
+class _Image:
     fdname: str
-    checkpoint: str
-    origin: str
-    image: str
+    name: str
     size: int
     digest: str | None
-    complete: bool = True             # the image (False: still arriving, its memfd says how far)
-    checkpoint_complete: bool = True  # its checkpoint (False: a transfer to resume)
+    complete: bool  # False: still arriving (cache), its memfd says how far
+    text: str = field(default="", repr=False)  # its JSON, made once and again after a change
+
+    def encode(self) -> str:
+        if not self.text:
+            self.text = json.dumps({"fdname": self.fdname, "name": self.name, "size": self.size,
+                                    "digest": self.digest, "complete": self.complete}, separators=(",", ":"))
+        return self.text
+
+    def refresh(self, image: Image) -> bool:
+        """Bring it up to date with its image; True if it changed."""
+        now = (image.size, image.digest.hex() if image.digest else None, image.complete)
+        if now == (self.size, self.digest, self.complete):
+            return False
+        self.size, self.digest, self.complete = now
+        self.text = ""
+        return True
+
+
+@dataclass
+class _Record:
+    """One checkpoint in the fd store."""
+    id: str
+    origin: str
+    complete: bool  # False: cache, a transfer to resume; proxy, a capture a restart abandons
+    holder: str = ""
+    route: str = ""
+    images: list[_Image] = field(default_factory=list)
+    seen: int = 0  # the checkpoint's images looked at so far, in the order they were added
+    open: set[int] = field(default_factory=set)  # indexes in `images` of those not yet complete
+    broken: bool = False  # an image could not be kept: left out of the store for good
+
+    def encode(self) -> str:
+        head = json.dumps({"id": self.id, "origin": self.origin, "complete": self.complete,
+                           "holder": self.holder, "route": self.route}, separators=(",", ":"))
+        return f'{head[:-1]},"images":[{",".join(image.encode() for image in self.images)}]}}'
+
+    def refresh(self, checkpoint: Checkpoint) -> bool:
+        now = (checkpoint.state is State.COMPLETE, checkpoint.holder, checkpoint.route)
+        if now == (self.complete, self.holder, self.route):
+            return False
+        self.complete, self.holder, self.route = now
+        return True
+
+
+@dataclass(frozen=True)
+class Abandoned:
+    """Proxy: a checkpoint that was being captured when the previous run ended."""
+    id: str
+    origin: str
+    route: str
+
+
+@dataclass
+class TakenBack:
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    abandoned: list[Abandoned] = field(default_factory=list)
+    last_number: int = 0  # the highest number that ended a checkpoint id of the previous run
 
 
 class FdStore:
-    """Mirror the store's complete checkpoints into systemd's fd store."""
+    """Mirror the store's checkpoints into systemd's fd store."""
 
     def __init__(self, store: ImageStore, role: str) -> None:
         self.store = store
         self.role = role
         self.enabled = systemd_glue.under_systemd()
         self.lock = threading.Lock()
-        self.entries: dict[str, _Entry] = {}   # fdname -> what it is
+        self.records: dict[str, _Record] = {}
         self.serial = 0
+        # The proxy numbers its checkpoint ids (node-time-N): its next run goes on after the
+        # highest N recorded, so that no id repeats, even within the same second.
+        self.last_number = 0
         self.meta_fd = -1
 
     # ---- start -------------------------------------------------------------------
-    def take_back(self, stored: dict[str, int]) -> list[Checkpoint]:
+    def take_back(self, stored: dict[str, int]) -> TakenBack:
         """Adopt the checkpoints a previous run left in the fd store; release what cannot be used."""
         meta_fd = stored.pop(META_NAME, -1)
-        entries = _read_meta(meta_fd) if meta_fd >= 0 else []
+        meta = _read_meta(meta_fd, len(stored)) if meta_fd >= 0 else ([], 0)
+        records, self.last_number = meta or ([], 0)
         if meta_fd >= 0:
             self.meta_fd = meta_fd
-        usable = [e for e in entries if e.fdname in stored and _fits(stored[e.fdname], e.size, e.complete)]
-        checkpoints = self._rebuild(usable, stored)
-        for name in set(stored) - {e.fdname for e in usable}:
-            log.warning("fd store: %s is not described by the metadata; released", name)
+        taken = TakenBack()
+        used: set[str] = set()
+        for record in records:
+            if not all(i.fdname in stored and _fits(stored[i.fdname], i.size, i.complete) for i in record.images):
+                log.error("fd store: checkpoint %s cannot be taken back: some of its %d image fds are missing or "
+                          "not the size recorded; it is released", record.id, len(record.images),
+                          extra={"IMGMIG_CHECKPOINT": record.id})
+                continue
+            if self.role == "proxy" and not record.complete:
+                taken.abandoned.append(Abandoned(record.id, record.origin, record.route))
+                continue
+            taken.checkpoints.append(self._rebuild(record, stored))
+            used.update(image.fdname for image in record.images)
+            self.records[record.id] = record
+            self.serial = max([self.serial, *(_serial(image.fdname) for image in record.images)])
+        taken.last_number = self.last_number = max([self.last_number, *(_number(r.id) for r in records)])
+        unused = sorted(set(stored) - used)
+        if unused and meta is not None:  # (an unusable document was reported already)
+            log.warning("fd store: %d fds left by the previous run are not part of a checkpoint taken back (%s); "
+                        "released", len(unused), ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else ""))
+        for name in unused:
             self._forget(name)
             os.close(stored[name])
-        for entry in usable:
-            self.entries[entry.fdname] = entry
-            self.serial = max(self.serial, _serial(entry.fdname))
         if self.enabled:
             self._ensure_meta()
             self._write_meta()
             threading.Thread(target=self._follow, name="fdstore", daemon=True).start()
-        return checkpoints
+        return taken
 
-    def _rebuild(self, entries: list[_Entry], fds: dict[str, int]) -> list[Checkpoint]:
-        grouped: dict[str, list[_Entry]] = {}
-        for entry in entries:
-            grouped.setdefault(entry.checkpoint, []).append(entry)
-        adopted = []
-        for checkpoint_id, group in grouped.items():
-            images = [Image(e.image, fds[e.fdname], os.fstat(fds[e.fdname]).st_size, e.complete,
-                            bytes.fromhex(e.digest) if e.digest else None) for e in group]
-            complete = all(e.checkpoint_complete for e in group)
-            checkpoint = self.store.adopt(checkpoint_id, group[0].origin, images, complete)
-            adopted.append(checkpoint)
-            log.info("checkpoint %s taken back from systemd's fd store after a restart: %d files, %d bytes%s",
-                     checkpoint_id, len(images), checkpoint.size, "" if complete else ", still arriving",
-                     extra={"IMGMIG_CHECKPOINT": checkpoint_id, "IMGMIG_BYTES": checkpoint.size,
-                            "MESSAGE_ID": systemd_glue.CHECKPOINT_KEPT_ID})
-        return adopted
+    def _rebuild(self, record: _Record, fds: dict[str, int]) -> Checkpoint:
+        images = [Image(i.name, fds[i.fdname], os.fstat(fds[i.fdname]).st_size, i.complete,
+                        bytes.fromhex(i.digest) if i.digest else None) for i in record.images]
+        checkpoint = self.store.adopt(record.id, record.origin, images, record.complete,
+                                      holder=record.holder, route=record.route)
+        record.seen = len(images)
+        record.open = {index for index, image in enumerate(record.images) if not image.complete}
+        log.info("checkpoint %s taken back from systemd's fd store after a restart: %d files, %d bytes%s%s",
+                 record.id, len(images), checkpoint.size, "" if record.complete else ", still arriving",
+                 f"; the right to restore it is held by {record.holder}" if record.holder else "",
+                 extra={"IMGMIG_CHECKPOINT": record.id, "IMGMIG_BYTES": checkpoint.size,
+                        "MESSAGE_ID": systemd_glue.CHECKPOINT_KEPT_ID})
+        return checkpoint
 
     # ---- following the store ----------------------------------------------------
     def _follow(self) -> None:
-        """Mirror the store for the life of the daemon: wait for a change of checkpoint
-        state, then keep what became complete and release what is gone."""
+        """Mirror the store for the life of the daemon: wait for a change, then keep what
+        was added or changed and release what is gone."""
         seen = -1
         while True:
             seen = self._next_change(seen)
             present = {checkpoint.id: checkpoint for checkpoint in self.store.checkpoints()}
+            changed = False
             for checkpoint in present.values():
-                if checkpoint.state is State.COMPLETE or (self.role == "cache" and checkpoint.state is State.RECEIVING):
-                    self._keep(checkpoint)
+                if checkpoint.state in (State.RECEIVING, State.COMPLETE):
+                    changed |= self._keep(checkpoint)
             with self.lock:
-                gone = {e.checkpoint for e in self.entries.values()} - set(present)
-            for checkpoint_id in gone:
-                self._release(checkpoint_id)
+                for checkpoint_id in set(self.records) - set(present):
+                    self._release(checkpoint_id)
+                    changed = True
+                if changed:
+                    self._write_meta()
 
     def _next_change(self, seen: int) -> int:
         self.store.wait_until(lambda: self.store.generation != seen)
         return self.store.generation
 
-    def _keep(self, checkpoint: Checkpoint) -> None:
+    def _keep(self, checkpoint: Checkpoint) -> bool:
+        """Record what changed in one checkpoint; True if the metadata must be written."""
         with self.lock, self.store.using(checkpoint):
-            known = {(e.checkpoint, e.image): e for e in self.entries.values()}
-            added = 0
-            complete = checkpoint.state is State.COMPLETE
-            for image in list(checkpoint.images.values()):
-                entry = known.get((checkpoint.id, image.name))
-                if entry is not None:
-                    added += _refresh(entry, image, complete)
-                    continue
-                if image.fd < 0:
-                    continue
-                self.serial += 1
-                fdname = f"{IMAGE_PREFIX}{self.serial}"
-                if not systemd_glue.notify(f"FDSTORE=1\nFDNAME={fdname}", [image.fd]):
-                    log.warning("checkpoint %s: systemd refused to keep %s; it will not survive a restart",
-                                checkpoint.id, image.name, extra={"IMGMIG_CHECKPOINT": checkpoint.id,
-                                                                  "IMGMIG_FILE": image.name})
-                    continue
-                log.debug("checkpoint %s: %s kept in systemd's fd store as %s", checkpoint.id, image.name, fdname,
-                          extra={"IMGMIG_CHECKPOINT": checkpoint.id, "IMGMIG_FILE": image.name,
-                                 "IMGMIG_BYTES": image.size})
-                self.entries[fdname] = _Entry(fdname, checkpoint.id, checkpoint.origin, image.name,
-                                              image.size, image.digest.hex() if image.digest else None,
-                                              image.complete, complete)
-                added += 1
-            if added:
-                self._write_meta()
+            record = self.records.get(checkpoint.id)
+            if record is not None and record.broken:
+                return False
+            changed = record is None
+            if record is None:
+                record = self.records[checkpoint.id] = _Record(checkpoint.id, checkpoint.origin, False)
+                self.last_number = max(self.last_number, _number(checkpoint.id))
+            changed |= record.refresh(checkpoint)
+            for index in sorted(record.open):
+                entry = record.images[index]
+                changed |= entry.refresh(checkpoint.images[entry.name])
+                if entry.complete:
+                    record.open.discard(index)
+            # The proxy's images go in once captured: a capture cut by a restart is never resumed.
+            if self.role == "cache" or record.complete:
+                new = list(itertools.islice(checkpoint.images.values(), record.seen, None))
+                record.seen += len(new)
+                for image in new:
+                    if not self._store_image(record, image):
+                        self._give_up(record)
+                        return True
+                    changed = True
+            return changed
+
+    def _store_image(self, record: _Record, image: Image) -> bool:
+        self.serial += 1
+        fdname = f"{IMAGE_PREFIX}{self.serial}"
+        if image.fd < 0 or not systemd_glue.notify(f"FDSTORE=1\nFDNAME={fdname}", [image.fd]):
+            log.warning("checkpoint %s: systemd refused to keep %s; the checkpoint will not survive a restart",
+                        record.id, image.name, extra={"IMGMIG_CHECKPOINT": record.id, "IMGMIG_FILE": image.name})
+            return False
+        log.debug("checkpoint %s: %s kept in systemd's fd store as %s", record.id, image.name, fdname,
+                  extra={"IMGMIG_CHECKPOINT": record.id, "IMGMIG_FILE": image.name, "IMGMIG_BYTES": image.size})
+        entry = _Image(fdname, image.name, image.size, image.digest.hex() if image.digest else None, image.complete)
+        if not entry.complete:
+            record.open.add(len(record.images))
+        record.images.append(entry)
+        return True
 
     def _release(self, checkpoint_id: str) -> None:
-        with self.lock:
-            names = [name for name, e in self.entries.items() if e.checkpoint == checkpoint_id]
-            for name in names:
-                self._forget(name)
-                del self.entries[name]
-            if names:
-                self._write_meta()
+        record = self.records.pop(checkpoint_id, None)
+        for image in record.images if record is not None else ():
+            self._forget(image.fdname)
+
+    def _give_up(self, record: _Record) -> None:
+        """A checkpoint is kept whole or not at all: one missing image would be answered absent."""
+        for image in record.images:
+            self._forget(image.fdname)
+        record.images, record.open, record.broken = [], set(), True
 
     def _forget(self, fdname: str) -> None:
         systemd_glue.notify(f"FDSTOREREMOVE=1\nFDNAME={fdname}")
@@ -170,35 +265,45 @@ class FdStore:
     def _write_meta(self) -> None:
         if self.meta_fd < 0:
             return
-        document = {"format": FORMAT, "role": self.role,
-                    "images": [vars(entry) for entry in self.entries.values()]}
-        data = json.dumps(document, separators=(",", ":")).encode()
+        records = ",".join(record.encode() for record in self.records.values() if not record.broken)
+        data = (f'{{"format":{FORMAT},"role":"{self.role}","last_number":{self.last_number},'
+                f'"checkpoints":[{records}]}}').encode()
         written = 0
         while written < len(data):
             written += os.pwrite(self.meta_fd, data[written:], written)
         os.ftruncate(self.meta_fd, len(data))
 
 
-def _read_meta(fd: int) -> list[_Entry]:
+def _read_meta(fd: int, fds: int) -> tuple[list[_Record], int] | None:
+    """The records of the previous run's metadata and its last_number; None (with one line
+    saying why) if unusable."""
     try:
         size = os.fstat(fd).st_size
-        raw: Any = json.loads(os.pread(fd, size, 0)) if size else {"format": FORMAT, "images": []}
-        if raw.get("format") != FORMAT:
-            raise ValueError(f"format {raw.get('format')!r}")
-        return [_Entry(**item) for item in raw["images"]]
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        log.error("fd store: the metadata left by the previous run is unreadable (%s); the checkpoints "
-                  "it described are released", exc)
-        return []
+        raw: Any = json.loads(os.pread(fd, size, 0)) if size else {"format": FORMAT, "checkpoints": [],
+                                                                   "last_number": 0}
+    except (OSError, ValueError) as exc:
+        log.error("fd store: the metadata left by the previous run is unreadable (%s); its %d image fds are "
+                  "released, and the checkpoints they held do not survive this restart", exc, fds)
+        return None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else None
+        log.error("fd store: the metadata left by the previous run is format %r, this imgmig reads format %d "
+                  "(imgmig was changed between the two runs); its %d image fds are released, and the "
+                  "checkpoints they held do not survive this restart", found, FORMAT, fds)
+        return None
+    try:
+        return [_record(item) for item in raw["checkpoints"]], int(raw["last_number"])
+    except (TypeError, KeyError, ValueError) as exc:
+        log.error("fd store: the metadata left by the previous run is malformed (%s); its %d image fds are "
+                  "released, and the checkpoints they held do not survive this restart", exc, fds)
+        return None
 
 
-def _refresh(entry: _Entry, image: Image, checkpoint_complete: bool) -> int:
-    """Bring an entry up to date with its image; 1 if it changed."""
-    now = (image.size, image.digest.hex() if image.digest else None, image.complete, checkpoint_complete)
-    if now == (entry.size, entry.digest, entry.complete, entry.checkpoint_complete):
-        return 0
-    entry.size, entry.digest, entry.complete, entry.checkpoint_complete = now
-    return 1
+def _record(item: dict[str, Any]) -> _Record:
+    images = [_Image(str(i["fdname"]), str(i["name"]), int(i["size"]), i["digest"], bool(i["complete"]))
+              for i in item["images"]]
+    return _Record(str(item["id"]), str(item["origin"]), bool(item["complete"]), str(item["holder"]),
+                   str(item["route"]), images)
 
 
 def _fits(fd: int, size: int, complete: bool) -> bool:
@@ -210,7 +315,11 @@ def _fits(fd: int, size: int, complete: bool) -> bool:
     return actual == size if complete else actual >= size
 
 
+def _number(checkpoint_id: str) -> int:
+    digits = checkpoint_id.rpartition("-")[2]
+    return int(digits) if digits.isdigit() else 0
+
+
 def _serial(fdname: str) -> int:
     digits = fdname.removeprefix(IMAGE_PREFIX)
     return int(digits) if digits.isdigit() else 0
-
