@@ -96,7 +96,9 @@ def test_lazy_migration_of_256_mib_through_the_tunnel(criu: list[str], nodes: ne
             pair.proxy.wait_log("fetches its lazy pages from the page server", 5)
             pair.cache.wait_log("tunnelled to node-a", 5)
             pair.cache.wait_released()
-            pair.proxy.wait_released(15)
+            # lazy_done: the cache confirmed RUNNING with the pid, so the proxy released its copy at once
+            pair.proxy.wait_log(f"as pid {restored_pid}, confirmed by its restore; this node's copy released", 15)
+            pair.proxy.wait_released(5)
             statuses = pair.stop()
             assert statuses == {"proxy": 0, "cache": 0}
             for daemon in (pair.proxy, pair.cache):
@@ -302,6 +304,7 @@ def test_migrate_lazy_and_restore_lazy_commands(criu: list[str], nodes: netns.Tw
                   if e["event"] == "message" and e["text"].startswith("background copy: ")]
         assert copied and copied == sorted(copied) and copied[-1] > 0, events
         restored_pid = int(out.split("running as pid ")[1].split()[0])
+        assert f"running on node-b as pid {restored_pid}, confirmed by its restore" in result["outcome"], result
         try:
             at_dump = ns_workload.before
             later = workload.wait_state(ns_workload.state_path, lambda s: s.counter > at_dump.counter + 5, 20)

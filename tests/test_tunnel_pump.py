@@ -6,8 +6,11 @@ dump may count the migration done: only after lazy-pages asked its page server t
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +18,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from imgmig.datapath.link import PlainLink
-from imgmig.datapath.tunnel import Offer, TunnelPump, Tunnels
+from imgmig.datapath.tunnel import Offer, TunnelPump, Tunnels, connect_page_server
 from imgmig.protocol import peer_wire as wire
 from imgmig.protocol import tunnel_wire as tw
 
@@ -42,7 +45,7 @@ class PageServer:
         self.accepted.set()
 
     def connect(self) -> socket.socket:
-        return socket.create_connection(self.address, 2)
+        return connect_page_server(self.address)
 
     def read(self, n: int) -> bytes:
         assert self.accepted.wait(5) and self.conn is not None
@@ -169,6 +172,22 @@ def test_a_lost_link_resets_the_page_server_and_ends_the_offer(tunnel: Tunnel):
     assert tunnel.server.ending() == "reset"
     assert tunnel.offer.done.is_set() and tunnel.offer.error == "the link to the source ended"
     assert tunnel.lazy.recv(1) == b""  # lazy-pages sees its page server gone
+
+
+def test_a_proxy_killed_during_the_copy_resets_the_page_server():
+    """kill -9 (or a restart) of the proxy mid-copy: the kernel closes its page-server
+    connection, and that must be a reset, never the clean end that lets criu dump kill the
+    process on the source."""
+    server = PageServer()
+    proxy = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom imgmig.datapath.tunnel import connect_page_server\n"
+        f"sock = connect_page_server({server.address!r})\nsock.sendall(b'x')\ntime.sleep(60)\n")])
+    try:
+        assert server.read(1) == b"x"
+    finally:
+        proxy.send_signal(signal.SIGKILL)
+        proxy.wait(10)
+    assert server.ending() == "reset"
 
 
 def test_a_page_server_that_cannot_be_reached_resets_the_channel():

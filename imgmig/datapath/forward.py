@@ -32,7 +32,7 @@ from imgmig.datapath.kernel_io import hash_region
 from imgmig.datapath.link import HandshakeCut, Link, LinkRefused, TlsLink
 from imgmig.datapath.receive import receive_within
 from imgmig.datapath.store import Checkpoint, Image, ImageStore, State
-from imgmig.datapath.tunnel import CONNECT_TIMEOUT, LAZY_IMAGE, NotLazy, TunnelPump, page_server_of
+from imgmig.datapath.tunnel import LAZY_IMAGE, NotLazy, TunnelPump, connect_page_server, page_server_of
 from imgmig.protocol import conversation as conv
 from imgmig.protocol import peer_wire as wire
 from imgmig.protocol import tunnel_wire
@@ -593,8 +593,7 @@ class Forwarder:
         if self.checkpoint.holder != custody.destination(self.peer_name):
             raise NotLazy(f"{self.peer_node} does not hold the right to restore {self.checkpoint.id}")
         address = page_server_of(self.checkpoint)
-        sock = socket.create_connection(address, CONNECT_TIMEOUT)
-        sock.settimeout(None)
+        sock = connect_page_server(address)
         log.info("checkpoint %s: %s fetches its lazy pages from the page server at %s:%d", self.checkpoint.id,
                  self.peer_node, *address, extra=self.fields)
         return sock

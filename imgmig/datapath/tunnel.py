@@ -44,6 +44,7 @@ LOCAL_READ = 256 << 10
 KEPT_OFFERS = 16
 CONNECT_TIMEOUT = 5.0
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+LINGER_OFF = struct.pack("ii", 0, 0)
 
 
 class NotLazy(ValueError):
@@ -69,6 +70,18 @@ def page_server_of(checkpoint: Checkpoint) -> tuple[str, int]:
     if not loopback or not 0 < port < 65536:
         raise NotLazy(f"checkpoint {checkpoint.id}: page server {host}:{port} is not on loopback")
     return host, port
+
+
+def connect_page_server(address: tuple[str, int]) -> socket.socket:
+    """The proxy's connection to a lazy dump's page server. It resets (RST) on any close but
+    the clean end (TunnelPump turns that off first), also when the kernel closes it for a
+    proxy killed or restarted during the background copy: a FIN then would let `criu dump`
+    count the migration done and kill the process on the source, whose pages the
+    destination still lacks; a reset makes the dump fail and the process resume there."""
+    sock = socket.create_connection(address, CONNECT_TIMEOUT)
+    sock.settimeout(None)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    return sock
 
 
 @dataclass
@@ -300,9 +313,8 @@ class TunnelPump:
             log.warning("lazy restore: %s; the page server's connection is reset, so criu dump fails and the "
                         "process resumes on this node", error)
         if sock is not None:
-            if abort:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET if abort else LINGER_OFF)
             sock.close()
         offer = self.offers.pop(channel, None)
         if offer is not None:
