@@ -11,6 +11,7 @@ the daemon's own pid. The daemon binds its own listening sockets (no socket acti
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -20,6 +21,8 @@ import time
 from pathlib import Path
 
 from conftest import PYTHON, REPO, START_TIMEOUT, STOP_TIMEOUT, Daemon, Log, wait_until
+
+from imgmig.system.fdstore import META_NAME
 
 # Moves the fds named in SHIM_FDS to 3.. (by way of numbers above all of them, which cannot
 # be targets), closes the originals, sets LISTEN_PID to its own pid (kept across exec), execs.
@@ -88,6 +91,17 @@ class Supervised:
                 os.close(fd)
         if message.get("READY") == "1":
             self.ready += 1
+
+    def recorded(self) -> list[dict]:
+        """The checkpoints the fd store's metadata lists now (the daemon rewrites that memfd
+        in place, from its own thread, a moment after its store changes)."""
+        with self.lock:
+            fd = self.stored.get(META_NAME)
+            try:
+                size = os.fstat(fd).st_size if fd is not None else 0
+                return json.loads(os.pread(fd, size, 0))["checkpoints"] if size else []
+            except ValueError:  # caught mid-write
+                return []
 
     def images_stored(self) -> int:
         with self.lock:

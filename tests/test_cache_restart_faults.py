@@ -58,7 +58,11 @@ class RestartableCache:
         fd = self.notes.stored.get(META_NAME)
         if fd is None or not os.fstat(fd).st_size:
             return False
-        return bool(json.loads(os.pread(fd, os.fstat(fd).st_size, 0))["images"])
+        try:
+            meta = json.loads(os.pread(fd, os.fstat(fd).st_size, 0))
+        except ValueError:  # caught mid-write (it is rewritten in place)
+            return False
+        return any(checkpoint["images"] for checkpoint in meta["checkpoints"])
 
     def restart(self) -> tuple[float, float]:
         """SIGTERM, then a new process with the stored fds; (when it began, when the new one was READY)."""

@@ -281,7 +281,12 @@ def kill_at(supervised, role: str, point: int, rollback: bool) -> tuple[str, int
     cut_capture = role == "proxy" and point < PAGES_MIB
     waiting = Restore(pair.cache_dir, restore_order(images)) if cut_capture and not rollback else None
     if point < PAGES_MIB:
-        went_through = dump_killing(pair, images, point, victim.kill9)
+        def kill() -> None:
+            if role == "proxy":  # a capture is known over a restart once its fd-store record is written
+                wait_until(victim.recorded, 10, "the capture's record in the proxy's fd store")
+            victim.kill9()
+
+        went_through = dump_killing(pair, images, point, kill)
         assert went_through is (role == "cache"), "CRIU's dump fails exactly when the proxy dies under it"
     else:
         dump(pair.proxy_dir, images)
