@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from imgmig.protocol import peer_wire as wire
+from imgmig.protocol import tunnel_wire
 from imgmig.protocol.peer_wire import (
     Ack,
     Auth,
@@ -61,9 +62,11 @@ payloads = st.one_of(st.binary(min_size=1, max_size=200), st.integers(1, 70_000)
 
 
 @st.composite
-def frame(draw: st.DrawFn) -> tuple[bytes, wire.Event]:
+def frame(draw: st.DrawFn) -> tuple[bytes, wire.Event | tunnel_wire.TunnelFrame]:
     """One encoded frame of any type, and the event it must decode to."""
-    kind = draw(st.sampled_from(list(wire.FrameType)))
+    kind = draw(st.sampled_from([*wire.FrameType, *sorted(tunnel_wire.TUNNEL_TYPES)]))
+    if kind in tunnel_wire.TUNNEL_TYPES:
+        return _tunnel_frame(draw, kind)
     if kind is wire.FrameType.HELLO:
         event = Hello(wire.VERSION, draw(st.sampled_from(Role)), draw(names), draw(st.sampled_from(Digest)),
                       Auth.NONE)
@@ -125,6 +128,22 @@ def _handoff_frame(draw: st.DrawFn, kind: wire.FrameType) -> tuple[bytes, wire.E
     assert kind is wire.FrameType.RUNNING, kind
     event = wire.Running(draw(names), draw(U32))
     return wire.encode_running(event.checkpoint, event.pid), event
+
+
+def _tunnel_frame(draw: st.DrawFn, kind: int) -> tuple[bytes, tunnel_wire.TunnelFrame]:
+    """A lazy migration's page-server tunnel frames (types 32-35)."""
+    channel = draw(U32)
+    if kind == tunnel_wire.TUNNEL_OPEN:
+        return tunnel_wire.encode_open(channel), tunnel_wire.TunnelOpen(channel)
+    if kind == tunnel_wire.TUNNEL_EOF:
+        return tunnel_wire.encode_eof(channel), tunnel_wire.TunnelEof(channel)
+    if kind == tunnel_wire.TUNNEL_RESET:
+        reason = draw(st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=100))
+        return tunnel_wire.encode_reset(channel, reason), tunnel_wire.TunnelReset(channel, reason)
+    assert kind == tunnel_wire.TUNNEL_DATA, kind
+    data = draw(st.one_of(st.binary(min_size=1, max_size=200),
+                          st.integers(1, tunnel_wire.MAX_TUNNEL_PAYLOAD).map(bytes)))
+    return tunnel_wire.encode_data(channel, data), tunnel_wire.TunnelData(channel, data)
 
 
 def matches(decoded: wire.Event, sent: wire.Event) -> bool:
