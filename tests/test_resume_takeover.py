@@ -17,6 +17,8 @@ import time
 
 from test_systemd_units import _frames_until
 
+from imgmig import criu_sim
+from imgmig.datapath.link import reset_on_close
 from imgmig.protocol import peer_wire as wire
 
 CHECKPOINT = "fake-proxy-takeover"
@@ -73,3 +75,34 @@ def test_resume_takes_over_from_a_half_open_connection(daemons, pki):
     pair.cache_log.wait_for(r"lost mid-checkpoint \S+ \(a new connection from the proxy resumes it\)")
     pair.cache_log.wait_for(r"complete from fake-proxy")
     assert not pair.cache_log.errors(new=False), "\n".join(pair.cache_log.errors(new=False))
+
+
+def _fake_cache_hears_begin(listener: socket.socket) -> tuple[socket.socket, wire.CheckpointBegin]:
+    """Accept the proxy, say HELLO as a cache (TLS off), and read up to its CHECKPOINT_BEGIN."""
+    conn, _ = listener.accept()
+    conn.settimeout(20)
+    decoder = wire.FrameDecoder()
+    _frames_until(conn, decoder, wire.Hello)
+    conn.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.CACHE, "test-node", wire.Digest.XXH3_128,
+                                              memory_limit=1 << 30, room=1 << 30)))
+    return conn, _frames_until(conn, decoder, wire.CheckpointBegin)
+
+
+def test_a_begin_never_answered_is_resumed_on_the_next_connection(daemons):
+    """A cache that dies after CHECKPOINT_BEGIN but before its BEGUN may have kept the
+    checkpoint's start in its fd store (found by kill -9 at random points: the fresh BEGIN
+    that followed was refused as a duplicate, and the checkpoint never went through). Every
+    connection after one that sent BEGIN resumes; a cache with none of it answers NEW."""
+    pair = daemons(roles=("proxy",), tls=False)
+    with socket.create_server(("127.0.0.1", pair.port)) as listener:
+        listener.settimeout(20)
+        client = criu_sim.DumpClient(pair.proxy_dir)
+        client.write_image("core-1.img", b"core")
+        first, begin = _fake_cache_hears_begin(listener)
+        assert not begin.resume
+        reset_on_close(first)
+        first.close()  # dies before BEGUN
+        second, again = _fake_cache_hears_begin(listener)
+        assert again.checkpoint == begin.checkpoint and again.resume, again
+        second.close()
+        client.close()

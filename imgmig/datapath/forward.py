@@ -117,6 +117,10 @@ class Forwarder:
         # with BEGUN, or that forwarder ended.
         self.after = after
         self.begun = threading.Event()
+        # A CHECKPOINT_BEGIN went out, answered or not: a cache that died before its BEGUN
+        # may have kept the checkpoint's start in its fd store, so later connections resume
+        # (a cache that has none of it answers NEW to a resume as well).
+        self.begin_sent = False
         # Kept over a restart of the proxy (fdstore.py): the cache may hold any part of it, so
         # the first connection is a resume; what a previous run sent is unknown here.
         self.taken_back = taken_back
@@ -220,7 +224,7 @@ class Forwarder:
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     def _connection(self) -> None:
-        resume = self.begun.is_set()
+        resume = self.begun.is_set() or self.begin_sent
         self.conn = None
         self.link = self.connect()
         delivered = False
@@ -242,6 +246,7 @@ class Forwarder:
             holder = self.checkpoint.holder  # before BEGIN: a CLAIM may come right after BEGUN
             self.conn.begin(time.monotonic())
             self._flush()
+            self.begin_sent = True
             answered = self._wait_for(conv.BeginAnswered)
             self._on_begun(answered, resume, holder)
             if self.conn.phase is conv.Phase.TRANSFER:
