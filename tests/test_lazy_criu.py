@@ -18,8 +18,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -143,24 +144,48 @@ def test_killed_lazy_pages_leaves_the_process_on_the_source(criu: list[str], nod
     """CRIU alone loses the process in both places here (the dump counts the migration done
     and kills the source). Through imgmig the page server is reset instead: the dump fails,
     the process resumes on the source, and the half-restored copy on the destination dies."""
+    _break_the_copy_midway(criu, nodes, workdir, ns_workload, lambda restore: restore.lazy.kill(),
+                           "a killed lazy-pages")
+
+
+def test_a_link_cut_during_the_copy_leaves_the_process_on_the_source(criu: list[str],  # noqa: F811
+                                                                      nodes: netns.TwoNodes,
+                                                                      workdir: Path, pipe_max: None,  # noqa: F811
+                                                                      ns_workload: NsWorkload) -> None:
+    """The link resumes, a page stream cannot: the channel ends on both nodes, the page
+    server is reset, the dump fails and the process resumes on the source; the
+    half-restored copy on the destination dies."""
+    def cut(_restore: object) -> None:
+        killed = netns.run_in(nodes.a.netns, ["ss", "-K", "-t", "-H", "dst", nodes.b.address, "dport", "=",
+                                              str(daemons.DEFAULT_PORT)], capture_output=True, text=True)
+        assert killed.stdout.strip(), "no connection to cut"
+
+    _break_the_copy_midway(criu, nodes, workdir, ns_workload, cut, "a cut link")
+
+
+def _break_the_copy_midway(criu_command: list[str], nodes: netns.TwoNodes, work: Path, ns_workload: NsWorkload,
+                           break_it: Callable[[Any], None], what: str) -> None:
+    """Migrate lazily, then break_it(the restore) half a second into the background copy:
+    the copy fails on the destination, the dump fails, the process goes on on the source
+    with the memory it was dumped with, the half-restored copy dies, no daemon crashes."""
     dumped: LazyDump | None = None
     restored_pid = 0
     kept: list[Path] = []
-    with daemons.proxy_and_cache(workdir, nodes.a, nodes.b) as pair:
+    with daemons.proxy_and_cache(work, nodes.a, nodes.b) as pair:
         try:
-            dumped = dump_lazy([*net_of(nodes.a), *criu], ns_workload.pid, pair.proxy_dir, PAGE_SERVER_PORT)
+            dumped = dump_lazy([*net_of(nodes.a), *criu_command], ns_workload.pid, pair.proxy_dir, PAGE_SERVER_PORT)
             kept.append(dumped.images_dir)
             with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
-                restore = restore_lazy(client, claim(client, "node-a"), [*net_of(nodes.b), *criu])
+                restore = restore_lazy(client, claim(client, "node-a"), [*net_of(nodes.b), *criu_command])
                 kept.append(restore.images_dir)
                 restored_pid = restore.pid
                 time.sleep(0.5)  # the background copy of 256 MiB takes seconds
-                restore.lazy.kill()
+                break_it(restore)
                 with pytest.raises(CommandError, match=r"background copy .* failed"):
                     restore.finish(client, timeout=60)
-            assert dumped.wait(60) != 0, "the dump counted a killed lazy-pages as a finished migration"
+            assert dumped.wait(60) != 0, f"the dump counted {what} as a finished migration"
             pair.proxy.wait_log("criu dump fails and the process resumes on this node", 5)
-            pair.proxy.wait_log("the lazy restore on node-b (10.77.0.2:9996) failed", 10)
+            pair.proxy.wait_log("the lazy restore on node-b (10.77.0.2:9996) failed", 15)
             pair.cache.wait_released()
             pair.proxy.wait_released()
             source = psutil.Process(ns_workload.pid)
@@ -185,53 +210,6 @@ def test_killed_lazy_pages_leaves_the_process_on_the_source(criu: list[str], nod
                     print(f"kept {path} (IMGMIG_KEEP_WORKDIR)")
                 else:
                     shutil.rmtree(path, ignore_errors=True)
-
-
-def test_a_link_cut_during_the_copy_leaves_the_process_on_the_source(criu: list[str],  # noqa: F811
-                                                                      nodes: netns.TwoNodes,
-                                                                      workdir: Path, pipe_max: None,  # noqa: F811
-                                                                      ns_workload: NsWorkload) -> None:
-    """The link resumes, a page stream cannot: the channel ends on both nodes, the page
-    server is reset, the dump fails and the process resumes on the source; the
-    half-restored copy on the destination dies."""
-    dumped: LazyDump | None = None
-    restored_pid = 0
-    kept: list[Path] = []
-    with daemons.proxy_and_cache(workdir, nodes.a, nodes.b) as pair:
-        try:
-            dumped = dump_lazy([*net_of(nodes.a), *criu], ns_workload.pid, pair.proxy_dir, PAGE_SERVER_PORT)
-            kept.append(dumped.images_dir)
-            with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
-                restore = restore_lazy(client, claim(client, "node-a"), [*net_of(nodes.b), *criu])
-                kept.append(restore.images_dir)
-                restored_pid = restore.pid
-                time.sleep(0.5)  # the background copy of 256 MiB takes seconds
-                cut = netns.run_in(nodes.a.netns, ["ss", "-K", "-t", "-H", "dst", nodes.b.address, "dport", "=",
-                                                   str(daemons.DEFAULT_PORT)], capture_output=True, text=True)
-                assert cut.stdout.strip(), "no connection to cut"
-                with pytest.raises(CommandError, match=r"background copy .* failed"):
-                    restore.finish(client, timeout=60)
-            assert dumped.wait(60) != 0, "the dump counted a cut link as a finished migration"
-            pair.proxy.wait_log("criu dump fails and the process resumes on this node", 5)
-            pair.proxy.wait_log("the lazy restore on node-b (10.77.0.2:9996) failed", 15)
-            pair.cache.wait_released()
-            pair.proxy.wait_released()
-            wait_for_exit(restored_pid, 30)
-            at_dump = ns_workload.before
-            later = workload.wait_state(ns_workload.state_path, lambda s: s.counter > at_dump.counter + 5, 20)
-            assert later.token == at_dump.token
-            assert workload.verify(ns_workload.pid, ns_workload.state_path).verified_digest == at_dump.digest
-            statuses = pair.stop()
-            assert statuses == {"proxy": 0, "cache": 0}
-            for daemon in (pair.proxy, pair.cache):
-                assert "Traceback" not in daemon.log() and "unexpected error" not in daemon.log(), daemon.log()
-        finally:
-            if restored_pid:
-                migrate.kill_and_reap(restored_pid)
-            if dumped is not None and dumped.proc.poll() is None:
-                dumped.proc.kill()
-            for path in kept:
-                shutil.rmtree(path, ignore_errors=True)
 
 
 def wait_for_exit(pid: int, timeout: float) -> None:
