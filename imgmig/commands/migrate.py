@@ -93,6 +93,7 @@ class Migration:
     files: int | None = None  # the sealed memfd of --files, until the proxy has it
     lazy: bool = False
     notes: set[str] = field(default_factory=set)  # what was said once already
+    last_seen: dict[str, Any] | None = None  # the checkpoint as the proxy's status last showed it
 
     def phase(self, name: str) -> None:
         self.phases[name] = round(time.monotonic() - self.started, 3)
@@ -240,6 +241,7 @@ def _follow(m: Migration, proxy: ControlClient, ticket: str, dump: subprocess.Po
         m.checkpoint = m.checkpoint or status["tickets"].get(ticket)
         live, ended = _find(status, m.checkpoint)
         if live is not None:
+            m.last_seen = live
             counts = (live["bytes"], live["forwarded"], live["verified"])
             if counts != shown or time.monotonic() - shown_at >= HEARTBEAT:
                 m.reporter.progress(_snapshot(m, live, estimate))
@@ -332,6 +334,9 @@ def _ended(m: Migration, ended: dict[str, Any]) -> tuple[int, str]:
         if "verified at the destination" not in m.phases:
             # a restore there reads only verified images: the poll missed the short window between
             m.phase("verified at the destination")
+        seen = m.last_seen
+        if seen is not None and seen["verified"] < seen["bytes"]:  # the proxy let go before a poll saw it all
+            m.reporter.progress(_snapshot(m, seen | {"forwarded": seen["bytes"], "verified": seen["bytes"]}, 0))
         m.phase("running on the destination")
         return EXIT_OK, f"running on {m.node}: {ended['outcome']}"
     if ended["state"] == "restored-at-peer":
