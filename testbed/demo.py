@@ -96,7 +96,7 @@ def _report(restored: int, pair: daemons.Pair, state_path: Path, before: workloa
     say(f"memory SHA-256 recomputed on node B: {fresh.verified_digest[:16]}... "
         f"(before: {before.digest[:16]}..., expected: {expected[:16]}...)")
     say("cache:  " + pair.cache.wait_log("complete from", 10).split(": ", 1)[1])  # type: ignore[union-attr]
-    say("proxy:  " + pair.proxy.wait_log("releasing this node's copy", 10).split(": ", 1)[1])
+    say("proxy:  " + pair.proxy.wait_log("this node's copy released", 10).split(": ", 1)[1])
     ok = (after.token == before.token and after.pid == before.pid and after.counter > before.counter
           and fresh.verified_digest == before.digest == expected)
     statuses = pair.stop()
