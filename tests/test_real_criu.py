@@ -260,3 +260,14 @@ def test_migrate_command_rolls_back_when_the_restore_fails(criu: list[str], node
         pair.proxy.wait_released()
         statuses = pair.stop()
     assert_clean_stop(pair, statuses, ("proxy", "cache"))
+
+
+def test_the_readme_demo_migrates_a_live_process(criu: list[str]) -> None:
+    """The README's first command (tools/demo.sh, which installs what is missing and then
+    runs this): a real migration between two network namespaces through both daemons, with
+    TLS, `imgmig migrate` and `imgmig restore`, ending with the memory checked on node B."""
+    done = subprocess.run([daemons.PYTHON, "-m", "testbed.demo", "--mib", "64"], capture_output=True, text=True,
+                          timeout=COMMAND_TIMEOUT * 2, cwd=daemons.REPO_ROOT, env=imgmig_env())
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    assert "RESULT: the process continues on node B where it stopped, memory intact" in done.stdout
+    assert "confirmed by its restore; this node's copy released" in done.stdout
