@@ -107,15 +107,7 @@ def test_lazy_migration_of_256_mib_through_the_tunnel(criu: list[str], nodes: ne
             print(f"lazy {MIB} MiB: freeze->running {running_at - dumped.frozen_at:.2f} s, every page after "
                   f"{copied_at - dumped.frozen_at:.2f} s, {moved['pages_bytes']} bytes of pages tunnelled")
         finally:
-            if restored_pid:
-                migrate.kill_and_reap(restored_pid)
-            if dumped is not None and dumped.proc.poll() is None:
-                dumped.proc.kill()
-            for path in kept:
-                if os.environ.get("IMGMIG_KEEP_WORKDIR"):
-                    print(f"kept {path} (IMGMIG_KEEP_WORKDIR)")
-                else:
-                    shutil.rmtree(path, ignore_errors=True)
+            _clean_up(restored_pid, dumped, kept)
 
 
 def test_a_foreign_process_cannot_reach_the_tunnel(nodes: netns.TwoNodes, workdir: Path) -> None:  # noqa: F811
@@ -201,15 +193,20 @@ def _break_the_copy_midway(criu_command: list[str], nodes: netns.TwoNodes, work:
             for daemon in (pair.proxy, pair.cache):
                 assert "Traceback" not in daemon.log() and "unexpected error" not in daemon.log(), daemon.log()
         finally:
-            if restored_pid:
-                migrate.kill_and_reap(restored_pid)
-            if dumped is not None and dumped.proc.poll() is None:
-                dumped.proc.kill()
-            for path in kept:
-                if os.environ.get("IMGMIG_KEEP_WORKDIR"):
-                    print(f"kept {path} (IMGMIG_KEEP_WORKDIR)")
-                else:
-                    shutil.rmtree(path, ignore_errors=True)
+            _clean_up(restored_pid, dumped, kept)
+
+
+def _clean_up(restored_pid: int, dumped: LazyDump | None, kept: list[Path]) -> None:
+    """Whatever a lazy test left: the restored copy, a dump still running, its folders."""
+    if restored_pid:
+        migrate.kill_and_reap(restored_pid)
+    if dumped is not None and dumped.proc.poll() is None:
+        dumped.proc.kill()
+    for path in kept:
+        if os.environ.get("IMGMIG_KEEP_WORKDIR"):
+            print(f"kept {path} (IMGMIG_KEEP_WORKDIR)")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def wait_for_exit(pid: int, timeout: float) -> None:

@@ -307,13 +307,7 @@ class ControlServer:
         checkpoint = session.claims.get(checkpoint_id)
         if checkpoint is None:
             raise OpError(f"checkpoint {checkpoint_id} is not claimed by this connection; claim it first")
-        fd = session.take_fd()
-        if fd is None:
-            raise OpError("serve needs CRIU's restore connection passed with it (SCM_RIGHTS)")
-        conn = socket.socket(fileno=fd)
-        if conn.family != socket.AF_UNIX or conn.type != socket.SOCK_STREAM:
-            conn.close()
-            raise OpError("the passed fd is not a UNIX stream socket")
+        conn = session.take_unix_stream("serve needs CRIU's restore connection")
         conn.setblocking(True)
         log.info("restore connected through the control socket on the %s: serving checkpoint %s",
                  self.role, checkpoint_id, extra={"IMGMIG_CHECKPOINT": checkpoint_id})
@@ -399,6 +393,18 @@ class ControlSession:
 
     def take_fd(self) -> int | None:
         return self.fds.pop(0) if self.fds else None
+
+    def take_unix_stream(self, needed: str) -> socket.socket:
+        """The UNIX stream socket passed with the request (SCM_RIGHTS); OpError saying that
+        `needed` ("serve needs CRIU's restore connection") if none, or another kind, came."""
+        fd = self.take_fd()
+        if fd is None:
+            raise OpError(f"{needed} passed with it (SCM_RIGHTS)")
+        sock = socket.socket(fileno=fd)
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            sock.close()
+            raise OpError("the passed fd is not a UNIX stream socket")
+        return sock
 
     def run(self) -> None:
         self.conn.settimeout(POLL)

@@ -17,7 +17,6 @@ The cache service itself runs no CRIU and writes no file: its sandbox stays as i
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -89,13 +88,7 @@ class LazyOps:
 
     def _tunnel(self, session: ControlSession, request: cw.Request) -> dict[str, Any]:
         checkpoint = self._held(session, request)
-        fd = session.take_fd()
-        if fd is None:
-            raise OpError("tunnel needs lazy-pages' page-server socket passed with it (SCM_RIGHTS)")
-        sock = socket.socket(fileno=fd)
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-            sock.close()
-            raise OpError("the passed fd is not a UNIX stream socket")
+        sock = session.take_unix_stream("tunnel needs lazy-pages' page-server socket")
         try:
             offer = self.tunnels.offer(checkpoint.id, sock)
         except ValueError as exc:
