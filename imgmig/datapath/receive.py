@@ -93,13 +93,17 @@ class Transfers:
         """A checkpoint still arriving that came back from the fd store after a restart has
         no connection yet: it too fails if its proxy does not resume it within resume_for."""
         watched: set[str] = set()
+        seen = -1
 
         def unwatched() -> list[Checkpoint]:
             return [c for c in self.store.checkpoints() if c.state is State.RECEIVING
                     and c.id not in self.inbound and c.id not in watched]
 
         while True:
-            self.store.wait_until(unwatched)
+            # only a checkpoint taken back (store.adopt) is one: they are looked for when
+            # the checkpoints change, not on every byte and file that arrives
+            self.store.wait_until(lambda seen=seen: self.store.membership != seen)
+            seen = self.store.membership
             for checkpoint in unwatched():
                 watched.add(checkpoint.id)
                 threading.Thread(target=self._expire_taken_back, args=(checkpoint,), daemon=True,

@@ -126,6 +126,13 @@ class Checkpoint:
     # What the memory limit counts for all its images, kept as they are charged: a sum over
     # the images on every check would make a dump of n files cost O(n^2).
     charged: int = 0
+    # The images in the order they were added, as `images` holds them: a reader that knows
+    # the first n finds the new ones by index, where a walk over the dict would pass the n
+    # again on every look (O(files^2) over a dump of many small files).
+    listed: list[Image] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.listed = list(self.images.values())
 
     @property
     def size(self) -> int:
@@ -252,6 +259,7 @@ class ImageStore:
                 raise
             image = Image(name, fd)
             checkpoint.images[name] = image
+            checkpoint.listed.append(image)
             self._charge_locked(checkpoint, image)
             self._changed_locked()
             return image
@@ -279,6 +287,7 @@ class ImageStore:
             self._check_new_image_locked(checkpoint, name)
             image = Image(name, fd, size, complete=True)
             checkpoint.images[name] = image
+            checkpoint.listed.append(image)
             self.bytes_in += size
             self._charge_locked(checkpoint, image)
             self._wake_locked()
