@@ -696,12 +696,15 @@ def _describe(exc: BaseException) -> str:
 
 
 def _may_begin(checkpoint: Checkpoint, file_id: int) -> bool:
-    """Whether the file may be begun now. A small image still being written, with none after
-    it, waits until it is complete: it then goes whole, batched with the next ones (one
-    frame each, no mapping), instead of as an open file with a header, a mapping and an
-    end of its own. A large one, or one that CRIU writes beside a later one (pagemap and
-    pages), goes as it grows."""
+    """Whether the file may be begun now. A small image still being written waits until it
+    is complete: it then goes whole, batched with the next ones (one frame each, no
+    mapping), instead of as an open file with a header, a mapping and an end of its own.
+    Files begin in order, so it waits only while the ones behind it are small and few: a
+    large one (pages, written beside its pagemap) or a full batch begins it as it is."""
     listed = checkpoint.listed
     image = listed[file_id]
-    return (image.complete or image.size > SMALL_FILE or file_id + 1 < len(listed)
-            or checkpoint.state is not State.RECEIVING)
+    if image.complete or image.size > SMALL_FILE or checkpoint.state is not State.RECEIVING:
+        return True
+    if len(listed) - file_id > SMALL_BATCH:
+        return True
+    return any(listed[later].size > SMALL_FILE for later in range(file_id + 1, len(listed)))
