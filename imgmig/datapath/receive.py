@@ -48,7 +48,7 @@ HASH_STEP = 4 << 20
 # (a small file's, a large one's tail) comes with the next read, with the frames after it:
 # one read for many small files, hashed from the bytes at hand instead of a mapping each.
 DIRECT_MIN = 64 << 10
-READ_SIZE = 256 << 10  # bytes asked of the link per read: many small files' frames at once
+READ_SIZE = 64 << 10  # bytes asked of the link per read: a large file's bytes beyond it are spliced
 LOOK_EVERY = 0.05    # an idle link looks at the store this often (a restore may want the right)
 TAKEOVER_WAIT = 5.0  # a resume waits this long for the cut connection's thread to let go
 LINGER = 2.0         # after an ERROR, how long the proxy may take to read it and close
