@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 # this much (and at FILE_END): the socket hands over ~64 KiB per splice, and a mapping,
 # a digest call and a store notification for each would cost more than the bytes.
 HASH_STEP = 4 << 20
+# A payload that has this much left is moved from the link into the memfd directly; less
+# (a small file's, a large one's tail) comes with the next read, with the frames after it:
+# one read for many small files, hashed from the bytes at hand instead of a mapping each.
+DIRECT_MIN = 64 << 10
+READ_SIZE = 64 << 10  # bytes asked of the link per read: a large file's bytes beyond it are spliced
 LOOK_EVERY = 0.05    # an idle link looks at the store this often (a restore may want the right)
 TAKEOVER_WAIT = 5.0  # a resume waits this long for the cut connection's thread to let go
 LINGER = 2.0         # after an ERROR, how long the proxy may take to read it and close
@@ -88,13 +93,17 @@ class Transfers:
         """A checkpoint still arriving that came back from the fd store after a restart has
         no connection yet: it too fails if its proxy does not resume it within resume_for."""
         watched: set[str] = set()
+        seen = -1
 
         def unwatched() -> list[Checkpoint]:
             return [c for c in self.store.checkpoints() if c.state is State.RECEIVING
                     and c.id not in self.inbound and c.id not in watched]
 
         while True:
-            self.store.wait_until(unwatched)
+            # only a checkpoint taken back (store.adopt) is one: they are looked for when
+            # the checkpoints change, not on every byte and file that arrives
+            self.store.wait_until(lambda seen=seen: self.store.membership != seen)
+            seen = self.store.membership
             for checkpoint in unwatched():
                 watched.add(checkpoint.id)
                 threading.Thread(target=self._expire_taken_back, args=(checkpoint,), daemon=True,
@@ -202,7 +211,7 @@ class ReceiveSession:
                 self._flush_out()
                 return
             payload = self.conn.payload
-            if payload is not None:
+            if payload is not None and payload[2] >= DIRECT_MIN:
                 self._splice_payload(*payload)
                 continue
             event = self.conn.next_event()
@@ -681,9 +690,9 @@ def _readable(fd: int, timeout: float) -> bool:
 def receive_within(link: Link, timeout: float) -> bytes | None:
     """What the link has, waiting up to timeout: None if nothing came, b"" at end of stream.
     The link is asked first: a TLS link may hold decrypted bytes that never wake a poll()."""
-    data = link.recv_nowait(65536)
+    data = link.recv_nowait(READ_SIZE)
     if data is None and _readable(link.fileno(), timeout):
-        data = link.recv_nowait(65536)
+        data = link.recv_nowait(READ_SIZE)
     return data
 
 
