@@ -92,10 +92,13 @@ def run(bench: RealBench, mib: int, mode: str) -> dict[str, Any]:
     options = ["--touch", str(TOUCH), "--pattern-cache", str(bench.tmpfs)]
     try:
         with lazy.pipe_max(), lazy.ns_workload(bench.nodes.a, mib, state, options=options) as running:
-            start = running.before
+            bench.settle()
             prewarm_s = prewarm(mib * MIB + (256 << 20)) if mode == "warm" else None
             if mode == "cold":
                 make_cold()
+            # the baseline after the pre-warm, which would compete with the workload for the CPUs
+            warmed = time.time()
+            start = workload.wait_state(state, lambda s: s.written > warmed, 30)
             workload.wait_state(state, lambda s: s.written >= start.written + BASELINE, 30)
             before = workload.reset_gap(running.pid, state)
             lines = StateLog(state)

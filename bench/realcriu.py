@@ -30,7 +30,17 @@ from testbed import daemons, migrate, workload
 from testbed.netns import TwoNodes
 
 from . import lazy
-from .common import GB, MIB, Monitor, make_cold, note_release, prewarm, vm_reported_kib, wait_images_released
+from .common import (
+    GB,
+    MIB,
+    Monitor,
+    make_cold,
+    memfd_bytes,
+    note_release,
+    prewarm,
+    vm_reported_kib,
+    wait_images_released,
+)
 from .simulated import cache_completions
 
 TMPFS = Path("/dev/shm")
@@ -98,12 +108,11 @@ class RealBench:
         prewarm_s = None
         try:
             before = workload.wait_state(state, lambda s: s.counter >= 3, 120)
+            self.settle()
             if mode == "cold":
                 make_cold()
             else:
                 prewarm_s = prewarm(3 * (mib << 20) + (256 << 20))
-            if method in self.pairs:
-                wait_images_released(self.daemon_pids(method).values())
             workload.reset_gap(proc.pid, state)
             reported = vm_reported_kib()
             mon = Monitor(self.daemon_pids(method)) if monitor else None
@@ -142,19 +151,18 @@ class RealBench:
             migrate.kill_and_reap(proc.pid)
             shutil.rmtree(self.tmpfs / "a", ignore_errors=True)
             shutil.rmtree(self.tmpfs / "b", ignore_errors=True)
-            self._await_release(method)
             note_release()
         result.update(method=method, mib=mib, mode=mode, pid=proc.pid)
         return result
 
-    def _await_release(self, method: str) -> None:
-        pair = self.pairs.get(method)
-        if pair is None:
-            return
-        deadline = time.monotonic() + 20
-        while (pair.proxy.log().count("releasing this node's copy") < self.counts[method]
-               and time.monotonic() < deadline):
-            time.sleep(0.01)
+    def settle(self) -> None:
+        """Until no pair holds images. A proxy lets its copy go about 1 s after the restore
+        (keep_restored_for), which now overlaps the next run's workload start instead of
+        being waited for at the end of each run; a cold run's idle time counts from then."""
+        pids = [pid for method in self.pairs for pid in self.daemon_pids(method).values()]
+        if any(memfd_bytes(pid) for pid in pids):
+            wait_images_released(pids)
+            note_release()
 
     def _imgmig(self, method: str, pid: int) -> tuple[dict[str, object], int]:
         pair = self.pairs[method]

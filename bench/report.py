@@ -369,7 +369,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("process size (MiB)")
         ax.set_ylabel("seconds (median, min-max)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         migrate.become_subreaper()
         with netns.two_nodes("imgmig-bench") as nodes:
+            parts: dict[str, float] = {}
+            results["elapsed_by_part_s"] = parts
             if not args.skip_sim:
+                part_started = time.monotonic()
                 log("simulated CRIU client: throughput, CPU and memory, small files, concurrency")
                 with daemons.proxy_and_cache(workdir / "sim", nodes.a, nodes.b, port=9995,
                                              memory_limit="60%") as pair:
@@ -91,12 +94,18 @@ def main(argv: list[str] | None = None) -> int:
                                              tls=False) as pair:
                     results["simulated_tls_off"] = simulated.tls_off(pair, size=plan["sim_mib"] * MIB,
                                                                      reps=plan["reps"], log=log)
+                parts["simulated"] = time.monotonic() - part_started
             if not args.skip_real:
                 criu = testbed_criu.find_criu()
                 with RealBench(criu, nodes, workdir, log) as bench:
                     log(f"link baselines: socat 128 KiB blocks and iperf3 ({plan['link_mib']} MiB)")
+                    part_started = time.monotonic()
                     results["link"] = bench.link_baselines(plan["link_mib"] * MIB)
+                    parts["link"] = time.monotonic() - part_started
                     results["migrations"] = _migrations(bench, plan, log)
+                    for method in plan["methods"]:
+                        parts[f"migrations: {method}"] = sum(r["wall_s"] for r in results["migrations"]
+                                                             if r["method"] == method)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     results["elapsed_s"] = time.monotonic() - started
@@ -121,8 +130,9 @@ def _migrations(bench: RealBench, plan: dict, log) -> list[dict[str, object]]:
                 for method in plan["methods"]:
                     if (mib, mode) not in (_lazy_slots(plan) if method == "lazy" else _full_copy_slots(plan)):
                         continue
+                    started = time.monotonic()
                     result = bench.run(method, mib, mode, monitor=method == "imgmig")
-                    result["rep"] = rep
+                    result.update(rep=rep, wall_s=time.monotonic() - started)  # the run's whole cost, set-up included
                     runs.append(result)
                     log(f"  {method:18s} {mib:5d} MiB {mode}: freeze-to-running {result['total_s']:.2f} s "
                         f"(dump {result['dump_s']:.2f} s, felt {result['felt_gap_s']:.2f} s, "
