@@ -63,7 +63,9 @@ def test_writes_json_with_every_measurement(smoke: Path) -> None:
     summary = results["summary"]
     for key, row in summary["freeze_to_running"].items():
         assert set(FULL_COPY) <= set(row), key
-        assert all(value is not None and value > 0 for value in row["ratios"].values()), row["ratios"]
+        lazy_here = key.endswith(f"/{plan['lazy_mode']}")  # lazy runs in one memory mode only
+        assert all(value is not None and value > 0 for name, value in row["ratios"].items()
+                   if name != "lazy/floor" or lazy_here), (key, row["ratios"])
     assert summary["link"]["socat_128k_MBps"]["median"] > 0 and summary["link"]["iperf3_MBps"] > 0
     assert summary["link"]["imgmig_sim_MBps"]["median"] > 0
     assert summary["link"]["imgmig_sim_tls_off_MBps"]["median"] > 0, "TLS on and off side by side"
