@@ -350,6 +350,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     s = results["summary"]["freeze_to_running"]
     sizes = _all_sizes(results)
@@ -360,11 +361,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
         for method, marker in zip(METHODS, "osD^vP", strict=True):
             _line(ax, [(mib, s.get(f"{mib}/{mode}", {}).get(method)) for mib in sizes], marker=marker, label=method)
         if lazy and lazy["mode"] == mode:
-            _line(ax, [(int(mib), f["every_page"]) for mib, f in lazy["sizes"].items()], marker="P", linestyle="--",
+            _line(ax, [(int(mib), f["every_page"]) for mib, f in lazy["sizes"].items()], marker="X", linestyle="--",
                   label="lazy: every page on B")
         ax.set_title(f"freeze to running, {mode} memory")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label))
         ax.set_xticks(sizes, [str(mib) for mib in sizes])
         ax.set_xlabel("process size (MiB)")
         ax.set_ylabel("seconds (median, min-max)")
@@ -383,3 +386,8 @@ def _line(ax: Any, points: list[tuple[int, dict[str, Any] | None]], **style: Any
         ax.errorbar([mib for mib, _ in shown], [v["median"] for _, v in shown],
                     yerr=[[v["median"] - v["min"] for _, v in shown], [v["max"] - v["median"] for _, v in shown]],
                     capsize=3, **style)
+
+
+def _minor_label(value: float, _: object) -> str:
+    """Label 2, 3 and 5 of each decade on the log axis, so a short range still reads."""
+    return f"{value:g}" if f"{value:.0e}"[0] in "235" else ""
