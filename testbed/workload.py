@@ -199,7 +199,7 @@ def run(mib: int, state_path: Path, seed: int, pattern_cache: Path | None = None
 
 
 def start(mib: int, state_path: Path, *, seed: int = 1, log_path: Path | None = None,
-          pattern_cache: Path | None = None) -> subprocess.Popen:
+          pattern_cache: Path | None = None, touch: int = 0) -> subprocess.Popen:
     """Start the workload as a child of the caller, in its own session (so CRIU can
     dump it without the caller's terminal or process group), stdin from /dev/null.
     Keep the Popen and wait() on it: the dump kills the task, and a zombie would keep
@@ -210,7 +210,8 @@ def start(mib: int, state_path: Path, *, seed: int = 1, log_path: Path | None = 
     try:
         return subprocess.Popen([sys.executable, "-m", "testbed.workload", "--mib", str(mib),
                                  "--state", str(state_path), "--seed", str(seed),
-                                 *(["--pattern-cache", str(pattern_cache)] if pattern_cache else [])],
+                                 *(["--pattern-cache", str(pattern_cache)] if pattern_cache else []),
+                                 "--touch", str(touch)],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
                                 start_new_session=True, close_fds=True)
     finally:
