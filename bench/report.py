@@ -107,7 +107,8 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def _all_sizes(results: dict[str, Any]) -> list[int]:
-    return sorted(set(results["plan"]["sizes"]) | set(results["plan"].get("lazy_sizes", [])))
+    """The sizes that have runs (full-copy and lazy sizes differ)."""
+    return sorted({r["mib"] for r in results.get("migrations") or []})
 
 
 def _lazy(results: dict[str, Any], runs: list[dict[str, Any]], ftr: dict[str, Any]) -> dict[str, Any]:
@@ -138,7 +139,7 @@ def _lazy(results: dict[str, Any], runs: list[dict[str, Any]], ftr: dict[str, An
         }
     sizes = out["sizes"]
     small, large = min(results["plan"]["lazy_sizes"]), max(results["plan"]["lazy_sizes"])
-    out["ratios"] = {
+    out["ratios"] = {} if small == large else {
         f"freeze-to-running {large} MiB / {small} MiB": ratio(
             _median(sizes.get(str(large), {}).get("freeze_to_running")),
             _median(sizes.get(str(small), {}).get("freeze_to_running"))),
