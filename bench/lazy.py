@@ -107,7 +107,9 @@ def run(bench: RealBench, mib: int, mode: str) -> dict[str, Any]:
                 dumped = dump_lazy([*lazy.net_of(bench.nodes.a), *criu], running.pid, pair.proxy_dir,
                                    free_loopback_port(), images_dir=dump_dir)
                 with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
-                    restore = restore_lazy(client, lazy.claim(client, "node-a"), [*lazy.net_of(bench.nodes.b), *criu],
+                    checkpoint = lazy.claim(client, "node-a")
+                    claimed_at = time.monotonic()
+                    restore = restore_lazy(client, checkpoint, [*lazy.net_of(bench.nodes.b), *criu],
                                            images_dir=restore_dir)
                     running_at, running_wall = time.monotonic(), time.time()
                     restored = restore.pid
@@ -124,10 +126,14 @@ def run(bench: RealBench, mib: int, mode: str) -> dict[str, Any]:
             if fresh.verified_digest != running.before.digest:
                 raise RuntimeError(f"lazy {mib} MiB: the memory digest differs after the copy")
             requests = _requests_by_size(restore_dir / "lazy.log")
+            if moved["pages_bytes"] < mib * MIB:
+                raise RuntimeError(f"lazy {mib} MiB: only {moved['pages_bytes']} bytes of pages came through the "
+                                   f"tunnel: this was no lazy migration; CRIU's logs: {_keep_logs(images)}")
         copy_s = after_copy.written - after_restore.written
         return {
             "total_s": running_at - dumped.frozen_at,
             "dump_s": dumped.handed_at - dumped.frozen_at,  # images handed to the proxy
+            "claimed_s": claimed_at - dumped.frozen_at,  # the cache had them, and this restore claimed them
             "every_page_s": every_page_at - dumped.frozen_at,
             "copy_s": every_page_at - running_at,
             "felt_gap_s": after_copy.max_gap_s,
@@ -151,3 +157,11 @@ def _requests_by_size(log: Path) -> dict[str, int]:
         if match := READ_LINE.search(line):
             counts[int(match.group(1))] += 1
     return {str(pages): counts[pages] for pages in sorted(counts)}
+
+
+def _keep_logs(images: Path) -> Path:
+    """Copy CRIU's logs of a failed run out of the directory about to be removed."""
+    kept = Path(tempfile.mkdtemp(prefix="imgmig-lazy-logs-"))
+    for log in images.glob("*/*.log"):
+        shutil.copy(log, kept / f"{log.parent.name}-{log.name}")
+    return kept

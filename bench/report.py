@@ -124,6 +124,8 @@ def _lazy(results: dict[str, Any], runs: list[dict[str, Any]], ftr: dict[str, An
         single = [r["requests_by_pages"].get("1", 0) / r["requests"] for r in sel if r["requests"]]
         out["sizes"][str(mib)] = {
             "freeze_to_running": summary([r["total_s"] for r in sel]),
+            "images_handed": summary([r["dump_s"] for r in sel]),
+            "claimed": summary([r["claimed_s"] for r in sel]),
             "felt_gap": summary([r["felt_gap_s"] for r in sel]),
             "every_page": summary([r["every_page_s"] for r in sel]),
             "copy_MBps": summary([r["pages_bytes"] / r["copy_s"] / 1e6 for r in sel]),
@@ -331,15 +333,19 @@ def _lazy_markdown(lazy: dict[str, Any], touch: int) -> list[str]:
              f"count). The workload reads one byte of {touch} random pages a second; 'reads/s' is the rate it "
              "achieved, before the freeze and during the background copy. 'requests': lazy-pages' requests "
              "through the tunnel, and the share of them for a single page (page faults). 'full copy': imgmig's "
-             "freeze-to-running at the same size and memory state, when every page is on B too.",
+             "freeze-to-running at the same size and memory state, when every page is on B too. 'images handed': "
+             "the lazy dump's non-page images were all written to the proxy; 'claimed': the restore on B had "
+             "claimed the checkpoint (both from the start of the dump).",
              "",
-             "| size MiB | freeze to running | felt | every page | copy MB/s | reads/s before | reads/s during "
+             "| size MiB | freeze to running | images handed, claimed (medians) | felt | every page | copy MB/s | "
+             "reads/s before | reads/s during "
              "copy | during/before | requests | single-page share | full copy | every page / full copy |",
-             "|---" * 12 + "|"]
+             "|---" * 13 + "|"]
     for mib, f in lazy["sizes"].items():
         full = (f"{_fmt(f['imgmig_full_copy'])} | {_fmt(f['every_page/imgmig'])}" if f["every_page/imgmig"]
                 else "no full-copy run at this size | n/a")
-        lines.append(f"| {mib} | {_fmt(f['freeze_to_running'])} | {_fmt(f['felt_gap'])} | "
+        lines.append(f"| {mib} | {_fmt(f['freeze_to_running'])} | {_fmt(_median(f['images_handed']))}, "
+                     f"{_fmt(_median(f['claimed']))} | {_fmt(f['felt_gap'])} | "
                      f"{_fmt(f['every_page'], 1)} | {_fmt(f['copy_MBps'], 0)} | {_fmt(f['touch_before_per_s'], 0)} | "
                      f"{_fmt(f['touch_during_copy_per_s'], 0)} | {_fmt(f['throughput_during/before'])} | "
                      f"{_fmt(f['requests'], 0)} | {_fmt(f['single_page_share'])} | {full} |")
