@@ -129,10 +129,12 @@ def _lazy(results: dict[str, Any], runs: list[dict[str, Any]], ftr: dict[str, An
             "felt_gap": summary([r["felt_gap_s"] for r in sel]),
             "every_page": summary([r["every_page_s"] for r in sel]),
             "copy_MBps": summary([r["pages_bytes"] / r["copy_s"] / 1e6 for r in sel]),
-            "touch_before_per_s": summary([r["touch_before_per_s"] for r in sel]),
-            "touch_during_copy_per_s": summary([r["touch_during_copy_per_s"] for r in sel]),
+            "touch_before_per_s": summary([r["touch_before_per_s"] for r in sel if r["touch_before_per_s"]]),
+            "touch_during_copy_per_s": summary([r["touch_during_copy_per_s"] for r in sel
+                                                if r["touch_during_copy_per_s"] is not None]),
             "throughput_during/before": summary([r["touch_during_copy_per_s"] / r["touch_before_per_s"]
-                                                 for r in sel if r["touch_before_per_s"]]),
+                                                 for r in sel if r["touch_before_per_s"]
+                                                 and r["touch_during_copy_per_s"] is not None]),
             "requests": summary([r["requests"] for r in sel]),
             "single_page_share": summary(single),
             "imgmig_full_copy": full,
@@ -262,7 +264,8 @@ def markdown(results: dict[str, Any]) -> str:
             mib, mode = key.split("/")
             lines.append(f"| {mib} | {mode} | " + " | ".join(_fmt(row.get(m)) for m in METHODS) + " |")
         if "lazy" in s:
-            lines += _lazy_markdown(s["lazy"], results["plan"]["lazy_touch_per_s"])
+            lines += _lazy_markdown(s["lazy"], results["plan"]["lazy_touch_per_s"],
+                                    results["plan"].get("lazy_untouched_from_mib"))
         lines += ["", "### Where the time goes (medians, seconds after `criu dump` started)", "",
                   "'moved': imgmig and store-and-forward, the cache logged the checkpoint complete and verified "
                   "(timed by the cache from CHECKPOINT_BEGIN); disk-style, tar|socat finished on B. 'restore': "
@@ -325,13 +328,17 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _lazy_markdown(lazy: dict[str, Any], touch: int) -> list[str]:
+def _lazy_markdown(lazy: dict[str, Any], touch: int, untouched_from: int | None) -> list[str]:
+    without_reader = (f" From {untouched_from} MiB on the workload runs WITHOUT that reader (its page faults slow "
+                      "the background copy, bench/README.md, 'Time'): reads/s is n/a there, and 'felt' counts the "
+                      "freeze and the interpreter's own faults only." if untouched_from else "")
     lines = ["", f"### Lazy (post-copy) migration, {lazy['mode']} memory", "",
              "Freeze-to-running as above (`criu restore --lazy-pages -d` returned: the process runs on B, its "
              "memory still on A); 'every page': until `criu lazy-pages` exited, every page on B; 'felt': the "
              "workload's longest tick gap from the freeze to the end of the copy (page faults after the restore "
              f"count). The workload reads one byte of {touch} random pages a second; 'reads/s' is the rate it "
-             "achieved, before the freeze and during the background copy. 'requests': lazy-pages' requests "
+             f"achieved, before the freeze and during the background copy.{without_reader} `criu lazy-pages` runs "
+             "at nice 19 once the restore returned (its poll loop spins). 'requests': lazy-pages' requests "
              "through the tunnel, and the share of them for a single page (page faults). 'full copy': imgmig's "
              "freeze-to-running at the same size and memory state, when every page is on B too. 'images handed': "
              "the lazy dump's non-page images were all written to the proxy; 'claimed': the restore on B had "

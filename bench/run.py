@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     plan["methods"] = args.methods or list(METHODS)
     plan["lazy_mode"] = LAZY_MODE if LAZY_MODE in plan["modes"] else plan["modes"][0]
     plan["lazy_touch_per_s"] = lazy.TOUCH
+    plan["lazy_untouched_from_mib"] = lazy.UNTOUCHED_FROM_MIB
     if not set(plan["methods"]) <= set(METHODS) or not set(plan["modes"]) <= {"cold", "warm"}:
         parser.error(f"--methods takes {','.join(METHODS)}; --modes takes cold,warm")
     if os.geteuid() != 0:
@@ -151,8 +152,9 @@ def _lazy_slots(plan: dict) -> set[tuple[int, str]]:
 def _lazy_figures(result: dict) -> str:
     if result["method"] != "lazy":
         return ""
-    return (f"; every page at {result['every_page_s']:.1f} s, {result['requests']} requests, workload reads "
-            f"{result['touch_during_copy_per_s'] or 0:.0f}/s during the copy vs {result['touch_before_per_s']:.0f}/s")
+    reads = (f", workload reads {result['touch_during_copy_per_s'] or 0:.0f}/s during the copy vs "
+             f"{result['touch_before_per_s']:.0f}/s" if result["touch_per_s"] else ", no reader")
+    return f"; every page at {result['every_page_s']:.1f} s, {result['requests']} requests{reads}"
 
 
 def _machine() -> dict[str, object]:
