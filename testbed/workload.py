@@ -1,7 +1,8 @@
 """A verifiable workload for migrations: `python3 -m testbed.workload --mib N --state FILE`.
 
 It fills N MiB with a deterministic, incompressible pattern (SHAKE-128 of a seed),
-records the buffer's SHA-256, then counts forever. Every ~100 ms it replaces FILE
+records the buffer's SHA-256 (with --pattern-cache, the one kept beside the cached
+pattern it read), then counts forever. Every ~100 ms it replaces FILE
 (write + rename, so no file stays open across a dump) with one JSON line: pid, a
 random token drawn at start, the counter, the start digest, and the digest of the
 most recent re-verification (SIGUSR1 asks for one; the count of them is in the line),
@@ -51,23 +52,32 @@ def fill(buf: bytearray, seed: int) -> None:
         buf[offset:offset + size] = hashlib.shake_128(f"imgmig-{seed}-{index}".encode()).digest(size)
 
 
-def fill_cached(buf: bytearray, seed: int, cache_dir: Path | None) -> None:
-    """fill(), through a copy of the pattern kept in cache_dir (a tmpfs): reading it back
-    is several times faster than SHAKE-128, which matters to a benchmark that starts a
-    fresh 1 GiB workload for every run."""
+def fill_cached(buf: bytearray, seed: int, cache_dir: Path | None) -> str:
+    """fill(), and return the buffer's SHA-256. With cache_dir (a tmpfs), through a copy
+    of the pattern kept there with its SHA-256 beside it: reading both back is several
+    times faster than SHAKE-128 and SHA-256, which matters to a benchmark that starts a
+    fresh workload of up to 4 GiB for every run."""
     if cache_dir is None:
         fill(buf, seed)
-        return
+        return hashlib.sha256(buf).hexdigest()
     path = cache_dir / f"workload-pattern-{seed}-{len(buf)}"
+    digest_path = path.with_name(f"{path.name}.sha256")
     try:
         with open(path, "rb") as f:
             if f.readinto(buf) == len(buf):
-                return
+                return digest_path.read_text()
     except FileNotFoundError:
         pass
     fill(buf, seed)
+    digest = hashlib.sha256(buf).hexdigest()
+    _write_new(digest_path, digest.encode())  # first: a pattern in the cache always has its digest
+    _write_new(path, buf)
+    return digest
+
+
+def _write_new(path: Path, data: bytes | bytearray) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}")
-    tmp.write_bytes(buf)
+    tmp.write_bytes(data)
     os.rename(tmp, path)
 
 
@@ -163,8 +173,7 @@ class Toucher(threading.Thread):
 
 def run(mib: int, state_path: Path, seed: int, pattern_cache: Path | None = None, touch: int = 0) -> None:
     buf = bytearray(mib << 20)
-    fill_cached(buf, seed, pattern_cache)
-    digest = hashlib.sha256(buf).hexdigest()
+    digest = fill_cached(buf, seed, pattern_cache)
     token = os.urandom(8).hex()
     verify = threading.Event()
     signal.signal(signal.SIGUSR1, lambda *_: verify.set())
