@@ -190,7 +190,7 @@ def run_all(pair: Pair, *, size: int, reps: int, small_count: int, small_size: i
         try:
             conc = []
             for i in range(reps):
-                prewarm(3 * 4 * concurrent_size)
+                prewarm(3 * concurrent_size)  # as throughput(): three times what the run will hold
                 one = session.concurrent(csrc[:1])
                 prewarm(3 * 4 * concurrent_size)
                 four = session.concurrent(csrc)
