@@ -1,7 +1,8 @@
 """One lazy (post-copy) migration through imgmig, as `bench.run`'s method "lazy".
 
 The workload runs in netns A and its own PID namespace (testbed/lazy.py says why), with
-its page-reading thread on (`--touch`, TOUCH pages a second). imgmig-proxy in A and
+its page-reading thread on (`--touch`, TOUCH pages a second; off from UNTOUCHED_FROM_MIB
+on). `criu lazy-pages` runs at nice 19 once the restore returned. imgmig-proxy in A and
 imgmig-cache in B (TLS on, as shipped) carry the non-page images and then the page
 server's traffic; `criu dump --lazy-pages`, `criu lazy-pages` and `criu restore
 --lazy-pages -d` are driven by imgmig's own commands (commands/lazy.py). Per run:
