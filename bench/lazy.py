@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from imgmig.commands.common import ControlClient
-from imgmig.commands.lazy import dump_lazy, free_loopback_port, restore_lazy
+from imgmig.commands.lazy import dump_lazy, restore_lazy
 from imgmig.roles.endpoints import CONTROL_SOCKET
 from testbed import criu as testbed_criu
 from testbed import daemons, lazy, migrate, netns, workload
@@ -69,7 +69,8 @@ def lazy_run(criu: list[str], nodes: netns.TwoNodes, mib: int, workdir: Path) ->
         with lazy.ns_workload(nodes.a, mib, state) as running, \
                 daemons.proxy_and_cache(pair_dir, nodes.a, nodes.b) as pair:
             workload.reset_gap(running.pid, state)
-            dumped = dump_lazy([*lazy.net_of(nodes.a), *criu], running.pid, pair.proxy_dir, free_loopback_port())
+            with ControlClient(pair.proxy_dir / CONTROL_SOCKET, "proxy") as proxy:
+                dumped = dump_lazy([*lazy.net_of(nodes.a), *criu], running.pid, proxy, pair.proxy_dir)
             kept.append(dumped.images_dir)
             with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
                 restore = restore_lazy(client, lazy.claim(client, "node-a"), [*lazy.net_of(nodes.b), *criu])

@@ -36,7 +36,6 @@ from testbed.lazy import NsWorkload, claim, net_of
 pytestmark = pytest.mark.realcriu
 
 MIB = 256
-PAGE_SERVER_PORT = 27027
 
 
 @pytest.fixture
@@ -57,6 +56,12 @@ def ns_workload(nodes: netns.TwoNodes, workdir: Path) -> Iterator[NsWorkload]:  
         yield running
 
 
+def lazy_dump(pair: daemons.Pair, criu_command: list[str], pid: int) -> LazyDump:
+    """`dump_lazy` as `imgmig migrate --lazy` runs it, announced on the proxy's control socket."""
+    with ControlClient(pair.proxy_dir / CONTROL_SOCKET, "proxy") as proxy:
+        return dump_lazy(criu_command, pid, proxy, pair.proxy_dir)
+
+
 def listeners(node: netns.Node) -> list[str]:
     out = netns.run_in(node.netns, ["ss", "-Hltn"], capture_output=True, text=True).stdout
     return sorted(line.split()[3] for line in out.splitlines())
@@ -70,16 +75,19 @@ def test_lazy_migration_of_256_mib_through_the_tunnel(criu: list[str], nodes: ne
     kept: list[Path] = []
     with daemons.proxy_and_cache(workdir, nodes.a, nodes.b) as pair:
         try:
-            dumped = dump_lazy([*net_of(nodes.a), *criu], ns_workload.pid, pair.proxy_dir, PAGE_SERVER_PORT)
+            dumped = lazy_dump(pair, [*net_of(nodes.a), *criu], ns_workload.pid)
             kept.append(dumped.images_dir)
             with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
                 checkpoint = claim(client, "node-a")
+                assert checkpoint == dumped.checkpoint
                 restore = restore_lazy(client, checkpoint, [*net_of(nodes.b), *criu])
                 kept.append(restore.images_dir)
                 restored_pid = restore.pid
                 running_at = time.monotonic()
-                # the only listener on B is the cache's own port: lazy-pages' socket is a socketpair
+                # the only listener on B is the cache's own port: lazy-pages' socket is a socketpair;
+                # none on A, not even on loopback: the dump's page server is a socketpair too
                 assert listeners(nodes.b) == [f"{nodes.b.address}:{daemons.DEFAULT_PORT}"]
+                assert listeners(nodes.a) == [], "a local process could read the process's memory"
                 with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as status:  # this one carries the tunnel
                     info = status.request("list")["checkpoints"]
                 assert [c["id"] for c in info] == [checkpoint] and "lazy" in info[0], info
@@ -165,7 +173,7 @@ def _break_the_copy_midway(criu_command: list[str], nodes: netns.TwoNodes, work:
     kept: list[Path] = []
     with daemons.proxy_and_cache(work, nodes.a, nodes.b) as pair:
         try:
-            dumped = dump_lazy([*net_of(nodes.a), *criu_command], ns_workload.pid, pair.proxy_dir, PAGE_SERVER_PORT)
+            dumped = lazy_dump(pair, [*net_of(nodes.a), *criu_command], ns_workload.pid)
             kept.append(dumped.images_dir)
             with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
                 restore = restore_lazy(client, claim(client, "node-a"), [*net_of(nodes.b), *criu_command])
@@ -229,7 +237,7 @@ def test_a_failed_lazy_restore_leaves_the_process_on_the_source(criu: list[str],
     with daemons.proxy_and_cache(workdir, nodes.a, nodes.b) as pair:
         try:
             (workdir / "b").mkdir()
-            dumped = dump_lazy([*net_of(nodes.a), *criu], ns_workload.pid, pair.proxy_dir, PAGE_SERVER_PORT)
+            dumped = lazy_dump(pair, [*net_of(nodes.a), *criu], ns_workload.pid)
             with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client, \
                     pytest.raises(CommandError, match="criu restore --lazy-pages exited with"):
                 # CRIU refuses an unknown option: the restore fails on purpose

@@ -1,11 +1,12 @@
 """Lazy (post-copy) migration, the root-side steps of each node (docs/design.md, "Lazy migration").
 
 Source (`dump_lazy`): `criu dump --lazy-pages` into a private directory, its page server
-on loopback only; once the non-page images are written (CRIU then waits for its page
-server's client), they go to the proxy as one checkpoint, with a marker image
-(`imgmig-lazy.json`) naming that page server: the checkpoint is marked lazy. The dump
-exits once every page was fetched (the process is then gone from the source), or fails
-and leaves the process running here.
+on one end of a socketpair (`--ps-socket`: nothing listens, not even on loopback, so no
+other local process can read the process's memory); the other end goes to the proxy with
+the dump's ticket (`lazy_source`), which marks the checkpoint lazy (`imgmig-lazy.json`).
+Once the non-page images are written (CRIU says so on `--status-fd`), they go to the proxy
+as that checkpoint. The dump exits once every page was fetched (the process is then gone
+from the source), or fails and leaves the process running here.
 
 Destination (`restore_lazy`): claim the checkpoint on the cache, take the right to
 restore it, lay its images into a private tmpfs directory, start `criu lazy-pages` on one
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import signal
 import socket
@@ -30,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from imgmig.commands.common import CommandError, ControlClient, criu_tail
-from imgmig.criu_sim import DumpClient
-from imgmig.datapath.tunnel import LAZY_IMAGE, lazy_marker
+from imgmig.datapath.stream_client import DumpClient
+from imgmig.roles.endpoints import CAPTURE_SOCKET
 
-READY_WAIT = 60.0   # for the dump to write its images and listen
+READY_WAIT = 60.0   # for the dump to write its images and serve its pages
 TUNNEL_END_WAIT = 15.0  # for the cache to answer the tunnel op once lazy-pages is gone
 LAZY_SOCKET = "lazy-pages.socket"
 LAST_IMAGE = "inventory.img"  # CRIU writes it last; the proxy takes a checkpoint without it as failed
@@ -51,73 +53,93 @@ def private_dir(prefix: str, parent: Path = PRIVATE_PARENT) -> Path:
 class LazyDump:
     proc: subprocess.Popen[bytes]
     images_dir: Path
-    port: int
+    checkpoint: str
+    page_server: socket.socket  # our copy of the proxy's end: a proxy killed does not end the stream
     frozen_at: float
     handed_at: float = 0.0   # the checkpoint was handed to the proxy
 
     def wait(self, timeout: float | None = None) -> int:
         """The dump's exit status: 0 once every page went (the process is gone from here)."""
-        return self.proc.wait(timeout)
+        code = self.proc.wait(timeout)
+        self.page_server.close()
+        return code
+
+    def abort(self) -> int:
+        """The proxy is gone mid-copy: its end of the page server's socket no longer moves
+        pages, and ours keeps the stream from ending cleanly. Killing the dump releases the
+        process, which runs on here with its memory untouched (CRIU's parasite is gone by
+        now and the pages were only read)."""
+        self.proc.kill()
+        return self.wait()
 
     def tail(self) -> str:
         return criu_tail(self.images_dir, "dump")
 
 
-def free_loopback_port() -> int:
-    """A TCP port free on 127.0.0.1 now, for the dump's page server."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def dump_lazy(criu: list[str], pid: int, proxy_images_dir: Path, port: int, images_dir: Path | None = None,
-              options: list[str] | None = None) -> LazyDump:
-    """Dump `pid` lazily and hand its non-page images to the proxy; the dump keeps serving pages."""
+def dump_lazy(criu: list[str], pid: int, proxy: ControlClient, proxy_images_dir: Path, *, ticket: int | None = None,
+              images_dir: Path | None = None, options: list[str] | None = None) -> LazyDump:
+    """Dump `pid` lazily and hand its non-page images to the proxy; the dump keeps serving
+    pages on a socketpair whose other end the proxy holds. `ticket`: the dump announced
+    with `expect` on `proxy` (else announced here); `proxy` must stay open until the dump ends."""
+    if ticket is None:
+        ticket = int(proxy.request("expect")["ticket"])
     images_dir = images_dir or private_dir("imgmig-lazy-dump-")
-    frozen_at = time.monotonic()
-    argv = [*criu, "dump", "-t", str(pid), "-D", str(images_dir), "--lazy-pages", "--address", "127.0.0.1",
-            "--port", str(port), "-o", "dump.log", "-W", str(images_dir), *(options or [])]
-    with open(images_dir / "dump.out", "wb") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
-    dump = LazyDump(proc, images_dir, port, frozen_at)
-    _await_page_server(dump)
-    _hand_to_proxy(images_dir, proxy_images_dir, port)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with theirs:
+        proxy.request("lazy_source", ticket=ticket, fd=ours.fileno())
+        ready, status = os.pipe()
+        frozen_at = time.monotonic()
+        argv = [*criu, "dump", "-t", str(pid), "-D", str(images_dir), "--lazy-pages", "--ps-socket",
+                str(theirs.fileno()), "--status-fd", str(status), "-o", "dump.log", "-W", str(images_dir),
+                *(options or [])]
+        with open(images_dir / "dump.out", "wb") as out:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                    pass_fds=[theirs.fileno(), status])
+        os.close(status)
+    dump = LazyDump(proc, images_dir, "", ours, frozen_at)
+    try:
+        _await_page_server(dump, ready)
+    finally:
+        os.close(ready)
+    _hand_to_proxy(images_dir, DumpClient(proxy_images_dir / CAPTURE_SOCKET))
     dump.handed_at = time.monotonic()
+    dump.checkpoint = _checkpoint_of(proxy, ticket)
     return dump
 
 
-def _await_page_server(dump: LazyDump) -> None:
-    deadline = time.monotonic() + READY_WAIT
-    while not ((dump.images_dir / LAST_IMAGE).exists() and _listening(dump.proc.pid, dump.port)):
-        if dump.proc.poll() is not None:
-            raise CommandError(f"criu dump --lazy-pages exited with {dump.proc.returncode}: {dump.tail()}; "
-                               f"the process runs on here")
-        if time.monotonic() > deadline:
-            dump.proc.kill()
-            raise CommandError(f"criu dump --lazy-pages did not start its page server within {READY_WAIT:.0f} s")
-        time.sleep(0.005)
+def _await_page_server(dump: LazyDump, ready: int) -> None:
+    """CRIU writes one byte to --status-fd once its images are written and its page server
+    serves (criu/util.c status_ready); the pipe ends without it if the dump failed."""
+    readable, _, _ = select.select([ready], [], [], READY_WAIT)
+    if readable and os.read(ready, 1) == b"\0" and (dump.images_dir / LAST_IMAGE).exists():
+        return
+    if readable:
+        code = dump.wait()
+        raise CommandError(f"criu dump --lazy-pages exited with {code}: {dump.tail()}; the process runs on here")
+    dump.abort()
+    raise CommandError(f"criu dump --lazy-pages did not start its page server within {READY_WAIT:.0f} s; it was "
+                       f"killed, the process runs on here")
 
 
-def _listening(pid: int, port: int) -> bool:
-    """CRIU's page server listens on 127.0.0.1:port (read from CRIU's own network namespace)."""
-    wanted = f"0100007F:{port:04X}"
-    try:
-        lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
-    except OSError:
-        return False
-    return any(fields[1] == wanted and fields[3] == "0A" for fields in (line.split() for line in lines))
-
-
-def _hand_to_proxy(images_dir: Path, proxy_images_dir: Path, port: int) -> None:
-    """Write the images to the proxy as a CRIU stream dump would: the marker first, inventory last."""
+def _hand_to_proxy(images_dir: Path, client: DumpClient) -> None:
+    """Write the images to the proxy as a CRIU stream dump would, inventory last."""
     names = sorted(p.name for p in images_dir.iterdir() if p.name.endswith(".img") and p.name != LAST_IMAGE)
-    client = DumpClient(proxy_images_dir)
     try:
-        client.write_image(LAZY_IMAGE, lazy_marker(("127.0.0.1", port)))
         for name in [*names, LAST_IMAGE]:
             client.write_image(name, (images_dir / name).read_bytes())
     finally:
         client.close()
+
+
+def _checkpoint_of(proxy: ControlClient, ticket: int) -> str:
+    """The checkpoint the proxy made of the dump (it began when the images began to come)."""
+    deadline = time.monotonic() + READY_WAIT
+    while time.monotonic() < deadline:
+        checkpoint = proxy.request("status")["tickets"].get(str(ticket))
+        if checkpoint is not None:
+            return str(checkpoint)
+        time.sleep(0.005)
+    raise CommandError(f"the proxy took no checkpoint for the lazy dump within {READY_WAIT:.0f} s")
 
 
 # ---- the destination ----------------------------------------------------------------------

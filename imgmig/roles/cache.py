@@ -52,7 +52,8 @@ class Cache:
                      self._on_control),
         ], self.status, reload=None if self.trust is None else self.trust.reload)
         self.tunnels = Tunnels()  # lazy restores' page-server sockets, carried by the checkpoints' links
-        lazy = LazyOps(self.store, config.node, self.tunnels, self.daemon.stop, self._await_grant)
+        lazy = LazyOps(self.store, config.node, self.tunnels, self.daemon.stop, self._await_grant,
+                       self._give_right_back)
         self.control = ControlServer("cache", config.node, self.store, self.daemon.stop, RoleView(
             self._checkpoint_info, self._peers, self.status, self._may_drop, {"handoff": self._handoff} | lazy.ops,
             gate=self._await_right, restore_failed=self._give_right_back))
