@@ -217,6 +217,13 @@ def _clean_up(restored_pid: int, dumped: LazyDump | None, kept: list[Path]) -> N
             shutil.rmtree(path, ignore_errors=True)
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
+        time.sleep(0.05)
+
+
 def wait_for_exit(pid: int, timeout: float) -> None:
     """The process is gone (or a zombie: the subreaper reaps it)."""
     deadline = time.monotonic() + timeout
@@ -300,3 +307,48 @@ def test_migrate_lazy_and_restore_lazy_commands(criu: list[str], nodes: netns.Tw
     assert statuses == {"proxy": 0, "cache": 0}
     shutil.rmtree(result["workdir"], ignore_errors=True)
     shutil.rmtree(out.split("CRIU logs in ")[1].split(")")[0], ignore_errors=True)
+
+
+def test_cache_restore_auto_restores_a_lazy_checkpoint_lazily(criu: list[str], nodes: netns.TwoNodes,  # noqa: F811
+                                                              workdir: Path, pipe_max: None,  # noqa: F811
+                                                              ns_workload: NsWorkload) -> None:
+    """`cache.restore: auto`: the doorbell's `imgmig restore --doorbell` (no --lazy; what
+    imgmig-restore@.service runs, systemd-socket-activate --accept standing in for
+    imgmig-restore.socket) sees the checkpoint is lazy and restores it lazily, instead of
+    a stream restore the cache refuses."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    log = workdir / "doorbell.log"
+    with daemons.proxy_and_cache(workdir, nodes.a, nodes.b, restore="auto") as pair:
+        restore = (f"exec {shlex.quote(sys.executable)} -m imgmig restore --doorbell --config "
+                   f"{workdir / 'cache.yaml'} --criu {shlex.quote(shlex.join([*net_of(nodes.b), *criu]))} >>{log} 2>&1")
+        bell = subprocess.Popen(["systemd-socket-activate", "--accept", "--inetd", "-E", "PYTHONPATH", "-l",
+                                 str(pair.cache_dir / "restore.sock"), "sh", "-c", restore],
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        restored_pid = 0
+        try:
+            wait_until(lambda: (pair.cache_dir / "restore.sock").exists(), 10, "the doorbell socket")
+            done = subprocess.run([sys.executable, "-m", "imgmig", "migrate", str(ns_workload.pid), "--to",
+                                   "node-b", "--lazy", "--json", "--config", str(workdir / "proxy.yaml"),
+                                   "--criu", shlex.join([*net_of(nodes.a), *criu])],
+                                  capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+            result = json.loads(done.stdout.splitlines()[-1])
+            assert done.returncode == 0 and "post-copy" in result["outcome"], (result, done.stderr,
+                                                                                log.read_text())
+            wait_until(lambda: "every page arrived" in log.read_text(), 30, "the automatic lazy restore")
+            text = log.read_text()
+            assert f"checkpoint {result['checkpoint']} is a lazy (post-copy) one: restoring it lazily" in text, text
+            restored_pid = int(text.split("running as pid ")[1].split()[0])
+            at_dump = ns_workload.before
+            later = workload.wait_state(ns_workload.state_path, lambda s: s.counter > at_dump.counter + 5, 20)
+            assert later.token == at_dump.token
+            assert workload.verify(restored_pid, ns_workload.state_path).verified_digest == at_dump.digest
+            pair.cache.wait_log(f"checkpoint {result['checkpoint']}: automatic restore requested", 5)
+            pair.cache.wait_released()
+            statuses = pair.stop()
+            assert statuses == {"proxy": 0, "cache": 0}
+        finally:
+            bell.terminate()
+            bell.wait(10)
+            if restored_pid:
+                migrate.kill_and_reap(restored_pid)
+                shutil.rmtree(text.split("CRIU logs in ")[1].split(")")[0], ignore_errors=True)
