@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -38,6 +39,7 @@ from imgmig.roles.endpoints import CAPTURE_SOCKET
 READY_WAIT = 60.0   # for the dump to write its images and serve its pages
 TUNNEL_END_WAIT = 15.0  # for the cache to answer the tunnel op once lazy-pages is gone
 LAZY_SOCKET = "lazy-pages.socket"
+RESTORE_PIDFILE = "restore.pid"
 LAST_IMAGE = "inventory.img"  # CRIU writes it last; the proxy takes a checkpoint without it as failed
 PRIVATE_PARENT = Path("/run")  # tmpfs, root only
 
@@ -144,12 +146,77 @@ def _checkpoint_of(proxy: ControlClient, ticket: int) -> str:
 
 # ---- the destination ----------------------------------------------------------------------
 
+class GuardedLazyPages:
+    """`criu lazy-pages`, run by its guard (commands/lazy_guard.py), which kills it and the
+    restored process if this command dies before the background copy ended."""
+
+    def __init__(self, criu_argv: list[str], pidfile: Path, output: Path, pass_fd: int) -> None:
+        self.guard = subprocess.Popen([sys.executable, "-m", "imgmig.commands.lazy_guard", str(pidfile), str(output),
+                                       str(pass_fd), "--", *criu_argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, pass_fds=[pass_fd], start_new_session=True)
+        assert self.guard.stdin is not None and self.guard.stdout is not None
+        self.orders, self.news = self.guard.stdin, self.guard.stdout.fileno()
+        self.returncode: int | None = None
+        word, _, value = self._line(READY_WAIT).partition(" ")
+        if word != "pid":
+            self.guard.kill()
+            raise CommandError(f"the guard of criu lazy-pages did not start it (said {word!r})")
+        self.pid = int(value)
+
+    def _line(self, timeout: float | None) -> str:
+        """The guard's next line, "" at its end, or TimeoutError."""
+        line = b""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not line.endswith(b"\n"):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self.news], [], [], left)[0]:
+                raise TimeoutError
+            chunk = os.read(self.news, 1)
+            if not chunk:
+                return ""
+            line += chunk
+        return line.decode().strip()
+
+    def wait(self, timeout: float | None = None) -> int:
+        """lazy-pages' exit status; subprocess.TimeoutExpired as Popen.wait."""
+        if self.returncode is None:
+            try:
+                word, _, value = self._line(timeout).partition(" ")
+            except TimeoutError:
+                raise subprocess.TimeoutExpired("criu lazy-pages", timeout or 0) from None
+            self.returncode = int(value) if word == "exit" else -1  # a guard gone: lazy-pages is too
+        return self.returncode
+
+    def poll(self) -> int | None:
+        try:
+            return self.wait(0)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    def tell(self, line: str) -> None:
+        with contextlib.suppress(OSError):
+            self.orders.write(f"{line}\n".encode())
+            self.orders.flush()
+
+    def release(self) -> None:
+        """This command dealt with the outcome: the guard has nothing more to do."""
+        self.tell("done")
+        with contextlib.suppress(OSError):
+            self.orders.close()
+        self.guard.wait()
+
+
 @dataclass
 class LazyRestore:
     checkpoint: str
     pid: int
     images_dir: Path
-    lazy: subprocess.Popen[bytes]
+    lazy: GuardedLazyPages
     tunnel: threading.Thread
     tunnel_reply: dict[str, Any] = field(default_factory=dict)
     tunnel_error: list[str] = field(default_factory=list)
@@ -167,6 +234,7 @@ class LazyRestore:
             raise CommandError(f"{failure}; the process restored here (pid {self.pid}) was killed, its memory being "
                                f"incomplete, and resumes on its source (logs in {self.images_dir})")
         client.request("lazy_done", id=self.checkpoint, pid=self.pid)
+        self.lazy.release()
         client.request("confirm", id=self.checkpoint, running=True, pid=self.pid)
         for image in self.images_dir.glob("*.img"):  # tmpfs is memory; the logs stay
             image.unlink()
@@ -184,6 +252,7 @@ class LazyRestore:
         to restore back to the source (confirm running=false, as a failed restore does)."""
         self.lazy.kill()
         self.lazy.wait()
+        self.lazy.release()
         self.tunnel.join(TUNNEL_END_WAIT)
         if not self.tunnel.is_alive():  # the control connection is free again
             client.request("confirm", id=self.checkpoint, running=False, detail=failure)
@@ -198,12 +267,11 @@ def restore_lazy(client: ControlClient, checkpoint: str, criu: list[str], images
     for image in listed:
         _lay_image(client, checkpoint, image["name"], images_dir)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    with open(images_dir / "lazy.out", "wb") as out:
-        lazy = subprocess.Popen([*criu, "lazy-pages", "--page-server", "--ps-socket", str(theirs.fileno()),
+    with theirs:
+        lazy = GuardedLazyPages([*criu, "lazy-pages", "--page-server", "--ps-socket", str(theirs.fileno()),
                                  "-D", str(images_dir), "-o", "lazy.log", "-W", str(images_dir)],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=out, pass_fds=[theirs.fileno()])
-        theirs.close()
-        restore = LazyRestore(checkpoint, 0, images_dir, lazy, threading.Thread())
+                                images_dir / RESTORE_PIDFILE, images_dir / "lazy.out", theirs.fileno())
+    restore = LazyRestore(checkpoint, 0, images_dir, lazy, threading.Thread())
     restore.tunnel = threading.Thread(target=_carry, args=(client, restore, ours), daemon=True)
     restore.tunnel.start()
     try:
@@ -227,28 +295,33 @@ def _lay_image(client: ControlClient, checkpoint: str, name: str, images_dir: Pa
 
 def _carry(client: ControlClient, restore: LazyRestore, ours: socket.socket) -> None:
     """Hand our end of lazy-pages' socketpair to the cache; answered when the channel ended."""
-    try:
-        with ours:
+    with ours:
+        try:
             reply = client.request("tunnel", fd=ours.fileno(), timeout=None, id=restore.checkpoint)
-    except CommandError as exc:
-        restore.tunnel_error.append(str(exc))
-        return
-    restore.tunnel_reply.update(reply)
-    if reply.get("error"):
-        restore.tunnel_error.append(f"the tunnel ended: {reply['error']}")
+        except CommandError as exc:
+            restore.tunnel_error.append(str(exc))
+            reply = {"error": str(exc)}
+        restore.tunnel_reply.update(reply)
+        if reply.get("error"):
+            restore.tunnel_error.append(f"the tunnel ended: {reply['error']}")
+            # before lazy-pages sees its stream end (when `ours` closes) and lets the kernel
+            # fill the missing pages with zeros
+            restore.kill_restored()
 
 
-def _restore(criu: list[str], images_dir: Path, lazy: subprocess.Popen[bytes], options: list[str]) -> int:
+def _restore(criu: list[str], images_dir: Path, lazy: GuardedLazyPages, options: list[str]) -> int:
     deadline = time.monotonic() + READY_WAIT
     while not (images_dir / LAZY_SOCKET).exists():
         if lazy.poll() is not None or time.monotonic() > deadline:
             raise CommandError(f"criu lazy-pages did not start (exit {lazy.poll()}): {criu_tail(images_dir, 'lazy')}")
         time.sleep(0.005)
-    pidfile = images_dir / "restore.pid"
+    pidfile = images_dir / RESTORE_PIDFILE
     with open(images_dir / "restore.out", "wb") as out:
-        code = subprocess.call([*criu, "restore", "-D", str(images_dir), "--lazy-pages", "-d", "--pidfile",
-                                str(pidfile), "-o", "restore.log", "-W", str(images_dir), *options],
-                               stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        proc = subprocess.Popen([*criu, "restore", "-D", str(images_dir), "--lazy-pages", "-d", "--pidfile",
+                                 str(pidfile), "-o", "restore.log", "-W", str(images_dir), *options],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    lazy.tell(f"restore {proc.pid}")  # should this command die now, the guard waits for it, then kills its process
+    code = proc.wait()
     if code != 0:
         raise CommandError(f"criu restore --lazy-pages exited with {code}: {criu_tail(images_dir, 'restore')} "
                            f"(logs in {images_dir}); the process resumes on its source")

@@ -288,9 +288,14 @@ def _run_lazy(m: Migration, proxy: ControlClient, ticket: str) -> tuple[int, str
     m.checkpoint = dump.checkpoint
     m.phase("dump done")
     try:
-        _follow_lazy(m, proxy, dump)
+        started = _follow_lazy(m, proxy, dump)
     except CommandError as exc:  # the proxy went away mid-copy
         return _proxy_lost(m, dump, str(exc))
+    if not started:
+        dump.abort()
+        return EXIT_FAILED, (f"no lazy restore on {m.node} fetched a page of checkpoint {m.checkpoint} within "
+                             f"{m.timeout:.0f} s (is `imgmig restore` running there, or cache.restore: auto?); the "
+                             f"lazy dump was stopped and the process runs here again")
     if dump.proc.returncode != 0:
         return _dump_failed(m, dump.proc.returncode)
     m.phase("every page sent")
@@ -308,10 +313,14 @@ def _run_lazy(m: Migration, proxy: ControlClient, ticket: str) -> tuple[int, str
     return EXIT_OK, f"running on {m.node}: {outcome}"
 
 
-def _follow_lazy(m: Migration, proxy: ControlClient, dump: LazyDump) -> None:
-    """Show the background copy until the dump ends."""
+def _follow_lazy(m: Migration, proxy: ControlClient, dump: LazyDump) -> bool:
+    """Show the background copy until the dump ends; False if no page went within the
+    timeout (the dump still runs then)."""
     shown_at, shown = 0.0, -1
+    deadline = time.monotonic() + m.timeout
     while dump.proc.poll() is None:
+        if shown <= 0 and time.monotonic() > deadline:
+            return False
         live, _ = _find(proxy.request("status"), m.checkpoint)
         if live is not None and live.get("delivered") and "verified at the destination" not in m.phases:
             m.phase("verified at the destination")
@@ -320,6 +329,7 @@ def _follow_lazy(m: Migration, proxy: ControlClient, dump: LazyDump) -> None:
             m.reporter.message(f"background copy: {_mib(shown)} of memory sent to {m.node}")
         time.sleep(POLL)
     dump.wait()
+    return True
 
 
 def _proxy_lost(m: Migration, dump: LazyDump, why: str) -> tuple[int, str]:

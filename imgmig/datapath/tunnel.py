@@ -315,10 +315,8 @@ class TunnelPump:
                 log.warning("lazy restore: %s; the page server's connection is ended mid-record, so criu dump "
                             "fails and the process resumes on this node", error)
             end_page_server(sock, watch is None or watch.at_record_boundary, abort)
-        elif sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
+        elif sock is not None:  # imgmig restore's copy keeps lazy-pages' stream open until it
+            sock.close()            # killed the restored process: its missing pages never read as zeros
         offer = self.offers.pop(channel, None)
         if offer is not None:
             offer.error = error
