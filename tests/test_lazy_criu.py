@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -352,3 +353,95 @@ def test_cache_restore_auto_restores_a_lazy_checkpoint_lazily(criu: list[str], n
             if restored_pid:
                 migrate.kill_and_reap(restored_pid)
                 shutil.rmtree(text.split("CRIU logs in ")[1].split(")")[0], ignore_errors=True)
+
+
+def test_a_killed_restore_command_leaves_the_process_on_the_source(criu: list[str], nodes: netns.TwoNodes,  # noqa: F811
+                                                                   workdir: Path, pipe_max: None,  # noqa: F811
+                                                                   ns_workload: NsWorkload) -> None:
+    """kill -9 of `imgmig restore --lazy` once the process runs on B, mid-copy: its guard
+    kills lazy-pages and the restored process (whose memory is incomplete), the cache
+    gives the right back, the source's dump fails and the process resumes on A only."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with daemons.proxy_and_cache(workdir, nodes.a, nodes.b) as pair:
+        restore = subprocess.Popen([sys.executable, "-m", "imgmig", "restore", "--from", "node-a", "--lazy",
+                                    "--config", str(workdir / "cache.yaml"), "--criu",
+                                    shlex.join([*net_of(nodes.b), *criu])],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
+        migrate_run = subprocess.Popen([sys.executable, "-m", "imgmig", "migrate", str(ns_workload.pid), "--to",
+                                        "node-b", "--lazy", "--json", "--config", str(workdir / "proxy.yaml"),
+                                        "--criu", shlex.join([*net_of(nodes.a), *criu])],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        restored_pid = 0
+        try:
+            assert restore.stdout is not None
+            for line in restore.stdout:
+                if "restored lazily: running as pid" in line:
+                    restored_pid = int(line.split("running as pid ")[1].split()[0])
+                    break
+            assert restored_pid, "the lazy restore never ran"
+            time.sleep(0.2)  # the background copy of 256 MiB takes seconds
+            restore.kill()
+            restore.wait(10)
+            out, err = migrate_run.communicate(timeout=120)
+            result = json.loads(out.splitlines()[-1])
+            assert migrate_run.returncode == 1 and "the process still runs here" in result["outcome"], (result, err)
+            wait_for_exit(restored_pid, 30)
+            pair.cache.wait_log("imgmig restore --lazy went away during the background copy", 5)
+            pair.proxy.wait_log("the lazy restore on node-b (10.77.0.2:9996) failed", 30)
+            pair.cache.wait_released()
+            pair.proxy.wait_released()
+            source = psutil.Process(ns_workload.pid)
+            assert source.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD, psutil.STATUS_STOPPED)
+            at_dump = ns_workload.before
+            later = workload.wait_state(ns_workload.state_path, lambda s: s.counter > at_dump.counter + 5, 20)
+            assert later.token == at_dump.token
+            assert workload.verify(ns_workload.pid, ns_workload.state_path).verified_digest == at_dump.digest
+            statuses = pair.stop()
+            assert statuses == {"proxy": 0, "cache": 0}
+            for daemon in (pair.proxy, pair.cache):
+                assert "Traceback" not in daemon.log() and "unexpected error" not in daemon.log(), daemon.log()
+        finally:
+            for proc in (restore, migrate_run):
+                if proc.poll() is None:
+                    proc.kill()
+            if restored_pid:
+                migrate.kill_and_reap(restored_pid)
+
+
+def test_a_source_node_lost_mid_copy_loses_the_process_on_both(criu: list[str], nodes: netns.TwoNodes,  # noqa: F811
+                                                               workdir: Path, pipe_max: None,  # noqa: F811
+                                                               ns_workload: NsWorkload) -> None:
+    """Node A dies during the background copy: its link goes down for good (no FIN, no RST
+    reaches B), then everything on it dies: the process, its dump (page server) and the
+    proxy. The process on B must die rather than run with missing memory; the restore and
+    the cache's status say it runs nowhere unless A comes back up (it cannot: the price of
+    post-copy)."""
+    dumped: LazyDump | None = None
+    restored_pid = 0
+    kept: list[Path] = []
+    with daemons.proxy_and_cache(workdir, nodes.a, nodes.b, dead_peer_timeout=2) as pair:
+        try:
+            dumped = lazy_dump(pair, [*net_of(nodes.a), *criu], ns_workload.pid)
+            kept.append(dumped.images_dir)
+            with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
+                restore = restore_lazy(client, claim(client, "node-a"), [*net_of(nodes.b), *criu])
+                kept.append(restore.images_dir)
+                restored_pid = restore.pid
+                time.sleep(0.3)  # the background copy of 256 MiB takes seconds
+                netns.run_in(nodes.a.netns, ["ip", "link", "set", nodes.a.veth, "down"], check=True)
+                assert pair.proxy.proc is not None
+                for pid in (ns_workload.pid, dumped.proc.pid, pair.proxy.proc.pid):
+                    os.kill(pid, signal.SIGKILL)
+                with pytest.raises(CommandError, match=r"background copy .* failed.* else nowhere"):
+                    restore.finish(client, timeout=60)
+            wait_for_exit(restored_pid, 30)
+            with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as status:
+                ended = status.request("status")["ended"]
+            (entry,) = [e for e in ended if e["id"] == restore.checkpoint]
+            assert entry["state"] == "failed" and "runs on node-a if that node is up" in entry["outcome"], entry
+            assert "else nowhere" in entry["outcome"], entry
+            pair.cache.wait_released()
+            assert pair.stop()["cache"] == 0
+            assert "Traceback" not in pair.cache.log() and "unexpected error" not in pair.cache.log()
+        finally:
+            _clean_up(restored_pid, dumped, kept)

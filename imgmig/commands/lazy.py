@@ -232,7 +232,8 @@ class LazyRestore:
             self.kill_restored()
             self.give_back(client, failure)
             raise CommandError(f"{failure}; the process restored here (pid {self.pid}) was killed, its memory being "
-                               f"incomplete, and resumes on its source (logs in {self.images_dir})")
+                               f"incomplete: it runs on its source if that node is up (its dump failed there, which "
+                               f"resumes it), else nowhere (logs in {self.images_dir})")
         client.request("lazy_done", id=self.checkpoint, pid=self.pid)
         self.lazy.release()
         client.request("confirm", id=self.checkpoint, running=True, pid=self.pid)
