@@ -88,7 +88,11 @@ def dump_lazy(criu: list[str], pid: int, proxy: ControlClient, proxy_images_dir:
     images_dir = images_dir or private_dir("imgmig-lazy-dump-")
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with theirs:
-        proxy.request("lazy_source", ticket=ticket, fd=ours.fileno())
+        try:
+            proxy.request("lazy_source", ticket=ticket, fd=ours.fileno())
+        except CommandError:
+            ours.close()
+            raise
         ready, status = os.pipe()
         frozen_at = time.monotonic()
         argv = [*criu, "dump", "-t", str(pid), "-D", str(images_dir), "--lazy-pages", "--ps-socket",
@@ -103,7 +107,12 @@ def dump_lazy(criu: list[str], pid: int, proxy: ControlClient, proxy_images_dir:
         _await_page_server(dump, ready)
     finally:
         os.close(ready)
-    _hand_to_proxy(images_dir, DumpClient(proxy_images_dir / CAPTURE_SOCKET))
+    try:
+        _hand_to_proxy(images_dir, DumpClient(proxy_images_dir / CAPTURE_SOCKET))
+    except OSError as exc:
+        dump.abort()
+        raise CommandError(f"the lazy dump's images could not go to the proxy ({exc.strerror or exc}); the dump was "
+                           f"stopped, the process runs on here") from None
     dump.handed_at = time.monotonic()
     dump.checkpoint = _checkpoint_of(proxy, ticket)
     return dump
