@@ -315,8 +315,10 @@ class TunnelPump:
                 log.warning("lazy restore: %s; the page server's connection is ended mid-record, so criu dump "
                             "fails and the process resumes on this node", error)
             end_page_server(sock, watch is None or watch.at_record_boundary, abort)
-        elif sock is not None:  # imgmig restore's copy keeps lazy-pages' stream open until it
-            sock.close()            # killed the restored process: its missing pages never read as zeros
+        elif sock is not None:
+            # no shutdown: imgmig restore's copy keeps lazy-pages' stream open until it killed
+            # the restored process, whose missing pages then never read as zeros
+            sock.close()
         offer = self.offers.pop(channel, None)
         if offer is not None:
             offer.error = error
