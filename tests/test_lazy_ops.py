@@ -5,12 +5,14 @@ doorbell's too, knows to restore lazily)."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
 
 from imgmig import criu_sim
 from imgmig.commands.common import CommandError, ControlClient
+from imgmig.commands.files import pack as pack_files
 from imgmig.protocol import tunnel_wire as tw
 from imgmig.roles.endpoints import CONTROL_SOCKET
 
@@ -43,11 +45,19 @@ def test_lazy_source_takes_only_a_unix_socket_for_this_connections_ticket(daemon
         assert ended_within_a_record(dump_end)
 
 
-def test_a_lazy_checkpoint_is_marked_and_recognised(daemons) -> None:
+@pytest.mark.parametrize("with_files", [False, True])
+def test_a_lazy_checkpoint_is_marked_and_recognised(daemons, tmp_path, with_files: bool) -> None:
+    """The marker comes after the files image (`migrate --lazy --files`), before CRIU's."""
     pair = daemons()
     dump_end, proxy_end = socket.socketpair()
     with dump_end, proxy_end, ControlClient(pair.proxy_dir / CONTROL_SOCKET, "proxy") as proxy:
-        ticket = proxy.request("expect")["ticket"]
+        if with_files:
+            (tmp_path / "job").write_text("carried")
+            files, _ = pack_files([str(tmp_path / "job")])
+            ticket = proxy.request("expect", fd=files, files=True)["ticket"]
+            os.close(files)
+        else:
+            ticket = proxy.request("expect")["ticket"]
         proxy.request("lazy_source", ticket=ticket, fd=proxy_end.fileno())
         criu_sim.DumpClient(pair.proxy_dir).dump([("core-1.img", b"c" * 100), ("inventory.img", b"i" * 10)])
         with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as cache:
@@ -55,8 +65,12 @@ def test_a_lazy_checkpoint_is_marked_and_recognised(daemons) -> None:
             while checkpoint is None:
                 checkpoint = cache.request("claim")["claimed"]
             assert cache.request("lazy_check", timeout=None, id=checkpoint) == {"id": checkpoint, "lazy": True}
+            assert (cache.request("files", timeout=None, id=checkpoint)["files"] is not None) == with_files
+            if (fd := cache.take_fd()) is not None:
+                os.close(fd)
             images = cache.request("lazy_images", timeout=None, id=checkpoint)["images"]
-            assert [image["name"] for image in images] == ["core-1.img", "inventory.img"]  # not the marker
+            # neither the marker nor the files image goes to CRIU's directory
+            assert [image["name"] for image in images] == ["core-1.img", "inventory.img"]
             # the restore failed before it reached the page server: the right goes back, the
             # proxy drops its lazy copy, and the dump that would have served the pages fails
             cache.request("confirm", id=checkpoint, running=False, detail="criu restore failed")
