@@ -27,8 +27,6 @@ server's traffic; `criu dump --lazy-pages`, `criu lazy-pages` and `criu restore
 from __future__ import annotations
 
 import collections
-import contextlib
-import os
 import re
 import shutil
 import tempfile
@@ -38,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imgmig.commands.common import ControlClient
-from imgmig.commands.lazy import dump_lazy, free_loopback_port, restore_lazy
+from imgmig.commands.lazy import dump_lazy, restore_lazy
 from imgmig.roles.endpoints import CONTROL_SOCKET
 from testbed import lazy, migrate, workload
 
@@ -110,21 +108,21 @@ def run(bench: RealBench, mib: int, mode: str) -> dict[str, Any]:
             lines = StateLog(state)
             lines.start()
             try:
-                dumped = dump_lazy([*lazy.net_of(bench.nodes.a), *criu], running.pid, pair.proxy_dir,
-                                   free_loopback_port(), images_dir=dump_dir)
-                with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
+                with ControlClient(pair.proxy_dir / CONTROL_SOCKET, "proxy") as proxy, \
+                        ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
+                    dumped = dump_lazy([*lazy.net_of(bench.nodes.a), *criu], running.pid, proxy, pair.proxy_dir,
+                                       images_dir=dump_dir)
                     checkpoint = lazy.claim(client, "node-a")
                     claimed_at = time.monotonic()
                     restore = restore_lazy(client, checkpoint, [*lazy.net_of(bench.nodes.b), *criu],
                                            images_dir=restore_dir)
                     running_at, running_wall = time.monotonic(), time.time()
                     restored = restore.pid
-                    _nice(restore.lazy.pid)
                     restore.lazy.wait(EVERY_PAGE_WAIT)
                     every_page_at, every_page_wall = time.monotonic(), time.time()
                     moved = restore.finish(client, timeout=60)
-                if dumped.wait(60) != 0:
-                    raise RuntimeError(f"the lazy dump failed: {dumped.tail()}")
+                    if dumped.wait(60) != 0:  # the proxy's control connection stays open until then
+                        raise RuntimeError(f"the lazy dump failed: {dumped.tail()}")
                 after_restore = lines.first_after(running_wall)
                 after_copy = lines.first_after(every_page_wall)
             finally:
@@ -165,15 +163,6 @@ def touch_rate(mib: int) -> int:
     resets lazy-pages' background request to 64 KiB, which made the copy about a fifth
     slower, and the 4 GiB targets are about freeze-to-running only."""
     return TOUCH if mib < UNTOUCHED_FROM_MIB else 0
-
-
-def _nice(pid: int) -> None:
-    """Lowest priority for `criu lazy-pages`, once the restore ran: from then on its loop
-    polls without sleeping (criu/uffd.c) and took a core from the page server and the
-    daemons that carry its pages (bench/README.md, "Why single-page faults dominate").
-    imgmig's own restore_lazy() does not do this yet; the benchmark does it here."""
-    with contextlib.suppress(ProcessLookupError):  # a copy that already ended
-        os.setpriority(os.PRIO_PROCESS, pid, 19)
 
 
 def _requests_by_size(log: Path) -> dict[str, int]:

@@ -1,7 +1,8 @@
 """A simulated CRIU client speaking the exact `--stream` wire protocol.
 
 It makes real pipes and passes one end with SCM_RIGHTS on a 1-byte dummy payload, as
-criu/img-streamer.c does. Tests and the benchmark use it for what a real CRIU will not
+criu/img-streamer.c does; the dump side is datapath/stream_client.py, which a lazy dump
+uses for real. Tests and the benchmark use it for what a real CRIU will not
 do on demand (10,000 files, a dump dying half-way, garbage); it never stands in for
 the real-CRIU tests.
 """
@@ -12,11 +13,14 @@ import os
 import socket
 import struct
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
+from imgmig.datapath import stream_client
+from imgmig.datapath.stream_client import write_all
 from imgmig.protocol import criu_wire
 from imgmig.roles.endpoints import CAPTURE_SOCKET, SERVE_SOCKET
+
+__all__ = ["DumpClient", "RestoreClient", "connect", "recv_exact", "write_all"]
 
 _LEN = struct.Struct("<I" if sys.byteorder == "little" else ">I")
 
@@ -27,33 +31,11 @@ def connect(images_dir: Path | str, serve: bool = False) -> socket.socket:
     return sock
 
 
-class DumpClient:
-    """`criu dump --stream`: open_image() returns the write end of the image's pipe."""
+class DumpClient(stream_client.DumpClient):
+    """`criu dump --stream -D images_dir`."""
 
     def __init__(self, images_dir: Path | str) -> None:
-        self.sock = connect(images_dir)
-
-    def open_image(self, name: str) -> int:
-        read_end, write_end = os.pipe()
-        self.sock.sendall(criu_wire.encode_request(name))
-        socket.send_fds(self.sock, [b"\0"], [read_end])
-        os.close(read_end)
-        return write_end
-
-    def write_image(self, name: str, data: bytes) -> None:
-        fd = self.open_image(name)
-        try:
-            write_all(fd, data)
-        finally:
-            os.close(fd)
-
-    def dump(self, images: Iterable[tuple[str, bytes]]) -> None:
-        for name, data in images:
-            self.write_image(name, data)
-        self.close()
-
-    def close(self) -> None:
-        self.sock.close()
+        super().__init__(Path(images_dir) / CAPTURE_SOCKET)
 
 
 class RestoreClient:
@@ -82,12 +64,6 @@ class RestoreClient:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:

@@ -103,7 +103,8 @@ class Daemon:
 
 def write_config(path: Path, *, node: str, proxy_dir: Path, cache_dir: Path, peer: str | None,
                  listen: str, allow: list[str], memory_limit: str, transfer: str,
-                 tls_dir: Path | None = None, dead_peer_timeout: float | None = None) -> Path:
+                 tls_dir: Path | None = None, dead_peer_timeout: float | None = None,
+                 restore: str = "manual") -> Path:
     """A config for `node`; with tls_dir (made by make_pki) TLS is on, else `tls: off`."""
     config: dict[str, object] = {
         "node": node,
@@ -111,7 +112,7 @@ def write_config(path: Path, *, node: str, proxy_dir: Path, cache_dir: Path, pee
         # keep_restored_for 1: the proxy releases its copy 1 s after the cache reports a restore
         # (10 min by default, docs/config.md), so that a test sees it released
         "proxy": {"images_dir": str(proxy_dir), "keep_restored_for": 1, **({"peer": peer} if peer else {})},
-        "cache": {"images_dir": str(cache_dir), "listen": listen, "allow": allow},
+        "cache": {"images_dir": str(cache_dir), "listen": listen, "allow": allow, "restore": restore},
         "memory": {"limit": memory_limit},
         "tls": "off" if tls_dir is None else {"ca": str(tls_dir / "ca.crt"), "cert": str(tls_dir / f"{node}.crt"),
                                                "key": str(tls_dir / f"{node}.key")},
@@ -181,7 +182,8 @@ class Pair:
 @contextlib.contextmanager
 def proxy_and_cache(workdir: Path, node_a: Node, node_b: Node, *, port: int = DEFAULT_PORT,
                     transfer: str = "streaming", memory_limit: str = "50%", start_cache: bool = True,
-                    verbose: bool = False, tls: bool = True, dead_peer_timeout: float | None = None) -> Iterator[Pair]:
+                    verbose: bool = False, tls: bool = True, dead_peer_timeout: float | None = None,
+                    restore: str = "manual") -> Iterator[Pair]:
     """Start imgmig-cache on node B (unless start_cache is False: an unreachable cache)
     and imgmig-proxy on node A, forwarding to B; stop both on exit (SIGTERM). The caller
     checks pair.stop()'s statuses when it wants clean exits asserted. With tls (the
@@ -194,7 +196,7 @@ def proxy_and_cache(workdir: Path, node_a: Node, node_b: Node, *, port: int = DE
     common = {"proxy_dir": proxy_dir, "cache_dir": cache_dir, "memory_limit": memory_limit,
               "transfer": transfer, "peer": peer, "tls_dir": tls_dir, "dead_peer_timeout": dead_peer_timeout}
     cache_conf = write_config(workdir / "cache.yaml", node="node-b", listen=f"{node_b.address}:{port}",
-                              allow=["node-a"] if tls else [f"{node_a.address}/32"], **common)
+                              allow=["node-a"] if tls else [f"{node_a.address}/32"], restore=restore, **common)
     proxy_conf = write_config(workdir / "proxy.yaml", node="node-a", listen=f"127.0.0.1:{port}",
                               allow=["127.0.0.1"], **common)
     cache = proxy = None

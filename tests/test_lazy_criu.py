@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -36,7 +37,6 @@ from testbed.lazy import NsWorkload, claim, net_of
 pytestmark = pytest.mark.realcriu
 
 MIB = 256
-PAGE_SERVER_PORT = 27027
 
 
 @pytest.fixture
@@ -57,6 +57,12 @@ def ns_workload(nodes: netns.TwoNodes, workdir: Path) -> Iterator[NsWorkload]:  
         yield running
 
 
+def lazy_dump(pair: daemons.Pair, criu_command: list[str], pid: int) -> LazyDump:
+    """`dump_lazy` as `imgmig migrate --lazy` runs it, announced on the proxy's control socket."""
+    with ControlClient(pair.proxy_dir / CONTROL_SOCKET, "proxy") as proxy:
+        return dump_lazy(criu_command, pid, proxy, pair.proxy_dir)
+
+
 def listeners(node: netns.Node) -> list[str]:
     out = netns.run_in(node.netns, ["ss", "-Hltn"], capture_output=True, text=True).stdout
     return sorted(line.split()[3] for line in out.splitlines())
@@ -70,16 +76,19 @@ def test_lazy_migration_of_256_mib_through_the_tunnel(criu: list[str], nodes: ne
     kept: list[Path] = []
     with daemons.proxy_and_cache(workdir, nodes.a, nodes.b) as pair:
         try:
-            dumped = dump_lazy([*net_of(nodes.a), *criu], ns_workload.pid, pair.proxy_dir, PAGE_SERVER_PORT)
+            dumped = lazy_dump(pair, [*net_of(nodes.a), *criu], ns_workload.pid)
             kept.append(dumped.images_dir)
             with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
                 checkpoint = claim(client, "node-a")
+                assert checkpoint == dumped.checkpoint
                 restore = restore_lazy(client, checkpoint, [*net_of(nodes.b), *criu])
                 kept.append(restore.images_dir)
                 restored_pid = restore.pid
                 running_at = time.monotonic()
-                # the only listener on B is the cache's own port: lazy-pages' socket is a socketpair
+                # the only listener on B is the cache's own port: lazy-pages' socket is a socketpair;
+                # none on A, not even on loopback: the dump's page server is a socketpair too
                 assert listeners(nodes.b) == [f"{nodes.b.address}:{daemons.DEFAULT_PORT}"]
+                assert listeners(nodes.a) == [], "a local process could read the process's memory"
                 with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as status:  # this one carries the tunnel
                     info = status.request("list")["checkpoints"]
                 assert [c["id"] for c in info] == [checkpoint] and "lazy" in info[0], info
@@ -165,7 +174,7 @@ def _break_the_copy_midway(criu_command: list[str], nodes: netns.TwoNodes, work:
     kept: list[Path] = []
     with daemons.proxy_and_cache(work, nodes.a, nodes.b) as pair:
         try:
-            dumped = dump_lazy([*net_of(nodes.a), *criu_command], ns_workload.pid, pair.proxy_dir, PAGE_SERVER_PORT)
+            dumped = lazy_dump(pair, [*net_of(nodes.a), *criu_command], ns_workload.pid)
             kept.append(dumped.images_dir)
             with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
                 restore = restore_lazy(client, claim(client, "node-a"), [*net_of(nodes.b), *criu_command])
@@ -209,6 +218,13 @@ def _clean_up(restored_pid: int, dumped: LazyDump | None, kept: list[Path]) -> N
             shutil.rmtree(path, ignore_errors=True)
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
+        time.sleep(0.05)
+
+
 def wait_for_exit(pid: int, timeout: float) -> None:
     """The process is gone (or a zombie: the subreaper reaps it)."""
     deadline = time.monotonic() + timeout
@@ -229,7 +245,7 @@ def test_a_failed_lazy_restore_leaves_the_process_on_the_source(criu: list[str],
     with daemons.proxy_and_cache(workdir, nodes.a, nodes.b) as pair:
         try:
             (workdir / "b").mkdir()
-            dumped = dump_lazy([*net_of(nodes.a), *criu], ns_workload.pid, pair.proxy_dir, PAGE_SERVER_PORT)
+            dumped = lazy_dump(pair, [*net_of(nodes.a), *criu], ns_workload.pid)
             with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client, \
                     pytest.raises(CommandError, match="criu restore --lazy-pages exited with"):
                 # CRIU refuses an unknown option: the restore fails on purpose
@@ -292,3 +308,168 @@ def test_migrate_lazy_and_restore_lazy_commands(criu: list[str], nodes: netns.Tw
     assert statuses == {"proxy": 0, "cache": 0}
     shutil.rmtree(result["workdir"], ignore_errors=True)
     shutil.rmtree(out.split("CRIU logs in ")[1].split(")")[0], ignore_errors=True)
+
+
+def test_cache_restore_auto_restores_a_lazy_checkpoint_lazily(criu: list[str], nodes: netns.TwoNodes,  # noqa: F811
+                                                              workdir: Path, pipe_max: None,  # noqa: F811
+                                                              ns_workload: NsWorkload) -> None:
+    """`cache.restore: auto`: the doorbell's `imgmig restore --doorbell` (no --lazy; what
+    imgmig-restore@.service runs, systemd-socket-activate --accept standing in for
+    imgmig-restore.socket) sees the checkpoint is lazy and restores it lazily, instead of
+    a stream restore the cache refuses."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    log = workdir / "doorbell.log"
+    with daemons.proxy_and_cache(workdir, nodes.a, nodes.b, restore="auto") as pair:
+        restore = (f"exec {shlex.quote(sys.executable)} -m imgmig restore --doorbell --config "
+                   f"{workdir / 'cache.yaml'} --criu {shlex.quote(shlex.join([*net_of(nodes.b), *criu]))} >>{log} 2>&1")
+        bell = subprocess.Popen(["systemd-socket-activate", "--accept", "--inetd", "-E", "PYTHONPATH", "-l",
+                                 str(pair.cache_dir / "restore.sock"), "sh", "-c", restore],
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        restored_pid = 0
+        try:
+            wait_until(lambda: (pair.cache_dir / "restore.sock").exists(), 10, "the doorbell socket")
+            done = subprocess.run([sys.executable, "-m", "imgmig", "migrate", str(ns_workload.pid), "--to",
+                                   "node-b", "--lazy", "--json", "--config", str(workdir / "proxy.yaml"),
+                                   "--criu", shlex.join([*net_of(nodes.a), *criu])],
+                                  capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+            result = json.loads(done.stdout.splitlines()[-1])
+            assert done.returncode == 0 and "post-copy" in result["outcome"], (result, done.stderr,
+                                                                                log.read_text())
+            wait_until(lambda: "every page arrived" in log.read_text(), 30, "the automatic lazy restore")
+            text = log.read_text()
+            assert f"checkpoint {result['checkpoint']} is a lazy (post-copy) one: restoring it lazily" in text, text
+            restored_pid = int(text.split("running as pid ")[1].split()[0])
+            at_dump = ns_workload.before
+            later = workload.wait_state(ns_workload.state_path, lambda s: s.counter > at_dump.counter + 5, 20)
+            assert later.token == at_dump.token
+            assert workload.verify(restored_pid, ns_workload.state_path).verified_digest == at_dump.digest
+            pair.cache.wait_log(f"checkpoint {result['checkpoint']}: automatic restore requested", 5)
+            pair.cache.wait_released()
+            statuses = pair.stop()
+            assert statuses == {"proxy": 0, "cache": 0}
+        finally:
+            bell.terminate()
+            bell.wait(10)
+            if restored_pid:
+                migrate.kill_and_reap(restored_pid)
+                shutil.rmtree(text.split("CRIU logs in ")[1].split(")")[0], ignore_errors=True)
+
+
+def test_a_killed_restore_command_leaves_the_process_on_the_source(criu: list[str], nodes: netns.TwoNodes,  # noqa: F811
+                                                                   workdir: Path, pipe_max: None,  # noqa: F811
+                                                                   ns_workload: NsWorkload) -> None:
+    """kill -9 of `imgmig restore --lazy` once the process runs on B, mid-copy: its guard
+    kills lazy-pages and the restored process (whose memory is incomplete), the cache
+    gives the right back, the source's dump fails and the process resumes on A only."""
+    def kill_restore(_pair: daemons.Pair, restore: subprocess.Popen[str]) -> None:
+        restore.kill()
+        restore.wait(10)
+
+    pair = _kill_mid_copy(criu, nodes, workdir, ns_workload, kill_restore)
+    pair.cache.wait_log("imgmig restore --lazy went away during the background copy", 5)
+
+
+def test_a_proxy_killed_mid_copy_leaves_the_process_on_the_source(criu: list[str], nodes: netns.TwoNodes,  # noqa: F811
+                                                                  workdir: Path, pipe_max: None,  # noqa: F811
+                                                                  ns_workload: NsWorkload) -> None:
+    """kill -9 of imgmig-proxy mid-copy: the kernel closes its end of the page server's
+    socketpair, but migrate's copy keeps the dump from seeing a clean end (which would let
+    it kill the process on A); migrate sees the proxy gone and stops the dump, the process
+    resumes on A; on B the tunnel fails and the restore kills its copy."""
+    def kill_proxy(pair: daemons.Pair, _restore: subprocess.Popen[str]) -> None:
+        assert pair.proxy.proc is not None
+        pair.proxy.proc.kill()
+
+    _kill_mid_copy(criu, nodes, workdir, ns_workload, kill_proxy, proxy_killed=True)
+
+
+def _kill_mid_copy(criu_command: list[str], nodes: netns.TwoNodes, work: Path, ns_workload: NsWorkload,
+                   kill: Callable[[daemons.Pair, subprocess.Popen[str]], None],
+                   proxy_killed: bool = False) -> daemons.Pair:
+    """`imgmig restore --lazy` on B and `imgmig migrate --lazy` on A; kill(pair, restore)
+    0.2 s after the process runs on B: migrate exits 1 (the process runs on A again), the
+    copy on B dies, the source's memory is intact, no daemon crashes."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with daemons.proxy_and_cache(work, nodes.a, nodes.b) as pair:
+        restore = subprocess.Popen([sys.executable, "-m", "imgmig", "restore", "--from", "node-a", "--lazy",
+                                    "--config", str(work / "cache.yaml"), "--criu",
+                                    shlex.join([*net_of(nodes.b), *criu_command])],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
+        migrate_run = subprocess.Popen([sys.executable, "-m", "imgmig", "migrate", str(ns_workload.pid), "--to",
+                                        "node-b", "--lazy", "--json", "--config", str(work / "proxy.yaml"),
+                                        "--criu", shlex.join([*net_of(nodes.a), *criu_command])],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        restored_pid = 0
+        try:
+            assert restore.stdout is not None
+            for line in restore.stdout:
+                if "restored lazily: running as pid" in line:
+                    restored_pid = int(line.split("running as pid ")[1].split()[0])
+                    break
+            assert restored_pid, "the lazy restore never ran"
+            time.sleep(0.2)  # the background copy of 256 MiB takes seconds
+            kill(pair, restore)
+            out, err = migrate_run.communicate(timeout=120)
+            result = json.loads(out.splitlines()[-1])
+            assert migrate_run.returncode == 1 and "runs here" in result["outcome"], (result, err)
+            wait_for_exit(restored_pid, 30)
+            if not proxy_killed:
+                pair.proxy.wait_log("the lazy restore on node-b (10.77.0.2:9996) failed", 30)
+                pair.proxy.wait_released()
+            pair.cache.wait_released(30)
+            source = psutil.Process(ns_workload.pid)
+            assert source.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD, psutil.STATUS_STOPPED)
+            at_dump = ns_workload.before
+            later = workload.wait_state(ns_workload.state_path, lambda s: s.counter > at_dump.counter + 5, 20)
+            assert later.token == at_dump.token
+            assert workload.verify(ns_workload.pid, ns_workload.state_path).verified_digest == at_dump.digest
+            statuses = pair.stop()
+            assert statuses["cache"] == 0 and statuses["proxy"] == (-9 if proxy_killed else 0), statuses
+            for daemon in (pair.proxy, pair.cache):
+                assert "Traceback" not in daemon.log() and "unexpected error" not in daemon.log(), daemon.log()
+        finally:
+            for proc in (restore, migrate_run):
+                if proc.poll() is None:
+                    proc.kill()
+            if restored_pid:
+                migrate.kill_and_reap(restored_pid)
+    return pair
+
+
+def test_a_source_node_lost_mid_copy_loses_the_process_on_both(criu: list[str], nodes: netns.TwoNodes,  # noqa: F811
+                                                               workdir: Path, pipe_max: None,  # noqa: F811
+                                                               ns_workload: NsWorkload) -> None:
+    """Node A dies during the background copy: its link goes down for good (no FIN, no RST
+    reaches B), then everything on it dies: the process, its dump (page server) and the
+    proxy. The process on B must die rather than run with missing memory; the restore and
+    the cache's status say it runs nowhere unless A comes back up (it cannot: the price of
+    post-copy)."""
+    dumped: LazyDump | None = None
+    restored_pid = 0
+    kept: list[Path] = []
+    with daemons.proxy_and_cache(workdir, nodes.a, nodes.b, dead_peer_timeout=2) as pair:
+        try:
+            dumped = lazy_dump(pair, [*net_of(nodes.a), *criu], ns_workload.pid)
+            kept.append(dumped.images_dir)
+            with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
+                restore = restore_lazy(client, claim(client, "node-a"), [*net_of(nodes.b), *criu])
+                kept.append(restore.images_dir)
+                restored_pid = restore.pid
+                time.sleep(0.3)  # the background copy of 256 MiB takes seconds
+                netns.run_in(nodes.a.netns, ["ip", "link", "set", nodes.a.veth, "down"], check=True)
+                assert pair.proxy.proc is not None
+                for pid in (ns_workload.pid, dumped.proc.pid, pair.proxy.proc.pid):
+                    os.kill(pid, signal.SIGKILL)
+                with pytest.raises(CommandError, match=r"background copy .* failed.* else nowhere"):
+                    restore.finish(client, timeout=60)
+            wait_for_exit(restored_pid, 30)
+            with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as status:
+                ended = status.request("status")["ended"]
+            (entry,) = [e for e in ended if e["id"] == restore.checkpoint]
+            assert entry["state"] == "failed" and "runs on node-a if that node is up" in entry["outcome"], entry
+            assert "else nowhere" in entry["outcome"], entry
+            pair.cache.wait_released()
+            assert pair.stop()["cache"] == 0
+            assert "Traceback" not in pair.cache.log() and "unexpected error" not in pair.cache.log()
+        finally:
+            _clean_up(restored_pid, dumped, kept)

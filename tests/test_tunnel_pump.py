@@ -1,6 +1,7 @@
 """The tunnel's I/O side (datapath/tunnel.py) on real kernel sockets: a lazy-pages end
-(socketpair, as `--ps-socket` gets it) on the cache, a TCP page server on the proxy's
-loopback, the two pumps joined by a link. How the channel ends decides whether CRIU's
+(socketpair, as `--ps-socket` gets it) on the cache, a dump's page server on a socketpair
+on the proxy (as `criu dump --ps-socket` gets it, `imgmig migrate` keeping a copy of the
+proxy's end), the two pumps joined by a link. How the channel ends decides whether CRIU's
 dump may count the migration done: only after lazy-pages asked its page server to close."""
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from imgmig.datapath.link import PlainLink
-from imgmig.datapath.tunnel import Offer, TunnelPump, Tunnels, connect_page_server
+from imgmig.datapath.store import ImageStore
+from imgmig.datapath.tunnel import Offer, TunnelPump, Tunnels, end_page_server
 from imgmig.protocol import peer_wire as wire
 from imgmig.protocol import tunnel_wire as tw
+from imgmig.roles.control import ControlServer, RoleView
 
 
 def iov(cmd: int, nr_pages: int = 0, vaddr: int = 0, dst_id: int = 0) -> bytes:
@@ -31,24 +34,20 @@ PS_IOV_GET = 8
 
 
 class PageServer:
-    """A TCP listener on loopback that records what it got and how its client went away."""
+    """The dump's end of a page-server socketpair: records what it got and how its client
+    went away. Like `imgmig migrate`, it keeps a copy of the proxy's end."""
 
     def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = self.listener.getsockname()
-        self.conn: socket.socket | None = None
+        self.conn, self.proxy_end = socket.socketpair()
+        self.kept = self.proxy_end.dup()
         self.accepted = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        self.conn, _ = self.listener.accept()
-        self.accepted.set()
 
     def connect(self) -> socket.socket:
-        return connect_page_server(self.address)
+        self.accepted.set()
+        return self.proxy_end
 
     def read(self, n: int) -> bytes:
-        assert self.accepted.wait(5) and self.conn is not None
+        assert self.accepted.wait(5)
         self.conn.settimeout(5)
         data = b""
         while len(data) < n:
@@ -57,14 +56,20 @@ class PageServer:
             data += chunk
         return data
 
-    def ending(self) -> str:
-        """'eof' for a clean end of stream, 'reset' for RST."""
-        assert self.conn is not None
-        self.conn.settimeout(5)
+    def ending(self, within: float = 5.0) -> str:
+        """'eof' for an end of stream at a record boundary (criu dump counts the migration
+        done), 'unfinished' for one within a record (CRIU's page server fails on it: the dump
+        fails), 'open' if the stream did not end."""
+        self.conn.settimeout(within)
+        rest = b""
         try:
-            return "eof" if self.conn.recv(1) == b"" else "data"
+            while chunk := self.conn.recv(4096):
+                rest += chunk
+        except TimeoutError:
+            return "open"
         except ConnectionResetError:
-            return "reset"
+            return "unfinished"
+        return "eof" if len(rest) % tw.PS_IOV_SIZE == 0 else "unfinished"
 
 
 class Tunnel:
@@ -126,7 +131,9 @@ def test_pages_flow_and_a_close_asked_for_ends_cleanly(tunnel: Tunnel):
     assert tunnel.server.read(24) == iov(PS_IOV_GET, 256, 0x7F0000000000, 1)
     pages = bytes(range(256)) * 4096 + b"tail"  # 1 MiB and a bit: many frames
     assert tunnel.server.conn is not None
-    tunnel.server.conn.sendall(iov(7, 256, 0x7F0000000000, 1) + pages)
+    tunnel.server.conn.settimeout(None)  # more than the sockets on the way hold: sent while read
+    sender = threading.Thread(target=tunnel.server.conn.sendall, args=(iov(7, 256, 0x7F0000000000, 1) + pages,))
+    sender.start()
     received = bytearray()
     tunnel.lazy.setblocking(False)
 
@@ -136,6 +143,7 @@ def test_pages_flow_and_a_close_asked_for_ends_cleanly(tunnel: Tunnel):
         return len(received) == 24 + len(pages)
 
     wait_for(all_pages)
+    sender.join(5)
     assert bytes(received[24:]) == pages
     tunnel.lazy.setblocking(True)
     tunnel.lazy.sendall(iov(tw.PS_IOV_FORCE_CLOSE))
@@ -157,7 +165,7 @@ def test_lazy_pages_that_stops_without_close_resets_the_page_server(tunnel: Tunn
     assert tunnel.server.read(24) == iov(PS_IOV_GET, 1, 0x1000, 1)
     tunnel.lazy.close()  # killed
     wait_for(lambda: not tunnel.proxy.sockets)
-    assert tunnel.server.ending() == "reset"
+    assert tunnel.server.ending() == "unfinished"
     wait_for(tunnel.offer.done.is_set)
     assert "ended before its page server did" in tunnel.offer.error
 
@@ -169,25 +177,54 @@ def test_a_lost_link_resets_the_page_server_and_ends_the_offer(tunnel: Tunnel):
     tunnel.stop()  # the links' threads end, as when a link is lost
     tunnel.proxy.close("the link to the cache ended")
     tunnel.cache.close("the link to the source ended")
-    assert tunnel.server.ending() == "reset"
+    assert tunnel.server.ending() == "unfinished"
     assert tunnel.offer.done.is_set() and tunnel.offer.error == "the link to the source ended"
     assert tunnel.lazy.recv(1) == b""  # lazy-pages sees its page server gone
 
 
-def test_a_proxy_killed_during_the_copy_resets_the_page_server():
-    """kill -9 (or a restart) of the proxy mid-copy: the kernel closes its page-server
-    connection, and that must be a reset, never the clean end that lets criu dump kill the
-    process on the source."""
+def test_a_proxy_killed_during_the_copy_leaves_the_page_server_waiting():
+    """kill -9 (or a restart) of the proxy mid-copy: the kernel closes its end of the page
+    server's socket, and that must never be the clean end that lets criu dump kill the
+    process on the source. `imgmig migrate` holds a copy of that end: the stream stays open
+    (and migrate, seeing the proxy gone, stops the dump, which resumes the process)."""
     server = PageServer()
     proxy = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom imgmig.datapath.tunnel import connect_page_server\n"
-        f"sock = connect_page_server({server.address!r})\nsock.sendall(b'x')\ntime.sleep(60)\n")])
+        "import socket, time\n"
+        f"sock = socket.socket(fileno={server.proxy_end.fileno()})\nsock.sendall(b'x')\ntime.sleep(60)\n")],
+        pass_fds=[server.proxy_end.fileno()])
+    server.connect().close()  # the proxy has it now
     try:
         assert server.read(1) == b"x"
     finally:
         proxy.send_signal(signal.SIGKILL)
         proxy.wait(10)
-    assert server.ending() == "reset"
+    assert server.ending(within=0.5) == "open"
+    server.kept.close()  # migrate ends too: only then does the kernel end the stream
+    assert server.ending() == "eof"
+
+
+@pytest.mark.parametrize("sent", [b"", iov(PS_IOV_GET, 1, 0x1000, 1), iov(PS_IOV_GET, 1, 0x1000, 1)[:7]])
+def test_an_aborted_page_server_stream_ends_within_a_record(sent: bytes):
+    """Whatever the proxy had passed on (nothing, whole requests, half of one), an abort
+    ends the stream within a record, despite migrate's copy of the socket."""
+    server = PageServer()
+    watch = tw.CloseWatch()
+    watch.feed(sent)
+    server.proxy_end.sendall(sent)
+    end_page_server(server.proxy_end, watch.at_record_boundary, abort=True)
+    assert server.ending() == "unfinished"
+
+
+def test_a_page_server_no_restore_reached_is_ended_within_a_record(tmp_path):
+    """A dump announced with its page server, whose capture never began (migrate went away):
+    forgetting the expectation ends the stream so that the dump fails."""
+    server = PageServer()
+    control = ControlServer("proxy", "node-a", ImageStore(1 << 20), threading.Event(),
+                            RoleView(lambda c: {}, list, str, lambda c: None))
+    expectation = control.expect(None)
+    expectation.page_server = server.proxy_end
+    control.forget(expectation)
+    assert expectation.page_server is None and server.ending() == "unfinished"
 
 
 def test_a_page_server_that_cannot_be_reached_resets_the_channel():
@@ -256,4 +293,4 @@ def test_a_held_close_request_is_dropped_when_lazy_pages_ends(tunnel: Tunnel):
     assert tunnel.server.read(24) == iov(PS_IOV_GET, 1, 0x1000, 1)
     wait_for(lambda: bool(tunnel.cache.held))
     tunnel.lazy.close()
-    assert tunnel.server.ending() == "reset"
+    assert tunnel.server.ending() == "unfinished"

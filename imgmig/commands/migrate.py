@@ -34,7 +34,7 @@ from imgmig.commands.common import (
     load_config,
 )
 from imgmig.commands.files import pack as pack_files
-from imgmig.commands.lazy import dump_lazy, free_loopback_port
+from imgmig.commands.lazy import LazyDump, dump_lazy
 from imgmig.commands.progress import Reporter, Snapshot, make_reporter
 from imgmig.commands.restore import restore_claimed
 from imgmig.config import Config, peer_address
@@ -42,6 +42,7 @@ from imgmig.config import Config, peer_address
 POLL = 0.25
 HEARTBEAT = 5.0  # seconds between progress events when nothing moves
 LAZY_RUNNING_WAIT = 5.0  # for the restore's RUNNING after a lazy dump ended (it names the pid)
+PROXY_LOST_WAIT = 2.0  # for a lazy dump to end by itself once the proxy is gone
 DEFAULT_TIMEOUT = 300.0
 # Dump options the rollback restore needs as well (CRIU refuses to restore a shell job
 # without --shell-job, and so on); options with values are not carried over.
@@ -280,21 +281,21 @@ def _run_lazy(m: Migration, proxy: ControlClient, ticket: str) -> tuple[int, str
     m.started = time.monotonic()
     m.phase("frozen")
     try:
-        dump = dump_lazy(m.criu, m.pid, m.cfg.proxy.images_dir, free_loopback_port(), m.workdir, m.options)
+        dump = dump_lazy(m.criu, m.pid, proxy, m.cfg.proxy.images_dir, ticket=int(ticket), images_dir=m.workdir,
+                         options=m.options)
     except CommandError as exc:
         return (EXIT_FAILED if Path(f"/proc/{m.pid}").exists() else EXIT_LOST), str(exc)
+    m.checkpoint = dump.checkpoint
     m.phase("dump done")
-    shown_at, shown = 0.0, -1
-    while dump.proc.poll() is None:
-        status = proxy.request("status")
-        m.checkpoint = m.checkpoint or status["tickets"].get(ticket)
-        live, _ = _find(status, m.checkpoint)
-        if live is not None and live.get("delivered") and "verified at the destination" not in m.phases:
-            m.phase("verified at the destination")
-        if live is not None and live["pages_sent"] != shown and time.monotonic() - shown_at >= HEARTBEAT / 5:
-            shown, shown_at = live["pages_sent"], time.monotonic()
-            m.reporter.message(f"background copy: {_mib(shown)} of memory sent to {m.node}")
-        time.sleep(POLL)
+    try:
+        started = _follow_lazy(m, proxy, dump)
+    except CommandError as exc:  # the proxy went away mid-copy
+        return _proxy_lost(m, dump, str(exc))
+    if not started:
+        dump.abort()
+        return EXIT_FAILED, (f"no lazy restore on {m.node} fetched a page of checkpoint {m.checkpoint} within "
+                             f"{m.timeout:.0f} s (is `imgmig restore` running there, or cache.restore: auto?); the "
+                             f"lazy dump was stopped and the process runs here again")
     if dump.proc.returncode != 0:
         return _dump_failed(m, dump.proc.returncode)
     m.phase("every page sent")
@@ -310,6 +311,41 @@ def _run_lazy(m: Migration, proxy: ControlClient, ticket: str) -> tuple[int, str
             break
         time.sleep(POLL)
     return EXIT_OK, f"running on {m.node}: {outcome}"
+
+
+def _follow_lazy(m: Migration, proxy: ControlClient, dump: LazyDump) -> bool:
+    """Show the background copy until the dump ends; False if no page went within the
+    timeout (the dump still runs then)."""
+    shown_at, shown = 0.0, -1
+    deadline = time.monotonic() + m.timeout
+    while dump.proc.poll() is None:
+        if shown <= 0 and time.monotonic() > deadline:
+            return False
+        live, _ = _find(proxy.request("status"), m.checkpoint)
+        if live is not None and live.get("delivered") and "verified at the destination" not in m.phases:
+            m.phase("verified at the destination")
+        if live is not None and live["pages_sent"] != shown and time.monotonic() - shown_at >= HEARTBEAT / 5:
+            shown, shown_at = live["pages_sent"], time.monotonic()
+            m.reporter.message(f"background copy: {_mib(shown)} of memory sent to {m.node}")
+        time.sleep(POLL)
+    dump.wait()
+    return True
+
+
+def _proxy_lost(m: Migration, dump: LazyDump, why: str) -> tuple[int, str]:
+    """The proxy died (or restarted) during the background copy: no page can reach the
+    destination any more, whose restore fails and kills its copy. Unless the dump ends by
+    itself at once (the last page had gone), it is killed: the process runs on here."""
+    try:
+        code = dump.wait(PROXY_LOST_WAIT)
+    except subprocess.TimeoutExpired:
+        code = dump.abort()
+    if code == 0:
+        return EXIT_OK, f"running on {m.node}: every page of checkpoint {m.checkpoint} went there before {why}"
+    if Path(f"/proc/{m.pid}").exists():
+        return EXIT_FAILED, (f"{why} during the background copy; the lazy dump was stopped and the process runs "
+                             f"here again (its copy on {m.node} dies with its incomplete memory)")
+    return _dump_failed(m, code)
 
 
 def _find(status: dict[str, Any], checkpoint: str | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:

@@ -68,8 +68,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--files-root", metavar="DIR", default="/", type=Path,
                         help="unpack files carried by `migrate --files` under DIR instead of / (a chroot)")
     parser.add_argument("--lazy", action="store_true",
-                        help="a lazy (post-copy) checkpoint: restore it at once, its memory follows from the "
-                             "source; waits until every page arrived")
+                        help="expect a lazy (post-copy) checkpoint: restore it at once, its memory follows from the "
+                             "source; waits until every page arrived (a lazy checkpoint is restored so without it "
+                             "too, as by the doorbell)")
     parser.add_argument("--doorbell", action="store_true",
                         help="for imgmig-restore@.service: restore the checkpoint whose id the cache wrote to stdin")
     parser.set_defaults(run=restore_command)
@@ -91,11 +92,11 @@ def restore_command(args: argparse.Namespace) -> int:
                 raise
             print(f"nothing to do: {exc}")  # restored by hand already, or being restored
             return 0
-        if args.lazy:
-            return restore_lazy_command(client, checkpoint, criu, args.criu_options)
-        workdir = Path(tempfile.mkdtemp(prefix="imgmig-restore-"))
         if not args.rollback:  # on the source node the files never left
             _unpack_files(client, checkpoint, args.files_root)
+        if args.lazy or (not args.rollback and _is_lazy(client, checkpoint)):
+            return restore_lazy_command(client, checkpoint, criu, args.criu_options)
+        workdir = Path(tempfile.mkdtemp(prefix="imgmig-restore-"))
         print(f"restoring checkpoint {checkpoint} (CRIU logs in {workdir})", flush=True)
         result = restore_claimed(client, checkpoint, criu, args.criu_options, workdir)
     if result.pid is None:
@@ -115,6 +116,15 @@ def restore_lazy_command(client: ControlClient, checkpoint: str, criu: list[str]
     print(f"checkpoint {checkpoint}: every page arrived ({human_bytes(moved['pages_bytes'])} in "
           f"{time.monotonic() - started:.1f} s); running as pid {restore.pid}")
     return 0
+
+
+def _is_lazy(client: ControlClient, checkpoint: str) -> bool:
+    """A lazy checkpoint (its memory follows from the source) is restored lazily whether or
+    not --lazy was given: the doorbell's restore cannot know in advance."""
+    if not client.request("lazy_check", timeout=None, id=checkpoint)["lazy"]:
+        return False
+    print(f"checkpoint {checkpoint} is a lazy (post-copy) one: restoring it lazily", flush=True)
+    return True
 
 
 def read_doorbell() -> str:

@@ -31,7 +31,7 @@ from imgmig.datapath.kernel_io import hash_region
 from imgmig.datapath.link import HandshakeCut, Link, LinkRefused, TlsLink
 from imgmig.datapath.receive import receive_within
 from imgmig.datapath.store import Checkpoint, Image, ImageStore, State
-from imgmig.datapath.tunnel import LAZY_IMAGE, NotLazy, TunnelPump, connect_page_server, page_server_of
+from imgmig.datapath.tunnel import LAZY_IMAGE, NotLazy, TunnelPump, end_page_server
 from imgmig.protocol import conversation as conv
 from imgmig.protocol import peer_wire as wire
 from imgmig.protocol import tunnel_wire
@@ -132,6 +132,7 @@ class Forwarder:
         self.digest = usable(digest)  # offered in HELLO; the cache's HELLO says which is used
         self.started = time.monotonic()
         self.pump: TunnelPump | None = None  # a lazy restore on the cache reaching the page server here
+        self.page_server: socket.socket | None = None  # a lazy dump's page server, passed by `imgmig migrate`
         self.tunnelled_before = 0  # page bytes that earlier connections' pumps carried
 
     @property
@@ -155,6 +156,9 @@ class Forwarder:
             self._keep_after_restored()
         finally:
             self.begun.set()
+            if self.page_server is not None:  # no lazy restore ever reached it: the dump must fail
+                end_page_server(self.page_server, at_record_boundary=True, abort=True)
+                self.page_server = None
 
     def _await_captured(self) -> None:
         """Store-and-forward connects once the dump has ended: a link opened at the start
@@ -593,13 +597,15 @@ class Forwarder:
 
     def _connect_page_server(self) -> socket.socket:
         """A lazy restore on the cache wants its pages: only for the node that holds the right
-        to restore the checkpoint, and only to the page server its marker names (loopback)."""
+        to restore the checkpoint, and only once (the dump's page server serves one client)."""
         if self.checkpoint.holder != custody.destination(self.peer_name):
             raise NotLazy(f"{self.peer_node} does not hold the right to restore {self.checkpoint.id}")
-        address = page_server_of(self.checkpoint)
-        sock = connect_page_server(address)
-        log.info("checkpoint %s: %s fetches its lazy pages from the page server at %s:%d", self.checkpoint.id,
-                 self.peer_node, *address, extra=self.fields)
+        sock, self.page_server = self.page_server, None
+        if sock is None:
+            raise NotLazy(f"checkpoint {self.checkpoint.id} has no page server here (none was passed, or an "
+                          f"earlier lazy restore used it)")
+        log.info("checkpoint %s: %s fetches its lazy pages from the page server of its dump", self.checkpoint.id,
+                 self.peer_node, extra=self.fields)
         return sock
 
     def _tunnel_out(self) -> None:

@@ -6,13 +6,14 @@ stream sockets of its channels at once, so a page fault costs one poll wake-up p
 and no timer. Local bytes become TUNNEL_DATA frames (`outgoing()`, queued through the
 conversation), frames from the peer go to the local sockets.
 
-The local ends never listen:
+The local ends never listen, and no other local process can reach the pages:
 - on the cache, `imgmig restore --lazy` (root) makes a socketpair, gives one end to
   `criu lazy-pages --ps-socket` and hands the other to the cache over the control
-  socket (`Tunnels.offer`); no other local process can reach the tunnel;
-- on the proxy, a channel is opened only for a checkpoint whose right to restore the
-  cache holds, and it connects to the page server named in the checkpoint's lazy
-  marker image (loopback only), which the source's own dump wrote.
+  socket (`Tunnels.offer`);
+- on the proxy, `imgmig migrate --lazy` (root) does the same with `criu dump --lazy-pages
+  --ps-socket` and hands its end to the proxy with the dump's ticket (`lazy_source`); a
+  channel is opened only for a checkpoint whose right to restore the cache holds, and
+  only once: the dump serves one client.
 
 No flow control beyond TCP's: a local socket that does not read blocks the link's
 thread in its send, and the link back-pressures. One lazy restore is one channel.
@@ -21,13 +22,10 @@ thread in its send, and the link back-pressures. One lazy restore is one channel
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import logging
-import os
 import select
 import socket
-import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,49 +37,39 @@ from imgmig.protocol.peer_wire import PeerProtocolError
 
 log = logging.getLogger(__name__)
 
-LAZY_IMAGE = "imgmig-lazy.json"  # marks a lazy checkpoint; names the source's page server
+LAZY_IMAGE = "imgmig-lazy.json"  # marks a lazy checkpoint (the proxy adds it, before CRIU's images)
 LOCAL_READ = 256 << 10
 KEPT_OFFERS = 16
-CONNECT_TIMEOUT = 5.0
-LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
-LINGER_OFF = struct.pack("ii", 0, 0)
+POISON = b"\xff"  # an unfinished page_server_iov record: the dump's page server fails on it
 
 
 class NotLazy(ValueError):
     """The checkpoint carries no usable lazy marker; the text says why."""
 
 
-def lazy_marker(page_server: tuple[str, int]) -> bytes:
-    """The marker image's bytes: the source page server's address (loopback)."""
-    return json.dumps({"page_server": {"host": page_server[0], "port": page_server[1]}}).encode()
+def lazy_marker() -> bytes:
+    """The marker image's bytes. The page server is no address: its socket was passed."""
+    return json.dumps({"page_server": "passed"}).encode()
 
 
-def page_server_of(checkpoint: Checkpoint) -> tuple[str, int]:
-    """The loopback address of the page server named in a lazy checkpoint's marker."""
+def require_lazy(checkpoint: Checkpoint) -> None:
+    """NotLazy unless the checkpoint carries a complete lazy marker."""
     image = checkpoint.images.get(LAZY_IMAGE)
     if image is None or not image.complete:
         raise NotLazy(f"checkpoint {checkpoint.id} is not a lazy one (no complete {LAZY_IMAGE})")
-    try:
-        server = json.loads(os.pread(image.fd, min(image.size, 4096), 0))["page_server"]
-        host, port = str(server["host"]), int(server["port"])
-        loopback = ipaddress.ip_address(host).is_loopback
-    except (ValueError, KeyError, TypeError) as exc:
-        raise NotLazy(f"checkpoint {checkpoint.id}: unreadable {LAZY_IMAGE} ({exc})") from None
-    if not loopback or not 0 < port < 65536:
-        raise NotLazy(f"checkpoint {checkpoint.id}: page server {host}:{port} is not on loopback")
-    return host, port
 
 
-def connect_page_server(address: tuple[str, int]) -> socket.socket:
-    """The proxy's connection to a lazy dump's page server. It resets (RST) on any close but
-    the clean end (TunnelPump turns that off first), also when the kernel closes it for a
-    proxy killed or restarted during the background copy: a FIN then would let `criu dump`
-    count the migration done and kill the process on the source, whose pages the
-    destination still lacks; a reset makes the dump fail and the process resume there."""
-    sock = socket.create_connection(address, CONNECT_TIMEOUT)
-    sock.settimeout(None)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-    return sock
+def end_page_server(sock: socket.socket, at_record_boundary: bool, abort: bool) -> None:
+    """End the proxy's end of a lazy dump's page-server socket (a socketpair that `imgmig
+    migrate` also holds, so only shutdown() ends it). A clean end of stream lets `criu dump`
+    count the migration done and kill the process on the source, so a channel that did not
+    complete ends with an unfinished request record first: the page server fails on it
+    (`Can't read pagemap from socket`), the dump fails and the process resumes there."""
+    with contextlib.suppress(OSError):
+        if abort and at_record_boundary:
+            sock.send(POISON, socket.MSG_DONTWAIT)
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
 
 
 @dataclass
@@ -92,9 +80,17 @@ class Offer:
     done: threading.Event = field(default_factory=threading.Event)
     taken: bool = False
     running: threading.Event = field(default_factory=threading.Event)  # criu restore -d returned 0
+    abandoned: threading.Event = field(default_factory=threading.Event)  # imgmig restore went away
+    close_passed: bool = False  # lazy-pages' close request went to the source: every page arrived
     error: str = ""
     to_peer: int = 0     # bytes the local end sent (lazy-pages' requests)
     from_peer: int = 0   # bytes that came back (the pages)
+
+    @property
+    def may_close(self) -> bool:
+        """lazy-pages' close request may go to the source: the restore runs here, and the
+        command that confirms it is still there (else its guard kills lazy-pages)."""
+        return self.running.is_set() and not self.abandoned.is_set()
 
 
 class Tunnels:
@@ -216,13 +212,18 @@ class TunnelPump:
             return b""
         watch = self.requests.get(channel)
         start = watch.feed(data) if watch is not None else None
-        if start is None or self.offers[channel].running.is_set():
+        if start is None:
+            return data
+        offer = self.offers[channel]
+        if offer.may_close:
+            offer.close_passed = True
             return data
         self.held[channel] = data[start:]
         return data[:start]
 
     def _release_held(self) -> None:
-        for channel in [c for c in self.held if self.offers[c].running.is_set()]:
+        for channel in [c for c in self.held if self.offers[c].may_close]:
+            self.offers[channel].close_passed = True
             self.mux.send(channel, self.held.pop(channel))
 
     def _local_eof(self, channel: int) -> None:
@@ -302,19 +303,21 @@ class TunnelPump:
             self._finish(channel, "")
 
     def _finish(self, channel: int, error: str, abort: bool = False) -> None:
-        """Close a channel's local socket; `abort` resets it (RST), so that CRIU's page server
-        sees an error, never a clean end, when the copy did not complete."""
+        """Close a channel's local socket; `abort` ends a page server's so that CRIU's dump
+        fails (end_page_server), never counts the migration done, when the copy did not complete."""
         self.reading.discard(channel)
-        self.watches.pop(channel, None)
+        watch = self.watches.pop(channel, None)
         self.requests.pop(channel, None)
         self.held.pop(channel, None)
         sock = self.sockets.pop(channel, None)
-        if sock is not None and abort and self.mux.side is tw.Side.ACCEPTOR:
-            log.warning("lazy restore: %s; the page server's connection is reset, so criu dump fails and the "
-                        "process resumes on this node", error)
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET if abort else LINGER_OFF)
+        if sock is not None and self.mux.side is tw.Side.ACCEPTOR:
+            if abort:
+                log.warning("lazy restore: %s; the page server's connection is ended mid-record, so criu dump "
+                            "fails and the process resumes on this node", error)
+            end_page_server(sock, watch is None or watch.at_record_boundary, abort)
+        elif sock is not None:
+            # no shutdown: imgmig restore's copy keeps lazy-pages' stream open until it killed
+            # the restored process, whose missing pages then never read as zeros
             sock.close()
         offer = self.offers.pop(channel, None)
         if offer is not None:

@@ -20,7 +20,7 @@ MAX_KEYS = 64
 MAX_ITEMS = 10_000
 MAX_STRING = 4096
 OPS = ("status", "list", "drop", "expect", "claim", "files", "serve", "confirm", "probe", "handoff",
-       "lazy_images", "lazy_image", "tunnel", "lazy_running", "lazy_done")
+       "lazy_images", "lazy_image", "tunnel", "lazy_running", "lazy_done", "lazy_source", "lazy_check")
 
 
 class ControlProtocolError(ValueError):

@@ -251,6 +251,11 @@ class CloseWatch:
         self._partial = b""
         self.close_asked = False
 
+    @property
+    def at_record_boundary(self) -> bool:
+        """No record begun and unfinished: the stream could end here cleanly."""
+        return not self._partial
+
     def feed(self, data: bytes) -> int | None:
         """Read more of the stream; where in `data` the first close request begins (it may
         begin in an earlier chunk: then 0), or None."""

@@ -52,7 +52,8 @@ class Cache:
                      self._on_control),
         ], self.status, reload=None if self.trust is None else self.trust.reload)
         self.tunnels = Tunnels()  # lazy restores' page-server sockets, carried by the checkpoints' links
-        lazy = LazyOps(self.store, config.node, self.tunnels, self.daemon.stop, self._await_grant)
+        lazy = LazyOps(self.store, config.node, self.tunnels, self.daemon.stop, self._await_grant,
+                       self._give_right_back)
         self.control = ControlServer("cache", config.node, self.store, self.daemon.stop, RoleView(
             self._checkpoint_info, self._peers, self.status, self._may_drop, {"handoff": self._handoff} | lazy.ops,
             gate=self._await_right, restore_failed=self._give_right_back))
@@ -186,12 +187,27 @@ class Cache:
                     node_of(checkpoint.origin), extra={"IMGMIG_CHECKPOINT": checkpoint_id})
         return {"id": checkpoint_id, "holder": mine, "already": False}
 
+    def _lazy_source_unreachable(self, checkpoint: Checkpoint) -> None:
+        """A lazy restore here failed and no link to its source carries the right back: the
+        source node is down, or cut off. Its memory was never here, so a retry cannot help;
+        the copy is dropped, and its outcome says where the process is."""
+        source = node_of(checkpoint.origin)
+        where = (f"the process is not here; it runs on {source} if that node is up (its dump failed there, which "
+                 f"resumes it), else nowhere: a source node lost during the background copy loses the process "
+                 f"(the price of post-copy)")
+        log.error("checkpoint %s: its lazy restore here failed and its source %s is unreachable: %s", checkpoint.id,
+                  source, where, extra={"IMGMIG_CHECKPOINT": checkpoint.id})
+        self.store.fail(checkpoint, f"lazy restore failed, source unreachable: {where}")
+
     def _give_right_back(self, checkpoint: Checkpoint) -> None:
         """imgmig restore says CRIU failed here: the right goes back to the source, which may
         then roll back (the link driver logs it), or, with no link to carry it, stays here."""
         if not checkpoint.holder or checkpoint.state not in (State.RECEIVING, State.COMPLETE):
             return
         if custody.give_back(self.store, checkpoint, RETURN_WAIT, self.daemon.stop) or self.daemon.stop.is_set():
+            return
+        if LAZY_IMAGE in checkpoint.images:
+            self._lazy_source_unreachable(checkpoint)
             return
         log.error("checkpoint %s: the restore here failed, and the right to restore it cannot go back to its "
                   "source %s: no link to it carried it within %.0f s; this node keeps the right and its copy, "

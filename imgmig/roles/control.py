@@ -32,6 +32,7 @@ from imgmig.datapath.store import (
     State,
     watch_checkpoints,
 )
+from imgmig.datapath.tunnel import end_page_server
 from imgmig.protocol import control_wire as cw
 from imgmig.system.systemd_glue import CHECKPOINT_RESTORED_ID
 
@@ -151,6 +152,7 @@ class Expectation:
     to: str | None
     checkpoint: str | None = None
     files: int | None = None  # a sealed memfd: the files image, owned here until the capture takes it
+    page_server: socket.socket | None = None  # a lazy dump's page-server socket, until the capture takes it
 
 
 @dataclass
@@ -201,11 +203,15 @@ class ControlServer:
 
     def forget(self, expectation: Expectation) -> None:
         with self.lock:
-            with contextlib.suppress(ValueError):
-                self.expectations.remove(expectation)
+            if expectation not in self.expectations:
+                return  # a capture took it, with what it carries
+            self.expectations.remove(expectation)
             if expectation.files is not None:
                 os.close(expectation.files)
                 expectation.files = None
+            if expectation.page_server is not None:  # never captured: the lazy dump must fail
+                end_page_server(expectation.page_server, at_record_boundary=True, abort=True)
+                expectation.page_server = None
 
     # ---- ops ------------------------------------------------------------------------
     def _status(self, session: ControlSession, request: cw.Request) -> dict[str, Any]:

@@ -16,7 +16,10 @@ The cache service itself runs no CRIU and writes no file: its sandbox stays as i
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -24,27 +27,32 @@ from typing import Any
 
 from imgmig.datapath import custody
 from imgmig.datapath.kernel_io import UntilHangup
-from imgmig.datapath.store import Checkpoint, ImageStore, State
-from imgmig.datapath.tunnel import LAZY_IMAGE, NotLazy, Tunnels, page_server_of
+from imgmig.datapath.store import FILES_IMAGE, Checkpoint, ImageStore, State
+from imgmig.datapath.tunnel import LAZY_IMAGE, NotLazy, Offer, Tunnels, require_lazy
 from imgmig.protocol import control_wire as cw
 from imgmig.roles.control import ControlSession, OpError
 
 TAKE_WAIT = 10.0  # for the checkpoint's link to take an offered tunnel
+ABANDONED_WAIT = 15.0  # for the guard of an `imgmig restore --lazy` gone away to end lazy-pages
+POLL = 0.5
+
+log = logging.getLogger(__name__)
 
 
 class LazyOps:
     def __init__(self, store: ImageStore, node: str, tunnels: Tunnels, stop: threading.Event,
-                 gate: Callable[[Checkpoint], None]) -> None:
+                 gate: Callable[[Checkpoint], None], give_back: Callable[[Checkpoint], None]) -> None:
         self.store = store
         self.mine = custody.destination(node)
         self.tunnels = tunnels
         self.stop = stop
         self.gate = gate
+        self.give_back = give_back
 
     @property
     def ops(self) -> dict[str, Callable[[ControlSession, cw.Request], dict[str, Any]]]:
-        return {"lazy_images": self._images, "lazy_image": self._image, "tunnel": self._tunnel,
-                "lazy_running": self._running, "lazy_done": self._done}
+        return {"lazy_check": self._check, "lazy_images": self._images, "lazy_image": self._image,
+                "tunnel": self._tunnel, "lazy_running": self._running, "lazy_done": self._done}
 
     def _claimed(self, session: ControlSession, request: cw.Request) -> Checkpoint:
         checkpoint_id = cw.text_arg(request, "id")
@@ -59,6 +67,16 @@ class LazyOps:
             raise OpError(f"checkpoint {checkpoint.id}: ask lazy_images first (it takes the right to restore it)")
         return checkpoint
 
+    def _check(self, session: ControlSession, request: cw.Request) -> dict[str, Any]:
+        """Is a claimed checkpoint lazy? The proxy puts the marker before CRIU's first image
+        (after the files image, if any), so the answer comes with the first images: a restore
+        that asks (`imgmig restore`, the doorbell's too) still overlaps the transfer."""
+        checkpoint = self._claimed(session, request)
+        client_gone = UntilHangup(self.stop, session.conn.fileno())
+        self.store.wait_until(lambda: checkpoint.state is not State.RECEIVING
+                              or any(name != FILES_IMAGE for name in checkpoint.images), client_gone)
+        return {"id": checkpoint.id, "lazy": LAZY_IMAGE in checkpoint.images}
+
     def _images(self, session: ControlSession, request: cw.Request) -> dict[str, Any]:
         checkpoint = self._claimed(session, request)
         client_gone = UntilHangup(self.stop, session.conn.fileno())
@@ -66,7 +84,7 @@ class LazyOps:
         if checkpoint.state is not State.COMPLETE:
             raise OpError(f"checkpoint {checkpoint.id} is {checkpoint.state.value}, not complete; nothing restored")
         try:
-            page_server_of(checkpoint)
+            require_lazy(checkpoint)
         except NotLazy as exc:
             raise OpError(f"{exc}; restore it with `imgmig restore` (without --lazy)") from None
         try:
@@ -74,7 +92,7 @@ class LazyOps:
         except custody.NoRight as exc:
             raise OpError(f"checkpoint {checkpoint.id} may not be restored here: {exc}") from None
         images = [{"name": image.name, "size": image.size} for image in checkpoint.images.values()
-                  if image.name != LAZY_IMAGE]
+                  if image.name not in (LAZY_IMAGE, FILES_IMAGE)]
         return {"id": checkpoint.id, "images": images}
 
     def _image(self, session: ControlSession, request: cw.Request) -> dict[str, Any]:
@@ -103,10 +121,34 @@ class LazyOps:
             sock.close()
             raise OpError(f"checkpoint {checkpoint.id}: no link to its source took the tunnel within "
                           f"{TAKE_WAIT:.0f} s; is the proxy connected?")
-        while not offer.done.wait(0.5) and not client_gone.is_set():
+        while not offer.done.wait(POLL) and not client_gone.is_set():
             pass
+        if not offer.done.is_set():
+            self._abandoned(checkpoint, offer)
         return {"id": checkpoint.id, "pages_bytes": offer.from_peer, "requests_bytes": offer.to_peer,
                 "error": offer.error or None}
+
+    def _abandoned(self, checkpoint: Checkpoint, offer: Offer) -> None:
+        """`imgmig restore --lazy` went away (killed) during the background copy. From now on
+        lazy-pages' close request never goes to the source; its guard kills lazy-pages and
+        the restored process, unless lazy-pages had every page already. The channel then
+        ends mid-copy, the source's dump fails and the process resumes there: the right to
+        restore goes back. If the close request went before, the copy completed: the
+        process runs here, and the checkpoint counts as restored."""
+        offer.abandoned.set()
+        log.warning("checkpoint %s: imgmig restore --lazy went away during the background copy; its lazy "
+                    "restore here is abandoned", checkpoint.id, extra={"IMGMIG_CHECKPOINT": checkpoint.id})
+        if not offer.done.wait(ABANDONED_WAIT):  # no guard ended lazy-pages: end its channel here
+            with contextlib.suppress(OSError):
+                offer.sock.shutdown(socket.SHUT_RDWR)
+            offer.done.wait(ABANDONED_WAIT)
+        if offer.close_passed and not offer.error:
+            log.warning("checkpoint %s: every page had arrived before imgmig restore went away: the process runs "
+                        "here (its pid is in the restore's pidfile)", checkpoint.id,
+                        extra={"IMGMIG_CHECKPOINT": checkpoint.id})
+            self.store.restored(checkpoint)
+            return
+        self.give_back(checkpoint)
 
     def _running(self, _session: ControlSession, request: cw.Request) -> dict[str, Any]:
         """`criu restore --lazy-pages -d` returned 0: lazy-pages' close request may go to the

@@ -27,7 +27,7 @@ from imgmig.datapath.kernel_io import out_of_fds
 from imgmig.datapath.link import Link, open_link
 from imgmig.datapath.serve import ServeSession
 from imgmig.datapath.store import FILES_IMAGE, Checkpoint, ImageStore, State
-from imgmig.datapath.tunnel import LAZY_IMAGE
+from imgmig.datapath.tunnel import LAZY_IMAGE, lazy_marker
 from imgmig.protocol import control_wire as cw
 from imgmig.roles.control import ControlServer, ControlSession, OpError, RoleView
 from imgmig.roles.daemon import Daemon, Listener
@@ -71,7 +71,8 @@ class Proxy:
         ], self.status, reload=None if self.trust is None else self.trust.reload)
         self.control = ControlServer("proxy", config.node, self.store, self.daemon.stop, RoleView(
             self._checkpoint_info, self._peers, self.status, self._may_drop,
-            {"expect": self._expect, "probe": self._probe}, self._ended_as, gate=self._take_right))
+            {"expect": self._expect, "probe": self._probe, "lazy_source": self._lazy_source}, self._ended_as,
+            gate=self._take_right))
         self.forwarders: set[Forwarder] = set()
         self.forwarded_before = 0  # bytes sent by forwarders that have finished
         self.capture_rate, self.forward_rate = RateMeter(), RateMeter()
@@ -104,12 +105,17 @@ class Proxy:
             route = (expectation.to or "") if expectation is not None else ""
             target = self._target(route or None)
             checkpoint = self.store.begin(self.new_checkpoint_id(), self.config.node, route)
+            page_server = None
             if expectation is not None:
                 expectation.checkpoint = checkpoint.id
                 if expectation.files is not None:  # first in the checkpoint: unpacked before the restore
                     self.store.add_complete_image(checkpoint, FILES_IMAGE, expectation.files)
                     expectation.files = None
+                page_server, expectation.page_server = expectation.page_server, None
+                if page_server is not None:  # next: marked lazy before CRIU's first image
+                    self.store.add_complete_image(checkpoint, LAZY_IMAGE, _sealed(lazy_marker()))
             forwarder = self._new_forwarder(checkpoint, target, after=self.last_begun)
+            forwarder.page_server = page_server
             self.last_begun = forwarder.begun
         self.daemon.spawn(f"forward-{checkpoint.id}", self._forward, forwarder)
         try:
@@ -258,6 +264,23 @@ class Proxy:
         session.expectations.append(expectation)
         return {"ticket": expectation.ticket}
 
+    def _lazy_source(self, session: ControlSession, request: cw.Request) -> dict[str, Any]:
+        """`imgmig migrate --lazy`: the page-server socket of the lazy dump it announced with
+        `expect` (its ticket), passed with the request. Its checkpoint is then marked lazy, and
+        the tunnel's channel reaches that socket, never a listening port."""
+        ticket = request.args.get("ticket")
+        sock = session.take_unix_stream("lazy_source needs the dump's page-server socket")
+        sock.setblocking(True)
+        expectation = next((e for e in session.expectations if e.ticket == ticket), None)
+        with self.control.lock:  # a capture takes expectations under it
+            if expectation is not None and expectation in self.control.expectations \
+                    and expectation.page_server is None:
+                expectation.page_server = sock
+                return {"ticket": ticket}
+        sock.close()
+        raise OpError(f"no dump announced on this connection with ticket {ticket!r} is waiting to begin (or it has "
+                      f"its page server already): send expect, then lazy_source, then start the dump")
+
     def _probe(self, _session: ControlSession, request: cw.Request) -> dict[str, Any]:
         target = self._target(cw.text_arg(request, "to", required=False))
         try:
@@ -288,6 +311,14 @@ def _ended_there(forwarder: Forwarder) -> tuple[str, str] | None:
     if forwarder.restored_at_peer:
         return "restored-at-peer", f"restored on {forwarder.peer_node}"
     return None
+
+
+def _sealed(data: bytes) -> int:
+    """A small image made here, as a sealed memfd (as the files image comes)."""
+    fd = os.memfd_create("imgmig-image", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(fd, data)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, FILES_SEALS)
+    return fd
 
 
 def _sealed_memfd(fd: int | None) -> int:
