@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from imgmig.config import DEFAULT_IDLE_TIMEOUT
 from imgmig.datapath import custody
 from imgmig.datapath.digest import LABELS, Digester, new_hasher, usable
-from imgmig.datapath.kernel_io import UntilHangup, hash_region, out_of_fds
+from imgmig.datapath.kernel_io import UntilHangup, out_of_fds
 from imgmig.datapath.link import Link
 from imgmig.datapath.store import Checkpoint, Image, ImageStore, State, StoreError, TooManyFiles
 from imgmig.datapath.tunnel import LAZY_IMAGE, TunnelPump, Tunnels
@@ -456,7 +456,7 @@ class ReceiveSession:
         for file_id, image in inbound.images.items():
             if not image.complete:
                 inbound.hashers[file_id] = new_hasher(self.digest)
-                hash_region(inbound.hashers[file_id], image.fd, 0, image.size)
+                image.hash(inbound.hashers[file_id], 0, image.size)
         with self.store.cond:
             self.transfers.inbound.setdefault(checkpoint_id, inbound)
         return inbound
@@ -509,7 +509,7 @@ class ReceiveSession:
             return
         inbound = self._inbound()
         image = inbound.images[file_id]
-        hash_region(inbound.hashers[file_id], image.fd, pending[0], pending[1])
+        image.hash(inbound.hashers[file_id], pending[0], pending[1])
         self._account(file_id, image, pending[1])
 
     def _account(self, file_id: int, image: Image, n: int) -> None:
@@ -542,7 +542,7 @@ class ReceiveSession:
         if not hmac.compare_digest(digest, event.digest):
             raise Refused(f"{image.name}: {LABELS[self.digest]} digest mismatch (got {digest.hex()[:16]}..., "
                           f"the proxy sent {event.digest.hex()[:16]}...)", ErrorCode.DIGEST_MISMATCH)
-        self.store.finish_image(image, digest)
+        self.store.finish_image(image, digest, inbound.checkpoint)
         self.conn.file_verified(event.file_id, image.size, time.monotonic())
 
     def _on_checkpoint_end(self, event: conv.CheckpointEnded) -> None:
