@@ -221,3 +221,17 @@ def test_checkpoints_through_reused_memfds_restore_byte_for_byte(daemons, tls):
             kept[role] = kept_inodes(pid)
             assert len(kept[role]) == 1, f"{role} keeps the released page image's memfd"
     assert not pair.cache_log.errors(new=False) and not pair.proxy_log.errors(new=False)
+
+
+def test_the_lasting_mapping_grows_with_the_image_it_is_kept_after():
+    store = ImageStore(64 * MIB, reuse=16 * MIB)
+    small, _ = one_checkpoint(store, "cp-1", pattern(1, 2 * MIB))
+    store.restored(small)
+    grown, image = one_checkpoint(store, "cp-2", pattern(2, 9 * MIB))
+    assert len(image.mapping) == 2 * MIB, "mapped as it was kept"
+    store.restored(grown)
+    _, image = one_checkpoint(store, "cp-3", pattern(3, 9 * MIB))
+    assert len(image.mapping) == 9 * MIB, "the next image maps everything the memfd holds"
+    seen = Hasher()
+    image.hash(seen, 0, image.size)
+    assert seen.data == pattern(3, 9 * MIB)

@@ -314,7 +314,7 @@ class ImageStore:
                 os.close(fd if kept is None else kept.fd)
                 raise
             image = Image(name, fd, reusable=reusable) if kept is None else \
-                Image(name, kept.fd, reusable=True, capacity=kept.size, mapping=kept.mapping or _map(kept))
+                Image(name, kept.fd, reusable=True, capacity=kept.size, mapping=_map(kept))
             checkpoint.images[name] = image
             self._charge_locked(checkpoint, image)
             self._changed_locked()
@@ -566,7 +566,10 @@ def _next_change(store: ImageStore, seen: int) -> int:
 
 
 def _map(kept: _Kept) -> mmap.mmap:
-    """A read-only mapping of a kept memfd's bytes (the next images' are written over them)."""
+    """A read-only mapping of a kept memfd's bytes (the next images' are written over them):
+    the one it came with, unless the last image outgrew it (a new one then covers it all)."""
+    if kept.mapping is not None and len(kept.mapping) >= kept.size:
+        return kept.mapping
     return mmap.mmap(kept.fd, kept.size, mmap.MAP_SHARED, mmap.PROT_READ)
 
 
