@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 # this much (and at FILE_END): the socket hands over ~64 KiB per splice, and a mapping,
 # a digest call and a store notification for each would cost more than the bytes.
 HASH_STEP = 4 << 20
+# After a spliced payload the next frame is most likely the next FILE_DATA: a short read
+# takes its header and leaves its payload in the socket for the splice, instead of copying
+# up to 64 KiB of it through user space (decoder buffer, pwrite) per frame.
+READ_SIZE, READ_AFTER_PAYLOAD = 65536, 4096
 LOOK_EVERY = 0.05    # an idle link looks at the store this often (a restore may want the right)
 TAKEOVER_WAIT = 5.0  # a resume waits this long for the cut connection's thread to let go
 LINGER = 2.0         # after an ERROR, how long the proxy may take to read it and close
@@ -156,6 +160,7 @@ class ReceiveSession:
         self.inbound: Inbound | None = None
         self.digest = wire.Digest.SHA256
         self.pending: dict[int, list[int]] = {}  # file_id -> [offset, length] stored, not yet hashed
+        self.read_size = READ_SIZE
         self.running_pid = 0  # a resumed checkpoint confirmed running here while the link was down
         self.peer = address
         self.started = time.monotonic()
@@ -222,7 +227,11 @@ class ReceiveSession:
             wait = max(0.0, min(wait, self.conn.last_heard + self.idle_timeout - now))
         if not self.greeted:
             self.link.wait_time()  # TimeoutError once the handshake deadline (TLS and HELLO) passed
-        data = receive_within(self.link, wait) if self.pump is None else self.pump.receive_within(self.link, wait)
+        if self.pump is None:
+            data = receive_within(self.link, wait, self.read_size)
+        else:
+            data = self.pump.receive_within(self.link, wait)
+        self.read_size = READ_SIZE
         self._tunnel_out()
         if data is None:
             if self._transferring and time.monotonic() - self.conn.last_heard >= self.idle_timeout:
@@ -473,6 +482,7 @@ class ReceiveSession:
         self._wait_for_room()
         image = self._inbound().images[file_id]
         moved = self.link.recv_into_file(image.fd, offset, left)
+        self.read_size = READ_AFTER_PAYLOAD
         if not moved:
             self._on_eof()
         self.conn.consume_payload(moved, time.monotonic())
@@ -678,12 +688,13 @@ def _readable(fd: int, timeout: float) -> bool:
     return bool(poller.poll(int(timeout * 1000)))
 
 
-def receive_within(link: Link, timeout: float) -> bytes | None:
-    """What the link has, waiting up to timeout: None if nothing came, b"" at end of stream.
-    The link is asked first: a TLS link may hold decrypted bytes that never wake a poll()."""
-    data = link.recv_nowait(65536)
+def receive_within(link: Link, timeout: float, size: int = READ_SIZE) -> bytes | None:
+    """Up to `size` bytes of what the link has, waiting up to timeout: None if nothing came,
+    b"" at end of stream. The link is asked first: a TLS link may hold decrypted bytes that
+    never wake a poll()."""
+    data = link.recv_nowait(size)
     if data is None and _readable(link.fileno(), timeout):
-        data = link.recv_nowait(65536)
+        data = link.recv_nowait(size)
     return data
 
 
