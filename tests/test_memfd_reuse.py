@@ -235,3 +235,52 @@ def test_the_lasting_mapping_grows_with_the_image_it_is_kept_after():
     seen = Hasher()
     image.hash(seen, 0, image.size)
     assert seen.data == pattern(3, 9 * MIB)
+
+
+def test_a_reused_image_still_arriving_is_taken_back_at_its_recorded_size(monkeypatch):
+    """After a restart the fd store's record gives how much of a reused page image had
+    arrived; its file size would count the previous image's bytes as arrived too."""
+    from test_fdstore import FakeStore
+
+    from imgmig.system import fdstore, systemd_glue
+
+    fake = FakeStore()
+    monkeypatch.setattr(systemd_glue, "notify", fake.notify)
+    monkeypatch.setattr(systemd_glue, "under_systemd", lambda: True)
+    store = ImageStore(64 * MIB, reuse=16 * MIB)
+    fdstore.FdStore(store, "cache").take_back({})
+    first, _ = one_checkpoint(store, "node-a-20261128T000000-1", pattern(1, 8 * MIB))
+    store.restored(first)
+    checkpoint = store.begin("node-a-20261128T000000-2", "node-a")
+    image = store.add_image(checkpoint, "pages-1.img")
+    fill(store, checkpoint, image, pattern(2, 2 * MIB))
+    assert os.fstat(image.fd).st_size == 8 * MIB, "the reused memfd (the setting of this test)"
+    deadline = time.monotonic() + 10
+    while not (recorded := [i["size"] for c in fake.meta()["checkpoints"] for i in c["images"]]):
+        assert time.monotonic() < deadline, fake.meta()
+        time.sleep(0.01)
+    assert recorded[0] < 2 * MIB, "the record lags (it is written when an image begins or completes)"
+
+    again = ImageStore(64 * MIB, reuse=16 * MIB)
+    taken = fdstore.FdStore(again, "cache").take_back(fake.handed_back())
+    (adopted,) = taken.checkpoints
+    back = adopted.images["pages-1.img"]
+    assert back.size == recorded[0] and not back.complete, "only what the record says arrived"
+    assert again.held == IMAGE_OVERHEAD + 8 * MIB, "charged for the pages its memfd holds"
+    fill(again, adopted, back, pattern(2, 3 * MIB)[back.size:])  # the resumed transfer
+    again.finish_image(back, checkpoint=adopted)
+    assert os.fstat(back.fd).st_size == 3 * MIB
+    assert os.pread(back.fd, 8 * MIB, 0) == pattern(2, 3 * MIB)
+    for fd in fake.fds.values():
+        os.close(fd)
+
+
+def test_an_image_not_reused_is_taken_back_at_its_file_size():
+    """Bytes that arrived after the record was written count, as before reuse existed."""
+    from imgmig.datapath.store import Image
+
+    fd = os.memfd_create("imgmig:core-1.img", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.pwrite(fd, b"c" * 5000, 0)
+    image = Image.taken_back("core-1.img", fd, 4096, False, None)
+    assert image.size == 5000 and not image.reusable
+    os.close(fd)

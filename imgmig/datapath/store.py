@@ -43,6 +43,7 @@ FILES_IMAGE = "imgmig-files.tar"
 # CRIU's page images are the large ones (pages-N.img); only they take and give back reused
 # memfds, so that a small image never holds (or frees) a large image's pages.
 REUSED_PREFIX = "pages-"
+REUSE_LABEL = "imgmig-reuse:"  # such memfds' name, as /proc/PID/fd shows it after "/memfd:"
 REUSE_MIN = 1 << 20  # a memfd with fewer bytes is not worth keeping
 REUSE_IDLE = 60.0  # seconds a kept memfd waits for a new image before it is freed
 
@@ -89,6 +90,20 @@ class Image:
     # A reused memfd's lasting read-only mapping (over the bytes it held when kept): its
     # page tables stay filled from one image to the next, so the digest maps nothing anew.
     mapping: mmap.mmap | None = field(default=None, repr=False)
+
+    @classmethod
+    def taken_back(cls, name: str, fd: int, recorded: int, complete: bool, digest: bytes | None) -> Image:
+        """An image from systemd's fd store after a restart (`recorded`: the size its record
+        gives). Its bytes are its memfd's, up to the file size, which may be past the record's
+        (bytes that arrived after it was written); except a reused page image still arriving,
+        whose file size counts the previous image's bytes: only what the record says arrived
+        is taken, and the rest is sent again."""
+        size = os.fstat(fd).st_size
+        if not _reuse_memfd(fd):
+            return cls(name, fd, size, complete, digest)
+        if complete:
+            return cls(name, fd, size, complete, digest, reusable=True)
+        return cls(name, fd, min(recorded, size), complete, digest, reusable=True, capacity=size)
 
     def cost(self) -> int:
         return IMAGE_OVERHEAD + -(-max(self.size, self.capacity) // PAGE) * PAGE
@@ -304,7 +319,7 @@ class ImageStore:
             kept = self.pool.take() if reusable else None
         if kept is None:
             # (/proc/PID/fd tells kept-for-reuse memfds apart by name: bench/common.py)
-            label = f"imgmig{'-reuse' if reusable else ''}:{name}".encode()[:_MEMFD_NAME_MAX].decode(errors="ignore")
+            label = f"{REUSE_LABEL if reusable else 'imgmig:'}{name}".encode()[:_MEMFD_NAME_MAX].decode(errors="ignore")
             flags = os.MFD_CLOEXEC | (0 if reusable else os.MFD_ALLOW_SEALING)
             fd = retry_out_of_fds(lambda: os.memfd_create(label, flags), "a memfd")
         with self.cond:
@@ -563,6 +578,13 @@ def watch_checkpoints(store: ImageStore, on_new: Callable[[Checkpoint], None] | 
 def _next_change(store: ImageStore, seen: int) -> int:
     store.wait_until(lambda: store.generation != seen)
     return store.generation
+
+
+def _reuse_memfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith(f"/memfd:{REUSE_LABEL}")
+    except OSError:
+        return False
 
 
 def _map(kept: _Kept) -> mmap.mmap:
