@@ -24,8 +24,9 @@ DIGESTS = ("xxh3-128", "sha256")
 DEFAULT_MAX_FILES = 100_000  # real CRIU dumps have hundreds; each file costs an fd and a page
 DEFAULT_MAX_HANDSHAKES = 16
 # Released page images' memfds kept, with their pages, for the next checkpoint (store.MemfdPool):
-# writing into pages that exist costs about half of allocating and freeing fresh ones.
-DEFAULT_MEMORY_REUSE = 1 << 30
+# writing into pages that exist costs about half of allocating and freeing fresh ones. 2 GiB:
+# a process of 1 GiB has a page image a little over 1 GiB, which 1 GiB would not keep.
+DEFAULT_MEMORY_REUSE = 2 << 30
 DEFAULT_MAX_CONNECTIONS_PER_PEER = 64  # a proxy keeps one connection per held checkpoint
 DEFAULT_IDLE_TIMEOUT = 60.0
 TLS_DIR = Path("/etc/imgmig/tls")

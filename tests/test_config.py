@@ -60,7 +60,7 @@ def test_defaults():
         assert cfg.cache.listen == HostPort("0.0.0.0", config.DEFAULT_PORT)
         assert cfg.cache.allow == (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
         assert cfg.memory_limit == int(config.total_memory_bytes() * 0.75)
-        assert cfg.memory_reuse == 1 << 30
+        assert cfg.memory_reuse == 2 << 30
 
 
 @pytest.mark.parametrize(("text", "reuse"), [("memory: {reuse: 256MiB}", 256 << 20), ("memory: {reuse: 0}", 0),
