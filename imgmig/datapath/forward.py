@@ -467,7 +467,12 @@ class Forwarder:
             out.image.hash(out.hasher, out.sent, n)
             self.conn.file_data_header(out.file_id, out.sent, n, time.monotonic())
             self._flush()
-            self.link.send_file(out.image.fd, out.sent, n)
+            view = out.image.mapped(out.sent, n)  # a reused image's lasting mapping (TLS reads it)
+            try:
+                self.link.send_file(out.image.fd, out.sent, n, view)
+            finally:
+                if view is not None:
+                    view.release()
             out.sent += n
             self.bytes_sent += n
             self._drain()  # an ERROR (too large, bad digest) stops the sending at once

@@ -108,15 +108,23 @@ class Image:
     def cost(self) -> int:
         return IMAGE_OVERHEAD + -(-max(self.size, self.capacity) // PAGE) * PAGE
 
+    def mapped(self, offset: int, length: int) -> memoryview | None:
+        """Bytes [offset, offset+length) through the lasting mapping, if it covers them
+        (the caller releases the view)."""
+        mapping = self.mapping
+        if mapping is None or offset + length > len(mapping):
+            return None
+        return memoryview(mapping)[offset:offset + length]
+
     def hash(self, hasher: Hasher, offset: int, length: int) -> None:
         """Feed bytes [offset, offset+length) to hasher, through the lasting mapping where
         it covers them, else through a short-lived one (kernel_io.hash_region)."""
-        mapping = self.mapping
-        if mapping is None or offset + length > len(mapping):
+        view = self.mapped(offset, length)
+        if view is None:
             hash_region(hasher, self.fd, offset, length)
             return
-        with memoryview(mapping) as view:
-            hasher.update(view[offset:offset + length])
+        with view:
+            hasher.update(view)
 
     def seal(self) -> None:
         """A complete image can no longer change: what is served is what arrived. Sealed
