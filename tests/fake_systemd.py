@@ -11,7 +11,6 @@ the daemon's own pid. The daemon binds its own listening sockets (no socket acti
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from conftest import PYTHON, REPO, START_TIMEOUT, STOP_TIMEOUT, Daemon, Log, wait_until
 
-from imgmig.system.fdstore import META_NAME
+from imgmig.system.fdstore import newest_document
 
 # Moves the fds named in SHIM_FDS to 3.. (by way of numbers above all of them, which cannot
 # be targets), closes the originals, sets LISTEN_PID to its own pid (kept across exec), execs.
@@ -93,15 +92,11 @@ class Supervised:
             self.ready += 1
 
     def recorded(self) -> list[dict]:
-        """The checkpoints the fd store's metadata lists now (the daemon rewrites that memfd
-        in place, from its own thread, a moment after its store changes)."""
+        """The checkpoints the fd store's metadata lists now (the daemon rewrites its
+        memfds in place, from its own thread, a moment after its store changes)."""
         with self.lock:
-            fd = self.stored.get(META_NAME)
-            try:
-                size = os.fstat(fd).st_size if fd is not None else 0
-                return json.loads(os.pread(fd, size, 0))["checkpoints"] if size else []
-            except ValueError:  # caught mid-write
-                return []
+            document = newest_document(self.stored)
+        return document["checkpoints"] if document else []
 
     def images_stored(self) -> int:
         with self.lock:

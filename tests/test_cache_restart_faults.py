@@ -11,7 +11,6 @@ open throughout, so the proxy's reconnection waits in its backlog, as with syste
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import re
@@ -29,7 +28,7 @@ from test_systemd_units import (  # noqa: F401 - notify_socket is a fixture
 )
 
 from imgmig import criu_sim
-from imgmig.system.fdstore import META_NAME
+from imgmig.system.fdstore import newest_document
 
 RESTARTS = 5
 
@@ -55,14 +54,8 @@ class RestartableCache:
         """The fd store's metadata (the memfd the daemon writes in place) lists an image: the
         daemon mirrors its store there a moment after a file begins, from another thread."""
         self.notes.poll(0.01)
-        fd = self.notes.stored.get(META_NAME)
-        if fd is None or not os.fstat(fd).st_size:
-            return False
-        try:
-            meta = json.loads(os.pread(fd, os.fstat(fd).st_size, 0))
-        except ValueError:  # caught mid-write (it is rewritten in place)
-            return False
-        return any(checkpoint["images"] for checkpoint in meta["checkpoints"])
+        meta = newest_document(self.notes.stored)
+        return meta is not None and any(checkpoint["images"] for checkpoint in meta["checkpoints"])
 
     def restart(self) -> tuple[float, float]:
         """SIGTERM, then a new process with the stored fds; (when it began, when the new one was READY)."""

@@ -43,9 +43,12 @@ class FakeStore:
             return {name: os.dup(fd) for name, fd in self.fds.items()}
 
     def meta(self) -> dict:
+        """The newest whole metadata document, as the next run would read it; the daemon's
+        thread may be writing the other slot meanwhile."""
         with self.lock:
-            fd = self.fds[fdstore.META_NAME]
-            return json.loads(os.pread(fd, os.fstat(fd).st_size, 0))
+            document = fdstore.newest_document(self.fds)
+        assert document is not None, f"no whole metadata document in {sorted(self.fds)}"
+        return document
 
 
 @pytest.fixture
@@ -88,7 +91,7 @@ def test_a_proxy_checkpoint_comes_back_whole_with_its_right_and_route(systemd):
         store.changed()
     settle(systemd, lambda m: m["checkpoints"][0]["holder"], "the holder")
     document = systemd.meta()
-    assert document["format"] == fdstore.FORMAT == 3 and document["last_number"] == 7, document
+    assert fdstore.FORMAT == 4 and document["last_number"] == 7, document
     (record,) = document["checkpoints"]
     assert record["complete"] and record["route"] == "node-b" and len(record["images"]) == 5, record
 
@@ -131,20 +134,101 @@ def test_a_checkpoint_with_an_image_missing_is_released_whole(systemd, caplog):
 
 
 def test_old_metadata_is_refused_in_one_line(systemd, caplog):
+    """Format 3 and older kept one document under FDNAME=imgmig-meta."""
     meta = os.memfd_create("meta")
     image = os.memfd_create("image")
     os.write(image, b"x" * 10)
-    os.write(meta, json.dumps({"format": 2, "role": "cache", "images": [
-        {"fdname": "img-1", "checkpoint": "a-1", "origin": "a", "image": "x.img", "size": 10, "digest": None}]})
+    image_inode = os.fstat(image).st_ino
+    os.write(meta, json.dumps({"format": 3, "role": "cache", "last_number": 0, "checkpoints": [
+        {"id": "a-1", "origin": "a", "complete": True, "holder": "", "route": "",
+         "images": [{"fdname": "img-1", "name": "x.img", "size": 10, "digest": None, "complete": True}]}]})
              .encode())
     store = ImageStore(1 << 30)
     with caplog.at_level(logging.WARNING):
-        taken = fdstore.FdStore(store, "cache").take_back({fdstore.META_NAME: meta, "img-1": image})
+        taken = fdstore.FdStore(store, "cache").take_back({fdstore.LEGACY_META: meta, "img-1": image})
     assert not taken.checkpoints and not store.checkpoints()
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(errors) == 1 and "is format 2, this imgmig reads format 3" in errors[0], errors
-    with pytest.raises(OSError):
-        os.fstat(image)  # released
+    assert len(errors) == 1 and "is format 3, this imgmig reads format 4" in errors[0], errors
+    assert not _still_open(image_inode), "the image fd was not released"
+    assert fdstore.LEGACY_META not in systemd.fds and set(fdstore.META_SLOTS) <= set(systemd.fds)
+
+
+def _still_open(inode: int) -> bool:
+    """Whether this process still has an fd on that memfd (its number may be reused)."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.stat(f"/proc/self/fd/{name}").st_ino == inode:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _held_checkpoint(systemd, files: int) -> None:
+    store = ImageStore(1 << 30)
+    fdstore.FdStore(store, "cache").take_back({})
+    checkpoint = store.begin("node-a-20261128T000000-3", "node-a")
+    for n in range(files):
+        write(store, checkpoint, f"f{n}.img", bytes([n]) * 100)
+    store.complete(checkpoint, clean=True)
+    settle(systemd, lambda m: m["checkpoints"] and m["checkpoints"][0]["complete"], "the checkpoint complete")
+    with store.cond:  # one more change, for the newest document to tear
+        checkpoint.holder = "node-b"
+        store.changed()
+    settle(systemd, lambda m: m["checkpoints"][0]["holder"] == "node-b", "the holder")
+
+
+def _newest_slot(systemd) -> int:
+    generations = {}
+    for name in fdstore.META_SLOTS:
+        fd = systemd.fds[name]
+        header = os.pread(fd, 200, 0).partition(b"\n")[0].split(b" ")
+        generations[name] = int(header[2])
+    return systemd.fds[max(generations, key=generations.get)]
+
+
+@pytest.mark.parametrize("cut_at", [0, 20, 60, -1])
+def test_a_kill_in_the_middle_of_a_metadata_write_keeps_the_checkpoints(systemd, caplog, cut_at):
+    """A daemon killed while it rewrites the metadata leaves that slot torn: the other slot,
+    one change older, still brings the checkpoint back whole. (With one document rewritten
+    in place, such a kill lost every held checkpoint.)"""
+    _held_checkpoint(systemd, 3)
+    newest = _newest_slot(systemd)
+    whole = os.pread(newest, os.fstat(newest).st_size, 0)
+    torn = whole[:cut_at] + b"\0" * 7 if cut_at >= 0 else whole[:-1] + b"X"  # cut short, or one byte wrong
+    os.ftruncate(newest, 0)
+    os.pwrite(newest, torn, 0)
+    with caplog.at_level(logging.WARNING):
+        taken = fdstore.FdStore(ImageStore(1 << 30), "cache").take_back(systemd.handed_back())
+    (back,) = taken.checkpoints
+    assert back.id == "node-a-20261128T000000-3" and back.holder == "", "not the document before the torn one"
+    assert [os.pread(image.fd, 100, 0) for image in back.images.values()] == [bytes([n]) * 100 for n in range(3)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "the previous whole metadata (generation" in warnings[0], warnings
+
+
+def test_the_next_write_goes_to_the_torn_slot_not_the_one_taken_back(systemd):
+    _held_checkpoint(systemd, 2)
+    newest = _newest_slot(systemd)
+    os.ftruncate(newest, 5)
+    handed = systemd.handed_back()
+    taken_from = fdstore.newest_document(handed)["generation"]
+    fdstore.FdStore(ImageStore(1 << 30), "cache").take_back(handed)
+    settle(systemd, lambda m: m["generation"] > taken_from, "a newer generation")
+    for name in fdstore.META_SLOTS:
+        assert fdstore.decode_document(os.pread(systemd.fds[name], 1 << 20, 0))[0] in (taken_from, taken_from + 1)
+
+
+def test_both_slots_torn_is_one_error_line_and_releases_the_fds(systemd, caplog):
+    _held_checkpoint(systemd, 2)
+    handed = systemd.handed_back()
+    for name in fdstore.META_SLOTS:
+        os.ftruncate(handed[name], 30)
+    with caplog.at_level(logging.WARNING):
+        taken = fdstore.FdStore(ImageStore(1 << 30), "cache").take_back(handed)
+    assert not taken.checkpoints
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1 and "is unreadable" in errors[0] and "died while writing" in errors[0], errors
 
 
 def test_following_the_store_costs_what_changed_not_what_is_held(systemd, monkeypatch):

@@ -104,3 +104,22 @@ def test_recv_nowait_reports_nothing_then_what_came(pki) -> None:
     assert cache.recv_nowait(100) is None
     proxy.close()
     cache.close()
+
+
+def test_recv_nowait_gathers_every_record_at_hand(pki) -> None:
+    """One SSL_read gives one record (16 KiB at most); the link takes all that is there."""
+    proxy, cache = connected_links(pki)
+    proxy.send(b"r" * 200_000)
+    deadline = threading.Event()
+    largest = 0
+    data = b""
+    while len(data) < 200_000 and not deadline.wait(0.05):  # let the rest arrive, then read
+        more = cache.recv_nowait(256 << 10)
+        if more:
+            largest = max(largest, len(more))
+            data += more
+    assert data == b"r" * 200_000
+    assert largest > 16 << 10, f"no read took more than one record ({largest} bytes)"
+    proxy.close()
+    cache.close()
+

@@ -10,7 +10,6 @@ death is never served, and the proxy's copy stays available for a rollback.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import re
@@ -33,6 +32,7 @@ from test_daemons_sim import (
 from imgmig import criu_sim
 from imgmig.commands.common import ControlClient
 from imgmig.roles.endpoints import CONTROL_SOCKET
+from imgmig.system import fdstore
 
 FILES = 9  # images in a checkpoint_images() checkpoint
 POINTS = 5  # kill -9 points per daemon
@@ -67,8 +67,9 @@ def held(images_dir) -> list[dict]:
 def meta(node: Supervised) -> dict:
     """The fd store's metadata document, as the next run would read it."""
     with node.lock:
-        fd = node.stored["imgmig-meta"]
-        return json.loads(os.pread(fd, os.fstat(fd).st_size, 0))
+        document = fdstore.newest_document(node.stored)
+    assert document is not None, f"no whole fd-store metadata in {sorted(node.stored)}"
+    return document
 
 
 def pages_image(mib: int, tag: str) -> bytes:

@@ -488,3 +488,83 @@ def test_a_checkpoint_taken_back_still_arriving_expires_unless_resumed(caplog):
     assert store.wait_until(lambda: checkpoint.state is State.FAILED, timeout=WAIT)
     assert transfers.settled["cp"] == (BeginStatus.GONE, 0)
     assert "its proxy did not come back within 0 s (cache.resume_for)" in caplog.text
+
+
+def test_a_change_wakes_only_the_waiters_whose_predicate_holds(store, stop):
+    """The changing thread checks each waiter's predicate; a waiter is woken (and checks it
+    again in its own thread) only when it holds: 10,000 small files make 30,000 changes."""
+    checkpoint = store.begin("cp", "node")
+    image = store.add_image(checkpoint, "big.img")
+    own_checks = {"image": 0, "checkpoint": 0}
+
+    def counted(what: str, predicate: Callable[[], bool]) -> Callable[[], bool]:
+        def check() -> bool:
+            if threading.current_thread() is not threading.main_thread():
+                own_checks[what] += 1 if threading.current_thread().name == what else 0
+            return predicate()
+        return check
+
+    def waiter(what: str, predicate: Callable[[], bool]) -> Background:
+        result = Background(lambda: store.wait_until(counted(what, predicate), stop, timeout=WAIT))
+        result.thread.name = what
+        return result
+
+    for_image = waiter("image", lambda: image.complete)
+    for_checkpoint = waiter("checkpoint", lambda: checkpoint.state is State.COMPLETE)
+    assert store.wait_until(lambda: len(store._waiters) == 2, timeout=WAIT)
+    before = dict(own_checks)
+    for _ in range(200):
+        write(store, checkpoint, image, b"x" * 100)
+    assert own_checks == before, "200 changes that concern neither woke neither"
+    store.finish_image(image)
+    assert for_image.result() is True
+    assert not for_checkpoint.done.is_set()
+    store.complete(checkpoint, clean=True)
+    assert for_checkpoint.result() is True
+    assert not store._waiters
+
+
+def test_a_predicate_that_raises_is_raised_in_its_waiter_not_in_the_changer(store, stop):
+    checkpoint = store.begin("cp", "node")
+
+    def broken() -> bool:
+        if checkpoint.state is State.COMPLETE:
+            raise KeyError("gone")
+        return False
+
+    waiting = Background(lambda: store.wait_until(broken, stop, timeout=WAIT))
+    assert store.wait_until(lambda: len(store._waiters) == 1, timeout=WAIT)
+    store.complete(checkpoint, clean=True)  # the changer evaluates it, and goes on
+    with pytest.raises(KeyError):
+        waiting.result()
+
+
+def test_checkpoint_watchers_follow_checkpoints_begun_and_gone_only(store):
+    seen = store.membership
+    checkpoint = store.begin("cp", "node")
+    assert store.membership == seen + 1
+    image = complete_image(store, checkpoint, "a.img", b"abc")
+    store.complete(checkpoint, clean=True)
+    assert store.membership == seen + 1, "files and states are not membership changes"
+    store.restored(checkpoint)
+    assert store.membership == seen + 2
+    assert image.fd == -1
+
+
+def test_listed_keeps_the_images_in_their_order(store):
+    checkpoint = store.begin("cp", "node")
+    for name in ("b.img", "a.img", "c.img"):
+        store.add_image(checkpoint, name)
+    files = os.memfd_create("files", os.MFD_ALLOW_SEALING)
+    store.add_complete_image(checkpoint, "files.tar", files)
+    assert [image.name for image in checkpoint.listed] == ["b.img", "a.img", "c.img", "files.tar"]
+    again = store.adopt("back", "node", [Image("x.img", os.memfd_create("x")), Image("y.img", os.memfd_create("y"))])
+    assert [image.name for image in again.listed] == ["x.img", "y.img"] == list(again.images)
+
+
+def test_sealing_an_image_sealed_already_is_no_error(store):
+    """An image that completed in the run before a restart comes back sealed (fd store)."""
+    checkpoint = store.begin("cp", "node")
+    image = complete_image(store, checkpoint, "a.img", b"abc")
+    image.seal()
+    assert fcntl.fcntl(image.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SEAL

@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 from conftest import Pki
 
+from imgmig.system.fdstore import META_SLOTS
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = "/usr/bin/python3"
 ACTIVATE = shutil.which("systemd-socket-activate")
@@ -184,7 +186,7 @@ def test_cache_ready_status_stopping_any_fd_order(tmp_path: Path, notify_socket,
     assert notes.messages.index(stopping) > notes.messages.index(ready)
     log = (tmp_path / "log").read_text()
     assert "passed by systemd" in log, log
-    assert notes.stored.get("imgmig-meta") is not None, "the fd-store metadata memfd was not stored"
+    assert set(META_SLOTS) <= set(notes.stored), "the fd-store metadata memfds were not stored"
 
 
 def test_mismatched_port_refused_with_one_line(tmp_path: Path, notify_socket, pki: Pki) -> None:
@@ -365,7 +367,7 @@ def test_fd_store_keeps_a_checkpoint_over_a_restart(tmp_path: Path, notify_socke
         assert stop(first) == 0, log.read_text()
     notes.poll()
     stored = dict(notes.stored)
-    assert "imgmig-meta" in stored
+    assert set(META_SLOTS) <= set(stored)
     notes.messages.clear()
 
     second = _run_with_fds(cache_argv(config), [unix, tcp], stored, notify, log)

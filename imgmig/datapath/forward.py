@@ -16,7 +16,6 @@ retry there, may take the right.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import socket
@@ -406,7 +405,7 @@ class Forwarder:
             return True
         if self.wait_for_complete:
             return False
-        if len(checkpoint.images) > self.next_to_begin:
+        if len(checkpoint.listed) > self.next_to_begin and _may_begin(checkpoint, self.next_to_begin):
             return True
         return any(out.image.complete or out.image.size - out.sent >= SEND_STEP for out in self.active)
 
@@ -415,6 +414,8 @@ class Forwarder:
         self._learn_images()
         small = 0
         for out in self.outgoing[self.next_to_begin:]:
+            if not _may_begin(self.checkpoint, out.file_id):
+                break
             self.next_to_begin += 1
             if out.image.complete and out.image.size <= SMALL_FILE:
                 self._frame_small(out)
@@ -430,12 +431,10 @@ class Forwarder:
         self.active = [out for out in self.active if not out.ended]
 
     def _learn_images(self) -> None:
-        """Images are never removed from a checkpoint and dicts keep insertion order: the
-        new ones are those past the count already known, and their file ids follow it. list()
-        copies without letting another thread run, unlike a Python-level loop over a dict
-        that may grow."""
-        images = self.checkpoint.images
-        for image in list(itertools.islice(images.values(), len(self.outgoing), None)):
+        """Images are never removed from a checkpoint and `listed` keeps them in order: the
+        new ones are those past the count already known, and their file ids follow it. The
+        slice copies without letting another thread run."""
+        for image in self.checkpoint.listed[len(self.outgoing):]:
             self.outgoing.append(_Outgoing(image, len(self.outgoing), new_hasher(self.digest)))
 
     def _frame_small(self, out: _Outgoing) -> None:
@@ -698,3 +697,18 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
+
+
+def _may_begin(checkpoint: Checkpoint, file_id: int) -> bool:
+    """Whether the file may be begun now. A small image still being written waits until it
+    is complete: it then goes whole, batched with the next ones (one frame each, no
+    mapping), instead of as an open file with a header, a mapping and an end of its own.
+    Files begin in order, so it waits only while the ones behind it are small and few: a
+    large one (pages, written beside its pagemap) or a full batch begins it as it is."""
+    listed = checkpoint.listed
+    image = listed[file_id]
+    if image.complete or image.size > SMALL_FILE or checkpoint.state is not State.RECEIVING:
+        return True
+    if len(listed) - file_id > SMALL_BATCH:
+        return True
+    return any(listed[later].size > SMALL_FILE for later in range(file_id + 1, len(listed)))

@@ -215,17 +215,21 @@ class TlsLink(_Deadline):
 
     def recv_nowait(self, size: int) -> bytes | None:
         """Up to size bytes without blocking; None when nothing is there, b"" at end of stream.
-        Asks OpenSSL first: bytes it already decrypted (pending) never wake a poll()."""
-        with self.lock:
-            try:
-                data = self.sock.recv(size)
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                return None
-            except ssl.SSLError as exc:
-                raise self._broken(exc) from None
-        if not data:
-            self._check_eof()
-        return data
+        Asks OpenSSL first: bytes it already decrypted (pending) never wake a poll(). One
+        SSL_read gives one record (16 KiB at most): as many as are there are gathered."""
+        with memoryview(self.buffer) as view, view[:min(size, len(self.buffer))] as into:
+            with self.lock:
+                try:
+                    got = self.sock.recv_into(into)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    return None
+                except ssl.SSLError as exc:
+                    raise self._broken(exc) from None
+            if not got:
+                self._check_eof()
+                return b""
+            got += self._gather(into, got, len(into))
+            return bytes(into[:got])
 
     def recv_into_file(self, fd: int, offset: int, count: int) -> int:
         """Decrypt up to count bytes into fd at offset; 0 at end of stream. Gathers what

@@ -44,10 +44,15 @@ log = logging.getLogger(__name__)
 # this much (and at FILE_END): the socket hands over ~64 KiB per splice, and a mapping,
 # a digest call and a store notification for each would cost more than the bytes.
 HASH_STEP = 4 << 20
+# A payload that has this much left is moved from the link into the memfd directly; less
+# (a small file's, a large one's tail) comes with the next read, with the frames after it:
+# one read for many small files, hashed from the bytes at hand instead of a mapping each.
+DIRECT_MIN = 64 << 10
+READ_SIZE = 64 << 10  # bytes asked of the link per read: a large file's bytes beyond it are spliced
 # After a spliced payload the next frame is most likely the next FILE_DATA: a short read
 # takes its header and leaves its payload in the socket for the splice, instead of copying
 # up to 64 KiB of it through user space (decoder buffer, pwrite) per frame.
-READ_SIZE, READ_AFTER_PAYLOAD = 65536, 4096
+READ_AFTER_PAYLOAD = 4096
 LOOK_EVERY = 0.05    # an idle link looks at the store this often (a restore may want the right)
 TAKEOVER_WAIT = 5.0  # a resume waits this long for the cut connection's thread to let go
 LINGER = 2.0         # after an ERROR, how long the proxy may take to read it and close
@@ -92,13 +97,17 @@ class Transfers:
         """A checkpoint still arriving that came back from the fd store after a restart has
         no connection yet: it too fails if its proxy does not resume it within resume_for."""
         watched: set[str] = set()
+        seen = -1
 
         def unwatched() -> list[Checkpoint]:
             return [c for c in self.store.checkpoints() if c.state is State.RECEIVING
                     and c.id not in self.inbound and c.id not in watched]
 
         while True:
-            self.store.wait_until(unwatched)
+            # only a checkpoint taken back (store.adopt) is one: they are looked for when
+            # the checkpoints change, not on every byte and file that arrives
+            self.store.wait_until(lambda seen=seen: self.store.membership != seen)
+            seen = self.store.membership
             for checkpoint in unwatched():
                 watched.add(checkpoint.id)
                 threading.Thread(target=self._expire_taken_back, args=(checkpoint,), daemon=True,
@@ -207,7 +216,7 @@ class ReceiveSession:
                 self._flush_out()
                 return
             payload = self.conn.payload
-            if payload is not None:
+            if payload is not None and payload[2] >= DIRECT_MIN:
                 self._splice_payload(*payload)
                 continue
             event = self.conn.next_event()

@@ -4,8 +4,11 @@ Writers (capture on the proxy, the peer receiver on the cache) put bytes into an
 image's memfd themselves (splice) and report growth here; readers (serve, forward)
 wait on the store's condition for bytes, completion or failure. Nothing touches disk.
 There is one way to wait for anything here: a predicate checked under the store's
-condition (`wait_until`); every change notifies it, and `generation` counts the
-changes of checkpoint state for those that mirror the store (the fd store).
+condition (`wait_until`); every change re-checks the predicates of those waiting, in
+the changing thread, and wakes only the waiters whose predicate now holds: a dump of
+10,000 small files makes 30,000 changes, and waking every waiter for each would cost
+more than the files. `generation` counts the changes of checkpoint state for those that
+mirror the store (the fd store), `membership` the checkpoints begun and gone.
 """
 
 from __future__ import annotations
@@ -131,13 +134,18 @@ class Image:
         already when it completed in a run before a restart, after the fd store's
         metadata last described it (still arriving): adding seals then is refused (EPERM).
         A reusable image is trimmed to its size instead: the pages past it (another image's
-        bytes) are freed, and the file size is the image's size, as for a sealed one."""
+        bytes) are freed, and the file size is the image's size, as for a sealed one. One
+        system call per image in the common case: the seals are looked at only then."""
         if self.reusable:
             if self.capacity > self.size:
                 os.ftruncate(self.fd, self.size)  # also zeroes the rest of the last page
             self.capacity = 0
-        elif not fcntl.fcntl(self.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SEAL:
+            return
+        try:
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)
+        except PermissionError:
+            if not fcntl.fcntl(self.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SEAL:
+                raise
 
 
 @dataclass(eq=False)
@@ -170,6 +178,13 @@ class Checkpoint:
     # What the memory limit counts for all its images, kept as they are charged: a sum over
     # the images on every check would make a dump of n files cost O(n^2).
     charged: int = 0
+    # The images in the order they were added, as `images` holds them: a reader that knows
+    # the first n finds the new ones by index, where a walk over the dict would pass the n
+    # again on every look (O(files^2) over a dump of many small files).
+    listed: list[Image] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.listed = list(self.images.values())
 
     @property
     def size(self) -> int:
@@ -250,32 +265,56 @@ class ImageStore:
         self.max_files = max_files
         self.serve_only_complete = serve_only_complete
         self.cond = threading.Condition()
+        self._waiters: list[_Waiter] = []  # those in wait_until, each with its own condition on cond's lock
         self._checkpoints: dict[str, Checkpoint] = {}
         self._held = 0
         self.bytes_in = 0  # every byte ever stored: STATUS derives transfer rates from it
         self.generation = 0  # counts changes of checkpoints (begun, a file added or complete, complete, gone)
+        self.membership = 0  # counts checkpoints begun, adopted and gone
 
     # ---- observation -------------------------------------------------------------
     def wait_until(self, predicate: Callable[[], object], stop: threading.Event | None = None,
                    timeout: float | None = None) -> bool:
-        """Block until predicate() holds, checked under the store's lock after every change.
-        False if `stop` is set or `timeout` seconds pass first."""
+        """Block until predicate() holds, checked under the store's lock after every change
+        (by the changing thread: keep it cheap, and let it read only what the lock guards or
+        what its own thread leaves alone while it waits). False if `stop` is set or
+        `timeout` seconds pass first."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
-            while not predicate():
-                left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
-                if left <= 0 or (stop is not None and stop.is_set()):
-                    return False
-                self.cond.wait(left)
-            return True
+            if predicate():
+                return True
+            waiter = _Waiter(predicate, threading.Condition(self.cond._lock))  # type: ignore[attr-defined]
+            self._waiters.append(waiter)
+            try:
+                while True:
+                    left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+                    if left <= 0 or (stop is not None and stop.is_set()):
+                        return False
+                    waiter.cond.wait(left)
+                    if predicate():
+                        return True
+            finally:
+                self._waiters.remove(waiter)
 
     def changed(self) -> None:
-        """Wake every waiter after a change made under `cond` (a field of a checkpoint)."""
+        """Wake the waiters after a change made under `cond` (a field of a checkpoint)."""
         with self.cond:
             self._changed_locked()
 
     def _changed_locked(self) -> None:
         self.generation += 1
+        self._wake_locked()
+
+    def _wake_locked(self) -> None:
+        """Wake the wait_until callers whose predicate holds now, and whoever waits on
+        `cond` itself (a few rare waits outside the store)."""
+        for waiter in self._waiters:
+            try:
+                holds = waiter.predicate()
+            except Exception:  # its own thread evaluates it again and meets the error there
+                holds = True
+            if holds:
+                waiter.cond.notify()
         self.cond.notify_all()
 
     @property
@@ -297,6 +336,7 @@ class ImageStore:
                 raise StoreError(f"checkpoint {checkpoint_id} already exists")
             checkpoint = Checkpoint(checkpoint_id, origin, route=route)
             self._checkpoints[checkpoint_id] = checkpoint
+            self.membership += 1
             self._changed_locked()
         return checkpoint
 
@@ -314,6 +354,7 @@ class ImageStore:
             self._checkpoints[checkpoint_id] = checkpoint
             for image in images:
                 self._charge_locked(checkpoint, image)
+            self.membership += 1
             self._changed_locked()
         return checkpoint
 
@@ -339,6 +380,7 @@ class ImageStore:
             image = Image(name, fd, reusable=reusable) if kept is None else \
                 Image(name, kept.fd, reusable=True, capacity=kept.size, mapping=_map(kept))
             checkpoint.images[name] = image
+            checkpoint.listed.append(image)
             self._charge_locked(checkpoint, image)
             self._changed_locked()
             return image
@@ -369,9 +411,10 @@ class ImageStore:
             self._check_new_image_locked(checkpoint, name)
             image = Image(name, fd, size, complete=True)
             checkpoint.images[name] = image
+            checkpoint.listed.append(image)
             self.bytes_in += size
             self._charge_locked(checkpoint, image)
-            self.cond.notify_all()
+            self._wake_locked()
             return image
 
     def room(self) -> int:
@@ -381,7 +424,7 @@ class ImageStore:
         """The peer holds a verified copy: this one may be evicted when memory is needed."""
         with self.cond:
             checkpoint.delivered = True
-            self.cond.notify_all()  # a writer waiting for room may evict it now
+            self._wake_locked()  # a writer waiting for room may evict it now
 
     def _evict_delivered_locked(self) -> list[Checkpoint]:
         evicted = []
@@ -419,7 +462,7 @@ class ImageStore:
             image.size += n
             self.bytes_in += n
             self._charge_locked(checkpoint, image)
-            self.cond.notify_all()
+            self._wake_locked()
 
     def finish_image(self, image: Image, digest: bytes | None = None, checkpoint: Checkpoint | None = None) -> None:
         """`checkpoint` (the image's) lets a reused memfd's trimmed pages leave its charge now."""
@@ -472,24 +515,31 @@ class ImageStore:
     def unclaim(self, checkpoint: Checkpoint) -> None:
         with self.cond:
             checkpoint.claimed = False
-            self.cond.notify_all()
+            self._wake_locked()
 
     def wait_image(self, checkpoint: Checkpoint, name: str, stop: threading.Event) -> Image | None:
         """The complete image, or None if the checkpoint completed without it."""
         with self.cond:
-            while not stop.is_set():
-                if checkpoint.state is State.FAILED:
-                    raise CheckpointFailed(f"checkpoint {checkpoint.id} failed: {checkpoint.reason}")
-                image = checkpoint.images.get(name)
-                held_back = self.serve_only_complete and checkpoint.state is State.RECEIVING
-                if image is not None and image.complete and not held_back:
-                    return image
-                if checkpoint.state is State.COMPLETE and image is None:
-                    return None
-                if checkpoint.state is State.COMPLETE and not image.complete:
-                    raise CheckpointFailed(f"{name} in checkpoint {checkpoint.id} never completed")
-                self.cond.wait(0.5)
-        raise Interrupted(f"stopped waiting for {name}")
+            if stop.is_set() or not self.wait_until(lambda: self._image_settled(checkpoint, name), stop):
+                raise Interrupted(f"stopped waiting for {name}")
+            if checkpoint.state is State.FAILED:
+                raise CheckpointFailed(f"checkpoint {checkpoint.id} failed: {checkpoint.reason}")
+            image = checkpoint.images.get(name)
+            if image is not None and image.complete:
+                return image
+            if image is None:
+                return None
+            raise CheckpointFailed(f"{name} in checkpoint {checkpoint.id} never completed")
+
+    def _image_settled(self, checkpoint: Checkpoint, name: str) -> bool:
+        """wait_image's answer is known: the image is complete (and may be served), or the
+        checkpoint failed, or completed without it."""
+        if checkpoint.state is State.FAILED:
+            return True
+        image = checkpoint.images.get(name)
+        if image is not None and image.complete:
+            return not (self.serve_only_complete and checkpoint.state is State.RECEIVING)
+        return checkpoint.state is State.COMPLETE
 
     # ---- release -----------------------------------------------------------------
     def restored(self, checkpoint: Checkpoint) -> None:
@@ -522,6 +572,7 @@ class ImageStore:
         if self._checkpoints.pop(checkpoint.id, None) is None:
             return
         checkpoint.dropped = True
+        self.membership += 1
         self._held -= checkpoint.charged
         if not checkpoint.users:
             self._release_images_locked(checkpoint)
@@ -584,8 +635,15 @@ def watch_checkpoints(store: ImageStore, on_new: Callable[[Checkpoint], None] | 
 
 
 def _next_change(store: ImageStore, seen: int) -> int:
-    store.wait_until(lambda: store.generation != seen)
-    return store.generation
+    store.wait_until(lambda: store.membership != seen)
+    return store.membership
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """One caller of wait_until: what it waits for, and the condition it sleeps on."""
+    predicate: Callable[[], object]
+    cond: threading.Condition
 
 
 def _reuse_memfd(fd: int) -> bool:

@@ -504,6 +504,9 @@ class ProxyConnection(_Side):
         return Confirmed(FrameType.DROP)
 
 
+_FILE_FRAMES = frozenset({wire.FileBegin, wire.FileData, wire.FileEnd, wire.CheckpointEnd})
+
+
 class CacheConnection(_Side):
     """The cache's side of one connection about one checkpoint.
 
@@ -641,6 +644,8 @@ class CacheConnection(_Side):
 
     # ---- what the proxy says ------------------------------------------------------------------
     def _on_frame(self, frame: wire.Event, now: float) -> Event | None:
+        if self.phase is Phase.TRANSFER and type(frame) in _FILE_FRAMES:  # the many; same outcome as below
+            return self._on_transfer(frame)
         if isinstance(frame, wire.Error):
             self.phase = Phase.CLOSED
             return PeerError(frame.code, frame.message)

@@ -15,10 +15,14 @@ On start the daemon takes the fds back (LISTEN_FDNAMES), rebuilds those checkpoi
 from the metadata, and only then reports READY. When a checkpoint is restored,
 dropped or failed its fds leave the store (FDSTOREREMOVE=1).
 
-The metadata memfd is written in place (systemd holds the same open file), so it is
-stored once; a write is `pwrite` of the whole JSON then `ftruncate`, and a torn or
-unreadable document on start only costs the held checkpoints, never a wrong image:
-a checkpoint is adopted whole or not at all, and sizes are checked against the memfds.
+The metadata is written in place (systemd holds the same open files), in two memfds,
+FDNAME=imgmig-meta-a and imgmig-meta-b, in turn: a daemon killed in the middle of a write
+leaves that slot torn and the other one whole, one change older. Each document starts
+with a line naming its format, its generation, its length and a BLAKE2b digest of it; on
+start the newest whole document is used. (A single document rewritten in place, format 3,
+lost every held checkpoint to a kill -9 that landed mid-write.) A checkpoint is adopted
+whole or not at all, and sizes are checked against the memfds, so an older document never
+yields a wrong image.
 Following the store costs O(images that changed) per change, not O(images held): each
 checkpoint's record remembers how many of its images it has seen and which are open,
 and each image's JSON is made once it can no longer change.
@@ -26,6 +30,7 @@ and each image's JSON is made once it can no longer change.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -39,9 +44,11 @@ from imgmig.system import systemd_glue
 
 log = logging.getLogger(__name__)
 
-META_NAME = "imgmig-meta"
+META_SLOTS = ("imgmig-meta-a", "imgmig-meta-b")
+LEGACY_META = "imgmig-meta"  # format 3 and older: one document, rewritten in place
+MAGIC = b"imgmig-fdstore"
 IMAGE_PREFIX = "img-"
-FORMAT = 3
+FORMAT = 4
 
 
 @dataclass
@@ -123,16 +130,20 @@ class FdStore:
         # The proxy numbers its checkpoint ids (node-time-N): its next run goes on after the
         # highest N recorded, so that no id repeats, even within the same second.
         self.last_number = 0
-        self.meta_fd = -1
+        self.meta_fds = [-1] * len(META_SLOTS)
+        self.generation = 0  # of the newest metadata document written
 
     # ---- start -------------------------------------------------------------------
     def take_back(self, stored: dict[str, int]) -> TakenBack:
         """Adopt the checkpoints a previous run left in the fd store; release what cannot be used."""
-        meta_fd = stored.pop(META_NAME, -1)
-        meta = _read_meta(meta_fd, len(stored)) if meta_fd >= 0 else ([], 0)
-        records, self.last_number = meta or ([], 0)
-        if meta_fd >= 0:
-            self.meta_fd = meta_fd
+        slots = {name: stored.pop(name) for name in (*META_SLOTS, LEGACY_META) if name in stored}
+        meta = _read_meta(slots, len(stored)) if slots else _Meta([], 0, 0)
+        usable = meta or _Meta([], 0, 0)
+        records, self.last_number, self.generation = usable.records, usable.last_number, usable.generation
+        self.meta_fds = [slots.pop(name, -1) for name in META_SLOTS]
+        for name, fd in slots.items():  # a legacy document, reported already
+            self._forget(name)
+            os.close(fd)
         taken = TakenBack()
         used: set[str] = set()
         for record in records:
@@ -257,42 +268,118 @@ class FdStore:
 
     # ---- the metadata memfd ------------------------------------------------------
     def _ensure_meta(self) -> None:
-        if self.meta_fd >= 0:
-            return
-        self.meta_fd = os.memfd_create(META_NAME, os.MFD_CLOEXEC)
-        systemd_glue.notify(f"FDSTORE=1\nFDNAME={META_NAME}", [self.meta_fd])
+        for index, name in enumerate(META_SLOTS):
+            if self.meta_fds[index] < 0:
+                self.meta_fds[index] = os.memfd_create(name, os.MFD_CLOEXEC)
+                systemd_glue.notify(f"FDSTORE=1\nFDNAME={name}", [self.meta_fds[index]])
 
     def _write_meta(self) -> None:
-        if self.meta_fd < 0:
+        """Write the next generation into the slot that does not hold the newest one."""
+        if min(self.meta_fds) < 0:
             return
         records = ",".join(record.encode() for record in self.records.values() if not record.broken)
-        data = (f'{{"format":{FORMAT},"role":"{self.role}","last_number":{self.last_number},'
+        body = (f'{{"role":"{self.role}","last_number":{self.last_number},'
                 f'"checkpoints":[{records}]}}').encode()
+        self.generation += 1
+        fd = self.meta_fds[self.generation % len(META_SLOTS)]
+        data = encode_document(self.generation, body)
         written = 0
         while written < len(data):
-            written += os.pwrite(self.meta_fd, data[written:], written)
-        os.ftruncate(self.meta_fd, len(data))
+            written += os.pwrite(fd, data[written:], written)
+        os.ftruncate(fd, len(data))
 
 
-def _read_meta(fd: int, fds: int) -> tuple[list[_Record], int] | None:
-    """The records of the previous run's metadata and its last_number; None (with one line
-    saying why) if unusable."""
-    try:
-        size = os.fstat(fd).st_size
-        raw: Any = json.loads(os.pread(fd, size, 0)) if size else {"format": FORMAT, "checkpoints": [],
-                                                                   "last_number": 0}
-    except (OSError, ValueError) as exc:
-        log.error("fd store: the metadata left by the previous run is unreadable (%s); its %d image fds are "
-                  "released, and the checkpoints they held do not survive this restart", exc, fds)
+class MetaFormatError(ValueError):
+    def __init__(self, found: object) -> None:
+        super().__init__(f"format {found!r}")
+        self.found = found
+
+
+def encode_document(generation: int, body: bytes) -> bytes:
+    digest = hashlib.blake2b(body, digest_size=16).hexdigest()
+    return b"%s %d %d %d %s\n" % (MAGIC, FORMAT, generation, len(body), digest.encode()) + body
+
+
+def decode_document(raw: bytes) -> tuple[int, dict[str, Any]]:
+    """(generation, document) of one slot; ValueError if it is not one whole document of
+    this format (MetaFormatError if it is another format)."""
+    header, _, rest = raw.partition(b"\n")
+    fields = header.split(b" ")
+    if len(fields) != 5 or fields[0] != MAGIC:
+        raise ValueError("not an imgmig fd-store document")
+    if fields[1] != str(FORMAT).encode():
+        raise MetaFormatError(fields[1].decode(errors="replace"))
+    generation, length = int(fields[2]), int(fields[3])
+    body = rest[:length]
+    if len(body) != length or hashlib.blake2b(body, digest_size=16).hexdigest().encode() != fields[4]:
+        raise ValueError(f"generation {generation} is incomplete (the daemon died while writing it)")
+    document = json.loads(body)
+    if not isinstance(document, dict):
+        raise ValueError("the document is not an object")
+    return generation, document
+
+
+def newest_document(slots: dict[str, int]) -> dict[str, Any] | None:
+    """The newest whole document among the metadata slots, with its generation; None if none is."""
+    found = []
+    for name in META_SLOTS:
+        try:
+            found.append(decode_document(_read_all(slots[name])))
+        except (KeyError, OSError, ValueError):
+            continue
+    if not found:
         return None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        found = raw.get("format") if isinstance(raw, dict) else None
-        log.error("fd store: the metadata left by the previous run is format %r, this imgmig reads format %d "
+    generation, document = max(found, key=lambda pair: pair[0])
+    return {**document, "generation": generation}
+
+
+@dataclass
+class _Meta:
+    records: list[_Record]
+    last_number: int
+    generation: int
+
+
+def _read_all(fd: int) -> bytes:
+    return os.pread(fd, os.fstat(fd).st_size, 0)
+
+
+def _read_meta(slots: dict[str, int], fds: int) -> _Meta | None:
+    """The records of the previous run's newest whole metadata, its last_number and
+    generation; None (with one line saying why) if none is usable."""
+    found: list[tuple[int, dict[str, Any]]] = []
+    problems: list[str] = []
+    formats: list[object] = []
+    for name, fd in slots.items():
+        try:
+            raw = _read_all(fd)
+            if name == LEGACY_META:
+                legacy = json.loads(raw) if raw else {}
+                formats.append(legacy.get("format") if isinstance(legacy, dict) else None)
+            elif raw:
+                found.append(decode_document(raw))
+        except MetaFormatError as exc:
+            formats.append(exc.found)
+        except (OSError, ValueError) as exc:
+            problems.append(f"{name}: {exc}")
+    if not found and formats:
+        log.error("fd store: the metadata left by the previous run is format %s, this imgmig reads format %d "
                   "(imgmig was changed between the two runs); its %d image fds are released, and the "
-                  "checkpoints they held do not survive this restart", found, FORMAT, fds)
+                  "checkpoints they held do not survive this restart", formats[0], FORMAT, fds)
         return None
+    if not found and problems:
+        log.error("fd store: the metadata left by the previous run is unreadable (%s); its %d image fds are "
+                  "released, and the checkpoints they held do not survive this restart", "; ".join(problems), fds)
+        return None
+    if not found:
+        return _Meta([], 0, 0)
+    generation, raw_document = max(found, key=lambda pair: pair[0])
+    if problems:
+        log.warning("fd store: %s; the previous whole metadata (generation %d) is used", "; ".join(problems),
+                    generation)
     try:
-        return [_record(item) for item in raw["checkpoints"]], int(raw["last_number"])
+        return _Meta([_record(item) for item in raw_document["checkpoints"]], int(raw_document["last_number"]),
+                     generation)
     except (TypeError, KeyError, ValueError) as exc:
         log.error("fd store: the metadata left by the previous run is malformed (%s); its %d image fds are "
                   "released, and the checkpoints they held do not survive this restart", exc, fds)
