@@ -8,7 +8,8 @@ from typing import Any
 from .common import ratio, summary
 
 TARGET_MIB = 1024
-METHODS = ("imgmig", "disk-style", "store-and-forward", "floor", "imgmig-tls-off")  # as bench/realcriu.py
+FULL_COPY = ("imgmig", "disk-style", "store-and-forward", "floor", "imgmig-tls-off")  # as bench/realcriu.py
+METHODS = (*FULL_COPY, "lazy")
 
 
 def _median(s: dict[str, Any] | None) -> float | None:
@@ -26,16 +27,19 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     ftr: dict[str, dict[str, dict[str, Any]]] = {}
     felt: dict[str, dict[str, dict[str, Any]]] = {}
     dump: dict[str, dict[str, dict[str, Any]]] = {}
-    for mib in results["plan"]["sizes"]:
+    for mib in _all_sizes(results):
         for mode in results["plan"]["modes"]:
             key = f"{mib}/{mode}"
+            if not any(r["mib"] == mib and r["mode"] == mode for r in runs):
+                continue
             ftr[key], felt[key], dump[key] = {}, {}, {}
             for method in METHODS:
                 sel = [r for r in runs if r["mib"] == mib and r["mode"] == mode and r["method"] == method]
                 if sel:
                     ftr[key][method] = summary([r["total_s"] for r in sel])
                     felt[key][method] = summary([r["felt_gap_s"] for r in sel if "felt_gap_s" in r])
-                    dump[key][method] = summary([r["dump_s"] for r in sel])
+                    if method in FULL_COPY:  # lazy's dump hands only the non-page images on
+                        dump[key][method] = summary([r["dump_s"] for r in sel])
             m = {k: _median(v) for k, v in ftr[key].items()}
             d = {k: _median(v) for k, v in dump[key].items()}
             ftr[key]["ratios"] = {
@@ -43,6 +47,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                 "imgmig/store-and-forward": ratio(m.get("imgmig"), m.get("store-and-forward")),
                 "imgmig/floor": ratio(m.get("imgmig"), m.get("floor")),
                 "TLS on/off": ratio(m.get("imgmig"), m.get("imgmig-tls-off")),
+                "lazy/floor": ratio(m.get("lazy"), m.get("floor")),
             }
             dump[key]["ratios"] = {
                 "streaming dump into proxy / dump to tmpfs": ratio(d.get("imgmig"), d.get("floor")),
@@ -54,6 +59,8 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         out["loadavg_1m"] = summary([r["loadavg_1m"] for r in runs if "loadavg_1m" in r])
         out["dump"] = dump
         out["phases"] = _phases(results, runs)
+    if any(r["method"] == "lazy" for r in runs):
+        out["lazy"] = _lazy(results, runs, ftr)
     sim = results.get("simulated") or {}
     link = dict(results.get("link") or {})
     if "socat_128k_runs_MBps" in link:
@@ -99,13 +106,58 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _all_sizes(results: dict[str, Any]) -> list[int]:
+    """The sizes that have runs (full-copy and lazy sizes differ)."""
+    return sorted({r["mib"] for r in results.get("migrations") or []})
+
+
+def _lazy(results: dict[str, Any], runs: list[dict[str, Any]], ftr: dict[str, Any]) -> dict[str, Any]:
+    """Per size: the lazy runs' figures, and their time until every page arrived against
+    the full-copy imgmig runs of the same size and mode (where the plan has them)."""
+    mode = results["plan"]["lazy_mode"]
+    out: dict[str, Any] = {"mode": mode, "sizes": {}}
+    for mib in results["plan"]["lazy_sizes"]:
+        sel = [r for r in runs if r["method"] == "lazy" and r["mib"] == mib]
+        if not sel:
+            continue
+        full = _median(ftr.get(f"{mib}/{mode}", {}).get("imgmig"))
+        single = [r["requests_by_pages"].get("1", 0) / r["requests"] for r in sel if r["requests"]]
+        out["sizes"][str(mib)] = {
+            "freeze_to_running": summary([r["total_s"] for r in sel]),
+            "images_handed": summary([r["dump_s"] for r in sel]),
+            "claimed": summary([r["claimed_s"] for r in sel]),
+            "felt_gap": summary([r["felt_gap_s"] for r in sel]),
+            "every_page": summary([r["every_page_s"] for r in sel]),
+            "copy_MBps": summary([r["pages_bytes"] / r["copy_s"] / 1e6 for r in sel]),
+            "touch_before_per_s": summary([r["touch_before_per_s"] for r in sel if r["touch_before_per_s"]]),
+            "touch_during_copy_per_s": summary([r["touch_during_copy_per_s"] for r in sel
+                                                if r["touch_during_copy_per_s"] is not None]),
+            "throughput_during/before": summary([r["touch_during_copy_per_s"] / r["touch_before_per_s"]
+                                                 for r in sel if r["touch_before_per_s"]
+                                                 and r["touch_during_copy_per_s"] is not None]),
+            "requests": summary([r["requests"] for r in sel]),
+            "single_page_share": summary(single),
+            "imgmig_full_copy": full,
+            # each run's time to the last page over the full-copy median: the spread of the ratio
+            "every_page/imgmig": summary([r["every_page_s"] / full for r in sel]) if full else None,
+        }
+    sizes = out["sizes"]
+    small, large = min(results["plan"]["lazy_sizes"]), max(results["plan"]["lazy_sizes"])
+    out["ratios"] = {} if small == large else {
+        f"freeze-to-running {large} MiB / {small} MiB": ratio(
+            _median(sizes.get(str(large), {}).get("freeze_to_running")),
+            _median(sizes.get(str(small), {}).get("freeze_to_running"))),
+    }
+    return out
+
+
 def _phases(results: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians of each phase's end, seconds after the dump started: where the time goes."""
     phases: dict[str, Any] = {}
     for mib in results["plan"]["sizes"]:
         for mode in results["plan"]["modes"]:
             row: dict[str, Any] = {}
-            for method in METHODS:
+            for method in FULL_COPY:
                 sel = [r for r in runs if r["mib"] == mib and r["mode"] == mode and r["method"] == method]
                 if not sel:
                     continue
@@ -144,10 +196,30 @@ def _targets(s: dict[str, Any], size: int | None) -> list[dict[str, Any]]:
     for name, figs in s.get("daemons", {}).items():
         add(f"{name} CPU-s per GB", figs["cpu_s_per_GB"]["median"], "<=", 0.5)
         add(f"{name} peak RSS beyond image bytes, MiB", figs["peak_rss_beyond_images_MiB"], "<=", 64)
+    _lazy_targets(s, add, size)
     add("10,000 small files, files/s end to end", _median(s.get("small_files")), ">=", 5000)
     add("four concurrent checkpoints, aggregate / one", _median((s.get("concurrency") or {}).get("ratio")),
         ">=", 0.8)
     return t
+
+
+def _lazy_targets(s: dict[str, Any], add: Any, size: int | None) -> None:
+    """Issue 10's targets, from the same run."""
+    lazy = s.get("lazy")
+    if not lazy:
+        return
+    key = f"{size}/{lazy['mode']}"
+    at = lazy["sizes"].get(str(size), {})
+    add(f"lazy freeze-to-running, s ({key})", _median(at.get("freeze_to_running")), "<=", 0.3)
+    add(f"lazy freeze-to-running / floor ({key})",
+        (s.get("freeze_to_running") or {}).get(key, {}).get("ratios", {}).get("lazy/floor"), "<=", 0.25)
+    for name, value in lazy["ratios"].items():
+        add(f"lazy {name}", value, "<=", 1.5)
+    add(f"lazy longest felt stall, s ({key})", _median(at.get("felt_gap")), "<=", 0.5)
+    for mib, figures in lazy["sizes"].items():
+        if figures["every_page/imgmig"]:  # no full-copy runs at lazy-only sizes (4 GiB)
+            add(f"lazy every page / imgmig full copy ({mib}/{lazy['mode']})",
+                _median(figures["every_page/imgmig"]), "<=", 2)
 
 
 def _fmt(v: Any, digits: int = 2) -> str:
@@ -173,14 +245,14 @@ def markdown(results: dict[str, Any]) -> str:
                   "other work shared the machine, so compare figures within this run only.", ""]
     if "freeze_to_running" in s:
         lines += ["## 1. Freeze to running (start of `criu dump` until `criu restore -d` returned)", "",
-                  "| size MiB | memory | imgmig | disk-style | store-and-forward | floor | imgmig, tls off | "
-                  "imgmig/disk | imgmig/s&f | imgmig/floor | TLS on/off |", "|---" * 11 + "|"]
+                  "| size MiB | memory | imgmig | disk-style | store-and-forward | floor | imgmig, tls off | lazy | "
+                  "imgmig/disk | imgmig/s&f | imgmig/floor | TLS on/off | lazy/floor |", "|---" * 13 + "|"]
         for key, row in s["freeze_to_running"].items():
             mib, mode = key.split("/")
             r = row["ratios"]
             lines.append(f"| {mib} | {mode} | " + " | ".join(_fmt(row.get(m)) for m in METHODS) + " | "
                          + " | ".join(_fmt(r[k]) for k in ("imgmig/disk-style", "imgmig/store-and-forward",
-                                                           "imgmig/floor", "TLS on/off")) + " |")
+                                                           "imgmig/floor", "TLS on/off", "lazy/floor")) + " |")
         lines += ["", "### Downtime felt by the process (longest gap between the workload's 2 ms ticks, "
                   "CLOCK_REALTIME)", "",
                   "The workload's ticker thread keeps the longest gap between its ticks, read after the restore; "
@@ -191,6 +263,9 @@ def markdown(results: dict[str, Any]) -> str:
         for key, row in s["felt_gap"].items():
             mib, mode = key.split("/")
             lines.append(f"| {mib} | {mode} | " + " | ".join(_fmt(row.get(m)) for m in METHODS) + " |")
+        if "lazy" in s:
+            lines += _lazy_markdown(s["lazy"], results["plan"]["lazy_touch_per_s"],
+                                    results["plan"].get("lazy_untouched_from_mib"))
         lines += ["", "### Where the time goes (medians, seconds after `criu dump` started)", "",
                   "'moved': imgmig and store-and-forward, the cache logged the checkpoint complete and verified "
                   "(timed by the cache from CHECKPOINT_BEGIN); disk-style, tar|socat finished on B. 'restore': "
@@ -206,6 +281,8 @@ def markdown(results: dict[str, Any]) -> str:
                   "-D tmpfs (floor runs) | -D tmpfs (disk-style runs) | streaming/tmpfs | held/tmpfs |",
                   "|---|---|---|---|---|---|---|---|"]
         for key, row in s["dump"].items():
+            if not set(row) & set(FULL_COPY):
+                continue
             mib, mode = key.split("/")
             r = row["ratios"]
             lines.append(f"| {mib} | {mode} | {_fmt(row.get('imgmig'))} | {_fmt(row.get('store-and-forward'))} | "
@@ -251,32 +328,80 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _lazy_markdown(lazy: dict[str, Any], touch: int, untouched_from: int | None) -> list[str]:
+    without_reader = (f" From {untouched_from} MiB on the workload runs WITHOUT that reader (its page faults slow "
+                      "the background copy, bench/README.md, 'Time'): reads/s is n/a there, and 'felt' counts the "
+                      "freeze and the interpreter's own faults only." if untouched_from else "")
+    lines = ["", f"### Lazy (post-copy) migration, {lazy['mode']} memory", "",
+             "Freeze-to-running as above (`criu restore --lazy-pages -d` returned: the process runs on B, its "
+             "memory still on A); 'every page': until `criu lazy-pages` exited, every page on B; 'felt': the "
+             "workload's longest tick gap from the freeze to the end of the copy (page faults after the restore "
+             f"count). The workload reads one byte of {touch} random pages a second; 'reads/s' is the rate it "
+             f"achieved, before the freeze and during the background copy.{without_reader} `criu lazy-pages` runs "
+             "at nice 19 once the restore returned (its poll loop spins). 'requests': lazy-pages' requests "
+             "through the tunnel, and the share of them for a single page (page faults). 'full copy': imgmig's "
+             "freeze-to-running at the same size and memory state, when every page is on B too. 'images handed': "
+             "the lazy dump's non-page images were all written to the proxy; 'claimed': the restore on B had "
+             "claimed the checkpoint (both from the start of the dump).",
+             "",
+             "| size MiB | freeze to running | images handed, claimed (medians) | felt | every page | copy MB/s | "
+             "reads/s before | reads/s during "
+             "copy | during/before | requests | single-page share | full copy | every page / full copy |",
+             "|---" * 13 + "|"]
+    for mib, f in lazy["sizes"].items():
+        full = (f"{_fmt(f['imgmig_full_copy'])} | {_fmt(f['every_page/imgmig'])}" if f["every_page/imgmig"]
+                else "no full-copy run at this size | n/a")
+        lines.append(f"| {mib} | {_fmt(f['freeze_to_running'])} | {_fmt(_median(f['images_handed']))}, "
+                     f"{_fmt(_median(f['claimed']))} | {_fmt(f['felt_gap'])} | "
+                     f"{_fmt(f['every_page'], 1)} | {_fmt(f['copy_MBps'], 0)} | {_fmt(f['touch_before_per_s'], 0)} | "
+                     f"{_fmt(f['touch_during_copy_per_s'], 0)} | {_fmt(f['throughput_during/before'])} | "
+                     f"{_fmt(f['requests'], 0)} | {_fmt(f['single_page_share'])} | {full} |")
+    lines += [""] + [f"- {name}: {_fmt(value)}" for name, value in lazy["ratios"].items()]
+    return lines
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     s = results["summary"]["freeze_to_running"]
-    sizes = results["plan"]["sizes"]
+    sizes = _all_sizes(results)
     modes = results["plan"]["modes"]
+    lazy = results["summary"].get("lazy")
     fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
     for ax, mode in zip(axes[0], modes, strict=True):
-        for method, marker in zip(METHODS, "osD^v", strict=True):
-            xs, ys, lo, hi = [], [], [], []
-            for mib in sizes:
-                v = s.get(f"{mib}/{mode}", {}).get(method)
-                if v and "median" in v:
-                    xs.append(mib)
-                    ys.append(v["median"])
-                    lo.append(v["median"] - v["min"])
-                    hi.append(v["max"] - v["median"])
-            if xs:
-                ax.errorbar(xs, ys, yerr=[lo, hi], marker=marker, capsize=3, label=method)
+        for method, marker in zip(METHODS, "osD^vP", strict=True):
+            _line(ax, [(mib, s.get(f"{mib}/{mode}", {}).get(method)) for mib in sizes], marker=marker, label=method)
+        if lazy and lazy["mode"] == mode:
+            _line(ax, [(int(mib), f["every_page"]) for mib, f in lazy["sizes"].items()], marker="X", linestyle="--",
+                  label="lazy: every page on B")
         ax.set_title(f"freeze to running, {mode} memory")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label))
+        ax.set_xticks(sizes, [str(mib) for mib in sizes])
         ax.set_xlabel("process size (MiB)")
         ax.set_ylabel("seconds (median, min-max)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _line(ax: Any, points: list[tuple[int, dict[str, Any] | None]], **style: Any) -> None:
+    """Medians with min-max error bars, where there are figures."""
+    shown = [(mib, v) for mib, v in points if v and "median" in v]
+    if shown:
+        ax.errorbar([mib for mib, _ in shown], [v["median"] for _, v in shown],
+                    yerr=[[v["median"] - v["min"] for _, v in shown], [v["max"] - v["median"] for _, v in shown]],
+                    capsize=3, **style)
+
+
+def _minor_label(value: float, _: object) -> str:
+    """Label 2, 3 and 5 of each decade on the log axis, so a short range still reads."""
+    return f"{value:g}" if f"{value:.0e}"[0] in "235" else ""

@@ -21,14 +21,15 @@ from pathlib import Path
 from testbed import criu as testbed_criu
 from testbed import daemons, migrate, netns
 
-from . import report, simulated
+from . import lazy, report, simulated
 from .common import MIB, summary
 from .realcriu import METHODS, RealBench
 
-FULL = {"sizes": [256, 1024], "reps": 5, "sim_mib": 1024, "small_files": 10000,
+FULL = {"sizes": [256, 1024], "lazy_sizes": [256, 1024, 4096], "reps": 5, "sim_mib": 1024, "small_files": 10000,
         "concurrent_mib": 256, "link_mib": 1024, "modes": ["cold", "warm"]}
-SMOKE = {"sizes": [256], "reps": 1, "sim_mib": 64, "small_files": 500,
+SMOKE = {"sizes": [256], "lazy_sizes": [256], "reps": 1, "sim_mib": 64, "small_files": 500,
          "concurrent_mib": 16, "link_mib": 64, "modes": ["cold", "warm"]}
+LAZY_MODE = "warm"  # lazy runs in one mode only (bench/README.md, "Lazy migration")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="smallest size, one repetition (the test suite's run)")
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")],
                         help="MiB; default 256,1024 (2 GiB on demand: --sizes 256,1024,2048)")
+    parser.add_argument("--lazy-sizes", type=lambda s: [int(x) for x in s.split(",")],
+                        help="MiB for the lazy method; default 256,1024,4096")
     parser.add_argument("--reps", type=int)
     parser.add_argument("--modes", type=lambda s: s.split(","), help="cold,warm (both by default)")
     parser.add_argument("--methods", type=lambda s: s.split(","), help=f"subset of {','.join(METHODS)}")
@@ -46,11 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     plan = dict(SMOKE if args.smoke else FULL)
     if args.sizes:
         plan["sizes"] = args.sizes
+    if args.lazy_sizes:
+        plan["lazy_sizes"] = args.lazy_sizes
     if args.reps:
         plan["reps"] = args.reps
     if args.modes:
         plan["modes"] = args.modes
     plan["methods"] = args.methods or list(METHODS)
+    plan["lazy_mode"] = LAZY_MODE if LAZY_MODE in plan["modes"] else plan["modes"][0]
+    plan["lazy_touch_per_s"] = lazy.TOUCH
+    plan["lazy_untouched_from_mib"] = lazy.UNTOUCHED_FROM_MIB
     if not set(plan["methods"]) <= set(METHODS) or not set(plan["modes"]) <= {"cold", "warm"}:
         parser.error(f"--methods takes {','.join(METHODS)}; --modes takes cold,warm")
     if os.geteuid() != 0:
@@ -72,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         migrate.become_subreaper()
         with netns.two_nodes("imgmig-bench") as nodes:
+            parts: dict[str, float] = {}
+            results["elapsed_by_part_s"] = parts
             if not args.skip_sim:
+                part_started = time.monotonic()
                 log("simulated CRIU client: throughput, CPU and memory, small files, concurrency")
                 with daemons.proxy_and_cache(workdir / "sim", nodes.a, nodes.b, port=9995,
                                              memory_limit="60%") as pair:
@@ -84,12 +95,18 @@ def main(argv: list[str] | None = None) -> int:
                                              tls=False) as pair:
                     results["simulated_tls_off"] = simulated.tls_off(pair, size=plan["sim_mib"] * MIB,
                                                                      reps=plan["reps"], log=log)
+                parts["simulated"] = time.monotonic() - part_started
             if not args.skip_real:
                 criu = testbed_criu.find_criu()
                 with RealBench(criu, nodes, workdir, log) as bench:
                     log(f"link baselines: socat 128 KiB blocks and iperf3 ({plan['link_mib']} MiB)")
+                    part_started = time.monotonic()
                     results["link"] = bench.link_baselines(plan["link_mib"] * MIB)
+                    parts["link"] = time.monotonic() - part_started
                     results["migrations"] = _migrations(bench, plan, log)
+                    for method in plan["methods"]:
+                        parts[f"migrations: {method}"] = sum(r["wall_s"] for r in results["migrations"]
+                                                             if r["method"] == method)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     results["elapsed_s"] = time.monotonic() - started
@@ -105,20 +122,39 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _migrations(bench: RealBench, plan: dict, log) -> list[dict[str, object]]:
-    """Every (size, mode, method), repeated, interleaved: repetition is the outer loop."""
+    """Every (size, mode, method), repeated, interleaved: repetition is the outer loop.
+    The full-copy methods run at `sizes` in every mode, lazy at `lazy_sizes` in `lazy_mode`."""
     runs = []
     for rep in range(plan["reps"]):
-        for mib in plan["sizes"]:
+        for mib in sorted(set(plan["sizes"]) | set(plan["lazy_sizes"])):
             for mode in plan["modes"]:
                 for method in plan["methods"]:
-                    monitor = method == "imgmig"
-                    result = bench.run(method, mib, mode, monitor=monitor)
-                    result["rep"] = rep
+                    if (mib, mode) not in (_lazy_slots(plan) if method == "lazy" else _full_copy_slots(plan)):
+                        continue
+                    started = time.monotonic()
+                    result = bench.run(method, mib, mode, monitor=method == "imgmig")
+                    result.update(rep=rep, wall_s=time.monotonic() - started)  # the run's whole cost, set-up included
                     runs.append(result)
                     log(f"  {method:18s} {mib:5d} MiB {mode}: freeze-to-running {result['total_s']:.2f} s "
                         f"(dump {result['dump_s']:.2f} s, felt {result['felt_gap_s']:.2f} s, "
-                        f"load {result['loadavg_1m']:.1f})")
+                        f"load {result['loadavg_1m']:.1f}){_lazy_figures(result)}")
     return runs
+
+
+def _full_copy_slots(plan: dict) -> set[tuple[int, str]]:
+    return {(mib, mode) for mib in plan["sizes"] for mode in plan["modes"]}
+
+
+def _lazy_slots(plan: dict) -> set[tuple[int, str]]:
+    return {(mib, plan["lazy_mode"]) for mib in plan["lazy_sizes"]}
+
+
+def _lazy_figures(result: dict) -> str:
+    if result["method"] != "lazy":
+        return ""
+    reads = (f", workload reads {result['touch_during_copy_per_s'] or 0:.0f}/s during the copy vs "
+             f"{result['touch_before_per_s']:.0f}/s" if result["touch_per_s"] else ", no reader")
+    return f"; every page at {result['every_page_s']:.1f} s, {result['requests']} requests{reads}"
 
 
 def _machine() -> dict[str, object]:

@@ -103,7 +103,10 @@ class Session:
 
     def concurrent(self, sources: list[Source]) -> dict[str, float]:
         """len(sources) checkpoints dumped at once through the one proxy and cache, each
-        with its own restore; aggregate bytes over the time until the last restore ended."""
+        with its own restore; aggregate bytes over the time until the last restore ended.
+        The proxy's release of the previous checkpoints (1 s after their restore) is waited
+        for here, so that it overlaps the caller's pre-warm."""
+        wait_images_released(self.pids.values())
         restores = [SimRestore(self.pair.cache_dir, ["inventory.img", "pagemap-1.img", "pages-1.img"])
                     for _ in sources]
         for r in restores:
@@ -127,7 +130,6 @@ class Session:
             raise RuntimeError(f"a concurrent dump failed: {errors[0]!r}")
         self.count += len(sources)
         _wait_completions(self.pair, self.count)
-        _wait_released(self.pair, self.count)
         note_release()
         total_bytes = sum(r.sizes.get("pages-1.img", 0) for r in restores)
         expected = sum(s.size for s in sources)
@@ -188,7 +190,7 @@ def run_all(pair: Pair, *, size: int, reps: int, small_count: int, small_size: i
         try:
             conc = []
             for i in range(reps):
-                prewarm(3 * 4 * concurrent_size)
+                prewarm(3 * concurrent_size)  # as throughput(): three times what the run will hold
                 one = session.concurrent(csrc[:1])
                 prewarm(3 * 4 * concurrent_size)
                 four = session.concurrent(csrc)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,10 +56,12 @@ class NsWorkload:
 
 
 @contextlib.contextmanager
-def ns_workload(node: netns.Node, mib: int, state_path: Path, warmup: int = 20) -> Iterator[NsWorkload]:
+def ns_workload(node: netns.Node, mib: int, state_path: Path, warmup: int = 20,
+                options: Sequence[str] = ()) -> Iterator[NsWorkload]:
+    """`options`: more of testbed.workload's (the benchmark's --touch, --pattern-cache)."""
     state_path.unlink(missing_ok=True)  # a state left by an earlier workload would pass for this one's
     launcher = subprocess.Popen([*net_of(node), "unshare", "-p", "-f", "setsid", sys.executable, "-m",
-                                 "testbed.workload", "--mib", str(mib), "--state", str(state_path)],
+                                 "testbed.workload", "--mib", str(mib), "--state", str(state_path), *options],
                                 env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, cwd=REPO_ROOT,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)

@@ -1,14 +1,19 @@
 """A verifiable workload for migrations: `python3 -m testbed.workload --mib N --state FILE`.
 
 It fills N MiB with a deterministic, incompressible pattern (SHAKE-128 of a seed),
-records the buffer's SHA-256, then counts forever. Every ~100 ms it replaces FILE
+records the buffer's SHA-256 (with --pattern-cache, the one kept beside the cached
+pattern it read), then counts forever. Every ~100 ms it replaces FILE
 (write + rename, so no file stays open across a dump) with one JSON line: pid, a
 random token drawn at start, the counter, the start digest, and the digest of the
 most recent re-verification (SIGUSR1 asks for one; the count of them is in the line),
 and the longest stall the process felt: a ticker thread wakes every 2 ms and keeps the
 longest gap between two of its ticks on CLOCK_REALTIME (time.time()), because CRIU
 restores CLOCK_MONOTONIC through a time namespace that hides the freeze. SIGUSR2 starts
-that maximum afresh (the count of resets is in the line).
+that maximum afresh (the count of resets is in the line). With --touch N, a third thread
+reads one byte of N pages a second, picked at random over the whole buffer, and counts
+them (`touched` in the line): its rate is the workload's own throughput, which drops
+while the pages it reads are still missing after a lazy restore (each such read is a
+page fault served from the source).
 
 After a restore the test proves continuation (same token, counter past its pre-dump
 value) and intact memory (a fresh re-verification equals the digest expected for N
@@ -22,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -35,6 +41,8 @@ CHUNK = 16 << 20
 WRITE_EVERY = 0.1
 TICK = 0.01
 GAP_TICK = 0.002
+TOUCH_TICK = 0.01
+PAGE = 4096
 
 
 def fill(buf: bytearray, seed: int) -> None:
@@ -44,23 +52,32 @@ def fill(buf: bytearray, seed: int) -> None:
         buf[offset:offset + size] = hashlib.shake_128(f"imgmig-{seed}-{index}".encode()).digest(size)
 
 
-def fill_cached(buf: bytearray, seed: int, cache_dir: Path | None) -> None:
-    """fill(), through a copy of the pattern kept in cache_dir (a tmpfs): reading it back
-    is several times faster than SHAKE-128, which matters to a benchmark that starts a
-    fresh 1 GiB workload for every run."""
+def fill_cached(buf: bytearray, seed: int, cache_dir: Path | None) -> str:
+    """fill(), and return the buffer's SHA-256. With cache_dir (a tmpfs), through a copy
+    of the pattern kept there with its SHA-256 beside it: reading both back is several
+    times faster than SHAKE-128 and SHA-256, which matters to a benchmark that starts a
+    fresh workload of up to 4 GiB for every run."""
     if cache_dir is None:
         fill(buf, seed)
-        return
+        return hashlib.sha256(buf).hexdigest()
     path = cache_dir / f"workload-pattern-{seed}-{len(buf)}"
+    digest_path = path.with_name(f"{path.name}.sha256")
     try:
         with open(path, "rb") as f:
             if f.readinto(buf) == len(buf):
-                return
+                return digest_path.read_text()
     except FileNotFoundError:
         pass
     fill(buf, seed)
+    digest = hashlib.sha256(buf).hexdigest()
+    _write_new(digest_path, digest.encode())  # first: a pattern in the cache always has its digest
+    _write_new(path, buf)
+    return digest
+
+
+def _write_new(path: Path, data: bytes | bytearray) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}")
-    tmp.write_bytes(buf)
+    tmp.write_bytes(data)
     os.rename(tmp, path)
 
 
@@ -86,6 +103,7 @@ class State:
     max_gap_s: float = 0.0
     gap_resets: int = 0
     written: float = 0.0  # time.time() when the line was written: tells a restored task's lines from older ones
+    touched: int = 0  # pages the --touch thread has read so far
 
     @classmethod
     def read(cls, path: Path) -> State | None:
@@ -128,10 +146,34 @@ class GapTicker(threading.Thread):
         self.resets_asked += 1
 
 
-def run(mib: int, state_path: Path, seed: int, pattern_cache: Path | None = None) -> None:
+class Toucher(threading.Thread):
+    """Read one byte of `per_second` random pages of `buf` a second, in batches every
+    TOUCH_TICK, paced against the wall clock: the count falls behind the demand only
+    when reads stall (page faults) or the thread gets no CPU."""
+
+    def __init__(self, buf: bytearray, per_second: int, seed: int) -> None:
+        super().__init__(daemon=True)
+        self.buf, self.per_second = buf, per_second
+        self.rng = random.Random(seed)
+        self.touched = 0
+
+    def run(self) -> None:
+        pages = len(self.buf) // PAGE
+        owed, last = 0.0, time.time()
+        while True:
+            time.sleep(TOUCH_TICK)
+            now = time.time()
+            owed = min(owed + (now - last) * self.per_second, self.per_second * TOUCH_TICK)  # no catching up
+            last = now
+            while owed >= 1:
+                _ = self.buf[self.rng.randrange(pages) * PAGE]  # the read is the work (a fault if missing)
+                self.touched += 1
+                owed -= 1
+
+
+def run(mib: int, state_path: Path, seed: int, pattern_cache: Path | None = None, touch: int = 0) -> None:
     buf = bytearray(mib << 20)
-    fill_cached(buf, seed, pattern_cache)
-    digest = hashlib.sha256(buf).hexdigest()
+    digest = fill_cached(buf, seed, pattern_cache)
     token = os.urandom(8).hex()
     verify = threading.Event()
     signal.signal(signal.SIGUSR1, lambda *_: verify.set())
@@ -139,6 +181,9 @@ def run(mib: int, state_path: Path, seed: int, pattern_cache: Path | None = None
     signal.signal(signal.SIGUSR2, lambda *_: reset.set())
     ticker = GapTicker()
     ticker.start()
+    toucher = Toucher(buf, touch, seed) if touch else None
+    if toucher:
+        toucher.start()
     counter, verifications, verified, resets = 0, 0, digest, 0
     last_write = 0.0
     while True:
@@ -156,13 +201,14 @@ def run(mib: int, state_path: Path, seed: int, pattern_cache: Path | None = None
         now = time.monotonic()
         if now - last_write >= WRITE_EVERY:
             _write_state(state_path, State(os.getpid(), token, counter, digest, verified, verifications, mib,
-                                           ticker.max_gap(), resets, time.time()))
+                                           ticker.max_gap(), resets, time.time(),
+                                           toucher.touched if toucher else 0))
             last_write = now
         time.sleep(TICK)
 
 
 def start(mib: int, state_path: Path, *, seed: int = 1, log_path: Path | None = None,
-          pattern_cache: Path | None = None) -> subprocess.Popen:
+          pattern_cache: Path | None = None, touch: int = 0) -> subprocess.Popen:
     """Start the workload as a child of the caller, in its own session (so CRIU can
     dump it without the caller's terminal or process group), stdin from /dev/null.
     Keep the Popen and wait() on it: the dump kills the task, and a zombie would keep
@@ -173,7 +219,8 @@ def start(mib: int, state_path: Path, *, seed: int = 1, log_path: Path | None = 
     try:
         return subprocess.Popen([sys.executable, "-m", "testbed.workload", "--mib", str(mib),
                                  "--state", str(state_path), "--seed", str(seed),
-                                 *(["--pattern-cache", str(pattern_cache)] if pattern_cache else [])],
+                                 *(["--pattern-cache", str(pattern_cache)] if pattern_cache else []),
+                                 "--touch", str(touch)],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
                                 start_new_session=True, close_fds=True)
     finally:
@@ -222,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state", type=Path, required=True, help="state file, replaced every ~100 ms")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--pattern-cache", type=Path, help="directory (tmpfs) to keep a copy of the pattern in")
+    parser.add_argument("--touch", type=int, default=0, help="random pages to read a second (0: none)")
     args = parser.parse_args(argv)
-    run(args.mib, args.state, args.seed, args.pattern_cache)
+    run(args.mib, args.state, args.seed, args.pattern_cache, args.touch)
     return 0
 
 

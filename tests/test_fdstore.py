@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from imgmig.datapath import custody
 from imgmig.datapath.store import ImageStore, State
 from imgmig.system import fdstore, systemd_glue
 
@@ -267,3 +268,49 @@ def test_an_image_sealed_before_a_restart_completes_again_without_error(systemd)
     adopted = again.adopt(checkpoint.id, "node-a", [type(image)("seccomp.img", os.dup(image.fd), 20)], False)
     again.finish_image(adopted.images["seccomp.img"], b"\x02" * 16)
     assert adopted.images["seccomp.img"].complete
+
+
+@pytest.fixture
+def slow_writes(monkeypatch):
+    """A writer slow enough that a custody decision racing it would be seen."""
+    original = fdstore.FdStore._write_meta
+
+    def slow(self):
+        time.sleep(0.1)
+        original(self)
+
+    monkeypatch.setattr(fdstore.FdStore, "_write_meta", slow)
+
+
+def _captured(systemd) -> tuple[ImageStore, object]:
+    store = ImageStore(1 << 30)
+    fdstore.FdStore(store, "proxy").take_back({})
+    checkpoint = store.begin("node-a-20261128T000000-5", "node-a", "node-b")
+    write(store, checkpoint, "pages-1.img", b"p" * 4096)
+    store.complete(checkpoint, clean=True)
+    settle(systemd, lambda m: m["checkpoints"] and m["checkpoints"][0]["complete"], "the checkpoint complete")
+    return store, checkpoint
+
+
+def test_a_grant_is_answered_only_once_the_fd_store_holds_it(systemd, slow_writes):
+    """A proxy killed right after its GRANT went out must come back knowing the destination
+    holds the right, or a rollback there would run the process on both nodes."""
+    store, checkpoint = _captured(systemd)
+    granted, holder = custody.grant_to_peer(store, checkpoint, "node-b")
+    assert granted and holder == custody.destination("node-b")
+    assert systemd.meta()["checkpoints"][0]["holder"] == holder, "GRANT answered before the fd store had it"
+
+
+def test_a_rollback_starts_only_once_the_fd_store_holds_it(systemd, slow_writes):
+    store, checkpoint = _captured(systemd)
+    custody.take_for_rollback(store, checkpoint, "node-a")
+    assert systemd.meta()["checkpoints"][0]["holder"] == custody.source("node-a")
+
+
+def test_without_systemd_custody_does_not_wait():
+    store = ImageStore(1 << 30)
+    checkpoint = store.begin("node-a-20261128T000000-6", "node-a")
+    store.complete(checkpoint, clean=True)
+    started = time.monotonic()
+    custody.grant_to_peer(store, checkpoint, "node-b")
+    assert time.monotonic() - started < 0.5 and store.durable is None

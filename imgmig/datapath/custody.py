@@ -7,13 +7,18 @@ sides keep the answer in the checkpoint (`holder`, `refused_by`) under the store
 condition, so a serve thread and a link driver meet there without calling each other.
 The one exception is fencing: with the source node down, the operator takes the right
 on the cache (`imgmig handoff --force`, `force`); the cache tells the proxy if it comes back.
+Under systemd the proxy acts on a grant or a rollback only once its fd store recorded the
+new holder (`ImageStore.wait_durable`), so a restart never forgets a right it gave.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 
-from imgmig.datapath.store import Checkpoint, CheckpointFailed, ImageStore, State
+from imgmig.datapath.store import DURABLE_TIMEOUT, Checkpoint, CheckpointFailed, ImageStore, State
+
+log = logging.getLogger(__name__)
 
 
 def source(node: str) -> str:
@@ -37,6 +42,7 @@ def take_for_rollback(store: ImageStore, checkpoint: Checkpoint, node: str) -> N
             raise NoRight(f"the right to restore it is held by {checkpoint.holder}, which was granted it")
         checkpoint.holder = source(node)
         store.changed()
+    _make_durable(store, checkpoint, "taken for a restore on this node")
 
 
 def grant_to_peer(store: ImageStore, checkpoint: Checkpoint, peer: str) -> tuple[bool, str]:
@@ -46,7 +52,18 @@ def grant_to_peer(store: ImageStore, checkpoint: Checkpoint, peer: str) -> tuple
             return False, checkpoint.holder
         checkpoint.holder = destination(peer)
         store.changed()
-        return True, checkpoint.holder
+    _make_durable(store, checkpoint, f"granted to {destination(peer)}")
+    return True, destination(peer)
+
+
+def _make_durable(store: ImageStore, checkpoint: Checkpoint, what: str) -> None:
+    """Act on a change of holder only once a restart of this daemon would remember it: a
+    proxy killed right after a GRANT must not come back believing it may roll back."""
+    if not store.wait_durable():
+        log.error("checkpoint %s: the right to restore it was %s, but systemd's fd store has not recorded it "
+                  "after %.0f s; if this daemon is restarted now, it may forget who holds the right: check "
+                  "`journalctl -u imgmig-proxy` for fd store errors", checkpoint.id, what, DURABLE_TIMEOUT,
+                  extra={"IMGMIG_CHECKPOINT": checkpoint.id})
 
 
 def await_grant(store: ImageStore, checkpoint: Checkpoint, timeout: float, stop: threading.Event) -> None:

@@ -49,6 +49,7 @@ REUSED_PREFIX = "pages-"
 REUSE_LABEL = "imgmig-reuse:"  # such memfds' name, as /proc/PID/fd shows it after "/memfd:"
 REUSE_MIN = 1 << 20  # a memfd with fewer bytes is not worth keeping
 REUSE_IDLE = 60.0  # seconds a kept memfd waits for a new image before it is freed
+DURABLE_TIMEOUT = 5.0  # seconds a custody decision waits for the fd store to write it
 
 
 class StoreError(Exception):
@@ -271,6 +272,7 @@ class ImageStore:
         self.bytes_in = 0  # every byte ever stored: STATUS derives transfer rates from it
         self.generation = 0  # counts changes of checkpoints (begun, a file added or complete, complete, gone)
         self.membership = 0  # counts checkpoints begun, adopted and gone
+        self.durable: int | None = None  # the generation systemd's fd store holds (fdstore.py); None: none kept
 
     # ---- observation -------------------------------------------------------------
     def wait_until(self, predicate: Callable[[], object], stop: threading.Event | None = None,
@@ -295,6 +297,22 @@ class ImageStore:
                         return True
             finally:
                 self._waiters.remove(waiter)
+
+    def persisted(self, generation: int) -> None:
+        """The fd store has written every change up to `generation`."""
+        with self.cond:
+            self.durable = generation
+            self._wake_locked()
+
+    def wait_durable(self, stop: threading.Event | None = None, timeout: float = DURABLE_TIMEOUT) -> bool:
+        """Wait until the fd store holds every change made so far, so that a decision about
+        custody is acted on only once a restart (or a kill -9) would remember it. True at once
+        where nothing is kept across restarts; False after `timeout`."""
+        with self.cond:
+            if self.durable is None:
+                return True
+            wanted = self.generation
+        return self.wait_until(lambda: self.durable is None or self.durable >= wanted, stop, timeout)
 
     def changed(self) -> None:
         """Wake the waiters after a change made under `cond` (a field of a checkpoint)."""

@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,8 @@ LEGACY_META = "imgmig-meta"  # format 3 and older: one document, rewritten in pl
 MAGIC = b"imgmig-fdstore"
 IMAGE_PREFIX = "img-"
 FORMAT = 4
+COALESCE_FACTOR = 4  # after a write that took t, the next waits 4 t: at most a fifth of the time writing
+COALESCE_MAX = 0.05  # seconds; a custody decision waits for the write (ImageStore.wait_durable)
 
 
 @dataclass
@@ -170,6 +173,7 @@ class FdStore:
         if self.enabled:
             self._ensure_meta()
             self._write_meta()
+            self.store.persisted(self.store.generation)
             threading.Thread(target=self._follow, name="fdstore", daemon=True).start()
         return taken
 
@@ -190,7 +194,9 @@ class FdStore:
     # ---- following the store ----------------------------------------------------
     def _follow(self) -> None:
         """Mirror the store for the life of the daemon: wait for a change, then keep what
-        was added or changed and release what is gone."""
+        was added or changed and release what is gone. Writes are spaced by a few times
+        what the last one took, so that a burst of small files costs O(files), not one
+        whole document per file (O(files^2))."""
         seen = -1
         while True:
             seen = self._next_change(seen)
@@ -203,8 +209,14 @@ class FdStore:
                 for checkpoint_id in set(self.records) - set(present):
                     self._release(checkpoint_id)
                     changed = True
-                if changed:
-                    self._write_meta()
+                took = self._timed_write() if changed else 0.0
+            self.store.persisted(seen)
+            time.sleep(min(COALESCE_MAX, COALESCE_FACTOR * took))
+
+    def _timed_write(self) -> float:
+        started = time.monotonic()
+        self._write_meta()
+        return time.monotonic() - started
 
     def _next_change(self, seen: int) -> int:
         self.store.wait_until(lambda: self.store.generation != seen)
