@@ -284,3 +284,26 @@ def test_an_image_not_reused_is_taken_back_at_its_file_size():
     image = Image.taken_back("core-1.img", fd, 4096, False, None)
     assert image.size == 5000 and not image.reusable
     os.close(fd)
+
+
+def test_a_fresh_page_image_still_arriving_is_taken_back_at_its_file_size():
+    """Only a memfd being written over may hold old bytes: a fresh one's file size is what
+    arrived, so a resume after a restart sends nothing the cache already holds."""
+    from imgmig.datapath.store import REUSED_XATTR, Image
+
+    store = ImageStore(64 * MIB, reuse=16 * MIB)
+    checkpoint = store.begin("cp-1", "node")
+    image = store.add_image(checkpoint, "pages-1.img")
+    fill(store, checkpoint, image, pattern(1, 3 * MIB))
+    back = Image.taken_back("pages-1.img", os.dup(image.fd), 0, False, None)
+    assert back.size == 3 * MIB and back.reusable and not back.capacity
+    os.close(back.fd)
+    store.finish_image(image, checkpoint=checkpoint)
+    store.complete(checkpoint, clean=True)
+    store.restored(checkpoint)
+    second = store.begin("cp-2", "node")
+    reused = store.add_image(second, "pages-1.img")
+    assert os.getxattr(reused.fd, REUSED_XATTR), "marked while written over"
+    fill(store, second, reused, pattern(2, MIB))
+    store.finish_image(reused, checkpoint=second)
+    assert REUSED_XATTR not in os.listxattr(reused.fd), "complete: its file size is its size again"

@@ -13,7 +13,9 @@ mirror the store (the fd store), `membership` the checkpoints begun and gone.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import errno
 import fcntl
 import logging
 import mmap
@@ -49,6 +51,9 @@ REUSED_PREFIX = "pages-"
 REUSE_LABEL = "imgmig-reuse:"  # such memfds' name, as /proc/PID/fd shows it after "/memfd:"
 REUSE_MIN = 1 << 20  # a memfd with fewer bytes is not worth keeping
 REUSE_IDLE = 60.0  # seconds a kept memfd waits for a new image before it is freed
+# Set on a kept memfd while a new image is written over it, removed when that image is
+# complete: until then the file size may count the previous image's bytes (Image.taken_back).
+REUSED_XATTR = "user.imgmig.reused"
 DURABLE_TIMEOUT = 5.0  # seconds a custody decision waits for the fd store to write it
 
 
@@ -105,7 +110,7 @@ class Image:
         size = os.fstat(fd).st_size
         if not _reuse_memfd(fd):
             return cls(name, fd, size, complete, digest)
-        if complete:
+        if complete or not _holds_old_bytes(fd):
             return cls(name, fd, size, complete, digest, reusable=True)
         return cls(name, fd, min(recorded, size), complete, digest, reusable=True, capacity=size)
 
@@ -141,6 +146,8 @@ class Image:
             if self.capacity > self.size:
                 os.ftruncate(self.fd, self.size)  # also zeroes the rest of the last page
             self.capacity = 0
+            with contextlib.suppress(OSError):  # absent (a fresh memfd) or unsupported
+                os.removexattr(self.fd, REUSED_XATTR)
             return
         try:
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)
@@ -384,6 +391,9 @@ class ImageStore:
         with self.cond:
             self._check_new_image_locked(checkpoint, name)
             kept = self.pool.take() if reusable else None
+        if kept is not None:
+            with contextlib.suppress(OSError):  # without xattrs, Image.taken_back assumes old bytes
+                os.setxattr(kept.fd, REUSED_XATTR, b"1")
         if kept is None:
             # (/proc/PID/fd tells kept-for-reuse memfds apart by name: bench/common.py)
             label = f"{REUSE_LABEL if reusable else 'imgmig:'}{name}".encode()[:_MEMFD_NAME_MAX].decode(errors="ignore")
@@ -669,6 +679,15 @@ def _reuse_memfd(fd: int) -> bool:
         return os.readlink(f"/proc/self/fd/{fd}").startswith(f"/memfd:{REUSE_LABEL}")
     except OSError:
         return False
+
+
+def _holds_old_bytes(fd: int) -> bool:
+    """A kept memfd being written over (REUSED_XATTR); also when xattrs cannot be read."""
+    try:
+        os.getxattr(fd, REUSED_XATTR)
+    except OSError as exc:
+        return exc.errno != errno.ENODATA
+    return True
 
 
 def _map(kept: _Kept) -> mmap.mmap:
