@@ -259,7 +259,7 @@ def test_a_reused_image_still_arriving_is_taken_back_at_its_recorded_size(monkey
     while not (recorded := [i["size"] for c in fake.meta()["checkpoints"] for i in c["images"]]):
         assert time.monotonic() < deadline, fake.meta()
         time.sleep(0.01)
-    assert recorded[0] < 2 * MIB, "the record lags (it is written when an image begins or completes)"
+    assert recorded[0] <= 2 * MIB  # (it may lag behind what arrived)
 
     again = ImageStore(64 * MIB, reuse=16 * MIB)
     taken = fdstore.FdStore(again, "cache").take_back(fake.handed_back())
