@@ -103,14 +103,18 @@ def _status_kib(pid: int) -> dict[str, int]:
     return out
 
 
-def memfd_bytes(pid: int) -> int:
-    """Bytes held in the daemon's image memfds."""
+IMAGE_MEMFDS = ("/memfd:imgmig:", "/memfd:imgmig-reuse:")
+
+
+def memfd_bytes(pid: int, prefixes: tuple[str, ...] = IMAGE_MEMFDS) -> int:
+    """Bytes held in the daemon's image memfds, and (by default) in the memfds its store
+    keeps for reuse (imgmig-reuse:NAME, an image's or kept after one: both are held memory)."""
     seen: dict[tuple[int, int], int] = {}  # by inode: Python's mmap holds a dup of the fd it maps
     fd_dir = f"/proc/{pid}/fd"
     with contextlib.suppress(OSError):
         for fd in os.listdir(fd_dir):
             with contextlib.suppress(OSError):
-                if os.readlink(f"{fd_dir}/{fd}").startswith("/memfd:imgmig:"):
+                if os.readlink(f"{fd_dir}/{fd}").startswith(prefixes):
                     st = os.stat(f"{fd_dir}/{fd}")
                     seen[(st.st_dev, st.st_ino)] = st.st_size
     return sum(seen.values())
@@ -118,10 +122,11 @@ def memfd_bytes(pid: int) -> int:
 
 def wait_images_released(pids: Iterable[int], timeout: float = 15.0) -> None:
     """Until the daemons hold no image memfds (a released checkpoint's memfds are closed
-    just after the log line that says so): measurements then start from an empty store."""
+    just after the log line that says so): measurements then start from an empty store.
+    Memfds kept for reuse stay (up to memory.reuse), so they are not waited for."""
     deadline = time.monotonic() + timeout
     for pid in pids:
-        while memfd_bytes(pid) and time.monotonic() < deadline:
+        while memfd_bytes(pid, IMAGE_MEMFDS[:1]) and time.monotonic() < deadline:
             time.sleep(0.01)
 
 

@@ -23,6 +23,10 @@ TRANSFER_MODES = ("streaming", "store-and-forward")
 DIGESTS = ("xxh3-128", "sha256")
 DEFAULT_MAX_FILES = 100_000  # real CRIU dumps have hundreds; each file costs an fd and a page
 DEFAULT_MAX_HANDSHAKES = 16
+# Released page images' memfds kept, with their pages, for the next checkpoint (store.MemfdPool):
+# writing into pages that exist costs about half of allocating and freeing fresh ones. 2 GiB:
+# a process of 1 GiB has a page image a little over 1 GiB, which 1 GiB would not keep.
+DEFAULT_MEMORY_REUSE = 2 << 30
 DEFAULT_MAX_CONNECTIONS_PER_PEER = 64  # a proxy keeps one connection per held checkpoint
 DEFAULT_IDLE_TIMEOUT = 60.0
 TLS_DIR = Path("/etc/imgmig/tls")
@@ -93,6 +97,7 @@ class Config:
     proxy: ProxyConfig
     cache: CacheConfig
     memory_limit: int
+    memory_reuse: int = DEFAULT_MEMORY_REUSE  # bytes of released page images' memfds kept for the next
     transfer: str = "streaming"
     digest: str = "xxh3-128"
     max_files: int = DEFAULT_MAX_FILES
@@ -117,7 +122,7 @@ _SCHEMA: dict[str, Any] = {
     "cache": {"images_dir": None, "listen": None, "allow": None, "max_handshakes": None,
               "max_connections_per_peer": None, "idle_timeout": None, "grant_timeout": None, "resume_for": None,
               "restore": None},
-    "memory": {"limit": None},
+    "memory": {"limit": None, "reuse": None},
     "tls": {"ca": None, "cert": None, "key": None},
     "link": {"handshake_timeout": None, "dead_peer_timeout": None},
     "peers": None,
@@ -287,9 +292,15 @@ def _build(raw: Any, where: str) -> Config:
         limit = parse_size(limit_raw, total_memory_bytes())
     except ValueError as exc:
         raise _fail(where, "memory.limit", limit_raw, str(exc)) from None
+    reuse_raw = _section(raw, "memory").get("reuse", DEFAULT_MEMORY_REUSE)
+    try:
+        reuse = 0 if reuse_raw in (0, "0", "off") else parse_size(reuse_raw, total_memory_bytes())
+    except ValueError as exc:
+        raise _fail(where, "memory.reuse", reuse_raw, f"{exc} (or 0 / off)") from None
     max_files = _count(raw.get("max_files", DEFAULT_MAX_FILES), "max_files", where)
-    return Config(node=node, proxy=proxy, cache=cache, memory_limit=limit, transfer=transfer, digest=digest,
-                  max_files=max_files, tls=_tls(raw.get("tls"), where), link=_link(_section(raw, "link"), where),
+    return Config(node=node, proxy=proxy, cache=cache, memory_limit=limit, memory_reuse=reuse, transfer=transfer,
+                  digest=digest, max_files=max_files, tls=_tls(raw.get("tls"), where),
+                  link=_link(_section(raw, "link"), where),
                   peers=_peers(raw.get("peers"), where), criu=_criu(raw.get("criu"), where),
                   migrate_mode=_choice(_section(raw, "migrate").get("mode", "copy"), "migrate.mode", MIGRATE_MODES,
                                        where),

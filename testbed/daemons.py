@@ -22,6 +22,8 @@ DEFAULT_PORT = 9996
 CAPTURE_SOCKET = "streamer-capture.sock"
 SERVE_SOCKET = "streamer-serve.sock"
 MEMFD_PREFIX = "/memfd:imgmig:"  # the store's image memfds, as /proc/PID/fd shows them
+# Page images' memfds, which the store may keep after their checkpoint for the next one (memory.reuse)
+REUSE_PREFIX = "/memfd:imgmig-reuse:"
 
 
 class DaemonFailed(RuntimeError):
@@ -55,9 +57,10 @@ class Daemon:
                                    f"log:\n{self.log()}")
             time.sleep(0.01)
 
-    def held_images(self) -> list[str]:
+    def held_images(self, kept: bool = True) -> list[str]:
         """Names of the checkpoint images the daemon holds: its open image memfds
-        ("imgmig:NAME"), read from /proc, independent of what it logs."""
+        ("imgmig:NAME"), read from /proc, independent of what it logs; with `kept`, also page
+        images' ("imgmig-reuse:NAME"), which may be memfds kept after their checkpoint."""
         if self.proc is None:
             return []
         fd_dir = Path(f"/proc/{self.proc.pid}/fd")
@@ -71,14 +74,16 @@ class Daemon:
                 target = os.readlink(fd)
             except OSError:
                 continue
-            if target.startswith(MEMFD_PREFIX):
-                names.append(target[len(MEMFD_PREFIX):].removesuffix(" (deleted)"))
+            for prefix in (MEMFD_PREFIX, REUSE_PREFIX) if kept else (MEMFD_PREFIX,):
+                if target.startswith(prefix):
+                    names.append(target[len(prefix):].removesuffix(" (deleted)"))
         return sorted(names)
 
     def wait_released(self, timeout: float = 10.0) -> None:
-        """Wait until the daemon holds no checkpoint image any more."""
+        """Wait until the daemon holds no checkpoint image any more (page images' memfds
+        may stay, kept for reuse: memory.reuse)."""
         deadline = time.monotonic() + timeout
-        while (held := self.held_images()) and time.monotonic() < deadline:
+        while (held := self.held_images(kept=False)) and time.monotonic() < deadline:
             time.sleep(0.02)
         if held:
             raise TimeoutError(f"imgmig-{self.role} still holds {held} after {timeout:.0f} s; log:\n{self.log()}")

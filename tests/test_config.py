@@ -60,6 +60,13 @@ def test_defaults():
         assert cfg.cache.listen == HostPort("0.0.0.0", config.DEFAULT_PORT)
         assert cfg.cache.allow == (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
         assert cfg.memory_limit == int(config.total_memory_bytes() * 0.75)
+        assert cfg.memory_reuse == 2 << 30
+
+
+@pytest.mark.parametrize(("text", "reuse"), [("memory: {reuse: 256MiB}", 256 << 20), ("memory: {reuse: 0}", 0),
+                                             ("memory: {reuse: off}", 0), ("memory: {reuse: '0'}", 0)])
+def test_memory_reuse(text, reuse):
+    assert config.parse(text).memory_reuse == reuse
 
 
 def test_empty_sections_take_defaults():
@@ -150,6 +157,9 @@ BAD_VALUES = [
     ("memory: {limit: [1]}", "memory.limit", "[1]"),
     ("memory: {limit: 1e999GiB}", "memory.limit", "'1e999GiB'"),
     ("memory: {limit: nan%}", "memory.limit", "'nan%'"),
+    ("memory: {reuse: lots}", "memory.reuse", "'lots'"),
+    ("memory: {reuse: 1000}", "memory.reuse", "1000"),
+    ("memory: {reuse: true}", "memory.reuse", "True"),
     ("max_files: 0", "max_files", "0"),
     ("max_files: many", "max_files", "'many'"),
     ("max_files: 1.5", "max_files", "1.5"),

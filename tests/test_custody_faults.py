@@ -479,7 +479,9 @@ def _fail_once_then_retry(pair, victims: list[int], tmp_path: Path) -> None:
     assert cached["state"] == "complete" and not cached["claimed"], "the cache's copy is servable again"
     assert held["state"] == "complete" and held["returned"] and not held["delivered"], held
     for daemon in (pair.proxy, pair.cache):  # the bytes themselves: each daemon still has the memfds
-        assert "imgmig:pages-1.img" in memfds(daemon.process.pid), f"imgmig-{daemon.role} let its copy go"
+        held = memfds(daemon.process.pid)  # (page images are imgmig-reuse:NAME memfds, memory.reuse)
+        assert "imgmig:core-1.img" in held and "imgmig-reuse:pages-1.img" in held, \
+            f"imgmig-{daemon.role} let its copy go"
 
     code, retry, said = _restore_with_fake_criu(pair, checkpoint, env)
     assert code == 0 and "restored: running as pid" in said, said

@@ -134,7 +134,7 @@ class CaptureSession:
         self.epoll.unregister(fd)
         os.close(fd)
         del self.pipes[fd]
-        self.store.finish_image(image)
+        self.store.finish_image(image, checkpoint=self.checkpoint)
 
     def _close_control(self) -> None:
         if self.control_open:

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from imgmig.config import HostPort
 from imgmig.datapath import custody
 from imgmig.datapath.digest import Digester, new_hasher, usable
-from imgmig.datapath.kernel_io import hash_region
 from imgmig.datapath.link import HandshakeCut, Link, LinkRefused, TlsLink
 from imgmig.datapath.receive import receive_within
 from imgmig.datapath.store import Checkpoint, Image, ImageStore, State
@@ -355,7 +354,7 @@ class Forwarder:
         self.resent_acked += max(0, out.acked - offset)
         self.bytes_sent -= out.sent - offset
         out.hasher = new_hasher(self.digest)
-        hash_region(out.hasher, out.image.fd, 0, offset)
+        out.image.hash(out.hasher, 0, offset)
         out.sent, out.ended = offset, False
 
     # ---- streaming ------------------------------------------------------------------------------
@@ -468,10 +467,15 @@ class Forwarder:
             return
         while out.sent < end:
             n = min(end - out.sent, FRAME_PAYLOAD)
-            hash_region(out.hasher, out.image.fd, out.sent, n)
+            out.image.hash(out.hasher, out.sent, n)
             self.conn.file_data_header(out.file_id, out.sent, n, time.monotonic())
             self._flush()
-            self.link.send_file(out.image.fd, out.sent, n)
+            view = out.image.mapped(out.sent, n)  # a reused image's lasting mapping (TLS reads it)
+            try:
+                self.link.send_file(out.image.fd, out.sent, n, view)
+            finally:
+                if view is not None:
+                    view.release()
             out.sent += n
             self.bytes_sent += n
             self._drain()  # an ERROR (too large, bad digest) stops the sending at once

@@ -114,8 +114,9 @@ class PlainLink(_Deadline):
         self._before_wait()
         self.sock.sendall(data)
 
-    def send_file(self, fd: int, offset: int, count: int) -> None:
-        """Send bytes [offset, offset+count) of fd."""
+    def send_file(self, fd: int, offset: int, count: int, mapped: memoryview | None = None) -> None:
+        """Send bytes [offset, offset+count) of fd (`mapped`, the same bytes through a mapping
+        the caller holds, is for links that must read them: not this one)."""
         sendfile_all(self.sock.fileno(), fd, offset, count)
 
     def recv(self, size: int) -> bytes:
@@ -186,13 +187,17 @@ class TlsLink(_Deadline):
         with memoryview(data) as view:
             self._send_view(view)
 
-    def send_file(self, fd: int, offset: int, count: int) -> None:
+    def send_file(self, fd: int, offset: int, count: int, mapped: memoryview | None = None) -> None:
         """Send bytes [offset, offset+count) of fd: sendfile with kernel TLS, else from a
-        read-only mapping of the memfd (no copy before OpenSSL encrypts it)."""
+        read-only mapping of the memfd (no copy before OpenSSL encrypts it): `mapped` if the
+        caller holds one (a reused image's lasting mapping), else one made for this call."""
         if count <= 0:
             return
         if self.ktls_send:
             self._sendfile(fd, offset, count)
+            return
+        if mapped is not None:
+            self._send_view(mapped)
             return
         start = offset - offset % _PAGE
         # MAP_POPULATE: the pages are mapped in one go, not by a fault per few pages

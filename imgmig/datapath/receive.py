@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from imgmig.config import DEFAULT_IDLE_TIMEOUT
 from imgmig.datapath import custody
 from imgmig.datapath.digest import LABELS, Digester, new_hasher, usable
-from imgmig.datapath.kernel_io import UntilHangup, hash_region, out_of_fds
+from imgmig.datapath.kernel_io import UntilHangup, out_of_fds
 from imgmig.datapath.link import Link
 from imgmig.datapath.store import Checkpoint, Image, ImageStore, State, StoreError, TooManyFiles
 from imgmig.datapath.tunnel import LAZY_IMAGE, TunnelPump, Tunnels
@@ -49,6 +49,10 @@ HASH_STEP = 4 << 20
 # one read for many small files, hashed from the bytes at hand instead of a mapping each.
 DIRECT_MIN = 64 << 10
 READ_SIZE = 64 << 10  # bytes asked of the link per read: a large file's bytes beyond it are spliced
+# After a spliced payload the next frame is most likely the next FILE_DATA: a short read
+# takes its header and leaves its payload in the socket for the splice, instead of copying
+# up to 64 KiB of it through user space (decoder buffer, pwrite) per frame.
+READ_AFTER_PAYLOAD = 4096
 LOOK_EVERY = 0.05    # an idle link looks at the store this often (a restore may want the right)
 TAKEOVER_WAIT = 5.0  # a resume waits this long for the cut connection's thread to let go
 LINGER = 2.0         # after an ERROR, how long the proxy may take to read it and close
@@ -165,6 +169,7 @@ class ReceiveSession:
         self.inbound: Inbound | None = None
         self.digest = wire.Digest.SHA256
         self.pending: dict[int, list[int]] = {}  # file_id -> [offset, length] stored, not yet hashed
+        self.read_size = READ_SIZE
         self.running_pid = 0  # a resumed checkpoint confirmed running here while the link was down
         self.peer = address
         self.started = time.monotonic()
@@ -231,7 +236,11 @@ class ReceiveSession:
             wait = max(0.0, min(wait, self.conn.last_heard + self.idle_timeout - now))
         if not self.greeted:
             self.link.wait_time()  # TimeoutError once the handshake deadline (TLS and HELLO) passed
-        data = receive_within(self.link, wait) if self.pump is None else self.pump.receive_within(self.link, wait)
+        if self.pump is None:
+            data = receive_within(self.link, wait, self.read_size)
+        else:
+            data = self.pump.receive_within(self.link, wait)
+        self.read_size = READ_SIZE
         self._tunnel_out()
         if data is None:
             if self._transferring and time.monotonic() - self.conn.last_heard >= self.idle_timeout:
@@ -465,7 +474,7 @@ class ReceiveSession:
         for file_id, image in inbound.images.items():
             if not image.complete:
                 inbound.hashers[file_id] = new_hasher(self.digest)
-                hash_region(inbound.hashers[file_id], image.fd, 0, image.size)
+                image.hash(inbound.hashers[file_id], 0, image.size)
         with self.store.cond:
             self.transfers.inbound.setdefault(checkpoint_id, inbound)
         return inbound
@@ -482,6 +491,7 @@ class ReceiveSession:
         self._wait_for_room()
         image = self._inbound().images[file_id]
         moved = self.link.recv_into_file(image.fd, offset, left)
+        self.read_size = READ_AFTER_PAYLOAD
         if not moved:
             self._on_eof()
         self.conn.consume_payload(moved, time.monotonic())
@@ -518,7 +528,7 @@ class ReceiveSession:
             return
         inbound = self._inbound()
         image = inbound.images[file_id]
-        hash_region(inbound.hashers[file_id], image.fd, pending[0], pending[1])
+        image.hash(inbound.hashers[file_id], pending[0], pending[1])
         self._account(file_id, image, pending[1])
 
     def _account(self, file_id: int, image: Image, n: int) -> None:
@@ -551,7 +561,7 @@ class ReceiveSession:
         if not hmac.compare_digest(digest, event.digest):
             raise Refused(f"{image.name}: {LABELS[self.digest]} digest mismatch (got {digest.hex()[:16]}..., "
                           f"the proxy sent {event.digest.hex()[:16]}...)", ErrorCode.DIGEST_MISMATCH)
-        self.store.finish_image(image, digest)
+        self.store.finish_image(image, digest, inbound.checkpoint)
         self.conn.file_verified(event.file_id, image.size, time.monotonic())
 
     def _on_checkpoint_end(self, event: conv.CheckpointEnded) -> None:
@@ -687,12 +697,13 @@ def _readable(fd: int, timeout: float) -> bool:
     return bool(poller.poll(int(timeout * 1000)))
 
 
-def receive_within(link: Link, timeout: float) -> bytes | None:
-    """What the link has, waiting up to timeout: None if nothing came, b"" at end of stream.
-    The link is asked first: a TLS link may hold decrypted bytes that never wake a poll()."""
-    data = link.recv_nowait(READ_SIZE)
+def receive_within(link: Link, timeout: float, size: int = READ_SIZE) -> bytes | None:
+    """Up to `size` bytes of what the link has, waiting up to timeout: None if nothing came,
+    b"" at end of stream. The link is asked first: a TLS link may hold decrypted bytes that
+    never wake a poll()."""
+    data = link.recv_nowait(size)
     if data is None and _readable(link.fileno(), timeout):
-        data = link.recv_nowait(READ_SIZE)
+        data = link.recv_nowait(size)
     return data
 
 

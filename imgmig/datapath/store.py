@@ -13,7 +13,9 @@ mirror the store (the fd store), `membership` the checkpoints begun and gone.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import errno
 import fcntl
 import logging
 import mmap
@@ -25,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from imgmig.config import DEFAULT_MAX_FILES
-from imgmig.datapath.kernel_io import retry_out_of_fds
+from imgmig.datapath.kernel_io import Hasher, hash_region, retry_out_of_fds
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,15 @@ _MEMFD_NAME_MAX = 249
 # `imgmig migrate --files`: the files that travel with the process, as one tar image, first
 # in its checkpoint. CRIU never asks for it; `imgmig restore` unpacks it before CRIU runs.
 FILES_IMAGE = "imgmig-files.tar"
+# CRIU's page images are the large ones (pages-N.img); only they take and give back reused
+# memfds, so that a small image never holds (or frees) a large image's pages.
+REUSED_PREFIX = "pages-"
+REUSE_LABEL = "imgmig-reuse:"  # such memfds' name, as /proc/PID/fd shows it after "/memfd:"
+REUSE_MIN = 1 << 20  # a memfd with fewer bytes is not worth keeping
+REUSE_IDLE = 60.0  # seconds a kept memfd waits for a new image before it is freed
+# Set on a kept memfd while a new image is written over it, removed when that image is
+# complete: until then the file size may count the previous image's bytes (Image.taken_back).
+REUSED_XATTR = "user.imgmig.reused"
 DURABLE_TIMEOUT = 5.0  # seconds a custody decision waits for the fd store to write it
 
 
@@ -81,15 +92,63 @@ class Image:
     complete: bool = False
     digest: bytes | None = None
     charged: int = 0  # what the memory limit counts for this image (see cost())
+    # A memfd that may be reused for a later image (MemfdPool): never sealed, and its file
+    # size may exceed `size` until the image completes (`capacity`: the pages it holds).
+    reusable: bool = False
+    capacity: int = 0
+    # A reused memfd's lasting read-only mapping (over the bytes it held when kept): its
+    # page tables stay filled from one image to the next, so the digest maps nothing anew.
+    mapping: mmap.mmap | None = field(default=None, repr=False)
+
+    @classmethod
+    def taken_back(cls, name: str, fd: int, recorded: int, complete: bool, digest: bytes | None) -> Image:
+        """An image from systemd's fd store after a restart (`recorded`: the size its record
+        gives). Its bytes are its memfd's, up to the file size, which may be past the record's
+        (bytes that arrived after it was written); except a reused page image still arriving,
+        whose file size counts the previous image's bytes: only what the record says arrived
+        is taken, and the rest is sent again."""
+        size = os.fstat(fd).st_size
+        if not _reuse_memfd(fd):
+            return cls(name, fd, size, complete, digest)
+        if complete or not _holds_old_bytes(fd):
+            return cls(name, fd, size, complete, digest, reusable=True)
+        return cls(name, fd, min(recorded, size), complete, digest, reusable=True, capacity=size)
 
     def cost(self) -> int:
-        return IMAGE_OVERHEAD + -(-self.size // PAGE) * PAGE
+        return IMAGE_OVERHEAD + -(-max(self.size, self.capacity) // PAGE) * PAGE
+
+    def mapped(self, offset: int, length: int) -> memoryview | None:
+        """Bytes [offset, offset+length) through the lasting mapping, if it covers them
+        (the caller releases the view)."""
+        mapping = self.mapping
+        if mapping is None or offset + length > len(mapping):
+            return None
+        return memoryview(mapping)[offset:offset + length]
+
+    def hash(self, hasher: Hasher, offset: int, length: int) -> None:
+        """Feed bytes [offset, offset+length) to hasher, through the lasting mapping where
+        it covers them, else through a short-lived one (kernel_io.hash_region)."""
+        view = self.mapped(offset, length)
+        if view is None:
+            hash_region(hasher, self.fd, offset, length)
+            return
+        with view:
+            hasher.update(view)
 
     def seal(self) -> None:
         """A complete image can no longer change: what is served is what arrived. Sealed
         already when it completed in a run before a restart, after the fd store's
         metadata last described it (still arriving): adding seals then is refused (EPERM).
-        One system call per image in the common case: the seals are looked at only then."""
+        A reusable image is trimmed to its size instead: the pages past it (another image's
+        bytes) are freed, and the file size is the image's size, as for a sealed one. One
+        system call per image in the common case: the seals are looked at only then."""
+        if self.reusable:
+            if self.capacity > self.size:
+                os.ftruncate(self.fd, self.size)  # also zeroes the rest of the last page
+            self.capacity = 0
+            with contextlib.suppress(OSError):  # absent (a fresh memfd) or unsupported
+                os.removexattr(self.fd, REUSED_XATTR)
+            return
         try:
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)
         except PermissionError:
@@ -144,11 +203,73 @@ class Checkpoint:
         return self.state is not State.RECEIVING
 
 
+@dataclass(eq=False)
+class _Kept:
+    fd: int
+    size: int
+    mapping: mmap.mmap | None = None
+
+
+class MemfdPool:
+    """Memfds of released page images, kept with their pages for the next page image.
+
+    Splicing into a memfd's existing pages costs a copy; into a fresh memfd it also costs
+    allocating, charging and later freeing every page (about as much again, bench/README.md).
+    The pool holds at most `limit` bytes, and each memfd for at most REUSE_IDLE seconds.
+    Its bytes count against the store's memory limit: the store frees them first when
+    images need the room. Not thread-safe: the store calls it under its lock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._kept: list[_Kept] = []
+
+    def take(self) -> _Kept | None:
+        """The largest kept memfd (a page image is usually the size of the last one)."""
+        if not self._kept:
+            return None
+        kept = max(self._kept, key=lambda k: k.size)
+        self._kept.remove(kept)
+        self.held -= kept.size
+        return kept
+
+    def give(self, image: Image, room: int) -> _Kept | None:
+        """Keep the image's memfd (and mapping) if it and the pool fit in `room` and the
+        pool's limit; None: the caller closes it."""
+        size = os.fstat(image.fd).st_size
+        if size < REUSE_MIN or self.held + size > min(self.limit, room):
+            return None
+        kept = _Kept(image.fd, size, image.mapping)
+        self._kept.append(kept)
+        self.held += size
+        return kept
+
+    def evict(self, kept: _Kept) -> bool:
+        """Forget `kept` (idle too long) if it is still here; the caller closes its fd."""
+        if kept not in self._kept:
+            return False
+        self._kept.remove(kept)
+        self.held -= kept.size
+        return True
+
+    def shrink(self, room: int) -> list[int]:
+        """Forget memfds until the pool fits in `room`; returns their fds to close."""
+        freed = []
+        while self._kept and self.held > max(room, 0):
+            kept = self._kept.pop(0)
+            self.held -= kept.size
+            kept.mapping = None
+            freed.append(kept.fd)
+        return freed
+
+
 class ImageStore:
     """All checkpoints one daemon holds, and the memory limit over them."""
 
-    def __init__(self, limit: int, *, serve_only_complete: bool = False, max_files: int = DEFAULT_MAX_FILES) -> None:
+    def __init__(self, limit: int, *, serve_only_complete: bool = False, max_files: int = DEFAULT_MAX_FILES,
+                 reuse: int = 0) -> None:
         self.limit = limit
+        self.pool = MemfdPool(reuse)
         self.max_files = max_files
         self.serve_only_complete = serve_only_complete
         self.cond = threading.Condition()
@@ -263,19 +384,29 @@ class ImageStore:
         return checkpoint
 
     def add_image(self, checkpoint: Checkpoint, name: str) -> Image:
-        """A new empty image. Raises DuplicateImage, TooManyFiles, or OSError (out of fds,
-        after a short back-off)."""
+        """A new empty image; a page image may get a kept memfd (MemfdPool) whose old
+        bytes are overwritten, and never read past `size`. Raises DuplicateImage,
+        TooManyFiles, or OSError (out of fds, after a short back-off)."""
+        reusable = self.pool.limit > 0 and name.startswith(REUSED_PREFIX)
         with self.cond:
             self._check_new_image_locked(checkpoint, name)
-        label = f"imgmig:{name}".encode()[:_MEMFD_NAME_MAX].decode(errors="ignore")
-        fd = retry_out_of_fds(lambda: os.memfd_create(label, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING), "a memfd")
+            kept = self.pool.take() if reusable else None
+        if kept is not None:
+            with contextlib.suppress(OSError):  # without xattrs, Image.taken_back assumes old bytes
+                os.setxattr(kept.fd, REUSED_XATTR, b"1")
+        if kept is None:
+            # (/proc/PID/fd tells kept-for-reuse memfds apart by name: bench/common.py)
+            label = f"{REUSE_LABEL if reusable else 'imgmig:'}{name}".encode()[:_MEMFD_NAME_MAX].decode(errors="ignore")
+            flags = os.MFD_CLOEXEC | (0 if reusable else os.MFD_ALLOW_SEALING)
+            fd = retry_out_of_fds(lambda: os.memfd_create(label, flags), "a memfd")
         with self.cond:
             try:
                 self._check_new_image_locked(checkpoint, name)  # the lock was let go for memfd_create
             except StoreError:
-                os.close(fd)
+                os.close(fd if kept is None else kept.fd)
                 raise
-            image = Image(name, fd)
+            image = Image(name, fd, reusable=reusable) if kept is None else \
+                Image(name, kept.fd, reusable=True, capacity=kept.size, mapping=_map(kept))
             checkpoint.images[name] = image
             checkpoint.listed.append(image)
             self._charge_locked(checkpoint, image)
@@ -296,6 +427,9 @@ class ImageStore:
             self._held += cost - image.charged
         checkpoint.charged += cost - image.charged
         image.charged = cost
+        if self.pool.held > self.limit - self._held:
+            for fd in self.pool.shrink(self.limit - self._held):  # the images need the room
+                os.close(fd)
 
     def add_complete_image(self, checkpoint: Checkpoint, name: str, fd: int) -> Image:
         """An image that arrives whole, as a sealed memfd (the files of `imgmig migrate --files`).
@@ -358,11 +492,14 @@ class ImageStore:
             self._charge_locked(checkpoint, image)
             self._wake_locked()
 
-    def finish_image(self, image: Image, digest: bytes | None = None) -> None:
+    def finish_image(self, image: Image, digest: bytes | None = None, checkpoint: Checkpoint | None = None) -> None:
+        """`checkpoint` (the image's) lets a reused memfd's trimmed pages leave its charge now."""
         image.seal()
         with self.cond:
             image.digest = digest
             image.complete = True
+            if checkpoint is not None:
+                self._charge_locked(checkpoint, image)
             self._changed_locked()
 
     def complete(self, checkpoint: Checkpoint, clean: bool) -> None:
@@ -457,7 +594,7 @@ class ImageStore:
             with self.cond:
                 checkpoint.users -= 1
                 if checkpoint.dropped and not checkpoint.users:
-                    _close_images(checkpoint)
+                    self._release_images_locked(checkpoint)
 
     def _drop_locked(self, checkpoint: Checkpoint) -> None:
         if self._checkpoints.pop(checkpoint.id, None) is None:
@@ -466,12 +603,39 @@ class ImageStore:
         self.membership += 1
         self._held -= checkpoint.charged
         if not checkpoint.users:
-            _close_images(checkpoint)
+            self._release_images_locked(checkpoint)
         self._changed_locked()
+
+    def _release_images_locked(self, checkpoint: Checkpoint) -> None:
+        """Close the images' memfds, or keep a complete page image's for the next one
+        (MemfdPool). Only once no reader uses the checkpoint, and only a complete image's,
+        whose writer is done: nobody may write or read another image's bytes through it."""
+        for image in checkpoint.images.values():
+            if image.fd < 0:
+                continue
+            reuse = image.reusable and image.complete
+            kept = self.pool.give(image, self.limit - self._held) if reuse else None
+            image.mapping = None  # unmapped once no view of it is left (a writer may still hash)
+            if kept is None:
+                os.close(image.fd)
+            else:
+                timer = threading.Timer(REUSE_IDLE, self._expire, (kept,))
+                timer.daemon = True
+                timer.start()
+            image.fd = -1
+
+    def _expire(self, kept: _Kept) -> None:
+        with self.cond:
+            if self.pool.evict(kept):
+                kept.mapping = None
+                os.close(kept.fd)
 
     def close(self) -> None:
         for checkpoint in self.checkpoints():
             self.drop(checkpoint)
+        with self.cond:
+            for fd in self.pool.shrink(0):
+                os.close(fd)
 
 
 def watch_checkpoints(store: ImageStore, on_new: Callable[[Checkpoint], None] | None = None,
@@ -510,11 +674,28 @@ class _Waiter:
     cond: threading.Condition
 
 
-def _close_images(checkpoint: Checkpoint) -> None:
-    for image in checkpoint.images.values():
-        if image.fd >= 0:
-            os.close(image.fd)
-            image.fd = -1
+def _reuse_memfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith(f"/memfd:{REUSE_LABEL}")
+    except OSError:
+        return False
+
+
+def _holds_old_bytes(fd: int) -> bool:
+    """A kept memfd being written over (REUSED_XATTR); also when xattrs cannot be read."""
+    try:
+        os.getxattr(fd, REUSED_XATTR)
+    except OSError as exc:
+        return exc.errno != errno.ENODATA
+    return True
+
+
+def _map(kept: _Kept) -> mmap.mmap:
+    """A read-only mapping of a kept memfd's bytes (the next images' are written over them):
+    the one it came with, unless the last image outgrew it (a new one then covers it all)."""
+    if kept.mapping is not None and len(kept.mapping) >= kept.size:
+        return kept.mapping
+    return mmap.mmap(kept.fd, kept.size, mmap.MAP_SHARED, mmap.PROT_READ)
 
 
 def _mib(n: int) -> str:

@@ -43,7 +43,7 @@ class Cache:
         self.config = config
         self.trust = None if config.tls is None else Trust(config.tls, config.node)
         self.store = ImageStore(config.memory_limit, serve_only_complete=config.store_and_forward,
-                                max_files=config.max_files)
+                                max_files=config.max_files, reuse=config.memory_reuse)
         self.admission = Admission(config.cache.max_handshakes, config.cache.max_connections_per_peer, config.source)
         self.daemon = Daemon("imgmig-cache", [
             Listener(Endpoint("peer", tcp=config.cache.listen), self._on_proxy, self.admission),

@@ -55,7 +55,7 @@ class Proxy:
         self.config = config
         self.peer = require_proxy_peer(config)
         self.trust = None if config.tls is None else Trust(config.tls, config.node)
-        self.store = ImageStore(config.memory_limit, max_files=config.max_files)
+        self.store = ImageStore(config.memory_limit, max_files=config.max_files, reuse=config.memory_reuse)
         self.counter = itertools.count(1)
         self.begin_lock = threading.Lock()
         self.digest = usable(NAMES[config.digest])

@@ -178,8 +178,8 @@ class FdStore:
         return taken
 
     def _rebuild(self, record: _Record, fds: dict[str, int]) -> Checkpoint:
-        images = [Image(i.name, fds[i.fdname], os.fstat(fds[i.fdname]).st_size, i.complete,
-                        bytes.fromhex(i.digest) if i.digest else None) for i in record.images]
+        images = [Image.taken_back(i.name, fds[i.fdname], i.size, i.complete,
+                                   bytes.fromhex(i.digest) if i.digest else None) for i in record.images]
         checkpoint = self.store.adopt(record.id, record.origin, images, record.complete,
                                       holder=record.holder, route=record.route)
         record.seen = len(images)

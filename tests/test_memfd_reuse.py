@@ -1,0 +1,309 @@
+"""Reused memfds (store.MemfdPool): a page image may be written into a released page
+image's memfd. Its bytes must be exactly its own, its file size its own size once
+complete, and the kept memory must count against the limit and leave under pressure."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+
+import pytest
+
+from imgmig.datapath import store as store_module
+from imgmig.datapath.store import IMAGE_OVERHEAD, PAGE, ImageStore
+
+MIB = 1 << 20
+
+
+def pattern(tag: int, size: int) -> bytes:
+    """Bytes that differ from every other tag's at every offset (tag < 251)."""
+    return bytes((offset * 7 + tag) % 251 for offset in range(4096)) * (size // 4096) + bytes([tag]) * (size % 4096)
+
+
+def fill(store: ImageStore, checkpoint, image, data: bytes, step: int = 300_000) -> None:
+    """In uneven steps, as splices arrive."""
+    for start in range(0, len(data), step):
+        chunk = data[start:start + step]
+        os.pwrite(image.fd, chunk, image.size)
+        store.grew(checkpoint, image, len(chunk))
+
+
+def one_checkpoint(store: ImageStore, name: str, data: bytes):
+    checkpoint = store.begin(name, "node")
+    image = store.add_image(checkpoint, "pages-1.img")
+    fill(store, checkpoint, image, data)
+    store.finish_image(image, checkpoint=checkpoint)
+    store.complete(checkpoint, clean=True)
+    return checkpoint, image
+
+
+def inode(fd: int) -> int:
+    return os.fstat(fd).st_ino
+
+
+class Hasher:
+    def __init__(self) -> None:
+        self.data = b""
+
+    def update(self, view) -> None:
+        self.data += bytes(view)
+
+
+def test_a_smaller_image_in_a_reused_memfd_is_exactly_its_own_bytes():
+    store = ImageStore(64 * MIB, reuse=16 * MIB)
+    first, image = one_checkpoint(store, "cp-1", pattern(1, 5 * MIB + 123))
+    first_inode = inode(image.fd)
+    store.restored(first)
+    assert store.pool.held == 5 * MIB + 123, "the released page image's memfd is kept"
+    smaller = pattern(2, 2 * MIB + 4001)  # ends mid-page: the rest of that page held pattern 1
+    second, image = one_checkpoint(store, "cp-2", smaller)
+    assert inode(image.fd) == first_inode, "the kept memfd was reused"
+    assert store.pool.held == 0
+    assert os.fstat(image.fd).st_size == len(smaller), "trimmed to its own size when complete"
+    assert os.pread(image.fd, 8 * MIB, 0) == smaller, "nothing of the first image past its end"
+    assert image.mapping is not None, "a reused memfd is hashed through its lasting mapping"
+    mapped = Hasher()
+    image.hash(mapped, 0, image.size)
+    assert mapped.data == smaller
+    assert image.charged == IMAGE_OVERHEAD + -(-len(smaller) // PAGE) * PAGE, "charged for its own pages"
+    assert store.held == second.charged
+
+
+def test_a_larger_image_and_a_third_checkpoint_reuse_too():
+    store = ImageStore(64 * MIB, reuse=16 * MIB)
+    sizes = [3 * MIB + 17, 7 * MIB + 1, 1 * MIB + 2 * PAGE + 5]
+    inodes = set()
+    for tag, size in enumerate(sizes, start=1):
+        data = pattern(tag, size)
+        checkpoint, image = one_checkpoint(store, f"cp-{tag}", data)
+        inodes.add(inode(image.fd))
+        assert os.fstat(image.fd).st_size == size
+        assert os.pread(image.fd, size + MIB, 0) == data
+        seen = Hasher()  # in steps, the last ones past the lasting mapping (the image outgrew it)
+        for start in range(0, size, 3 * MIB):
+            image.hash(seen, start, min(3 * MIB, size - start))
+        assert seen.data == data
+        store.restored(checkpoint)
+    assert len(inodes) == 1, "every checkpoint wrote into the same kept memfd"
+
+
+def test_an_unfinished_reused_image_charges_the_pages_it_holds():
+    store = ImageStore(64 * MIB, reuse=16 * MIB)
+    first, _ = one_checkpoint(store, "cp-1", pattern(1, 8 * MIB))
+    store.restored(first)
+    checkpoint = store.begin("cp-2", "node")
+    image = store.add_image(checkpoint, "pages-1.img")
+    fill(store, checkpoint, image, pattern(2, MIB))
+    assert store.held == IMAGE_OVERHEAD + 8 * MIB, "the old pages are still held until it completes"
+    store.finish_image(image, checkpoint=checkpoint)
+    assert store.held == IMAGE_OVERHEAD + MIB
+
+
+def test_only_page_images_are_reused_and_the_others_stay_sealed():
+    store = ImageStore(64 * MIB, reuse=16 * MIB)
+    checkpoint = store.begin("cp-1", "node")
+    core = store.add_image(checkpoint, "core-1.img")
+    fill(store, checkpoint, core, pattern(1, 2 * MIB))
+    store.finish_image(core, checkpoint=checkpoint)
+    assert fcntl.fcntl(core.fd, fcntl.F_GET_SEALS) & store_module.F_SEAL_FUTURE_WRITE, "sealed as before"
+    store.complete(checkpoint, clean=True)
+    store.restored(checkpoint)
+    assert store.pool.held == 0, "a large image that is not a page image is freed"
+
+
+def test_reuse_off_seals_page_images_and_keeps_nothing():
+    store = ImageStore(64 * MIB)
+    checkpoint, image = one_checkpoint(store, "cp-1", pattern(1, 2 * MIB))
+    with pytest.raises(PermissionError):
+        os.pwrite(image.fd, b"x", 0)
+    store.restored(checkpoint)
+    assert store.pool.held == 0
+
+
+def test_the_pool_stays_within_its_limit_and_small_memfds_are_not_kept():
+    store = ImageStore(64 * MIB, reuse=6 * MIB)
+    big, _ = one_checkpoint(store, "cp-1", pattern(1, 8 * MIB))
+    small, _ = one_checkpoint(store, "cp-2", pattern(2, 4096))
+    fits, _ = one_checkpoint(store, "cp-3", pattern(3, 5 * MIB))
+    for checkpoint in (big, small, fits):
+        store.restored(checkpoint)
+    assert store.pool.held == 5 * MIB, "8 MiB is over memory.reuse, 4 KiB under REUSE_MIN"
+
+
+def test_kept_memfds_leave_when_images_need_the_room():
+    store = ImageStore(12 * MIB, reuse=12 * MIB)
+    first, _ = one_checkpoint(store, "cp-1", pattern(1, 6 * MIB))
+    store.restored(first)
+    assert store.pool.held == 6 * MIB
+    checkpoint = store.begin("cp-2", "node")
+    other = store.add_image(checkpoint, "core-1.img")  # not a page image: a fresh memfd
+    fill(store, checkpoint, other, pattern(2, 8 * MIB))
+    assert store.pool.held == 0, "images and the pool together never exceed memory.limit"
+    assert store.room() == 12 * MIB - other.charged
+
+
+def test_kept_memfds_are_freed_when_idle(monkeypatch):
+    monkeypatch.setattr(store_module, "REUSE_IDLE", 0.05)
+    store = ImageStore(64 * MIB, reuse=16 * MIB)
+    checkpoint, image = one_checkpoint(store, "cp-1", pattern(1, 2 * MIB))
+    fd = image.fd
+    store.restored(checkpoint)
+    assert store.pool.held == 2 * MIB
+    deadline = time.monotonic() + 10
+    while store.pool.held and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.pool.held == 0
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_close_frees_the_pool():
+    store = ImageStore(64 * MIB, reuse=16 * MIB)
+    checkpoint, image = one_checkpoint(store, "cp-1", pattern(1, 2 * MIB))
+    fd = image.fd
+    store.restored(checkpoint)
+    store.close()
+    assert store.pool.held == 0
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+# ---- through the real daemons ------------------------------------------------------------
+
+def held_images(pid: int) -> list[str]:
+    return [link for fd in os.listdir(f"/proc/{pid}/fd")
+            if (link := _readlink(f"/proc/{pid}/fd/{fd}")).startswith("/memfd:imgmig:")]
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
+def kept_inodes(pid: int) -> set[int]:
+    """Inodes of the daemon's reusable memfds (its page images, and those kept after them)."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:imgmig-reuse:"):
+                found.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tls-off", "tls-on"])
+def test_checkpoints_through_reused_memfds_restore_byte_for_byte(daemons, tls):
+    """Smaller, then larger page images than the one before, each into the memfd the
+    previous checkpoint released, on both daemons: every restore reads exactly its own."""
+    from conftest import wait_until
+    from test_daemons_sim import assert_restores, checkpoint_images, dump, restore, restore_order
+
+    pair = daemons(tls=tls)
+    pids = {"proxy": pair.proxy.process.pid, "cache": pair.cache.process.pid}
+    kept: dict[str, set[int]] = {}
+    for n, size in enumerate([3 * MIB + 17, MIB + 5, 6 * MIB + 4097], start=1):
+        images = checkpoint_images(f"reuse-{n}") | {"pages-1.img": pattern(n, size)}
+        dump(pair.proxy_dir, images)
+        pair.cache_log.wait_for(r"complete from", count=n)
+        if kept:
+            for role, pid in pids.items():
+                assert kept_inodes(pid) == kept[role], f"{role}: the page image went into the kept memfd"
+        assert_restores(restore(pair.cache_dir, restore_order(images)), images)
+        pair.cache_log.wait_for(r"restored from the cache", count=n)
+        pair.proxy_log.wait_for(r"releasing this node's copy", count=n)
+        for role, pid in pids.items():
+            # the checkpoint's other images are closed in the same pass that keeps pages-1.img
+            wait_until(lambda pid=pid: not held_images(pid), 10, f"{role} releases the checkpoint")
+            kept[role] = kept_inodes(pid)
+            assert len(kept[role]) == 1, f"{role} keeps the released page image's memfd"
+    assert not pair.cache_log.errors(new=False) and not pair.proxy_log.errors(new=False)
+
+
+def test_the_lasting_mapping_grows_with_the_image_it_is_kept_after():
+    store = ImageStore(64 * MIB, reuse=16 * MIB)
+    small, _ = one_checkpoint(store, "cp-1", pattern(1, 2 * MIB))
+    store.restored(small)
+    grown, image = one_checkpoint(store, "cp-2", pattern(2, 9 * MIB))
+    assert len(image.mapping) == 2 * MIB, "mapped as it was kept"
+    store.restored(grown)
+    _, image = one_checkpoint(store, "cp-3", pattern(3, 9 * MIB))
+    assert len(image.mapping) == 9 * MIB, "the next image maps everything the memfd holds"
+    seen = Hasher()
+    image.hash(seen, 0, image.size)
+    assert seen.data == pattern(3, 9 * MIB)
+
+
+def test_a_reused_image_still_arriving_is_taken_back_at_its_recorded_size(monkeypatch):
+    """After a restart the fd store's record gives how much of a reused page image had
+    arrived; its file size would count the previous image's bytes as arrived too."""
+    from test_fdstore import FakeStore
+
+    from imgmig.system import fdstore, systemd_glue
+
+    fake = FakeStore()
+    monkeypatch.setattr(systemd_glue, "notify", fake.notify)
+    monkeypatch.setattr(systemd_glue, "under_systemd", lambda: True)
+    store = ImageStore(64 * MIB, reuse=16 * MIB)
+    fdstore.FdStore(store, "cache").take_back({})
+    first, _ = one_checkpoint(store, "node-a-20261128T000000-1", pattern(1, 8 * MIB))
+    store.restored(first)
+    checkpoint = store.begin("node-a-20261128T000000-2", "node-a")
+    image = store.add_image(checkpoint, "pages-1.img")
+    fill(store, checkpoint, image, pattern(2, 2 * MIB))
+    assert os.fstat(image.fd).st_size == 8 * MIB, "the reused memfd (the setting of this test)"
+    deadline = time.monotonic() + 10
+    while not (recorded := [i["size"] for c in fake.meta()["checkpoints"] for i in c["images"]]):
+        assert time.monotonic() < deadline, fake.meta()
+        time.sleep(0.01)
+    assert recorded[0] <= 2 * MIB  # (it may lag behind what arrived)
+
+    again = ImageStore(64 * MIB, reuse=16 * MIB)
+    taken = fdstore.FdStore(again, "cache").take_back(fake.handed_back())
+    (adopted,) = taken.checkpoints
+    back = adopted.images["pages-1.img"]
+    assert back.size == recorded[0] and not back.complete, "only what the record says arrived"
+    assert again.held == IMAGE_OVERHEAD + 8 * MIB, "charged for the pages its memfd holds"
+    fill(again, adopted, back, pattern(2, 3 * MIB)[back.size:])  # the resumed transfer
+    again.finish_image(back, checkpoint=adopted)
+    assert os.fstat(back.fd).st_size == 3 * MIB
+    assert os.pread(back.fd, 8 * MIB, 0) == pattern(2, 3 * MIB)
+    for fd in fake.fds.values():
+        os.close(fd)
+
+
+def test_an_image_not_reused_is_taken_back_at_its_file_size():
+    """Bytes that arrived after the record was written count, as before reuse existed."""
+    from imgmig.datapath.store import Image
+
+    fd = os.memfd_create("imgmig:core-1.img", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.pwrite(fd, b"c" * 5000, 0)
+    image = Image.taken_back("core-1.img", fd, 4096, False, None)
+    assert image.size == 5000 and not image.reusable
+    os.close(fd)
+
+
+def test_a_fresh_page_image_still_arriving_is_taken_back_at_its_file_size():
+    """Only a memfd being written over may hold old bytes: a fresh one's file size is what
+    arrived, so a resume after a restart sends nothing the cache already holds."""
+    from imgmig.datapath.store import REUSED_XATTR, Image
+
+    store = ImageStore(64 * MIB, reuse=16 * MIB)
+    checkpoint = store.begin("cp-1", "node")
+    image = store.add_image(checkpoint, "pages-1.img")
+    fill(store, checkpoint, image, pattern(1, 3 * MIB))
+    back = Image.taken_back("pages-1.img", os.dup(image.fd), 0, False, None)
+    assert back.size == 3 * MIB and back.reusable and not back.capacity
+    os.close(back.fd)
+    store.finish_image(image, checkpoint=checkpoint)
+    store.complete(checkpoint, clean=True)
+    store.restored(checkpoint)
+    second = store.begin("cp-2", "node")
+    reused = store.add_image(second, "pages-1.img")
+    assert os.getxattr(reused.fd, REUSED_XATTR), "marked while written over"
+    fill(store, second, reused, pattern(2, MIB))
+    store.finish_image(reused, checkpoint=second)
+    assert REUSED_XATTR not in os.listxattr(reused.fd), "complete: its file size is its size again"
