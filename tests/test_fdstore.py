@@ -314,3 +314,24 @@ def test_without_systemd_custody_does_not_wait():
     started = time.monotonic()
     custody.grant_to_peer(store, checkpoint, "node-b")
     assert time.monotonic() - started < 0.5 and store.durable is None
+
+
+def test_a_released_page_memfd_is_reused_only_once_the_fd_store_forgot_its_checkpoint(systemd, slow_writes):
+    """Until the fd store records the release, a daemon killed now takes the released
+    checkpoint back from systemd: its memfd must not hold another image's bytes by then."""
+    store = ImageStore(64 << 20, reuse=16 << 20)
+    fdstore.FdStore(store, "cache").take_back({})
+    first = store.begin("node-a-20261128T000000-8", "node-a")
+    old = write(store, first, "pages-1.img", b"o" * (2 << 20))
+    store.complete(first, clean=True)
+    settle(systemd, lambda m: m["checkpoints"] and m["checkpoints"][0]["complete"], "the checkpoint complete")
+    old_inode = os.fstat(old.fd).st_ino
+    store.restored(first)
+    assert store.pool.held, "the released page image's memfd is kept for reuse"
+    second = store.begin("node-a-20261128T000000-9", "node-a")
+    early = store.add_image(second, "pages-1.img")
+    assert os.fstat(early.fd).st_ino != old_inode, "reused before the fd store recorded the release"
+    settle(systemd, lambda m: all(c["id"] != first.id for c in m["checkpoints"]), "the release")
+    assert store.wait_durable(timeout=5)
+    later = store.add_image(second, "pages-2.img")
+    assert os.fstat(later.fd).st_ino == old_inode, "once recorded, the memfd is reused"

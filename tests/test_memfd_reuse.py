@@ -251,6 +251,7 @@ def test_a_reused_image_still_arriving_is_taken_back_at_its_recorded_size(monkey
     fdstore.FdStore(store, "cache").take_back({})
     first, _ = one_checkpoint(store, "node-a-20261128T000000-1", pattern(1, 8 * MIB))
     store.restored(first)
+    assert store.wait_durable(timeout=10), "the release reached the fd store (only then is its memfd reused)"
     checkpoint = store.begin("node-a-20261128T000000-2", "node-a")
     image = store.add_image(checkpoint, "pages-1.img")
     fill(store, checkpoint, image, pattern(2, 2 * MIB))

@@ -169,6 +169,7 @@ class Checkpoint:
     reason: str = ""
     users: int = 0
     dropped: bool = False
+    dropped_at: int = 0  # the store generation that dropped it
     delivered: bool = False
     # The right to restore it (docs/protocol.md, "Handoff"): the node that holds it, "" while
     # nobody does. On the cache, a restore sets grant_wanted and waits for holder or refused_by;
@@ -208,6 +209,7 @@ class _Kept:
     fd: int
     size: int
     mapping: mmap.mmap | None = None
+    released_at: int = 0  # the store generation that dropped its checkpoint
 
 
 class MemfdPool:
@@ -224,22 +226,26 @@ class MemfdPool:
         self.held = 0
         self._kept: list[_Kept] = []
 
-    def take(self) -> _Kept | None:
-        """The largest kept memfd (a page image is usually the size of the last one)."""
-        if not self._kept:
+    def take(self, durable: int | None) -> _Kept | None:
+        """The largest kept memfd (a page image is usually the size of the last one) whose
+        release systemd's fd store has recorded (`durable`: the generation it holds; None:
+        nothing is kept across restarts). Before that, a daemon killed now would take the
+        released checkpoint back from the fd store, with another image's bytes in it."""
+        ready = [k for k in self._kept if durable is None or k.released_at <= durable]
+        if not ready:
             return None
-        kept = max(self._kept, key=lambda k: k.size)
+        kept = max(ready, key=lambda k: k.size)
         self._kept.remove(kept)
         self.held -= kept.size
         return kept
 
-    def give(self, image: Image, room: int) -> _Kept | None:
+    def give(self, image: Image, room: int, released_at: int) -> _Kept | None:
         """Keep the image's memfd (and mapping) if it and the pool fit in `room` and the
         pool's limit; None: the caller closes it."""
         size = os.fstat(image.fd).st_size
         if size < REUSE_MIN or self.held + size > min(self.limit, room):
             return None
-        kept = _Kept(image.fd, size, image.mapping)
+        kept = _Kept(image.fd, size, image.mapping, released_at)
         self._kept.append(kept)
         self.held += size
         return kept
@@ -390,7 +396,7 @@ class ImageStore:
         reusable = self.pool.limit > 0 and name.startswith(REUSED_PREFIX)
         with self.cond:
             self._check_new_image_locked(checkpoint, name)
-            kept = self.pool.take() if reusable else None
+            kept = self.pool.take(self.durable) if reusable else None
         if kept is not None:
             with contextlib.suppress(OSError):  # without xattrs, Image.taken_back assumes old bytes
                 os.setxattr(kept.fd, REUSED_XATTR, b"1")
@@ -600,6 +606,7 @@ class ImageStore:
         if self._checkpoints.pop(checkpoint.id, None) is None:
             return
         checkpoint.dropped = True
+        checkpoint.dropped_at = self.generation + 1  # _changed_locked below makes it so
         self.membership += 1
         self._held -= checkpoint.charged
         if not checkpoint.users:
@@ -614,7 +621,7 @@ class ImageStore:
             if image.fd < 0:
                 continue
             reuse = image.reusable and image.complete
-            kept = self.pool.give(image, self.limit - self._held) if reuse else None
+            kept = self.pool.give(image, self.limit - self._held, checkpoint.dropped_at) if reuse else None
             image.mapping = None  # unmapped once no view of it is left (a writer may still hash)
             if kept is None:
                 os.close(image.fd)
