@@ -48,6 +48,8 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                 "imgmig/floor": ratio(m.get("imgmig"), m.get("floor")),
                 "TLS on/off": ratio(m.get("imgmig"), m.get("imgmig-tls-off")),
                 "lazy/floor": ratio(m.get("lazy"), m.get("floor")),
+                "imgmig tls off/floor": ratio(m.get("imgmig-tls-off"), m.get("floor")),
+                "imgmig tls off/disk-style": ratio(m.get("imgmig-tls-off"), m.get("disk-style")),
             }
             dump[key]["ratios"] = {
                 "streaming dump into proxy / dump to tmpfs": ratio(d.get("imgmig"), d.get("floor")),
@@ -187,6 +189,7 @@ def _targets(s: dict[str, Any], size: int | None) -> list[dict[str, Any]]:
     add(f"freeze-to-running imgmig / floor ({key})", r.get("imgmig/floor"), "<=", 1.3)
     add(f"freeze-to-running TLS on / TLS off ({key})", r.get("TLS on/off"), "<=", 1.15)
     add("proxy-to-cache throughput (sim) TLS on / TLS off", s["link"].get("ratio_tls_on/off"), ">=", 0.7)
+    _tls_off_targets(s, add, size)
     d = (s.get("dump") or {}).get(key, {}).get("ratios", {})
     add(f"dump into proxy (forwarding held) / dump to tmpfs ({key})",
         d.get("dump into proxy (forwarding held) / dump to tmpfs"), "<=", 1.15)
@@ -201,6 +204,21 @@ def _targets(s: dict[str, Any], size: int | None) -> list[dict[str, Any]]:
     add("four concurrent checkpoints, aggregate / one", _median((s.get("concurrency") or {}).get("ratio")),
         ">=", 0.8)
     return t
+
+
+def _tls_off_targets(s: dict[str, Any], add: Any, size: int | None) -> None:
+    """Issue 11's full-copy targets, TLS off, in both memory modes. Store-and-forward runs
+    with TLS (as shipped), so it is compared with imgmig's TLS-on figure."""
+    for mode in ("cold", "warm"):
+        key = f"{size}/{mode}"
+        r = (s.get("freeze_to_running") or {}).get(key, {}).get("ratios", {})
+        if not r:
+            continue
+        if mode == "cold":
+            add(f"freeze-to-running imgmig / store-and-forward, both TLS on ({key})",
+                r.get("imgmig/store-and-forward"), "<=", 0.75)
+        add(f"freeze-to-running imgmig TLS off / floor ({key})", r.get("imgmig tls off/floor"), "<=", 1.3)
+        add(f"freeze-to-running imgmig TLS off / disk-style ({key})", r.get("imgmig tls off/disk-style"), "<=", 0.5)
 
 
 def _lazy_targets(s: dict[str, Any], add: Any, size: int | None) -> None:
