@@ -269,19 +269,27 @@ def test_a_failed_lazy_restore_leaves_the_process_on_the_source(criu: list[str],
                 shutil.rmtree(dumped.images_dir, ignore_errors=True)
 
 
+def _restore_lazy_argv(work: Path, nodes: netns.TwoNodes, criu_command: list[str]) -> list[str]:
+    """`imgmig restore --lazy` on node B, as an operator runs it."""
+    return [sys.executable, "-m", "imgmig", "restore", "--from", "node-a", "--lazy", "--config",
+            str(work / "cache.yaml"), "--criu", shlex.join([*net_of(nodes.b), *criu_command])]
+
+
+def _migrate_lazy_argv(work: Path, nodes: netns.TwoNodes, criu_command: list[str], pid: int) -> list[str]:
+    """`imgmig migrate PID --to node-b --lazy --json` on node A."""
+    return [sys.executable, "-m", "imgmig", "migrate", str(pid), "--to", "node-b", "--lazy", "--json", "--config",
+            str(work / "proxy.yaml"), "--criu", shlex.join([*net_of(nodes.a), *criu_command])]
+
+
 def test_migrate_lazy_and_restore_lazy_commands(criu: list[str], nodes: netns.TwoNodes,  # noqa: F811
                                                 workdir: Path, pipe_max: None,  # noqa: F811
                                                 ns_workload: NsWorkload) -> None:
     """The operator's commands: `imgmig restore --lazy` on B, `imgmig migrate --lazy` on A."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with daemons.proxy_and_cache(workdir, nodes.a, nodes.b) as pair:
-        restore = subprocess.Popen([sys.executable, "-m", "imgmig", "restore", "--from", "node-a", "--lazy",
-                                    "--config", str(workdir / "cache.yaml"), "--criu",
-                                    shlex.join([*net_of(nodes.b), *criu])],
+        restore = subprocess.Popen(_restore_lazy_argv(workdir, nodes, criu),
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-        migrate_run = subprocess.run([sys.executable, "-m", "imgmig", "migrate", str(ns_workload.pid), "--to",
-                                      "node-b", "--lazy", "--json", "--config", str(workdir / "proxy.yaml"),
-                                      "--criu", shlex.join([*net_of(nodes.a), *criu])],
+        migrate_run = subprocess.run(_migrate_lazy_argv(workdir, nodes, criu, ns_workload.pid),
                                      capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
         out, err = restore.communicate(timeout=300)
         events = [json.loads(line) for line in migrate_run.stdout.splitlines()]
@@ -328,10 +336,8 @@ def test_cache_restore_auto_restores_a_lazy_checkpoint_lazily(criu: list[str], n
         restored_pid = 0
         try:
             wait_until(lambda: (pair.cache_dir / "restore.sock").exists(), 10, "the doorbell socket")
-            done = subprocess.run([sys.executable, "-m", "imgmig", "migrate", str(ns_workload.pid), "--to",
-                                   "node-b", "--lazy", "--json", "--config", str(workdir / "proxy.yaml"),
-                                   "--criu", shlex.join([*net_of(nodes.a), *criu])],
-                                  capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+            done = subprocess.run(_migrate_lazy_argv(workdir, nodes, criu, ns_workload.pid), capture_output=True,
+                                  text=True, env=env, cwd=REPO, timeout=300)
             result = json.loads(done.stdout.splitlines()[-1])
             assert done.returncode == 0 and "post-copy" in result["outcome"], (result, done.stderr,
                                                                                 log.read_text())
@@ -391,13 +397,9 @@ def _kill_mid_copy(criu_command: list[str], nodes: netns.TwoNodes, work: Path, n
     copy on B dies, the source's memory is intact, no daemon crashes."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with daemons.proxy_and_cache(work, nodes.a, nodes.b) as pair:
-        restore = subprocess.Popen([sys.executable, "-m", "imgmig", "restore", "--from", "node-a", "--lazy",
-                                    "--config", str(work / "cache.yaml"), "--criu",
-                                    shlex.join([*net_of(nodes.b), *criu_command])],
+        restore = subprocess.Popen(_restore_lazy_argv(work, nodes, criu_command),
                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
-        migrate_run = subprocess.Popen([sys.executable, "-m", "imgmig", "migrate", str(ns_workload.pid), "--to",
-                                        "node-b", "--lazy", "--json", "--config", str(work / "proxy.yaml"),
-                                        "--criu", shlex.join([*net_of(nodes.a), *criu_command])],
+        migrate_run = subprocess.Popen(_migrate_lazy_argv(work, nodes, criu_command, ns_workload.pid),
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
         restored_pid = 0
         try:

@@ -61,9 +61,7 @@ def test_a_lazy_checkpoint_is_marked_and_recognised(daemons, tmp_path, with_file
         proxy.request("lazy_source", ticket=ticket, fd=proxy_end.fileno())
         criu_sim.DumpClient(pair.proxy_dir).dump([("core-1.img", b"c" * 100), ("inventory.img", b"i" * 10)])
         with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as cache:
-            checkpoint = None
-            while checkpoint is None:
-                checkpoint = cache.request("claim")["claimed"]
+            checkpoint = _claim(cache)
             assert cache.request("lazy_check", timeout=None, id=checkpoint) == {"id": checkpoint, "lazy": True}
             assert (cache.request("files", timeout=None, id=checkpoint)["files"] is not None) == with_files
             if (fd := cache.take_fd()) is not None:
@@ -78,13 +76,19 @@ def test_a_lazy_checkpoint_is_marked_and_recognised(daemons, tmp_path, with_file
         pair.proxy_log.wait_for(f"the lazy restore on .* failed; checkpoint {checkpoint} is dropped here too")
 
 
+def _claim(cache: ControlClient) -> str:
+    """The first checkpoint the cache lets this restore claim (it may still be arriving)."""
+    checkpoint = None
+    while checkpoint is None:
+        checkpoint = cache.request("claim")["claimed"]
+    return checkpoint
+
+
 def test_a_full_copy_checkpoint_is_not_lazy(daemons) -> None:
     pair = daemons()
     criu_sim.DumpClient(pair.proxy_dir).dump([("core-1.img", b"c" * 100), ("inventory.img", b"i" * 10)])
     with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as cache:
-        checkpoint = None
-        while checkpoint is None:
-            checkpoint = cache.request("claim")["claimed"]
+        checkpoint = _claim(cache)
         assert cache.request("lazy_check", timeout=None, id=checkpoint) == {"id": checkpoint, "lazy": False}
         with pytest.raises(CommandError, match="not a lazy one"):
             cache.request("lazy_images", timeout=None, id=checkpoint)
