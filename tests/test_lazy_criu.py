@@ -57,6 +57,15 @@ def ns_workload(nodes: netns.TwoNodes, workdir: Path) -> Iterator[NsWorkload]:  
         yield running
 
 
+@pytest.fixture
+def slow_copy_workload(nodes: netns.TwoNodes, workdir: Path) -> Iterator[NsWorkload]:  # noqa: F811
+    """1 GiB, read at random while it is copied: its background copy takes well over the 3 s
+    the lazy-pages guard waits after its command died (256 MiB, niced, can finish within
+    them, and then rightly stays on B)."""
+    with lazy.ns_workload(nodes.a, 4 * MIB, workdir / "state.json", options=["--touch", "200"]) as running:
+        yield running
+
+
 def lazy_dump(pair: daemons.Pair, criu_command: list[str], pid: int) -> LazyDump:
     """`dump_lazy` as `imgmig migrate --lazy` runs it, announced on the proxy's control socket."""
     with ControlClient(pair.proxy_dir / CONTROL_SOCKET, "proxy") as proxy:
@@ -363,7 +372,7 @@ def test_cache_restore_auto_restores_a_lazy_checkpoint_lazily(criu: list[str], n
 
 def test_a_killed_restore_command_leaves_the_process_on_the_source(criu: list[str], nodes: netns.TwoNodes,  # noqa: F811
                                                                    workdir: Path, pipe_max: None,  # noqa: F811
-                                                                   ns_workload: NsWorkload) -> None:
+                                                                   slow_copy_workload: NsWorkload) -> None:
     """kill -9 of `imgmig restore --lazy` once the process runs on B, mid-copy: its guard
     kills lazy-pages and the restored process (whose memory is incomplete), the cache
     gives the right back, the source's dump fails and the process resumes on A only."""
@@ -371,7 +380,7 @@ def test_a_killed_restore_command_leaves_the_process_on_the_source(criu: list[st
         restore.kill()
         restore.wait(10)
 
-    pair = _kill_mid_copy(criu, nodes, workdir, ns_workload, kill_restore)
+    pair = _kill_mid_copy(criu, nodes, workdir, slow_copy_workload, kill_restore)
     pair.cache.wait_log("imgmig restore --lazy went away during the background copy", 5)
 
 
