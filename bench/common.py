@@ -51,9 +51,10 @@ def ratio(a: float | None, b: float | None) -> float | None:
 _last_release = [0.0]
 
 
-def note_release() -> None:
-    """Call when a run freed its memory: a cold run waits COLD_IDLE after this."""
-    _last_release[0] = time.monotonic()
+def note_release(at: float | None = None) -> None:
+    """Call when a run freed its memory (or say when it did, `at`, monotonic): a cold run
+    waits COLD_IDLE after the latest release."""
+    _last_release[0] = max(_last_release[0], time.monotonic() if at is None else at)
 
 
 def make_cold() -> None:
@@ -61,6 +62,27 @@ def make_cold() -> None:
     wait = COLD_IDLE - (time.monotonic() - _last_release[0])
     if wait > 0:
         time.sleep(wait)
+
+
+class ReleaseWatch(threading.Thread):
+    """Notes the moment the daemons `pids` hold no image memfds any more (note_release), in
+    the background: a proxy lets its copy go about 1 s after the restore, while the next
+    run's workload starts, and a cold run's idle time counts from that moment, not from
+    when the next run looks."""
+
+    def __init__(self, pids: Iterable[int], timeout: float = 15.0) -> None:
+        super().__init__(daemon=True)
+        self.pids, self.timeout = list(pids), timeout
+        self.released = False
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while any(memfd_bytes(pid, IMAGE_MEMFDS[:1]) for pid in self.pids):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
+        note_release()
+        self.released = True
 
 
 def prewarm(nbytes: int) -> float:
@@ -275,6 +297,18 @@ class SimRestore(threading.Thread):
             raise RuntimeError(f"simulated restore failed: {self.error!r}") from self.error
         assert self.done is not None
         return self.done
+
+
+class Laps:
+    """Seconds between laps, added up by name into `into` (a run's set-up figures)."""
+
+    def __init__(self, into: dict[str, float]) -> None:
+        self.into, self.last = into, time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.into[name] = self.into.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 @dataclass

@@ -22,11 +22,19 @@ server's traffic; `criu dump --lazy-pages`, `criu lazy-pages` and `criu restore
   the requests by size;
 - the memory digest, re-computed by the workload after the copy, must equal its own
   from before the freeze.
+
+From STOPPED_FROM_MIB (4 GiB) on, the run does not wait for every page (40-90 s a run,
+beyond `make bench`'s 15 minutes; those sizes are there for freeze-to-running): once the
+restore returned it reads the felt stall from the first state line written
+FELT_READ_AFTER seconds later, then stops the copy as a failed copy ends (stop_copy).
+Every page, the workload's throughput during the copy and the digest after it are then
+not measured.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import re
 import shutil
 import tempfile
@@ -35,12 +43,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgmig.commands.common import ControlClient
-from imgmig.commands.lazy import dump_lazy, restore_lazy
+from imgmig.commands.common import CommandError, ControlClient
+from imgmig.commands.lazy import LazyDump, LazyRestore, dump_lazy, restore_lazy
 from imgmig.roles.endpoints import CONTROL_SOCKET
-from testbed import lazy, migrate, workload
+from testbed import daemons, lazy, migrate, workload
 
-from .common import MIB, make_cold, prewarm
+from .common import MIB, Laps, make_cold, prewarm
 
 if TYPE_CHECKING:
     from .realcriu import RealBench
@@ -50,6 +58,8 @@ UNTOUCHED_FROM_MIB = 4096  # from this size on the workload runs without its rea
 BASELINE = 1.0         # seconds of the workload's reading measured before the freeze
 PS_IOV_SIZE = 24       # one lazy-pages request (struct page_server_iov), also the header of each reply
 EVERY_PAGE_WAIT = 900.0
+STOPPED_FROM_MIB = 4096  # from this size on the copy is stopped once the felt stall was read (time budget)
+FELT_READ_AFTER = 2.0  # seconds after the restore returned: the felt stall of a stopped run is read then
 READ_LINE = re.compile(r"Read [0-9a-f]+ (\d+) pages")
 
 
@@ -82,7 +92,9 @@ class StateLog(threading.Thread):
 
 def run(bench: RealBench, mib: int, mode: str) -> dict[str, Any]:
     """One lazy migration of a fresh `mib` MiB workload; `mode` is cold or warm (warm:
-    the memory the restored process will take, plus 256 MiB, is touched and freed first)."""
+    the memory the restored process will take is touched and freed first). From
+    bench.lazy_stopped_from_mib on (STOPPED_FROM_MIB by default), the copy is stopped once
+    the felt stall was read (stop_copy)."""
     pair = bench.pairs["lazy"]
     state = bench.workdir / f"state-lazy-{mib}.json"
     images = Path(tempfile.mkdtemp(prefix="lazy-", dir=bench.tmpfs))
@@ -93,12 +105,17 @@ def run(bench: RealBench, mib: int, mode: str) -> dict[str, Any]:
     restored = 0
     touch = touch_rate(mib)
     options = ["--touch", str(touch), "--pattern-cache", str(bench.tmpfs)]
+    setup: dict[str, float] = {}
+    clock = Laps(setup)
     try:
-        with lazy.pipe_max(), lazy.ns_workload(bench.nodes.a, mib, state, options=options) as running:
+        with lazy.pipe_max(), lazy.ns_workload(bench.nodes.a, mib, state, warmup=3, options=options) as running:
+            clock.lap("workload_start")
             bench.settle()
-            prewarm_s = prewarm(mib * MIB + (256 << 20)) if mode == "warm" else None
+            clock.lap("settle")
+            prewarm_s = prewarm(mib * MIB) if mode == "warm" else None
             if mode == "cold":
                 make_cold()
+            clock.lap("prewarm" if mode == "warm" else "cold_wait")
             # the baseline after the pre-warm, which would compete with the workload for the CPUs
             warmed = time.time()
             start = workload.wait_state(state, lambda s: s.written > warmed, 30)
@@ -107,6 +124,8 @@ def run(bench: RealBench, mib: int, mode: str) -> dict[str, Any]:
             before = workload.reset_gap(running.pid, state)
             lines = StateLog(state)
             lines.start()
+            clock.lap("other")
+            stopped = mib >= bench.lazy_stopped_from_mib
             try:
                 with ControlClient(pair.proxy_dir / CONTROL_SOCKET, "proxy") as proxy, \
                         ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
@@ -118,44 +137,81 @@ def run(bench: RealBench, mib: int, mode: str) -> dict[str, Any]:
                                            images_dir=restore_dir)
                     running_at, running_wall = time.monotonic(), time.time()
                     restored = restore.pid
-                    restore.lazy.wait(EVERY_PAGE_WAIT)
-                    every_page_at, every_page_wall = time.monotonic(), time.time()
-                    moved = restore.finish(client, timeout=60)
-                    if dumped.wait(60) != 0:  # the proxy's control connection stays open until then
-                        raise RuntimeError(f"the lazy dump failed: {dumped.tail()}")
-                after_restore = lines.first_after(running_wall)
-                after_copy = lines.first_after(every_page_wall)
+                    if stopped:
+                        clock.lap("migration")
+                        after_restore = lines.first_after(running_wall + FELT_READ_AFTER)
+                        clock.lap("felt_read")
+                        moved = stop_copy(pair, restore, client, dumped, mib)
+                        clock.lap("stop")
+                    else:
+                        restore.lazy.wait(EVERY_PAGE_WAIT)
+                        every_page_at, every_page_wall = time.monotonic(), time.time()
+                        moved = restore.finish(client, timeout=60)
+                        if dumped.wait(60) != 0:  # the proxy's control connection stays open until then
+                            raise RuntimeError(f"the lazy dump failed: {dumped.tail()}")
+                if not stopped:
+                    after_restore = lines.first_after(running_wall)
+                    after_copy = lines.first_after(every_page_wall)
+                    clock.lap("migration")
             finally:
                 lines.halt.set()
-            fresh = workload.verify(restored, state, 120)
-            if fresh.verified_digest != running.before.digest:
-                raise RuntimeError(f"lazy {mib} MiB: the memory digest differs after the copy")
             requests = _requests_by_size(restore_dir / "lazy.log")
-            if moved["pages_bytes"] < mib * MIB:
-                raise RuntimeError(f"lazy {mib} MiB: only {moved['pages_bytes']} bytes of pages came through the "
-                                   f"tunnel: this was no lazy migration; CRIU's logs: {_keep_logs(images)}")
-        copy_s = after_copy.written - after_restore.written
-        return {
+            if not stopped:
+                fresh = workload.verify(restored, state, 120)
+                if fresh.verified_digest != running.before.digest:
+                    raise RuntimeError(f"lazy {mib} MiB: the memory digest differs after the copy")
+                if moved["pages_bytes"] < mib * MIB:
+                    raise RuntimeError(f"lazy {mib} MiB: only {moved['pages_bytes']} bytes of pages came through "
+                                       f"the tunnel: this was no lazy migration; CRIU's logs: {_keep_logs(images)}")
+                clock.lap("check")
+        out: dict[str, Any] = {
             "total_s": running_at - dumped.frozen_at,
             "dump_s": dumped.handed_at - dumped.frozen_at,  # images handed to the proxy
             "claimed_s": claimed_at - dumped.frozen_at,  # the cache had them, and this restore claimed them
-            "every_page_s": every_page_at - dumped.frozen_at,
-            "copy_s": every_page_at - running_at,
-            "felt_gap_s": after_copy.max_gap_s,
             "touch_per_s": touch,
             "touch_before_per_s": ((before.touched - start.touched) / (before.written - start.written)
                                    if touch else None),
-            "touch_during_copy_per_s": ((after_copy.touched - after_restore.touched) / copy_s
-                                        if touch and copy_s > 0 else None),
-            "pages_bytes": moved["pages_bytes"],
-            "requests": moved["requests_bytes"] // PS_IOV_SIZE,
             "requests_by_pages": requests,
             "prewarm_s": prewarm_s,
+            "setup_s": setup,  # the migration's own time is taken out below, in finally
         }
+        if stopped:
+            out.update(every_page_s=None, copy_s=None, felt_gap_s=after_restore.max_gap_s, stopped=True,
+                       felt_read_after_s=after_restore.written - running_wall, touch_during_copy_per_s=None,
+                       pages_bytes=moved.get("pages_bytes"), requests=None)
+            return out
+        copy_s = after_copy.written - after_restore.written
+        out.update(every_page_s=every_page_at - dumped.frozen_at, copy_s=every_page_at - running_at,
+                   felt_gap_s=after_copy.max_gap_s, stopped=False,
+                   touch_during_copy_per_s=((after_copy.touched - after_restore.touched) / copy_s
+                                            if touch and copy_s > 0 else None),
+                   pages_bytes=moved["pages_bytes"], requests=moved["requests_bytes"] // PS_IOV_SIZE)
+        return out
     finally:
         if restored:
             migrate.kill_and_reap(restored)
         shutil.rmtree(images, ignore_errors=True)
+        clock.lap("teardown")
+        setup.pop("migration", None)
+
+
+def stop_copy(pair: daemons.Pair, restore: LazyRestore, client: ControlClient, dumped: LazyDump,
+              mib: int) -> dict[str, Any]:
+    """End a background copy before its last page as a failed copy ends (commands/lazy.py;
+    tests/test_lazy_criu.py, a killed lazy-pages): lazy-pages is killed, LazyRestore.finish
+    kills the restored process (its memory is incomplete) and gives the right back, the page
+    server is reset, so the dump fails and the source resumes (ns_workload's exit then kills
+    it and its PID namespace). Waits until both daemons dropped the checkpoint, so that the
+    next run's settle() finds them empty. Returns what the tunnel had carried (may be empty)."""
+    restore.lazy.kill()
+    with contextlib.suppress(CommandError):  # "the background copy ... failed": as asked
+        restore.finish(client, timeout=60)
+    if dumped.wait(60) == 0:
+        raise RuntimeError(f"lazy {mib} MiB: the dump ended well although its copy was stopped")
+    for daemon in (pair.proxy, pair.cache):
+        assert daemon is not None
+        daemon.wait_released(15)
+    return dict(restore.tunnel_reply)
 
 
 def touch_rate(mib: int) -> int:

@@ -2,17 +2,21 @@
 
 - imgmig: `criu restore --stream` started first on B's cache, `criu dump --stream` into
   A's proxy; the proxy streams to the cache while the dump runs.
-- store-and-forward: the same daemons with `transfer: store-and-forward` (the proxy
-  forwards nothing until the dump ended, the cache serves nothing until all arrived).
+- store-and-forward: a pair with `transfer: store-and-forward` (the proxy forwards
+  nothing until the dump ended, the cache serves nothing until all arrived) and `tls:
+  off`: issue 11's baseline, compared with imgmig-tls-off.
 - imgmig-tls-off: as imgmig (which runs mutual TLS, as shipped) on a pair with
-  `tls: off`, to set TLS's cost beside it.
+  `tls: off`: issue 11's targets are TLS off; imgmig / imgmig-tls-off is the trust
+  issue's cost of TLS.
 - disk-style: `criu dump -D` into tmpfs on A, `tar | socat -b 131072` over the veth
   into tmpfs on B, `criu restore -D` from there.
 - floor: `criu dump -D` into tmpfs and `criu restore -D` from it, one node, no network.
 - lazy: post-copy through a fourth proxy/cache pair (bench/lazy.py).
 
 Freeze-to-running is timed from the start of `criu dump` until `criu restore -d`
-returned; the restored task is then checked to be counting on, killed and reaped.
+returned; the restored task is then checked to be counting on, killed and reaped. What a
+run spends around that (workload start, waits, pre-warm, check, tear-down) is in its
+`setup_s`.
 """
 
 from __future__ import annotations
@@ -32,8 +36,11 @@ from testbed.netns import TwoNodes
 from . import lazy
 from .common import (
     GB,
+    IMAGE_MEMFDS,
     MIB,
+    Laps,
     Monitor,
+    ReleaseWatch,
     make_cold,
     memfd_bytes,
     note_release,
@@ -49,12 +56,18 @@ TAR_BLOCKS = 256  # 256 x 512 = 128 KiB records
 FULL_COPY = ("imgmig", "disk-style", "store-and-forward", "floor", "imgmig-tls-off")
 METHODS = (*FULL_COPY, "lazy")
 DAEMON_METHODS = ("imgmig", "store-and-forward", "imgmig-tls-off")
+MONITORED = ("imgmig", "imgmig-tls-off")  # daemons' CPU and memory sampled (issue 11's are TLS off)
 DISK_PORT = 9881
 STREAM_PORT = 9996
 SAF_PORT = 9997
 PLAIN_PORT = 9998
 LAZY_PORT = 9993
 RUN_TIMEOUT = 180.0
+# a proxy/cache pair per method that uses the daemons: port, transfer, TLS on
+PAIRS = {"imgmig": (STREAM_PORT, "streaming", True),
+         "store-and-forward": (SAF_PORT, "store-and-forward", False),  # issue 11's baseline is TLS off
+         "imgmig-tls-off": (PLAIN_PORT, "streaming", False),
+         "lazy": (LAZY_PORT, "streaming", True)}
 
 
 class RealBench:
@@ -68,13 +81,12 @@ class RealBench:
         self.pairs: dict[str, daemons.Pair] = {}
         self.counts = dict.fromkeys(DAEMON_METHODS, 0)
         self._stack: list[object] = []
+        self._release: ReleaseWatch | None = None
+        self.lazy_stopped_from_mib = lazy.STOPPED_FROM_MIB
 
     # ---- daemons ----------------------------------------------------------------------
     def __enter__(self) -> RealBench:
-        for method, port, transfer, tls in (("imgmig", STREAM_PORT, "streaming", True),
-                                            ("store-and-forward", SAF_PORT, "store-and-forward", True),
-                                            ("imgmig-tls-off", PLAIN_PORT, "streaming", False),
-                                            ("lazy", LAZY_PORT, "streaming", True)):
+        for method, (port, transfer, tls) in PAIRS.items():
             ctx = daemons.proxy_and_cache(self.workdir / method, self.nodes.a, self.nodes.b, port=port,
                                           transfer=transfer, memory_limit="60%", tls=tls)
             self.pairs[method] = ctx.__enter__()
@@ -92,13 +104,15 @@ class RealBench:
         return {"proxy": pair.proxy.proc.pid, "cache": pair.cache.proc.pid}
 
     # ---- one run ------------------------------------------------------------------------
-    def run(self, method: str, mib: int, mode: str, monitor: bool = False) -> dict[str, object]:
+    def run(self, method: str, mib: int, mode: str) -> dict[str, object]:
         """One migration of a fresh workload holding `mib` MiB; `mode` is cold or warm."""
         if method == "lazy":
             result = lazy.run(self, mib, mode)
             note_release()
             result.update(method=method, mib=mib, mode=mode, loadavg_1m=os.getloadavg()[0])
             return result
+        setup: dict[str, float] = {}
+        clock = Laps(setup)
         state = self.workdir / f"state-{method}-{mib}.json"
         state.unlink(missing_ok=True)
         proc = workload.start(mib, state, log_path=self.workdir / "workload.log", pattern_cache=self.tmpfs)
@@ -108,16 +122,20 @@ class RealBench:
         prewarm_s = None
         try:
             before = workload.wait_state(state, lambda s: s.counter >= 3, 120)
+            clock.lap("workload_start")
             self.settle()
+            clock.lap("settle")
             if mode == "cold":
                 make_cold()
             else:
-                prewarm_s = prewarm(3 * (mib << 20) + (256 << 20))
+                prewarm_s = prewarm(warm_bytes(method, mib))
+            clock.lap("cold_wait" if mode == "cold" else "prewarm")
             workload.reset_gap(proc.pid, state)
             reported = vm_reported_kib()
-            mon = Monitor(self.daemon_pids(method)) if monitor else None
+            mon = Monitor(self.daemon_pids(method)) if method in MONITORED else None
             if mon:
                 mon.__enter__()
+            clock.lap("other")
             if method in DAEMON_METHODS:
                 result, restored = self._imgmig(method, proc.pid)
             elif method == "floor":
@@ -125,6 +143,7 @@ class RealBench:
             else:
                 result, restored = self._disk(proc.pid, reaper)
             restored_by = time.time()
+            clock.lap("migration")
             if mon:
                 mon.__exit__(None, None, None)
                 result["daemons"] = {name: {
@@ -145,6 +164,7 @@ class RealBench:
                 result["vm_reported_MiB"] = (vm_reported_kib() - reported) / 1024
             result["loadavg_1m"] = os.getloadavg()[0]
             result["prewarm_s"] = prewarm_s
+            clock.lap("check")
         finally:
             if restored is not None:
                 migrate.kill_and_reap(restored)
@@ -152,15 +172,24 @@ class RealBench:
             shutil.rmtree(self.tmpfs / "a", ignore_errors=True)
             shutil.rmtree(self.tmpfs / "b", ignore_errors=True)
             note_release()
-        result.update(method=method, mib=mib, mode=mode, pid=proc.pid)
+            if method in DAEMON_METHODS:  # the proxy lets its copy go ~1 s later: noted when it does
+                self._release = ReleaseWatch(self.daemon_pids(method).values())
+                self._release.start()
+            clock.lap("teardown")
+        setup.pop("migration")
+        result.update(method=method, mib=mib, mode=mode, pid=proc.pid, setup_s=setup)
         return result
 
     def settle(self) -> None:
-        """Until no pair holds images. A proxy lets its copy go about 1 s after the restore
-        (keep_restored_for), which now overlaps the next run's workload start instead of
-        being waited for at the end of each run; a cold run's idle time counts from then."""
+        """Until no pair holds images (memfds kept for reuse may stay). A proxy lets its copy
+        go about 1 s after the restore (keep_restored_for), which overlaps the next run's
+        workload start; the watcher started at the end of the run notes when it happened,
+        so that a cold run's idle time counts from then."""
+        if self._release is not None:
+            self._release.join()
+            self._release = None
         pids = [pid for method in self.pairs for pid in self.daemon_pids(method).values()]
-        if any(memfd_bytes(pid) for pid in pids):
+        if any(memfd_bytes(pid, IMAGE_MEMFDS[:1]) for pid in pids):
             wait_images_released(pids)
             note_release()
 
@@ -180,7 +209,8 @@ class RealBench:
         self.counts[method] += 1
         done = _wait(lambda: len(cache_completions(pair)) >= self.counts[method], 10)
         completions = cache_completions(pair) if done else []
-        out: dict[str, object] = {"total_s": total, "dump_s": dump_s, "restore_after_dump_s": total - dump_s}
+        out: dict[str, object] = {"total_s": total, "dump_s": dump_s, "restore_after_dump_s": total - dump_s,
+                                  "tls": PAIRS[method][2]}
         if completions:
             _, nbytes, seconds = completions[-1]
             out.update(image_bytes=nbytes, link_s=seconds, link_MBps=nbytes / seconds / 1e6)
@@ -287,6 +317,14 @@ class RealBench:
             server.wait(10)
         note_release()
         return out
+
+
+def warm_bytes(method: str, mib: int) -> int:
+    """What a warm run touches and frees right before the dump: the memory the migration
+    will take beside the running workload. The floor: the tmpfs images and the restored
+    process (2 x S); the others: two copies of the images (proxy and cache, or tmpfs on A
+    and on B) and the restored process (3 x S)."""
+    return (2 if method == "floor" else 3) * mib * MIB
 
 
 def _tree_bytes(root: Path) -> int:

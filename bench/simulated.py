@@ -1,6 +1,9 @@
 """Measurements with the simulated CRIU client (imgmig.criu_sim's wire protocol, with
 data spliced from a memfd so that the client costs little): proxy-to-cache throughput,
-CPU and memory per daemon, 10,000 small files, four checkpoints at once."""
+CPU and memory per daemon, 10,000 small files, four checkpoints at once.
+
+Every pre-warm touches what the run will take beside its source: a copy in the proxy
+and one in the cache (the simulated restore reads into one reused buffer)."""
 
 from __future__ import annotations
 
@@ -157,15 +160,15 @@ def throughput(session: Session, source: Source, reps: int, log=print) -> list[d
     session.one(Source(4 * MIB), monitor=False)  # warm-up: imports, first connections
     runs = []
     for i in range(reps):
-        prewarm(3 * source.size)
+        prewarm(2 * source.size)
         runs.append(session.one(source))
         log(f"  sim {source.size // MIB} MiB #{i + 1}: end-to-end {runs[-1]['end_to_end_MBps']:.0f} MB/s, "
             f"link {runs[-1]['link_MBps']:.0f} MB/s")
     return runs
 
 
-def tls_off(pair: Pair, *, size: int, reps: int, log=print) -> dict[str, object]:
-    """The throughput runs again on a pair with `tls: off`, to set beside the TLS-on ones."""
+def throughput_only(pair: Pair, *, size: int, reps: int, log=print) -> dict[str, object]:
+    """The throughput runs alone (the TLS-on pair's, to set beside run_all's TLS-off ones)."""
     source = Source(size)
     try:
         return {"throughput": throughput(Session(pair), source, reps, log)}
@@ -190,9 +193,9 @@ def run_all(pair: Pair, *, size: int, reps: int, small_count: int, small_size: i
         try:
             conc = []
             for i in range(reps):
-                prewarm(3 * concurrent_size)  # as throughput(): three times what the run will hold
+                prewarm(2 * concurrent_size)  # as throughput(): what the run will take
                 one = session.concurrent(csrc[:1])
-                prewarm(3 * 4 * concurrent_size)
+                prewarm(2 * 4 * concurrent_size)
                 four = session.concurrent(csrc)
                 conc.append({"one": one, "four": four,
                              "ratio": four["aggregate_MBps"] / one["aggregate_MBps"]})

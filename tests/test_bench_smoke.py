@@ -1,7 +1,8 @@
 """A short run of the benchmark (smallest size, one repetition, small simulated loads),
 so that the harness cannot rot. It checks that the run writes its table, JSON and plot
-with sane structure, and that the lazy run moved every page of the workload; it asserts
-nothing about speed."""
+with sane structure, that the lazy run moved every page of the workload, and that a lazy
+run stopped before its last page (as the 4 GiB ones are) leaves nothing behind; it
+asserts nothing about speed."""
 
 from __future__ import annotations
 
@@ -59,9 +60,19 @@ def test_writes_json_with_every_measurement(smoke: Path) -> None:
         assert 0 < run["dump_s"] <= run["total_s"], run
         # the workload's own stall: it cannot tick while frozen, dead or being restored
         assert 0 < run["felt_gap_s"] < run["total_s"] + 5, run
+        # what the run spent around the migration, by part (the workload's start at least)
+        assert run["setup_s"]["workload_start"] > 0 and "migration" not in run["setup_s"], run
+    # issue 11's baseline: store-and-forward as imgmig-tls-off, TLS off; imgmig with TLS, as shipped
+    assert {r["method"]: r["tls"] for r in runs if "tls" in r} == {
+        "imgmig": True, "imgmig-tls-off": False, "store-and-forward": False}
     assert all(value > 0 for value in summary_felt(results)), results["summary"]["felt_gap"]
     summary = results["summary"]
+    full_copy_rows = {f"{mib}/{mode}" for mib in plan["sizes"] for mode in plan["modes"]}
+    assert full_copy_rows <= set(summary["freeze_to_running"])
     for key, row in summary["freeze_to_running"].items():
+        if key not in full_copy_rows:  # a lazy-only size
+            assert set(row) == {"lazy", "ratios"}, key
+            continue
         assert set(FULL_COPY) <= set(row), key
         lazy_here = key.endswith(f"/{plan['lazy_mode']}")  # lazy runs in one memory mode only
         assert all(value is not None and value > 0 for name, value in row["ratios"].items()
@@ -70,26 +81,35 @@ def test_writes_json_with_every_measurement(smoke: Path) -> None:
     assert summary["link"]["imgmig_sim_MBps"]["median"] > 0
     assert summary["link"]["imgmig_sim_tls_off_MBps"]["median"] > 0, "TLS on and off side by side"
     assert summary["link"]["ratio_tls_on/off"] > 0
-    assert "proxy (simulated, TLS off)" in summary["daemons"]
-    assert {"proxy (simulated)", "cache (simulated)", "proxy (real)", "cache (real)"} <= set(summary["daemons"])
+    real = {f"{name} (real, TLS {tls}, 256 MiB {mode})" for name in ("proxy", "cache") for tls in ("on", "off")
+            for mode in plan["modes"]}
+    simulated = {f"{name} (simulated, TLS {tls})" for name in ("proxy", "cache") for tls in ("on", "off")}
+    assert real | simulated == set(summary["daemons"]), summary["daemons"].keys()
     for figures in summary["daemons"].values():
         assert figures["cpu_s_per_GB"]["median"] > 0
         assert figures["peak_rss_beyond_images_MiB"] > 0
         assert figures["peak_images_held_MiB"] > 0
-    assert summary["small_files"]["median"] > 0
+    assert summary["small_files"]["median"] > 0 and summary["simulated_tls"] == "off"
     assert summary["concurrency"]["ratio"]["median"] > 0
     assert summary["targets"] and all(t["value"] is not None for t in summary["targets"]), summary["targets"]
+    issue_11 = [t["target"] for t in summary["targets"] if t["issue"].startswith("issue 11")]
+    # three ratios per memory mode, the link, CPU and RSS of each daemon (simulated and real, per
+    # mode), small files, concurrency: all TLS off
+    assert len(issue_11) == 3 * len(plan["modes"]) + 1 + 2 * 2 * (1 + len(plan["modes"])) + 2, issue_11
+    assert not [t for t in issue_11 if "TLS on" in t], issue_11
 
 
 def summary_felt(results: dict) -> list[float]:
-    return [row[method]["median"] for row in results["summary"]["felt_gap"].values() for method in FULL_COPY]
+    plan = results["plan"]
+    return [results["summary"]["felt_gap"][f"{mib}/{mode}"][method]["median"] for mib in plan["sizes"]
+            for mode in plan["modes"] for method in FULL_COPY]
 
 
 def test_lazy_run_moves_every_page_through_the_tunnel(smoke: Path) -> None:
     results = json.loads((smoke / "results.json").read_text())
     plan = results["plan"]
-    (run,) = [r for r in results["migrations"] if r["method"] == "lazy"]
-    assert run["mib"] == plan["lazy_sizes"][0]
+    (run,) = [r for r in results["migrations"] if r["method"] == "lazy" and r["mib"] < plan["lazy_stopped_from_mib"]]
+    assert run["mib"] == plan["lazy_sizes"][0] and not run["stopped"]
     # the workload's whole buffer is private anonymous memory: every page of it crossed the tunnel
     assert run["pages_bytes"] >= run["mib"] << 20, run
     # lazy-pages' own log and the tunnel count the same requests (the tunnel also carried the close)
@@ -105,12 +125,30 @@ def test_lazy_run_moves_every_page_through_the_tunnel(smoke: Path) -> None:
     assert any(t.startswith("lazy freeze-to-running / floor") for t in targets), targets
 
 
+def test_a_stopped_lazy_run_reads_the_stall_and_leaves_nothing(smoke: Path) -> None:
+    """The largest lazy size stops the copy once the felt stall was read: the restore had
+    returned, the stall covers the freeze, and the next run (in the smoke plan: none; so
+    the check is on the run's own tear-down) found the daemons empty (stop_copy waits for
+    both to drop the checkpoint, else the run fails)."""
+    results = json.loads((smoke / "results.json").read_text())
+    plan = results["plan"]
+    (run,) = [r for r in results["migrations"] if r["method"] == "lazy" and r["mib"] >= plan["lazy_stopped_from_mib"]]
+    assert run["stopped"] and run["every_page_s"] is None, run
+    assert run["felt_read_after_s"] >= 2.0, run
+    assert 0 < run["total_s"] <= run["felt_gap_s"] + 1, run  # the stall includes the freeze
+    assert run["setup_s"]["stop"] > 0, run
+    text = (smoke / "results.md").read_text()
+    assert f"not waited for at {run['mib']} MiB (time budget)" in text
+
+
 def test_writes_markdown_table(smoke: Path) -> None:
     text = (smoke / "results.md").read_text()
     for heading in ("## 1. Freeze to running", "### Downtime felt by the process", "## 2. Dump cost", "## 3. Link",
                     "## 4. Daemons", "## Targets"):
         assert heading in text
-    assert "| imgmig | disk-style | store-and-forward | floor | imgmig, tls off | lazy |" in text
+    assert ("| imgmig (TLS on) | disk-style | store-and-forward (TLS off) | floor | imgmig, tls off | lazy (TLS on) |"
+            in text)
+    assert "### issue 11: full copy, TLS off" in text and "#### trust issue (7)" in text
     assert "### Lazy (post-copy) migration" in text
     assert "n/a" not in text.split("## Targets")[1]
 
