@@ -105,7 +105,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                 }
     out["daemons"] = daemons
     # small files and concurrency run on the TLS-off pair (issue 11's targets are TLS off)
-    many = sim_off if sim_off.get("small_files") else sim
+    many = sim if sim.get("small_files") and not sim_off.get("small_files") else sim_off  # "on": older runs
     out["simulated_tls"] = "off" if many is sim_off else "on"
     if many.get("small_files"):
         out["small_files"] = summary([r["files_per_s"] for r in many["small_files"]])
