@@ -281,7 +281,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = ["# imgmig benchmark", "",
              f"Run {results['started']}, {results.get('elapsed_s', 0):.0f} s; machine {results['machine']}; "
              f"plan {results['plan']}.", "",
-             "Medians with (min-max) over the repetitions; seconds unless stated.", ""]
+             "Medians with (min-max) over the repetitions; seconds unless stated.", "", *_time_spent(results)]
     if s.get("loadavg_1m", {}).get("n"):
         lines += [f"Load average (1 min) on this 2-core machine during the runs: {_fmt(s['loadavg_1m'], 1)}; "
                   "other work shared the machine, so compare figures within this run only.", ""]
@@ -384,6 +384,23 @@ def markdown(results: dict[str, Any]) -> str:
     lines += _target_table(s["targets"], TRUST)
     lines += ["", f"#### {LAZY}", "", *_target_table(s["targets"], LAZY)]
     return "\n".join(lines) + "\n"
+
+
+def _time_spent(results: dict[str, Any]) -> list[str]:
+    """Where the run's time went: by part, and the runs' own set-up summed by kind (`setup_s`)."""
+    parts = results.get("elapsed_by_part_s") or {}
+    setup: dict[str, float] = {}
+    for run in results.get("migrations") or []:
+        for kind, seconds in run.get("setup_s", {}).items():
+            setup[kind] = setup.get(kind, 0.0) + seconds
+    if not parts:
+        return []
+    line = "Time by part: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in parts.items()) + "."
+    if setup:
+        largest_first = sorted(setup.items(), key=lambda kv: -kv[1])
+        line += (" Of the migrations' wall time, set-up around what is measured: "
+                 + ", ".join(f"{kind} {seconds:.0f} s" for kind, seconds in largest_first) + ".")
+    return [line, ""]
 
 
 def _target_table(targets: list[dict[str, Any]], issue: str) -> list[str]:
