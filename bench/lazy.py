@@ -107,7 +107,7 @@ def run(bench: RealBench, mib: int, mode: str) -> dict[str, Any]:
     setup: dict[str, float] = {}
     clock = Laps(setup)
     try:
-        with lazy.pipe_max(), lazy.ns_workload(bench.nodes.a, mib, state, warmup=3, options=options) as running:
+        with lazy.pipe_max(), lazy.ns_workload(bench.nodes.a, mib, state, warmup=1, options=options) as running:
             clock.lap("workload_start")
             bench.settle()
             clock.lap("settle")
