@@ -28,7 +28,7 @@ MIB = 1 << 20
 GB = 10**9
 STEP = 1 << 20
 VM_REPORTED = "/sys/module/page_reporting/parameters/reported_kib"
-COLD_IDLE = 3.0  # the VM was thought to return memory free for ~2 s to its host (bench/README.md)
+COLD_IDLE = 1.0  # 3 s until 2026-11-29: the VM handing memory back was never seen (bench/README.md)
 
 
 # ---- statistics ----------------------------------------------------------------------
