@@ -125,7 +125,19 @@ def _configure(netns: str, veth: str, cidr: str, cpus: str | None) -> Node:
     _ip("-n", netns, "addr", "add", cidr, "dev", veth)
     _ip("-n", netns, "link", "set", veth, "up")
     _ip("-n", netns, "link", "set", "lo", "up")
+    if cpus:
+        _steer_receive(netns, veth, cpus)
     return Node(netns, veth, address, int(length or 32), cpus)
+
+
+def _steer_receive(netns: str, veth: str, cpus: str) -> None:
+    """Process packets arriving on this node's veth on its own CPUs (RPS). A veth hands
+    a packet to its peer in the sender's context, so without this the receiving node's
+    protocol work (TCP receive, ACKs) would run on the sending node's CPU; on two
+    machines the receiver's NIC interrupt does it there."""
+    mask = sum(1 << int(cpu) for cpu in cpus.split(","))
+    run_in(netns, ["sh", "-c", f"echo {mask:x} > /sys/class/net/{veth}/queues/rx-0/rps_cpus"],
+           capture_output=True)
 
 
 def available() -> tuple[bool, str]:

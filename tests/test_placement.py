@@ -1,6 +1,7 @@
 """Placement of the two test nodes' processes on CPUs (testbed.netns): "shared" changes
 nothing; "per-node" runs everything of node A on CPU 0 and of node B on CPU 1, including
-the daemons and a process pinned after its start (the benchmark's workload)."""
+the daemons, a process pinned after its start (the benchmark's workload) and the
+processing of each node's received packets (RPS)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,13 @@ def test_per_node_prefixes_run_commands_on_the_nodes_cpu(per_node: netns.TwoNode
             done = subprocess.run([*prefix, "grep", "Cpus_allowed_list", "/proc/self/status"],
                                   capture_output=True, text=True, check=True)
             assert done.stdout.split() == ["Cpus_allowed_list:", cpu], (prefix, done.stdout)
+
+
+def test_per_node_steers_each_nodes_received_packets_to_its_cpu(per_node: netns.TwoNodes) -> None:
+    for node, mask in ((per_node.a, "1"), (per_node.b, "2")):
+        done = netns.run_in(node.netns, ["cat", f"/sys/class/net/{node.veth}/queues/rx-0/rps_cpus"],
+                            capture_output=True, text=True)
+        assert done.stdout.strip() == mask, (node, done.stdout)
 
 
 def test_per_node_daemons_run_on_their_nodes_cpu(per_node: netns.TwoNodes, tmp_path: Path) -> None:
