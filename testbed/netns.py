@@ -6,8 +6,9 @@ only between these two addresses (and loopback).
 
 Placement: by default ("shared") both nodes' processes share every CPU, as on one
 machine. "per-node" gives node A CPU 0 and node B CPU 1 (sched affinity, inherited by
-children), so that the source's dump and proxy never compete with the destination's
-cache and restore, as on two machines (bench/README.md, "Placement").
+children; received packets steered by RPS), so that the source's dump and proxy never
+compete with the destination's cache and restore, as on two machines (bench/README.md,
+"Placement").
 """
 
 from __future__ import annotations
