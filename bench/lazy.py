@@ -50,6 +50,8 @@ from testbed import daemons, lazy, migrate, workload
 from .common import MIB, Laps, make_cold, prewarm
 
 if TYPE_CHECKING:
+    from testbed.netns import Node
+
     from .realcriu import RealBench
 
 TOUCH = 200            # pages the workload reads a second, at random over its whole buffer
@@ -108,6 +110,7 @@ def run(bench: RealBench, mib: int, mode: str) -> dict[str, Any]:
     clock = Laps(setup)
     try:
         with lazy.pipe_max(), lazy.ns_workload(bench.nodes.a, mib, state, warmup=1, options=options) as running:
+            bench.nodes.a.pin(running.pid)
             clock.lap("workload_start")
             bench.settle()
             clock.lap("settle")
@@ -128,11 +131,11 @@ def run(bench: RealBench, mib: int, mode: str) -> dict[str, Any]:
             try:
                 with ControlClient(pair.proxy_dir / CONTROL_SOCKET, "proxy") as proxy, \
                         ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
-                    dumped = dump_lazy([*lazy.net_of(bench.nodes.a), *criu], running.pid, proxy, pair.proxy_dir,
+                    dumped = dump_lazy(_criu_on(bench.nodes.a, criu), running.pid, proxy, pair.proxy_dir,
                                        images_dir=dump_dir)
                     checkpoint = lazy.claim(client, "node-a")
                     claimed_at = time.monotonic()
-                    restore = restore_lazy(client, checkpoint, [*lazy.net_of(bench.nodes.b), *criu],
+                    restore = restore_lazy(client, checkpoint, _criu_on(bench.nodes.b, criu),
                                            images_dir=restore_dir)
                     running_at, running_wall = time.monotonic(), time.time()
                     restored = restore.pid
@@ -214,6 +217,11 @@ def stop_copy(pair: daemons.Pair, restore: LazyRestore, client: ControlClient, d
         assert daemon is not None
         daemon.wait_released(15)
     return dict(restore.tunnel_reply)
+
+
+def _criu_on(node: Node, criu: list[str]) -> list[str]:
+    """CRIU's argv run in `node`'s network namespace and on its CPUs."""
+    return [*node.cpu_prefix(), *lazy.net_of(node), *criu]
 
 
 def touch_rate(mib: int) -> int:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from testbed import daemons, migrate, workload
-from testbed.netns import TwoNodes
+from testbed.netns import Node, TwoNodes
 
 from . import lazy
 from .common import (
@@ -122,6 +122,7 @@ class RealBench:
         prewarm_s = None
         try:
             before = workload.wait_state(state, lambda s: s.counter >= 1, 120)  # its first line: it runs
+            self.nodes.a.pin(proc.pid)  # the migrated process runs on the source (its threads all exist by now)
             clock.lap("workload_start")
             self.settle()
             clock.lap("settle")
@@ -195,11 +196,12 @@ class RealBench:
 
     def _imgmig(self, method: str, pid: int) -> tuple[dict[str, object], int]:
         pair = self.pairs[method]
-        proc, rlog, pidfile = migrate.start_restore(self.criu, pair.cache_dir, self.workdir, name=f"restore-{method}")
+        proc, rlog, pidfile = migrate.start_restore(self._criu_on(self.nodes.b), pair.cache_dir, self.workdir,
+                                                    name=f"restore-{method}")
         try:
             started = time.monotonic()
-            dump_s, _ = migrate.dump(self.criu, pid, pair.proxy_dir, self.workdir, name=f"dump-{method}",
-                                     timeout=RUN_TIMEOUT)
+            dump_s, _ = migrate.dump(self._criu_on(self.nodes.a), pid, pair.proxy_dir, self.workdir,
+                                     name=f"dump-{method}", timeout=RUN_TIMEOUT)
             restored = migrate.finish_restore(proc, rlog, pidfile, RUN_TIMEOUT)
             total = time.monotonic() - started
         finally:
@@ -223,7 +225,7 @@ class RealBench:
         self._criu_dump(pid, images, "dump-floor")
         dump_s = time.monotonic() - started
         reaper.join(10)  # the dump killed the task; its PID must be free for the restore
-        restored = self._criu_restore(images, "restore-floor")
+        restored = self._criu_restore(images, "restore-floor", self.nodes.a)  # one node: A's
         total = time.monotonic() - started
         nbytes = _tree_bytes(images)
         return {"total_s": total, "dump_s": dump_s, "restore_after_dump_s": total - dump_s,
@@ -250,7 +252,7 @@ class RealBench:
                 raise RuntimeError(f"disk-style receiver exited with {receiver.returncode}")
             copied_s = time.monotonic() - started
             reaper.join(10)
-            restored = self._criu_restore(dst, "restore-disk")
+            restored = self._criu_restore(dst, "restore-disk", self.nodes.b)
             total = time.monotonic() - started
         finally:
             if receiver.poll() is None:
@@ -259,17 +261,21 @@ class RealBench:
         return {"total_s": total, "dump_s": dump_s, "copied_at_s": copied_s,
                 "restore_after_dump_s": total - dump_s, "image_bytes": _tree_bytes(dst)}, restored
 
+    def _criu_on(self, node: Node) -> list[str]:
+        """CRIU's argv run on `node`'s CPUs (CRIU itself runs outside the network namespaces)."""
+        return [*node.cpu_prefix(), *self.criu]
+
     def _criu_dump(self, pid: int, images: Path, name: str) -> None:
         log = self.workdir / f"{name}.log"
-        done = subprocess.run([*self.criu, "dump", "-D", str(images), "-t", str(pid), "-o", log.name,
+        done = subprocess.run([*self._criu_on(self.nodes.a), "dump", "-D", str(images), "-t", str(pid), "-o", log.name,
                                "-W", str(self.workdir)], stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT)
         if done.returncode != 0:
             raise migrate.MigrationFailed(f"criu dump -D {images} exited with {done.returncode}; see {log}")
 
-    def _criu_restore(self, images: Path, name: str) -> int:
+    def _criu_restore(self, images: Path, name: str, node: Node) -> int:
         log, pidfile = self.workdir / f"{name}.log", self.workdir / f"{name}.pid"
         pidfile.unlink(missing_ok=True)
-        done = subprocess.run([*self.criu, "restore", "-D", str(images), "-d", "--pidfile", str(pidfile),
+        done = subprocess.run([*self._criu_on(node), "restore", "-D", str(images), "-d", "--pidfile", str(pidfile),
                                "-o", log.name, "-W", str(self.workdir)], stdin=subprocess.DEVNULL,
                               timeout=RUN_TIMEOUT)
         if done.returncode != 0:

@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", type=lambda s: s.split(","), help=f"subset of {','.join(METHODS)}")
     parser.add_argument("--skip-real", action="store_true", help="only the simulated-client parts")
     parser.add_argument("--skip-sim", action="store_true", help="only the real-CRIU parts")
+    parser.add_argument("--placement", choices=netns.PLACEMENTS, default="shared",
+                        help="shared: both nodes' processes on any CPU (default); per-node: node A's on CPU 0, "
+                             "node B's on CPU 1, as on two machines (bench/README.md, Placement)")
     args = parser.parse_args(argv)
     plan = dict(SMOKE if args.smoke else FULL)
     if args.sizes:
@@ -58,11 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.modes:
         plan["modes"] = args.modes
     plan["methods"] = args.methods or list(METHODS)
+    plan["placement"] = args.placement
     plan["lazy_mode"] = LAZY_MODE if LAZY_MODE in plan["modes"] else plan["modes"][0]
     plan["lazy_touch_per_s"] = lazy.TOUCH
     plan["lazy_untouched_from_mib"] = lazy.UNTOUCHED_FROM_MIB
     if not set(plan["methods"]) <= set(METHODS) or not set(plan["modes"]) <= {"cold", "warm"}:
         parser.error(f"--methods takes {','.join(METHODS)}; --modes takes cold,warm")
+    try:
+        netns.placement_cpus(plan["placement"])
+    except ValueError as exc:
+        parser.error(str(exc))
     if os.geteuid() != 0:
         print("bench: run as root (network namespaces and CRIU need it)", file=sys.stderr)
         return 2
@@ -81,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="imgmig-b-"))  # short: UNIX socket paths <= 108 bytes
     try:
         migrate.become_subreaper()
-        with netns.two_nodes("imgmig-bench") as nodes:
+        with netns.two_nodes("imgmig-bench", placement=plan["placement"]) as nodes:
             parts: dict[str, float] = {}
             results["elapsed_by_part_s"] = parts
             if not args.skip_sim:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .netns import Node, ns_exec_prefix
+from .netns import Node
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PYTHON = "/usr/bin/python3"
@@ -146,7 +146,7 @@ def start(role: str, node: Node | None, config_path: Path, images_dir: Path, log
     daemon = Daemon(role, config_path, images_dir, log_path)
     argv = [PYTHON, "-m", "imgmig", role, "--config", str(config_path), *(["--verbose"] if verbose else [])]
     if node is not None:
-        argv = [*ns_exec_prefix(node.netns), *argv]
+        argv = [*node.exec_prefix(), *argv]
     env = {key: value for key, value in os.environ.items() if not key.startswith(("LISTEN_", "NOTIFY_"))}
     env["PYTHONPATH"] = str(REPO_ROOT)
     with open(log_path, "ab") as log:

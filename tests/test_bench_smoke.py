@@ -54,6 +54,7 @@ def test_writes_json_with_every_measurement(smoke: Path) -> None:
     results = json.loads((smoke / "results.json").read_text())
     runs = results["migrations"]
     plan = results["plan"]
+    assert plan["placement"] == "shared", "both nodes on every CPU unless --placement per-node is asked"
     assert {(r["method"], r["mode"]) for r in runs} == {(m, mode) for m in FULL_COPY for mode in plan["modes"]} | {
         ("lazy", plan["lazy_mode"])}
     for run in runs:
