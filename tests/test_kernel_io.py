@@ -162,3 +162,17 @@ def test_splice_out_raises_when_the_reader_goes_away():
     finally:
         os.close(fd)
         os.close(write_end)
+
+
+def test_splice_out_puts_what_fits_in_the_pipe_without_waiting_for_a_reader():
+    """A small image (and an empty one) goes in one splice: nobody reads the pipe here."""
+    data = _pattern(60000)
+    fd = _memfd_with(data)
+    read_end, write_end = os.pipe()
+    try:
+        kernel_io.splice_out(fd, write_end, 0, 0)
+        kernel_io.splice_out(fd, write_end, 100, len(data) - 100)
+        assert os.read(read_end, len(data)) == data[100:]
+    finally:
+        for end in (fd, read_end, write_end):
+            os.close(end)

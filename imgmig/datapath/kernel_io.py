@@ -168,19 +168,26 @@ def splice_out(fd: int, pipe_w: int, offset: int, count: int) -> None:
     a quarter of the cache's samples). The kernel wakes a writer only after such a read
     dropped the mutex, and only when the pipe was full: each splice asks for everything
     left, so it fills the pipe, and an edge-triggered epoll sees that wake-up and nothing
-    earlier (poll() reports room as soon as the read has copied its first page).
+    earlier (poll() reports room as soon as the read has copied its first page). A small
+    image goes in one splice, without the epoll.
     """
+    moved = _splice_pipeful(fd, pipe_w, offset, count)
+    if moved == count:
+        return
     with select.epoll(1) as watch:
-        watch.register(pipe_w, select.EPOLLOUT | select.EPOLLET)  # ready at once: the pipe has room
-        while count:
+        watch.register(pipe_w, select.EPOLLOUT | select.EPOLLET)
+        while moved < count:
             # a splice cut short (a signal) leaves the pipe not full, and its reader wakes
             # nobody: after ROOM_WAIT the blocking splice waits in the kernel instead
             watch.poll(ROOM_WAIT)
-            moved = os.splice(fd, pipe_w, min(count, SPLICE_MAX), offset_src=offset)
-            if moved == 0:
-                raise BrokenPipeError("pipe closed")
-            offset += moved
-            count -= moved
+            moved += _splice_pipeful(fd, pipe_w, offset + moved, count - moved)
+
+
+def _splice_pipeful(fd: int, pipe_w: int, offset: int, count: int) -> int:
+    moved = os.splice(fd, pipe_w, min(count, SPLICE_MAX), offset_src=offset)
+    if moved == 0 and count:
+        raise BrokenPipeError("pipe closed")
+    return moved
 
 
 def splice_in(src: int, pipe_r: int, pipe_w: int, fd: int, offset: int, count: int) -> int:
