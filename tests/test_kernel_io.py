@@ -1,13 +1,17 @@
-"""kernel_io's guards: which fds count as CRIU's pipe ends, the out-of-fds back-off and its log."""
+"""kernel_io's guards: which fds count as CRIU's pipe ends, the out-of-fds back-off and its log;
+splice_out through a real pipe."""
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import socket
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -87,3 +91,88 @@ def test_largest_pipe_stays_within_pipe_max_size():
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def _memfd_with(data: bytes) -> int:
+    fd = os.memfd_create("imgmig-test", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    return fd
+
+
+def _pattern(size: int) -> bytes:
+    return hashlib.shake_128(b"splice_out").digest(size)
+
+
+def _slow_reader(read_end: int, want: int, sizes: list[int], pause: float, got: bytearray) -> None:
+    """read()s as CRIU's restore does: blocking, of varying sizes, with pauses between."""
+    step = 0
+    while len(got) < want:
+        chunk = os.read(read_end, min(sizes[step % len(sizes)], want - len(got)))
+        if not chunk:
+            return
+        got += chunk
+        step += 1
+        time.sleep(pause)
+
+
+def _splice_through_pipe(data: bytes, offset: int, pipe_size: int, sizes: list[int], pause: float) -> bytes:
+    fd = _memfd_with(data)
+    read_end, write_end = os.pipe()
+    kernel_io.grow_pipe(write_end, pipe_size)
+    got = bytearray()
+    reader = threading.Thread(target=_slow_reader, args=(read_end, len(data) - offset, sizes, pause, got))
+    reader.start()
+    try:
+        kernel_io.splice_out(fd, write_end, offset, len(data) - offset)
+    finally:
+        reader.join(30)
+        for end in (fd, read_end, write_end):
+            os.close(end)
+    return bytes(got)
+
+
+def test_splice_out_is_byte_exact_through_a_slow_reader(monkeypatch):
+    """Every byte arrives, in order, through a real pipe whose reader takes a pipeful, a
+    page or an odd size at a time; and every refill is started by the reader's wake-up,
+    not by the ROOM_WAIT fallback (made 30 s here: one missed wake-up would fail the time)."""
+    monkeypatch.setattr(kernel_io, "ROOM_WAIT", 30.0)
+    data = _pattern((6 << 20) + 12345)
+    started = time.monotonic()
+    got = _splice_through_pipe(data, 4096 + 7, 1 << 20, [1 << 20, 4096, 77777, 3 << 20], 0.002)
+    assert time.monotonic() - started < 10
+    assert got == data[4096 + 7:]
+
+
+def test_splice_out_goes_on_when_a_splice_leaves_the_pipe_not_full(monkeypatch):
+    """A splice cut short (here: asked for less than the pipe holds) gets no wake-up from
+    the reader; the transfer goes on after ROOM_WAIT, bytes exact."""
+    monkeypatch.setattr(kernel_io, "ROOM_WAIT", 0.01)
+    monkeypatch.setattr(kernel_io, "SPLICE_MAX", 64 << 10)
+    data = _pattern(1 << 20)
+    assert _splice_through_pipe(data, 0, 1 << 20, [1 << 20], 0.0) == data
+
+
+def test_splice_out_raises_when_the_reader_goes_away():
+    fd = _memfd_with(_pattern(4 << 20))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        with pytest.raises(BrokenPipeError):
+            kernel_io.splice_out(fd, write_end, 0, 4 << 20)
+    finally:
+        os.close(fd)
+        os.close(write_end)
+
+
+def test_splice_out_puts_what_fits_in_the_pipe_without_waiting_for_a_reader():
+    """A small image (and an empty one) goes in one splice: nobody reads the pipe here."""
+    data = _pattern(60000)
+    fd = _memfd_with(data)
+    read_end, write_end = os.pipe()
+    try:
+        kernel_io.splice_out(fd, write_end, 0, 0)
+        kernel_io.splice_out(fd, write_end, 100, len(data) - 100)
+        assert os.read(read_end, len(data)) == data[100:]
+    finally:
+        for end in (fd, read_end, write_end):
+            os.close(end)

@@ -28,6 +28,8 @@ T = TypeVar("T")
 
 CHUNK = 1 << 20
 PIPE_SIZE = 1 << 20
+SPLICE_MAX = 1 << 30  # bytes asked of one splice into a pipe: the kernel stops when the pipe is full
+ROOM_WAIT = 0.05  # seconds splice_out waits for its reader's wake-up before splicing anyway
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PIPE_MAX_SIZE = "/proc/sys/fs/pipe-max-size"
 _PAGE = mmap.ALLOCATIONGRANULARITY
@@ -157,13 +159,35 @@ def sendfile_all(sock_fd: int, fd: int, offset: int, count: int) -> None:
 
 
 def splice_out(fd: int, pipe_w: int, offset: int, count: int) -> None:
-    """Write bytes [offset, offset+count) of a memfd into a (blocking) pipe."""
-    while count:
-        moved = os.splice(fd, pipe_w, min(count, CHUNK), offset_src=offset)
-        if moved == 0:
-            raise BrokenPipeError("pipe closed")
-        offset += moved
-        count -= moved
+    """Write bytes [offset, offset+count) of a memfd into a (blocking) pipe, a pipeful per
+    splice, each made once the reader has finished its read() of the last.
+
+    CRIU's restore read()s a whole pipeful at once and holds the pipe's mutex while it
+    copies it into the restored task (faulting its pages in). A splice made meanwhile
+    waits for that mutex spinning on a CPU for the whole copy (issue 11 in bench/README.md:
+    a quarter of the cache's samples). The kernel wakes a writer only after such a read
+    dropped the mutex, and only when the pipe was full: each splice asks for everything
+    left, so it fills the pipe, and an edge-triggered epoll sees that wake-up and nothing
+    earlier (poll() reports room as soon as the read has copied its first page). A small
+    image goes in one splice, without the epoll.
+    """
+    moved = _splice_pipeful(fd, pipe_w, offset, count)
+    if moved == count:
+        return
+    with select.epoll(1) as watch:
+        watch.register(pipe_w, select.EPOLLOUT | select.EPOLLET)
+        while moved < count:
+            # a splice cut short (a signal) leaves the pipe not full, and its reader wakes
+            # nobody: after ROOM_WAIT the blocking splice waits in the kernel instead
+            watch.poll(ROOM_WAIT)
+            moved += _splice_pipeful(fd, pipe_w, offset + moved, count - moved)
+
+
+def _splice_pipeful(fd: int, pipe_w: int, offset: int, count: int) -> int:
+    moved = os.splice(fd, pipe_w, min(count, SPLICE_MAX), offset_src=offset)
+    if moved == 0 and count:
+        raise BrokenPipeError("pipe closed")
+    return moved
 
 
 def splice_in(src: int, pipe_r: int, pipe_w: int, fd: int, offset: int, count: int) -> int:
