@@ -22,6 +22,7 @@ from imgmig.datapath.store import (
     Interrupted,
     State,
     StoreError,
+    new_memfd,
 )
 from imgmig.protocol.peer_wire import BeginStatus
 
@@ -568,3 +569,40 @@ def test_sealing_an_image_sealed_already_is_no_error(store):
     image = complete_image(store, checkpoint, "a.img", b"abc")
     image.seal()
     assert fcntl.fcntl(image.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SEAL
+
+
+def test_an_image_that_arrived_whole_is_one_change_complete_sealed_and_charged(store):
+    checkpoint = store.begin("cp", "node")
+    fd = new_memfd("small.img")
+    os.pwrite(fd, b"x" * 5000, 0)
+    before = store.generation
+    image = store.add_arrived(checkpoint, "small.img", fd, 5000, complete=True, digest=b"d")
+    assert store.generation == before + 1, "one change, where add/grow/finish made three"
+    assert image.complete and image.digest == b"d" and image.size == 5000
+    assert checkpoint.listed == [image] and checkpoint.images["small.img"] is image
+    assert store.held == IMAGE_OVERHEAD + 2 * PAGE and store.bytes_in == 5000
+    with pytest.raises(PermissionError):
+        os.pwrite(fd, b"y", 0)  # sealed: what is served is what arrived
+    assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:imgmig:small.img")
+
+
+def test_an_image_that_arrived_in_part_goes_on_growing(store):
+    checkpoint = store.begin("cp", "node")
+    fd = new_memfd("big.img")
+    os.pwrite(fd, b"a" * 100, 0)
+    image = store.add_arrived(checkpoint, "big.img", fd, 100, complete=False)
+    write(store, checkpoint, image, b"b" * 50)
+    store.finish_image(image)
+    assert image.complete and image.size == 150 and os.pread(fd, 200, 0) == b"a" * 100 + b"b" * 50
+
+
+def test_an_arrived_image_is_refused_like_an_added_one_and_its_fd_left_to_the_caller(store):
+    checkpoint = store.begin("cp", "node")
+    complete_image(store, checkpoint, "a.img", b"first")
+    fd = new_memfd("a.img")
+    with pytest.raises(DuplicateImage):
+        store.check_new_image(checkpoint, "a.img")
+    with pytest.raises(DuplicateImage):
+        store.add_arrived(checkpoint, "a.img", fd, 0, complete=False)
+    os.fstat(fd)  # still open: the caller closes it
+    os.close(fd)

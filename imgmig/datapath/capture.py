@@ -2,7 +2,9 @@
 
 CRIU opens several pipes at once (pages and pagemap together), so every open pipe
 and the control socket are watched with one epoll; each readable pipe is spliced
-straight into its image's memfd.
+straight into its image's memfd. A small image (most of a dump's files) enters the
+store only once it is whole, in one change; one that outgrows WHOLE_MAX, or a page
+image, is in the store from its first byte.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import select
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
 from imgmig.datapath.kernel_io import CHUNK, UntilHangup, grow_pipe, out_of_fds, pipe_end_problem, recv_criu_message
-from imgmig.datapath.store import Checkpoint, DuplicateImage, Image, ImageStore, TooManyFiles
+from imgmig.datapath.store import REUSED_PREFIX, Checkpoint, DuplicateImage, Image, ImageStore, TooManyFiles, new_memfd
 from imgmig.protocol import criu_wire
 
 log = logging.getLogger(__name__)
@@ -24,6 +27,18 @@ log = logging.getLogger(__name__)
 INVENTORY = "inventory.img"
 DEFAULT_PIPE = 64 << 10
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 2) | getattr(os, "SPLICE_F_MOVE", 1)
+# An image of at most this many bytes is added to the store whole (the forwarder sends such
+# an image only once it is complete anyway); a larger one is added when it outgrows it.
+WHOLE_MAX = 64 << 10
+
+
+@dataclass(eq=False)
+class _Arriving:
+    """An image whose bytes are being taken into `fd` (a memfd, made at its first byte)
+    before it is in the store."""
+    name: str
+    fd: int = -1
+    size: int = 0
 
 
 class CaptureSession:
@@ -34,7 +49,7 @@ class CaptureSession:
         self.checkpoint = checkpoint
         self.stop = stop
         self.protocol = criu_wire.CaptureConnection()
-        self.pipes: dict[int, Image] = {}
+        self.pipes: dict[int, Image | _Arriving] = {}
         self.grown: set[int] = set()
         self.epoll = select.epoll()
         self.control_open = True
@@ -98,7 +113,12 @@ class CaptureSession:
             os.close(offer.fd)
             raise criu_wire.CriuProtocolError(f"CRIU passed for {offer.name} {problem}")
         try:
-            image = self.store.add_image(self.checkpoint, offer.name)
+            if offer.name.startswith(REUSED_PREFIX):  # large, and may get a kept memfd (MemfdPool)
+                image: Image | _Arriving = self.store.add_image(self.checkpoint, offer.name)
+                os.set_blocking(offer.fd, False)
+            else:  # refused now as add_image would; SPLICE_F_NONBLOCK keeps the splices from blocking
+                self.store.check_new_image(self.checkpoint, offer.name)
+                image = _Arriving(offer.name)
         except (TooManyFiles, OSError):
             os.close(offer.fd)
             raise
@@ -108,12 +128,14 @@ class CaptureSession:
                                                       "IMGMIG_FILE": offer.name})
             os.close(offer.fd)
             return
-        os.set_blocking(offer.fd, False)
         self.pipes[offer.fd] = image
         self.epoll.register(offer.fd, select.EPOLLIN)
 
     def _on_pipe(self, fd: int) -> None:
         image = self.pipes[fd]
+        if isinstance(image, _Arriving):
+            self._take_arriving(fd, image)
+            return
         try:
             moved = os.splice(fd, image.fd, CHUNK, offset_dst=image.size, flags=_SPLICE_FLAGS)
         except BlockingIOError:
@@ -130,11 +152,39 @@ class CaptureSession:
                 self.grown.add(fd)
             self.store.grew(self.checkpoint, image, moved)
             return
+        self._close_pipe(fd)
+        self.store.finish_image(image, checkpoint=self.checkpoint)
+
+    def _take_arriving(self, fd: int, arriving: _Arriving) -> None:
+        """Splice what the pipe holds; at its end the image goes into the store whole (one
+        change); past WHOLE_MAX it goes in as far as it came and continues as any image."""
+        if arriving.fd < 0:
+            arriving.fd = new_memfd(arriving.name)
+        while arriving.size <= WHOLE_MAX:
+            try:
+                moved = os.splice(fd, arriving.fd, CHUNK, offset_dst=arriving.size, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return  # CRIU is still writing it
+            if not moved:
+                self._close_pipe(fd)
+                self._add_arrived(arriving, complete=True)
+                return
+            arriving.size += moved
+        self.pipes[fd] = self._add_arrived(arriving, complete=False)
+
+    def _add_arrived(self, arriving: _Arriving, complete: bool) -> Image:
+        try:
+            return self.store.add_arrived(self.checkpoint, arriving.name, arriving.fd, arriving.size, complete)
+        except BaseException:
+            os.close(arriving.fd)
+            arriving.fd = -1  # _finish closes what is left: not this again
+            raise
+
+    def _close_pipe(self, fd: int) -> None:
         self.grown.discard(fd)
         self.epoll.unregister(fd)
         os.close(fd)
         del self.pipes[fd]
-        self.store.finish_image(image, checkpoint=self.checkpoint)
 
     def _close_control(self) -> None:
         if self.control_open:
@@ -144,7 +194,8 @@ class CaptureSession:
     def _finish(self) -> None:
         if self.control_open:
             self.epoll.unregister(self.sock.fileno())
-        for fd in [*self.pipes, *self.protocol.fds_to_close()]:
+        arriving = [image.fd for image in self.pipes.values() if isinstance(image, _Arriving) and image.fd >= 0]
+        for fd in [*self.pipes, *arriving, *self.protocol.fds_to_close()]:
             os.close(fd)
         unfinished = sorted(image.name for image in self.pipes.values())
         self.pipes.clear()

@@ -47,6 +47,9 @@ SEND_STEP = 1 << 20
 # its FILE_BEGIN and FILE_END in a single send: small files are bound by system calls.
 SMALL_FILE = 64 << 10
 SMALL_BATCH = 32  # small files per send
+# Complete small images fewer than a batch wait this long for the next ones before they go:
+# woken for each, the forwarder made one send (and the cache one read) per file.
+SMALL_LINGER = 0.002
 PREVIOUS_WAIT = 10.0  # longest a checkpoint's BEGIN waits for the previous checkpoint's
 LINGER_AFTER_FAILURE = 2.0
 LOOK_EVERY = 0.2      # an idle link looks at the store this often (a rollback may take the right)
@@ -400,17 +403,25 @@ class Forwarder:
         assert self.conn is not None
         deadline = self.conn.next_deadline()
         timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+        checkpoint = self.checkpoint
+        if not self.wait_for_complete and len(checkpoint.listed) > self.next_to_begin \
+                and _may_begin(checkpoint, self.next_to_begin):
+            timeout = min(timeout, SMALL_LINGER)  # small ones wait for a batch, not long
         self.store.wait_until(self._has_work, self.stop, timeout)
         self._tick()
 
     def _has_work(self) -> bool:
+        """Checked by every thread that changes the store: a few comparisons, not a walk."""
         checkpoint = self.checkpoint
         if checkpoint.state is not State.RECEIVING:
             return True
         if self.wait_for_complete:
             return False
-        if len(checkpoint.listed) > self.next_to_begin and _may_begin(checkpoint, self.next_to_begin):
-            return True
+        listed = checkpoint.listed
+        waiting = len(listed) - self.next_to_begin
+        if waiting > 0 and _may_begin(checkpoint, self.next_to_begin):
+            # a batch is full, or the newest is one to begin at once (large or still written)
+            return waiting >= SMALL_BATCH or not _small_whole(listed[-1])
         return any(out.image.complete or out.image.size - out.sent >= SEND_STEP for out in self.active)
 
     def _send_available(self) -> None:
@@ -703,6 +714,10 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
+
+
+def _small_whole(image: Image) -> bool:
+    return image.complete and image.size <= SMALL_FILE
 
 
 def _may_begin(checkpoint: Checkpoint, file_id: int) -> bool:

@@ -10,6 +10,12 @@ giving the right back) it finds in the store and says itself.
 A cut link leaves an unfinished checkpoint in `Transfers`, with its file order and
 digests so far, for `cache.resume_for` seconds: the proxy reconnects and continues
 each file where this cache's memfd ends.
+
+A small file whose frames came together (FILE_BEGIN, its bytes, FILE_END: how the proxy
+sends them) enters the store once, complete and verified, instead of three times (begun,
+grown, complete). It is held only while its frames are taken from bytes already read:
+before the next read, a splice or a wait it enters the store as far as it came
+(`_Held`), so a cut link or a resume finds what it would have found without.
 """
 
 from __future__ import annotations
@@ -30,7 +36,16 @@ from imgmig.datapath import custody
 from imgmig.datapath.digest import LABELS, Digester, new_hasher, usable
 from imgmig.datapath.kernel_io import UntilHangup, out_of_fds
 from imgmig.datapath.link import Link
-from imgmig.datapath.store import Checkpoint, Image, ImageStore, State, StoreError, TooManyFiles
+from imgmig.datapath.store import (
+    REUSED_PREFIX,
+    Checkpoint,
+    Image,
+    ImageStore,
+    State,
+    StoreError,
+    TooManyFiles,
+    new_memfd,
+)
 from imgmig.datapath.tunnel import LAZY_IMAGE, TunnelPump, Tunnels
 from imgmig.protocol import conversation as conv
 from imgmig.protocol import peer_wire as wire
@@ -81,6 +96,16 @@ class Inbound:
     link: Link | None = None  # the attached connection's, for a resume to take over from
     taken_over: bool = False  # a resume from its proxy ended that connection
     force_told: bool = False  # the proxy acknowledged this node's `imgmig handoff --force` (a GRANT)
+
+
+@dataclass(eq=False)
+class _Held:
+    """A small file begun, not yet in the store: its bytes so far and their digest."""
+    file_id: int
+    name: str
+    hasher: Digester
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
 
 
 class Transfers:
@@ -169,6 +194,7 @@ class ReceiveSession:
         self.inbound: Inbound | None = None
         self.digest = wire.Digest.SHA256
         self.pending: dict[int, list[int]] = {}  # file_id -> [offset, length] stored, not yet hashed
+        self.held: _Held | None = None  # a small file whose frames are being taken, not yet stored
         self.read_size = READ_SIZE
         self.running_pid = 0  # a resumed checkpoint confirmed running here while the link was down
         self.peer = address
@@ -217,12 +243,14 @@ class ReceiveSession:
                 return
             payload = self.conn.payload
             if payload is not None and payload[2] >= DIRECT_MIN:
+                self._store_held()
                 self._splice_payload(*payload)
                 continue
             event = self.conn.next_event()
             if event is not None:
                 self._on_event(event)
                 continue
+            self._store_held()
             self._look_at_store()
             self._flush_out()
             self._read()
@@ -338,6 +366,8 @@ class ReceiveSession:
     # ---- events --------------------------------------------------------------------------
     def _on_event(self, event: conv.Event) -> None:
         now = time.monotonic()
+        if self.held is not None and not self._holds(event):
+            self._store_held()
         if isinstance(event, conv.HelloReceived):
             self._on_hello(event.hello, now)
         elif isinstance(event, conv.BeginRequested):
@@ -479,8 +509,53 @@ class ReceiveSession:
             self.transfers.inbound.setdefault(checkpoint_id, inbound)
         return inbound
 
-    def _on_file_begin(self, event: conv.FileBegun) -> None:
+    def _holds(self, event: conv.Event) -> bool:
+        """The event continues the held file: its next bytes (still small) or its end."""
+        held = self.held
+        assert held is not None
+        if isinstance(event, conv.FileEnded):
+            return event.file_id == held.file_id
+        return isinstance(event, conv.DataReceived) and event.file_id == held.file_id \
+            and event.offset == held.size and held.size + len(event.data) <= DIRECT_MIN
+
+    def _store_held(self) -> None:
+        """The held file goes into the store as far as it came, and on as any file."""
+        held, self.held = self.held, None
+        if held is None:
+            return
         inbound = self._inbound()
+        image = self._add_held(held, complete=False)
+        inbound.images[held.file_id] = image
+        inbound.hashers[held.file_id] = held.hasher
+        if held.size:
+            self.conn.stored(held.file_id, held.size, held.size, time.monotonic())
+
+    def _add_held(self, held: _Held, complete: bool, digest: bytes | None = None) -> Image:
+        """One memfd, one write, one change of the store (sealed if complete)."""
+        checkpoint = self._inbound().checkpoint
+        fd = new_memfd(held.name)
+        try:
+            data = b"".join(held.chunks)
+            written = 0
+            while written < len(data):
+                written += os.pwrite(fd, data[written:], written)
+            image = self.store.add_arrived(checkpoint, held.name, fd, held.size, complete, digest)
+        except TooManyFiles as exc:
+            os.close(fd)
+            raise Refused(str(exc), ErrorCode.REFUSED) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if checkpoint.charged > self.store.limit:
+            self._too_large(checkpoint)
+        return image
+
+    def _on_file_begin(self, event: conv.FileBegun) -> None:
+        if not event.name.startswith(REUSED_PREFIX):
+            self._wait_for_room()
+            self.held = _Held(event.file_id, event.name, new_hasher(self.digest))
+            return
+        inbound = self._inbound()  # a page image: large, and it may get a kept memfd (MemfdPool)
         try:
             inbound.images[event.file_id] = self.store.add_image(inbound.checkpoint, event.name)
         except TooManyFiles as exc:
@@ -498,6 +573,12 @@ class ReceiveSession:
         self._stored(file_id, image, offset, moved)
 
     def _write_buffered(self, event: conv.DataReceived) -> None:
+        held = self.held
+        if held is not None:  # _on_event made sure it continues the held file
+            held.chunks.append(event.data)
+            held.hasher.update(event.data)
+            held.size += len(event.data)
+            return
         self._wait_for_room()
         inbound = self._inbound()
         image = inbound.images[event.file_id]
@@ -554,15 +635,24 @@ class ReceiveSession:
             self.store.wait_for_room(proxy_gone, f"receiving from {self.peer}")
 
     def _on_file_end(self, event: conv.FileEnded) -> None:
-        self._flush(event.file_id)
+        held, self.held = self.held, None
         inbound = self._inbound()
-        image = inbound.images[event.file_id]
-        digest = inbound.hashers.pop(event.file_id).digest()
-        if not hmac.compare_digest(digest, event.digest):
-            raise Refused(f"{image.name}: {LABELS[self.digest]} digest mismatch (got {digest.hex()[:16]}..., "
-                          f"the proxy sent {event.digest.hex()[:16]}...)", ErrorCode.DIGEST_MISMATCH)
-        self.store.finish_image(image, digest, inbound.checkpoint)
+        if held is not None:  # _on_event made sure it is this file
+            digest = held.hasher.digest()
+            self._check_digest(held.name, digest, event.digest)
+            image = inbound.images[event.file_id] = self._add_held(held, True, digest)
+        else:
+            self._flush(event.file_id)
+            image = inbound.images[event.file_id]
+            digest = inbound.hashers.pop(event.file_id).digest()
+            self._check_digest(image.name, digest, event.digest)
+            self.store.finish_image(image, digest, inbound.checkpoint)
         self.conn.file_verified(event.file_id, image.size, time.monotonic())
+
+    def _check_digest(self, name: str, digest: bytes, sent: bytes) -> None:
+        if not hmac.compare_digest(digest, sent):
+            raise Refused(f"{name}: {LABELS[self.digest]} digest mismatch (got {digest.hex()[:16]}..., "
+                          f"the proxy sent {sent.hex()[:16]}...)", ErrorCode.DIGEST_MISMATCH)
 
     def _on_checkpoint_end(self, event: conv.CheckpointEnded) -> None:
         checkpoint = self._inbound().checkpoint
@@ -638,6 +728,7 @@ class ReceiveSession:
         if inbound is None:
             return
         if inbound.checkpoint.state is State.RECEIVING:
+            self._store_held()
             for file_id in list(self.pending):
                 self._flush(file_id)
         with self.store.cond:

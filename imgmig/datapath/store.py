@@ -401,10 +401,7 @@ class ImageStore:
             with contextlib.suppress(OSError):  # without xattrs, Image.taken_back assumes old bytes
                 os.setxattr(kept.fd, REUSED_XATTR, b"1")
         if kept is None:
-            # (/proc/PID/fd tells kept-for-reuse memfds apart by name: bench/common.py)
-            label = f"{REUSE_LABEL if reusable else 'imgmig:'}{name}".encode()[:_MEMFD_NAME_MAX].decode(errors="ignore")
-            flags = os.MFD_CLOEXEC | (0 if reusable else os.MFD_ALLOW_SEALING)
-            fd = retry_out_of_fds(lambda: os.memfd_create(label, flags), "a memfd")
+            fd = new_memfd(name, reusable)
         with self.cond:
             try:
                 self._check_new_image_locked(checkpoint, name)  # the lock was let go for memfd_create
@@ -418,6 +415,29 @@ class ImageStore:
             self._charge_locked(checkpoint, image)
             self._changed_locked()
             return image
+
+    def add_arrived(self, checkpoint: Checkpoint, name: str, fd: int, size: int, complete: bool,
+                    digest: bytes | None = None) -> Image:
+        """An image whose first `size` bytes its writer already put in `fd` (a memfd from
+        new_memfd()): one change of the store where add_image, grew and
+        finish_image make three, for a small image that arrived whole before it was added.
+        A complete one is sealed here. On DuplicateImage or TooManyFiles the caller still owns fd."""
+        image = Image(name, fd, size, complete, digest)
+        if complete:
+            image.seal()
+        with self.cond:
+            self._check_new_image_locked(checkpoint, name)
+            checkpoint.images[name] = image
+            checkpoint.listed.append(image)
+            self.bytes_in += size
+            self._charge_locked(checkpoint, image)
+            self._changed_locked()
+            return image
+
+    def check_new_image(self, checkpoint: Checkpoint, name: str) -> None:
+        """Raise DuplicateImage or TooManyFiles now, as add_image would (before any byte is taken)."""
+        with self.cond:
+            self._check_new_image_locked(checkpoint, name)
 
     def _check_new_image_locked(self, checkpoint: Checkpoint, name: str) -> None:
         if name in checkpoint.images:
@@ -667,6 +687,14 @@ def watch_checkpoints(store: ImageStore, on_new: Callable[[Checkpoint], None] | 
     thread = threading.Thread(target=follow, name="store-watch", daemon=True)
     thread.start()
     return thread
+
+
+def new_memfd(name: str, reusable: bool = False) -> int:
+    """A memfd for image `name` (sealable unless it may be kept for reuse); retried a while
+    when out of fds. (/proc/PID/fd tells kept-for-reuse memfds apart by name: bench/common.py)"""
+    label = f"{REUSE_LABEL if reusable else 'imgmig:'}{name}".encode()[:_MEMFD_NAME_MAX].decode(errors="ignore")
+    flags = os.MFD_CLOEXEC | (0 if reusable else os.MFD_ALLOW_SEALING)
+    return retry_out_of_fds(lambda: os.memfd_create(label, flags), "a memfd")
 
 
 def _next_change(store: ImageStore, seen: int) -> int:
