@@ -3,6 +3,8 @@
     python3 -m bench.profile --tool perf   --mib 1024 --out DIR   # Debian's linux-perf
     python3 -m bench.profile --tool py-spy --mib 1024 --out DIR   # py-spy from PyPI
 
+with `--method imgmig-tls-off` for the `tls: off` pair.
+
 perf: one system-wide `perf record -a -g` over the migration, then `perf report
 --no-children` (self time by symbol, kernel and user) for each daemon's pid and for the
 CRIU processes: the restore of the pages (done in the task being recreated, under the
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tool", choices=("perf", "py-spy"), required=True)
     parser.add_argument("--mib", type=int, default=1024)
     parser.add_argument("--mode", choices=("cold", "warm"), default="warm")
+    parser.add_argument("--method", choices=("imgmig", "imgmig-tls-off"), default="imgmig",
+                        help="the TLS-on pair (as shipped) or the tls: off one (issue 11's targets)")
     parser.add_argument("--lines", type=int, default=25)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -98,14 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         migrate.become_subreaper()
         with netns.two_nodes("imgmig-prof") as nodes, \
                 RealBench(testbed_criu.find_criu(), nodes, workdir, lambda m: print(m, flush=True)) as bench:
-            pids = bench.daemon_pids("imgmig")
+            pids = bench.daemon_pids(args.method)
             if args.tool == "perf":
                 data = args.out / "perf.data"
                 profilers = {"system": _start("perf", None, data)}
             else:
                 raw = {name: args.out / f"py-spy-{name}.raw" for name in pids}
                 profilers = {name: _start("py-spy", pid, raw[name]) for name, pid in pids.items()}
-            result = bench.run("imgmig", args.mib, args.mode)
+            result = bench.run(args.method, args.mib, args.mode)
             errors = {name: _stop(proc) for name, proc in profilers.items()}
         print(f"migration: freeze-to-running {result['total_s']:.2f} s, dump {result['dump_s']:.2f} s, "
               f"felt {result['felt_gap_s']:.2f} s; load {os.getloadavg()}")
