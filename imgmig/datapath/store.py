@@ -426,11 +426,7 @@ class ImageStore:
         if complete:
             image.seal()
         with self.cond:
-            self._check_new_image_locked(checkpoint, name)
-            checkpoint.images[name] = image
-            checkpoint.listed.append(image)
-            self.bytes_in += size
-            self._charge_locked(checkpoint, image)
+            self._add_locked(checkpoint, image)
             self._changed_locked()
             return image
 
@@ -447,6 +443,14 @@ class ImageStore:
             raise TooManyFiles(f"checkpoint {checkpoint.id} has more than {self.max_files} files (max_files); "
                                f"real dumps have hundreds: raise max_files if this one is genuine")
 
+    def _add_locked(self, checkpoint: Checkpoint, image: Image) -> None:
+        """Raises DuplicateImage or TooManyFiles before anything is changed."""
+        self._check_new_image_locked(checkpoint, image.name)
+        checkpoint.images[image.name] = image
+        checkpoint.listed.append(image)
+        self.bytes_in += image.size
+        self._charge_locked(checkpoint, image)
+
     def _charge_locked(self, checkpoint: Checkpoint, image: Image) -> None:
         cost = image.cost()
         if not checkpoint.dropped:
@@ -461,13 +465,9 @@ class ImageStore:
         """An image that arrives whole, as a sealed memfd (the files of `imgmig migrate --files`).
         Raises DuplicateImage or TooManyFiles."""
         size = os.fstat(fd).st_size
+        image = Image(name, fd, size, complete=True)
         with self.cond:
-            self._check_new_image_locked(checkpoint, name)
-            image = Image(name, fd, size, complete=True)
-            checkpoint.images[name] = image
-            checkpoint.listed.append(image)
-            self.bytes_in += size
-            self._charge_locked(checkpoint, image)
+            self._add_locked(checkpoint, image)
             self._wake_locked()
             return image
 
