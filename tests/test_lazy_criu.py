@@ -29,7 +29,7 @@ from conftest import REPO
 from test_real_criu import criu, workdir  # noqa: F401 - fixtures shared with the other real-CRIU tests
 
 from imgmig.commands.common import CommandError, ControlClient
-from imgmig.commands.lazy import LazyDump, dump_lazy, restore_lazy
+from imgmig.commands.lazy import LazyDump, LazyRestore, dump_lazy, restore_lazy
 from imgmig.roles.endpoints import CONTROL_SOCKET
 from testbed import daemons, lazy, migrate, netns, workload
 from testbed.lazy import NsWorkload, claim, net_of
@@ -80,52 +80,44 @@ def listeners(node: netns.Node) -> list[str]:
 def test_lazy_migration_of_256_mib_through_the_tunnel(criu: list[str], nodes: netns.TwoNodes,  # noqa: F811
                                                       workdir: Path, pipe_max: None,  # noqa: F811
                                                       ns_workload: NsWorkload) -> None:
-    dumped: LazyDump | None = None
-    restored_pid = 0
-    kept: list[Path] = []
-    with daemons.proxy_and_cache(workdir, nodes.a, nodes.b) as pair:
-        try:
-            dumped = lazy_dump(pair, [*net_of(nodes.a), *criu], ns_workload.pid)
-            kept.append(dumped.images_dir)
-            with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
-                checkpoint = claim(client, "node-a")
-                assert checkpoint == dumped.checkpoint
-                restore = restore_lazy(client, checkpoint, [*net_of(nodes.b), *criu])
-                kept.append(restore.images_dir)
-                restored_pid = restore.pid
-                running_at = time.monotonic()
-                # the only listener on B is the cache's own port: lazy-pages' socket is a socketpair;
-                # none on A, not even on loopback: the dump's page server is a socketpair too
-                assert listeners(nodes.b) == [f"{nodes.b.address}:{daemons.DEFAULT_PORT}"]
-                assert listeners(nodes.a) == [], "a local process could read the process's memory"
-                with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as status:  # this one carries the tunnel
-                    info = status.request("list")["checkpoints"]
-                assert [c["id"] for c in info] == [checkpoint] and "lazy" in info[0], info
-                moved = restore.finish(client, timeout=300)
-            copied_at = time.monotonic()
-            assert dumped.wait(30) == 0, dumped.tail()  # the source's CRIU exited after the last page
-            assert moved["error"] is None and moved["pages_bytes"] >= MIB << 20, moved
-            process = psutil.Process(restored_pid)
-            assert process.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD, psutil.STATUS_STOPPED)
-            at_dump = ns_workload.before
-            later = workload.wait_state(ns_workload.state_path, lambda s: s.counter > at_dump.counter + 5, 20)
-            assert later.token == at_dump.token, "a new process started, not the restored one"
-            fresh = workload.verify(restored_pid, ns_workload.state_path)
-            assert fresh.verified_digest == workload.expected_digest(MIB) == at_dump.digest
-            pair.proxy.wait_log("fetches its lazy pages from the page server", 5)
-            pair.cache.wait_log("tunnelled to node-a", 5)
-            pair.cache.wait_released()
-            # lazy_done: the cache confirmed RUNNING with the pid, so the proxy released its copy at once
-            pair.proxy.wait_log(f"as pid {restored_pid}, confirmed by its restore; this node's copy released", 15)
-            pair.proxy.wait_released(5)
-            statuses = pair.stop()
-            assert statuses == {"proxy": 0, "cache": 0}
-            for daemon in (pair.proxy, pair.cache):
-                assert "Traceback" not in daemon.log() and "unexpected error" not in daemon.log(), daemon.log()
-            print(f"lazy {MIB} MiB: freeze->running {running_at - dumped.frozen_at:.2f} s, every page after "
-                  f"{copied_at - dumped.frozen_at:.2f} s, {moved['pages_bytes']} bytes of pages tunnelled")
-        finally:
-            _clean_up(restored_pid, dumped, kept)
+    with daemons.proxy_and_cache(workdir, nodes.a, nodes.b) as pair, _LazyRun() as run:
+        dumped = run.dump(pair, [*net_of(nodes.a), *criu], ns_workload.pid)
+        with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
+            checkpoint = claim(client, "node-a")
+            assert checkpoint == dumped.checkpoint
+            restore = run.restore(client, checkpoint, [*net_of(nodes.b), *criu])
+            restored_pid = restore.pid
+            running_at = time.monotonic()
+            # the only listener on B is the cache's own port: lazy-pages' socket is a socketpair;
+            # none on A, not even on loopback: the dump's page server is a socketpair too
+            assert listeners(nodes.b) == [f"{nodes.b.address}:{daemons.DEFAULT_PORT}"]
+            assert listeners(nodes.a) == [], "a local process could read the process's memory"
+            with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as status:  # this one carries the tunnel
+                info = status.request("list")["checkpoints"]
+            assert [c["id"] for c in info] == [checkpoint] and "lazy" in info[0], info
+            moved = restore.finish(client, timeout=300)
+        copied_at = time.monotonic()
+        assert dumped.wait(30) == 0, dumped.tail()  # the source's CRIU exited after the last page
+        assert moved["error"] is None and moved["pages_bytes"] >= MIB << 20, moved
+        process = psutil.Process(restored_pid)
+        assert process.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD, psutil.STATUS_STOPPED)
+        at_dump = ns_workload.before
+        later = workload.wait_state(ns_workload.state_path, lambda s: s.counter > at_dump.counter + 5, 20)
+        assert later.token == at_dump.token, "a new process started, not the restored one"
+        fresh = workload.verify(restored_pid, ns_workload.state_path)
+        assert fresh.verified_digest == workload.expected_digest(MIB) == at_dump.digest
+        pair.proxy.wait_log("fetches its lazy pages from the page server", 5)
+        pair.cache.wait_log("tunnelled to node-a", 5)
+        pair.cache.wait_released()
+        # lazy_done: the cache confirmed RUNNING with the pid, so the proxy released its copy at once
+        pair.proxy.wait_log(f"as pid {restored_pid}, confirmed by its restore; this node's copy released", 15)
+        pair.proxy.wait_released(5)
+        statuses = pair.stop()
+        assert statuses == {"proxy": 0, "cache": 0}
+        for daemon in (pair.proxy, pair.cache):
+            assert "Traceback" not in daemon.log() and "unexpected error" not in daemon.log(), daemon.log()
+        print(f"lazy {MIB} MiB: freeze->running {running_at - dumped.frozen_at:.2f} s, every page after "
+              f"{copied_at - dumped.frozen_at:.2f} s, {moved['pages_bytes']} bytes of pages tunnelled")
 
 
 def test_a_foreign_process_cannot_reach_the_tunnel(nodes: netns.TwoNodes, workdir: Path) -> None:  # noqa: F811
@@ -178,53 +170,67 @@ def _break_the_copy_midway(criu_command: list[str], nodes: netns.TwoNodes, work:
     """Migrate lazily, then break_it(the restore) half a second into the background copy:
     the copy fails on the destination, the dump fails, the process goes on on the source
     with the memory it was dumped with, the half-restored copy dies, no daemon crashes."""
-    dumped: LazyDump | None = None
-    restored_pid = 0
-    kept: list[Path] = []
-    with daemons.proxy_and_cache(work, nodes.a, nodes.b) as pair:
-        try:
-            dumped = lazy_dump(pair, [*net_of(nodes.a), *criu_command], ns_workload.pid)
-            kept.append(dumped.images_dir)
-            with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
-                restore = restore_lazy(client, claim(client, "node-a"), [*net_of(nodes.b), *criu_command])
-                kept.append(restore.images_dir)
-                restored_pid = restore.pid
-                time.sleep(0.5)  # the background copy of 256 MiB takes seconds
-                break_it(restore)
-                with pytest.raises(CommandError, match=r"background copy .* failed"):
-                    restore.finish(client, timeout=60)
-            assert dumped.wait(60) != 0, f"the dump counted {what} as a finished migration"
-            pair.proxy.wait_log("criu dump fails and the process resumes on this node", 5)
-            pair.proxy.wait_log("the lazy restore on node-b (10.77.0.2:9996) failed", 15)
-            pair.cache.wait_released()
-            pair.proxy.wait_released()
-            source = psutil.Process(ns_workload.pid)
-            assert source.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD, psutil.STATUS_STOPPED)
-            wait_for_exit(restored_pid, 30)
-            at_dump = ns_workload.before
-            later = workload.wait_state(ns_workload.state_path, lambda s: s.counter > at_dump.counter + 5, 20)
-            assert later.token == at_dump.token
-            fresh = workload.verify(ns_workload.pid, ns_workload.state_path)
-            assert fresh.verified_digest == at_dump.digest, "the source's memory changed"
-            statuses = pair.stop()
-            assert statuses == {"proxy": 0, "cache": 0}
-            for daemon in (pair.proxy, pair.cache):
-                assert "Traceback" not in daemon.log() and "unexpected error" not in daemon.log(), daemon.log()
-        finally:
-            _clean_up(restored_pid, dumped, kept)
+    with daemons.proxy_and_cache(work, nodes.a, nodes.b) as pair, _LazyRun() as run:
+        dumped = run.dump(pair, [*net_of(nodes.a), *criu_command], ns_workload.pid)
+        with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
+            restore = run.restore(client, claim(client, "node-a"), [*net_of(nodes.b), *criu_command])
+            restored_pid = restore.pid
+            time.sleep(0.5)  # the background copy of 256 MiB takes seconds
+            break_it(restore)
+            with pytest.raises(CommandError, match=r"background copy .* failed"):
+                restore.finish(client, timeout=60)
+        assert dumped.wait(60) != 0, f"the dump counted {what} as a finished migration"
+        pair.proxy.wait_log("criu dump fails and the process resumes on this node", 5)
+        pair.proxy.wait_log("the lazy restore on node-b (10.77.0.2:9996) failed", 15)
+        pair.cache.wait_released()
+        pair.proxy.wait_released()
+        source = psutil.Process(ns_workload.pid)
+        assert source.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD, psutil.STATUS_STOPPED)
+        wait_for_exit(restored_pid, 30)
+        at_dump = ns_workload.before
+        later = workload.wait_state(ns_workload.state_path, lambda s: s.counter > at_dump.counter + 5, 20)
+        assert later.token == at_dump.token
+        fresh = workload.verify(ns_workload.pid, ns_workload.state_path)
+        assert fresh.verified_digest == at_dump.digest, "the source's memory changed"
+        statuses = pair.stop()
+        assert statuses == {"proxy": 0, "cache": 0}
+        for daemon in (pair.proxy, pair.cache):
+            assert "Traceback" not in daemon.log() and "unexpected error" not in daemon.log(), daemon.log()
 
 
-def _clean_up(restored_pid: int, dumped: LazyDump | None, kept: list[Path]) -> None:
-    """Whatever a lazy test left: the restored copy, a dump still running, its folders."""
-    if restored_pid:
-        migrate.kill_and_reap(restored_pid)
-    if dumped is not None and dumped.proc.poll() is None:
-        dumped.proc.kill()
-    for path in kept:
-        if os.environ.get("IMGMIG_KEEP_WORKDIR"):
-            print(f"kept {path} (IMGMIG_KEEP_WORKDIR)")
-        else:
-            shutil.rmtree(path, ignore_errors=True)
+class _LazyRun:
+    """What a lazy test started, cleaned up whatever happens: the restored copy, a dump
+    still running, their folders."""
+
+    def __init__(self) -> None:
+        self.dumped: LazyDump | None = None
+        self.restored_pid = 0
+        self.kept: list[Path] = []
+
+    def dump(self, pair: daemons.Pair, argv: list[str], pid: int) -> LazyDump:
+        self.dumped = lazy_dump(pair, argv, pid)
+        self.kept.append(self.dumped.images_dir)
+        return self.dumped
+
+    def restore(self, client: ControlClient, checkpoint: str, argv: list[str]) -> LazyRestore:
+        restore = restore_lazy(client, checkpoint, argv)
+        self.kept.append(restore.images_dir)
+        self.restored_pid = restore.pid
+        return restore
+
+    def __enter__(self) -> _LazyRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.restored_pid:
+            migrate.kill_and_reap(self.restored_pid)
+        if self.dumped is not None and self.dumped.proc.poll() is None:
+            self.dumped.proc.kill()
+        for path in self.kept:
+            if os.environ.get("IMGMIG_KEEP_WORKDIR"):
+                print(f"kept {path} (IMGMIG_KEEP_WORKDIR)")
+            else:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -455,32 +461,24 @@ def test_a_source_node_lost_mid_copy_loses_the_process_on_both(criu: list[str], 
     proxy. The process on B must die rather than run with missing memory; the restore and
     the cache's status say it runs nowhere unless A comes back up (it cannot: the price of
     post-copy)."""
-    dumped: LazyDump | None = None
-    restored_pid = 0
-    kept: list[Path] = []
-    with daemons.proxy_and_cache(workdir, nodes.a, nodes.b, dead_peer_timeout=2) as pair:
-        try:
-            dumped = lazy_dump(pair, [*net_of(nodes.a), *criu], ns_workload.pid)
-            kept.append(dumped.images_dir)
-            with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
-                restore = restore_lazy(client, claim(client, "node-a"), [*net_of(nodes.b), *criu])
-                kept.append(restore.images_dir)
-                restored_pid = restore.pid
-                time.sleep(0.3)  # the background copy of 256 MiB takes seconds
-                netns.run_in(nodes.a.netns, ["ip", "link", "set", nodes.a.veth, "down"], check=True)
-                assert pair.proxy.proc is not None
-                for pid in (ns_workload.pid, dumped.proc.pid, pair.proxy.proc.pid):
-                    os.kill(pid, signal.SIGKILL)
-                with pytest.raises(CommandError, match=r"background copy .* failed.* else nowhere"):
-                    restore.finish(client, timeout=60)
-            wait_for_exit(restored_pid, 30)
-            with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as status:
-                ended = status.request("status")["ended"]
-            (entry,) = [e for e in ended if e["id"] == restore.checkpoint]
-            assert entry["state"] == "failed" and "runs on node-a if that node is up" in entry["outcome"], entry
-            assert "else nowhere" in entry["outcome"], entry
-            pair.cache.wait_released()
-            assert pair.stop()["cache"] == 0
-            assert "Traceback" not in pair.cache.log() and "unexpected error" not in pair.cache.log()
-        finally:
-            _clean_up(restored_pid, dumped, kept)
+    with daemons.proxy_and_cache(workdir, nodes.a, nodes.b, dead_peer_timeout=2) as pair, _LazyRun() as run:
+        dumped = run.dump(pair, [*net_of(nodes.a), *criu], ns_workload.pid)
+        with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
+            restore = run.restore(client, claim(client, "node-a"), [*net_of(nodes.b), *criu])
+            restored_pid = restore.pid
+            time.sleep(0.3)  # the background copy of 256 MiB takes seconds
+            netns.run_in(nodes.a.netns, ["ip", "link", "set", nodes.a.veth, "down"], check=True)
+            assert pair.proxy.proc is not None
+            for pid in (ns_workload.pid, dumped.proc.pid, pair.proxy.proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            with pytest.raises(CommandError, match=r"background copy .* failed.* else nowhere"):
+                restore.finish(client, timeout=60)
+        wait_for_exit(restored_pid, 30)
+        with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as status:
+            ended = status.request("status")["ended"]
+        (entry,) = [e for e in ended if e["id"] == restore.checkpoint]
+        assert entry["state"] == "failed" and "runs on node-a if that node is up" in entry["outcome"], entry
+        assert "else nowhere" in entry["outcome"], entry
+        pair.cache.wait_released()
+        assert pair.stop()["cache"] == 0
+        assert "Traceback" not in pair.cache.log() and "unexpected error" not in pair.cache.log()
