@@ -1,5 +1,5 @@
 """The proxy's capture of small images: one that CRIU writes whole enters the store once,
-complete; a larger one is in the store before its end, as any image (capture.WHOLE_MAX)."""
+complete; a larger one is in the store before its end, as any image (store.SMALL_IMAGE)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import os
 import socket
 import threading
 
-from imgmig.datapath.capture import WHOLE_MAX, CaptureSession
-from imgmig.datapath.store import ImageStore, State
+from imgmig.datapath.capture import CaptureSession
+from imgmig.datapath.store import SMALL_IMAGE, ImageStore, State
 from imgmig.protocol import criu_wire
 
 WAIT = 10.0
@@ -44,7 +44,7 @@ def test_a_small_image_enters_the_store_once_whole_and_a_large_one_from_its_firs
     os.write(small, b"t" * 1000)
     os.close(small)
     large = offer(criu, "large.img")
-    payload = b"L" * (WHOLE_MAX + 4096)
+    payload = b"L" * (SMALL_IMAGE + 4096)
     done = 0
     while done < len(payload):
         done += os.write(large, payload[done:done + 16384])

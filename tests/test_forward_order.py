@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from imgmig.datapath.forward import SMALL_BATCH, SMALL_FILE, _may_begin
-from imgmig.datapath.store import ImageStore, State
+from imgmig.datapath.forward import SMALL_BATCH, _may_begin
+from imgmig.datapath.store import SMALL_IMAGE, ImageStore, State
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def test_a_large_image_behind_it_begins_it(store):
     store.add_image(checkpoint, "pagemap-1.img")
     pages = store.add_image(checkpoint, "pages-1.img")
     assert not _may_begin(checkpoint, 0)
-    grow(store, checkpoint, pages, SMALL_FILE + 1)
+    grow(store, checkpoint, pages, SMALL_IMAGE + 1)
     assert _may_begin(checkpoint, 0) and _may_begin(checkpoint, 1)
 
 
@@ -61,7 +61,7 @@ def test_a_full_batch_behind_it_begins_it(store):
 def test_an_image_over_the_small_size_or_a_checkpoint_no_longer_arriving_begins_at_once(store):
     checkpoint = store.begin("cp", "node")
     large = store.add_image(checkpoint, "large.img")
-    grow(store, checkpoint, large, SMALL_FILE + 1)
+    grow(store, checkpoint, large, SMALL_IMAGE + 1)
     store.add_image(checkpoint, "small.img")
     assert _may_begin(checkpoint, 0)
     assert not _may_begin(checkpoint, 1)

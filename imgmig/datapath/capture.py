@@ -3,7 +3,7 @@
 CRIU opens several pipes at once (pages and pagemap together), so every open pipe
 and the control socket are watched with one epoll; each readable pipe is spliced
 straight into its image's memfd. A small image (most of a dump's files) enters the
-store only once it is whole, in one change; one that outgrows WHOLE_MAX, or a page
+store only once it is whole, in one change; one that outgrows SMALL_IMAGE, or a page
 image, is in the store from its first byte.
 """
 
@@ -18,18 +18,31 @@ import threading
 import time
 from dataclasses import dataclass
 
-from imgmig.datapath.kernel_io import CHUNK, UntilHangup, grow_pipe, out_of_fds, pipe_end_problem, recv_criu_message
-from imgmig.datapath.store import REUSED_PREFIX, Checkpoint, DuplicateImage, Image, ImageStore, TooManyFiles, new_memfd
+from imgmig.datapath.kernel_io import (
+    CHUNK,
+    DEFAULT_PIPE,
+    UntilHangup,
+    grow_pipe,
+    out_of_fds,
+    pipe_end_problem,
+    recv_criu_message,
+)
+from imgmig.datapath.store import (
+    REUSED_PREFIX,
+    SMALL_IMAGE,
+    Checkpoint,
+    DuplicateImage,
+    Image,
+    ImageStore,
+    TooManyFiles,
+    new_memfd,
+)
 from imgmig.protocol import criu_wire
 
 log = logging.getLogger(__name__)
 
 INVENTORY = "inventory.img"
-DEFAULT_PIPE = 64 << 10
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 2) | getattr(os, "SPLICE_F_MOVE", 1)
-# An image of at most this many bytes is added to the store whole (the forwarder sends such
-# an image only once it is complete anyway); a larger one is added when it outgrows it.
-WHOLE_MAX = 64 << 10
 
 
 @dataclass(eq=False)
@@ -157,10 +170,10 @@ class CaptureSession:
 
     def _take_arriving(self, fd: int, arriving: _Arriving) -> None:
         """Splice what the pipe holds; at its end the image goes into the store whole (one
-        change); past WHOLE_MAX it goes in as far as it came and continues as any image."""
+        change); past SMALL_IMAGE it goes in as far as it came and continues as any image."""
         if arriving.fd < 0:
             arriving.fd = new_memfd(arriving.name)
-        while arriving.size <= WHOLE_MAX:
+        while arriving.size <= SMALL_IMAGE:
             try:
                 moved = os.splice(fd, arriving.fd, CHUNK, offset_dst=arriving.size, flags=_SPLICE_FLAGS)
             except BlockingIOError:

@@ -29,7 +29,7 @@ from imgmig.datapath import custody
 from imgmig.datapath.digest import Digester, new_hasher, usable
 from imgmig.datapath.link import HandshakeCut, Link, LinkRefused, TlsLink
 from imgmig.datapath.receive import receive_within
-from imgmig.datapath.store import Checkpoint, Image, ImageStore, State
+from imgmig.datapath.store import SMALL_IMAGE, Checkpoint, Image, ImageStore, State
 from imgmig.datapath.tunnel import LAZY_IMAGE, NotLazy, TunnelPump, end_page_server
 from imgmig.protocol import conversation as conv
 from imgmig.protocol import peer_wire as wire
@@ -43,9 +43,8 @@ FRAME_PAYLOAD = 1 << 20
 # mapping for the digest, a header and a sendfile, so 64 KiB dribbles from CRIU's pipe
 # would cost four times the system calls and wake-ups for the same bytes.
 SEND_STEP = 1 << 20
-# A complete image up to this size goes as one buffered FILE_DATA frame, together with
-# its FILE_BEGIN and FILE_END in a single send: small files are bound by system calls.
-SMALL_FILE = 64 << 10
+# A complete image up to store.SMALL_IMAGE goes as one buffered FILE_DATA frame, together
+# with its FILE_BEGIN and FILE_END in a single send: small files are bound by system calls.
 SMALL_BATCH = 32  # small files per send
 # Complete small images fewer than a batch wait this long for the next ones before they go:
 # woken for each, the forwarder made one send (and the cache one read) per file.
@@ -432,7 +431,7 @@ class Forwarder:
             if not _may_begin(self.checkpoint, out.file_id):
                 break
             self.next_to_begin += 1
-            if out.image.complete and out.image.size <= SMALL_FILE:
+            if _small_whole(out.image):
                 self._frame_small(out)
                 small += 1
                 if small % SMALL_BATCH == 0:
@@ -717,7 +716,7 @@ def _describe(exc: BaseException) -> str:
 
 
 def _small_whole(image: Image) -> bool:
-    return image.complete and image.size <= SMALL_FILE
+    return image.complete and image.size <= SMALL_IMAGE
 
 
 def _may_begin(checkpoint: Checkpoint, file_id: int) -> bool:
@@ -728,8 +727,8 @@ def _may_begin(checkpoint: Checkpoint, file_id: int) -> bool:
     large one (pages, written beside its pagemap) or a full batch begins it as it is."""
     listed = checkpoint.listed
     image = listed[file_id]
-    if image.complete or image.size > SMALL_FILE or checkpoint.state is not State.RECEIVING:
+    if image.complete or image.size > SMALL_IMAGE or checkpoint.state is not State.RECEIVING:
         return True
     if len(listed) - file_id > SMALL_BATCH:
         return True
-    return any(listed[later].size > SMALL_FILE for later in range(file_id + 1, len(listed)))
+    return any(listed[later].size > SMALL_IMAGE for later in range(file_id + 1, len(listed)))

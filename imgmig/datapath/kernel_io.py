@@ -28,6 +28,7 @@ T = TypeVar("T")
 
 CHUNK = 1 << 20
 PIPE_SIZE = 1 << 20
+DEFAULT_PIPE = 64 << 10  # what a new pipe holds (CRIU's, until one end grows it)
 SPLICE_MAX = 1 << 30  # bytes asked of one splice into a pipe: the kernel stops when the pipe is full
 ROOM_WAIT = 0.05  # seconds splice_out waits for its reader's wake-up before splicing anyway
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from imgmig.datapath.custody import NoRight
 from imgmig.datapath.kernel_io import (
+    DEFAULT_PIPE,
     UntilHangup,
     grow_pipe,
     largest_pipe,
@@ -29,7 +30,6 @@ from imgmig.system.systemd_glue import CHECKPOINT_RESTORED_ID
 
 log = logging.getLogger(__name__)
 
-SMALL_IMAGE = 64 << 10  # fits CRIU's pipe as it is
 # CRIU reads a pages image with read()s of at most what the pipe holds, one hand-off
 # between it and us each: 16 MiB where fs.pipe-max-size allows (bench/README.md)
 SERVE_PIPE = 16 << 20
@@ -140,7 +140,7 @@ class ServeSession:
                 if image.fd < 0:
                     raise CheckpointFailed(f"checkpoint {checkpoint.id} was dropped: {checkpoint.reason or 'released'}")
                 os.set_blocking(pipe_w, True)
-                if image.size > SMALL_IMAGE:
+                if image.size > DEFAULT_PIPE:
                     grow_pipe(pipe_w, largest_pipe(SERVE_PIPE))  # CRIU's pipe holds 64 KiB
                 splice_out(image.fd, pipe_w, 0, image.size)
         finally:

@@ -48,6 +48,9 @@ FILES_IMAGE = "imgmig-files.tar"
 # CRIU's page images are the large ones (pages-N.img); only they take and give back reused
 # memfds, so that a small image never holds (or frees) a large image's pages.
 REUSED_PREFIX = "pages-"
+# An image of at most this many bytes is handled whole: captured into the store in one
+# change once complete, and forwarded in one buffered frame with its BEGIN and END.
+SMALL_IMAGE = 64 << 10
 REUSE_LABEL = "imgmig-reuse:"  # such memfds' name, as /proc/PID/fd shows it after "/memfd:"
 REUSE_MIN = 1 << 20  # a memfd with fewer bytes is not worth keeping
 REUSE_IDLE = 60.0  # seconds a kept memfd waits for a new image before it is freed
