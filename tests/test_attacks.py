@@ -9,6 +9,7 @@ driven with real pipes, files and sockets passed by SCM_RIGHTS.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import socket
@@ -454,3 +455,47 @@ def test_many_floods_at_once_leave_the_cache_serving(daemons):
     assert not [line for line in pair.cache_log.lines() if "Traceback" in line]
     still_serving(pair, earlier)
 
+
+
+# ---- a small file held whole at the cache (datapath/receive.py, _Held) ---------------------------
+
+def test_a_small_file_with_a_gap_in_its_bytes_is_refused(daemons):
+    """A forged proxy sends a small file's first bytes, then bytes at an offset past their
+    end, in one write (so the cache holds the file whole, before the store sees it): the
+    gap is refused in one line, nothing of that checkpoint is served, the cache goes on."""
+    pair = daemons()
+    earlier = earlier_checkpoint(pair)
+    pair.set_marks()
+    sock = fake_proxy(pair, "gap")
+    sock.sendall(wire.encode_file_begin(0, "core-1.img") + wire.encode_file_data(0, 0, b"a" * 100)
+                 + wire.encode_file_data(0, 4096, b"b" * 100)
+                 + wire.encode_file_end(0, 4196, hashlib.sha256(b"a" * 100 + b"b" * 100).digest()))
+    events = wait_received_eof(sock)
+    sock.close()
+    assert isinstance(events[-1], wire.Error), events
+    one_error(pair.cache_log, r"connection from fake-proxy .* refused: .*checkpoint fake-proxy-gap is dropped")
+    still_serving(pair, earlier)
+
+
+def test_a_link_cut_inside_a_small_file_never_serves_its_bytes(daemons):
+    """The link drops after a small file's first bytes (held whole at the cache, not yet in
+    the store): the checkpoint is kept for its proxy to resume, the earlier one restores
+    intact, and a restore that claims the cut one is refused (its source never granted it)
+    without a byte of it served."""
+    pair = daemons(cache_keys={"grant_timeout": 1})
+    earlier = earlier_checkpoint(pair)
+    sock = fake_proxy(pair, "cut-small")
+    sock.sendall(wire.encode_file_begin(0, "inventory.img") + wire.encode_file_data(0, 0, b"half an inventory"))
+    time.sleep(0.3)
+    sock.close()
+    pair.cache_log.wait_for(r"lost mid-checkpoint fake-proxy-cut-small .* kept \d+ s for the proxy to resume")
+    assert_restores(restore(pair.cache_dir, restore_order(earlier)), earlier)
+    pair.set_marks()
+    try:
+        got = Restore(pair.cache_dir, ["inventory.img"]).result()
+    except ConnectionError:  # the refusal closes CRIU's connection: nothing was served
+        got = {}
+    assert not got, f"served from a checkpoint cut mid-file: {got}"
+    one_error(pair.cache_log, r"restore of checkpoint fake-proxy-cut-small on the cache refused: its source did "
+                              r"not grant the right to restore it")
+    assert pair.cache.process.poll() is None
