@@ -456,9 +456,7 @@ class ReceiveSession:
                 transfers.settle(checkpoint_id, BeginStatus.RUNNING if checkpoint.running_pid
                                  else BeginStatus.RESTORED, checkpoint.running_pid)
                 if checkpoint.forced:
-                    log.warning("checkpoint %s: its source %s is back and is told that this node holds the right to "
-                                "restore it (taken with imgmig handoff --force) and restored it: a rollback there is "
-                                "refused", checkpoint_id, self.peer, extra={"IMGMIG_CHECKPOINT": checkpoint_id})
+                    self._fenced_source_is_back(checkpoint_id)
             settled = transfers.settled.get(checkpoint_id)
             if settled is not None:
                 status, self.running_pid = settled
@@ -709,7 +707,19 @@ class ReceiveSession:
         self.transfers.settle(checkpoint.id, BeginStatus.GONE)
         self.conn.confirm_drop(time.monotonic())
 
+    def _fenced_source_is_back(self, checkpoint_id: str) -> None:
+        log.warning("checkpoint %s: its source %s is back and is told that this node holds the right to "
+                    "restore it (taken with imgmig handoff --force) and restored it: a rollback there is "
+                    "refused", checkpoint_id, self.peer, extra={"IMGMIG_CHECKPOINT": checkpoint_id})
+
     def _on_confirmed(self, event: conv.Confirmed) -> None:
+        inbound = self.inbound
+        if event.kind in (wire.FrameType.RESTORED, wire.FrameType.RUNNING) and inbound is not None \
+                and inbound.checkpoint.forced and not inbound.force_told:
+            # the restore here came before the fencing question was put: the source, back on
+            # its old link, confirms the restore instead of answering that question
+            inbound.force_told = True
+            self._fenced_source_is_back(inbound.checkpoint.id)
         if event.kind is wire.FrameType.RESTORED:
             self.transfers.settle(self._inbound().checkpoint.id, BeginStatus.RESTORED)
         elif event.kind is wire.FrameType.RUNNING:
