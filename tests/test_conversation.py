@@ -424,6 +424,34 @@ def test_unclean_end_is_answered_not_ok():
     assert link.proxy.conn.closed and link.cache.conn.closed
 
 
+def test_files_listed_before_the_last_page_bytes():
+    """The dump ended: the proxy lists the files while the pages are still on their way;
+    the cache learns it at once, and the rest of the transfer goes on as before."""
+    link = connect(FILES)
+    pages = FILES["pages-1.img"]
+    send_file(link, 0, "pages-1.img", pages[:4000], end=False)
+    send_file(link, 1, "inventory.img", FILES["inventory.img"])
+    link.proxy.conn.files_listed(2, 0.0)
+    link.pump()
+    assert link.cache.events[-1] == conv.FilesListed(2)
+    with pytest.raises(RuntimeError, match="FILE_BEGIN for file id 2 after FILES_LISTED"):
+        link.proxy.conn.file_begin(2, "late.img", 0.0)
+    with pytest.raises(RuntimeError, match="twice"):
+        link.proxy.conn.files_listed(2, 0.0)
+    send_file(link, 0, "pages-1.img", pages, start=4000)
+    link.proxy.conn.checkpoint_end(True, 2, len(pages) + len(FILES["inventory.img"]), 0.0)
+    link.pump()
+    assert link.proxy.events[-1] == conv.Delivered(True, "verified")
+
+
+def test_files_listed_with_a_wrong_count_is_refused():
+    link = connect(FILES)
+    send_file(link, 0, "pages-1.img", FILES["pages-1.img"])
+    link.proxy.conn.files_listed(3, 0.0)
+    with pytest.raises(PeerProtocolError, match="FILES_LISTED counts 3 files, 1 were begun"):
+        link.pump()
+
+
 def test_digest_mismatch_refused():
     link = connect(FILES)
     proxy = link.proxy.conn

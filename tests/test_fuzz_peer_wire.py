@@ -86,6 +86,9 @@ def frame(draw: st.DrawFn) -> tuple[bytes, wire.Event | tunnel_wire.TunnelFrame]
     if kind is wire.FrameType.CHECKPOINT_END:
         event = CheckpointEnd(draw(st.booleans()), draw(U32), draw(U64))
         return wire.encode_checkpoint_end(event.clean, event.files, event.size), event
+    if kind is wire.FrameType.FILES_LISTED:
+        event = wire.FilesListed(draw(U32))
+        return wire.encode_files_listed(event.files), event
     if kind is wire.FrameType.ACK:
         event = Ack(draw(U32), draw(U64))
         return wire.encode_ack(event.file_id, event.size), event
@@ -322,7 +325,8 @@ def test_length_field_is_checked_before_the_body_arrives(length, kind, step):
 @st.composite
 def conversation(draw: st.DrawFn) -> list[wire.Event]:
     """A valid proxy -> cache conversation: HELLO, CHECKPOINT_BEGIN, files interleaved in
-    random order, each data piece at the right offset, then CHECKPOINT_END (and maybe DROP)."""
+    random order, each data piece at the right offset, maybe FILES_LISTED once every file
+    is begun, then CHECKPOINT_END (and maybe DROP)."""
     checkpoint = draw(names)
     file_names = draw(st.lists(names, unique=True, max_size=5))
     file_ids = draw(st.lists(U32, unique=True, min_size=len(file_names), max_size=len(file_names)))
@@ -344,6 +348,9 @@ def conversation(draw: st.DrawFn) -> list[wire.Event]:
         event = queue.pop(0)
         new_id = renumbered.setdefault(event.file_id, len(renumbered))
         events.append(type(event)(new_id, *list(event.__dict__.values())[1:]))
+    if draw(st.booleans()):  # FILES_LISTED anywhere after the last FILE_BEGIN
+        after = max((i for i, e in enumerate(events) if isinstance(e, FileBegin)), default=1) + 1
+        events.insert(draw(st.integers(after, len(events))), wire.FilesListed(len(file_names)))
     total = sum(len(p) for ps in pieces.values() for p in ps)
     events.append(CheckpointEnd(True, len(file_names), total))
     if draw(st.booleans()):
@@ -364,6 +371,8 @@ def encode(event: wire.Event) -> bytes:
         return wire.encode_file_end(event.file_id, event.size, event.digest)
     if isinstance(event, CheckpointEnd):
         return wire.encode_checkpoint_end(event.clean, event.files, event.size)
+    if isinstance(event, wire.FilesListed):
+        return wire.encode_files_listed(event.files)
     if isinstance(event, Ack):
         return wire.encode_ack(event.file_id, event.size)
     if isinstance(event, CheckpointDone):
@@ -405,8 +414,11 @@ def first_invalid(events: list[wire.Event]) -> int | None:
 def _file_event_ok(event: wire.Event, past: list[wire.Event]) -> bool:
     begins = {e.file_id: e.name for e in past if isinstance(e, FileBegin)}
     ended = {e.file_id for e in past if isinstance(e, FileEnd)}
+    listed = any(isinstance(e, wire.FilesListed) for e in past)
     if isinstance(event, FileBegin):
-        return event.file_id == len(begins) and event.name not in begins.values()
+        return not listed and event.file_id == len(begins) and event.name not in begins.values()
+    if isinstance(event, wire.FilesListed):
+        return event.files == len(begins)
     if isinstance(event, FileData | FileEnd):
         if event.file_id not in begins or event.file_id in ended:
             return False
@@ -459,6 +471,7 @@ other_events = st.one_of(
     st.builds(FileData, st.integers(0, 3), st.integers(0, 40), st.binary(min_size=1, max_size=10)),
     st.builds(FileEnd, st.integers(0, 3), st.integers(0, 60), st.just(b"")),
     st.builds(CheckpointEnd, st.booleans(), st.integers(0, 5), st.integers(0, 100)),
+    st.builds(wire.FilesListed, st.integers(0, 5)),
     st.builds(Ack, st.integers(0, 3), st.integers(0, 60)),
     st.builds(CheckpointDone, st.booleans(), st.just("")),
     st.builds(Restored, names),

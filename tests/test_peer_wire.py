@@ -45,6 +45,8 @@ ROUNDTRIPS = [
     (wire.encode_file_end(3, 0, b""), FileEnd(3, 0, b"")),
     (wire.encode_checkpoint_end(True, 12, 2**33), CheckpointEnd(True, 12, 2**33)),
     (wire.encode_checkpoint_end(False, 0, 0), CheckpointEnd(False, 0, 0)),
+    (wire.encode_files_listed(13), wire.FilesListed(13)),
+    (wire.encode_files_listed(2**32 - 1), wire.FilesListed(2**32 - 1)),
     (wire.encode_ack(7, 123456), Ack(7, 123456)),
     (wire.encode_checkpoint_done(True, "12 files verified"), CheckpointDone(True, "12 files verified")),
     (wire.encode_checkpoint_done(False, ""), CheckpointDone(False, "")),
@@ -134,7 +136,7 @@ def test_exact_bytes_hello():
         b"\x00\x00\x00\x25"        # length 37 = type 1 + body 36
         b"\x01"                    # HELLO
         b"IMGMIG"                  # magic
-        b"\x00\x02"                # version 2
+        b"\x00\x03"                # version 3
         b"\x01\x01\x00"            # role proxy, digest sha256, auth none
         b"\x06node-a"              # node name, u8 length
         b"\x00\x00"                # no auth data
@@ -205,8 +207,12 @@ def test_exact_bytes_done_restored_error():
     assert wire.encode_error(ErrorCode.VERSION, "v") == b"\x00\x00\x00\x06\x0a\x00\x02\x00\x01v"
 
 
+def test_exact_bytes_files_listed():
+    assert wire.encode_files_listed(13) == b"\x00\x00\x00\x05\x13\x00\x00\x00\x0d"
+
+
 def test_frame_type_numbers():
-    assert [t.value for t in FrameType] == list(range(1, 19))
+    assert [t.value for t in FrameType] == list(range(1, 20))
     assert [s.value for s in wire.BeginStatus] == list(range(0, 6))
     assert [c.value for c in ErrorCode] == list(range(1, 9))
 
@@ -307,13 +313,13 @@ def test_max_payload_accepted():
 
 # ---- malformed input -----------------------------------------------------------------
 
-def hello_body(magic=b"IMGMIG", version=2, role=1, digest=1, auth=0, node=b"\x01n", auth_data=b"\x00\x00"):
+def hello_body(magic=b"IMGMIG", version=3, role=1, digest=1, auth=0, node=b"\x01n", auth_data=b"\x00\x00"):
     return magic + struct.pack(">H", version) + bytes([role, digest, auth]) + node + auth_data + b"\x00" * 16
 
 
 MALFORMED = {
     "bad magic": (raw_frame(1, hello_body(magic=b"HTTP/1")), "magic", ErrorCode.PROTOCOL),
-    "wrong version": (raw_frame(1, hello_body(version=3)), "version 3", ErrorCode.VERSION),
+    "wrong version": (raw_frame(1, hello_body(version=2)), "version 2", ErrorCode.VERSION),
     "version 1": (raw_frame(1, hello_body(version=1)), "version 1", ErrorCode.VERSION),
     "version 0": (raw_frame(1, hello_body(version=0)), "version 0", ErrorCode.VERSION),
     "unknown role": (raw_frame(1, hello_body(role=3)), "HELLO", ErrorCode.PROTOCOL),
@@ -325,7 +331,7 @@ MALFORMED = {
     "empty node": (raw_frame(1, hello_body(node=b"\x00")), "invalid node", ErrorCode.PROTOCOL),
     "node not utf-8": (raw_frame(1, hello_body(node=b"\x02\xff\xfe")), "UTF-8", ErrorCode.PROTOCOL),
     "unknown type 0": (raw_frame(0, b""), "unknown frame type 0", ErrorCode.PROTOCOL),
-    "unknown type 19": (raw_frame(19, b""), "unknown frame type 19", ErrorCode.PROTOCOL),
+    "unknown type 20": (raw_frame(20, b""), "unknown frame type 20", ErrorCode.PROTOCOL),
     "running without pid": (raw_frame(18, b"\x02cp"), "truncated", ErrorCode.PROTOCOL),
     "running short pid": (raw_frame(18, b"\x02cp\x00\x00\x01"), "truncated", ErrorCode.PROTOCOL),
     "running trailing": (raw_frame(18, b"\x02cp\x00\x00\x00\x01x"), "trailing", ErrorCode.PROTOCOL),
@@ -542,6 +548,46 @@ def test_order_unclean_end_with_open_files_is_fine():
     order.check(FileBegin(0, "a.img"))
     order.check(CheckpointEnd(False, 1, 0))
     assert order.ended
+
+
+def test_order_files_listed_with_files_still_open_then_data_and_end():
+    """FILES_LISTED may come while files are open (the pages still arriving); their bytes follow."""
+    order = started()
+    order.check(FileBegin(0, "pages-1.img"))
+    order.check(FileBegin(1, "inventory.img"))
+    order.check(FileEnd(1, 0, DIGEST))
+    order.check(wire.FilesListed(2))
+    order.check(FileData(0, 0, b"abc"))
+    order.check(FileEnd(0, 3, DIGEST))
+    order.check(CheckpointEnd(True, 2, 3))
+    assert order.listed == 2 and order.ended
+
+
+@pytest.mark.parametrize("files", [0, 2, 2**32 - 1])
+def test_order_files_listed_wrong_count(files):
+    order = started()
+    order.check(FileBegin(0, "a.img"))
+    with pytest.raises(PeerProtocolError, match=f"counts {files} files, 1 were begun"):
+        order.check(wire.FilesListed(files))
+
+
+def test_order_no_file_begin_after_files_listed():
+    """A file the cache was told would never come cannot come: a restore may already have
+    been answered that it is absent."""
+    order = started()
+    order.check(FileBegin(0, "a.img"))
+    order.check(wire.FilesListed(1))
+    with pytest.raises(PeerProtocolError, match=r"FILE_BEGIN for b\.img after FILES_LISTED said 1 files"):
+        order.check(FileBegin(1, "b.img"))
+
+
+def test_order_files_listed_again_on_a_resumed_connection_must_agree():
+    order = started()
+    order.check(FileBegin(0, "a.img"))
+    order.check(wire.FilesListed(1))
+    order.check(wire.FilesListed(1))  # a resumed connection says it again
+    with pytest.raises(PeerProtocolError, match="counts 2 files"):
+        order.check(wire.FilesListed(2))
 
 
 def test_order_clean_end_wrong_count():

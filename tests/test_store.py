@@ -183,6 +183,71 @@ def test_serve_only_complete_holds_images_back(stop):
     store.close()
 
 
+# ---- FILES_LISTED: absent at once, an image served as it arrives -------------------------------
+
+def test_files_listed_answers_absent_before_the_checkpoint_completes(store, stop):
+    checkpoint = store.begin("cp", "node")
+    store.add_image(checkpoint, "pages-1.img")
+    waiter = Background(lambda: store.wait_image(checkpoint, "memfd.img", stop))
+    assert not waiter.done.wait(0.2), "absent only once every file is listed"
+    store.files_listed(checkpoint)
+    assert waiter.result() is None
+    assert checkpoint.state is State.RECEIVING
+
+
+def test_files_listed_serves_an_image_still_arriving(store, stop):
+    checkpoint = store.begin("cp", "node")
+    image = store.add_image(checkpoint, "pages-1.img")
+    waiter = Background(lambda: store.wait_image(checkpoint, "pages-1.img", stop))
+    assert not waiter.done.wait(0.2), "an image still arriving waits until every file is listed"
+    store.files_listed(checkpoint)
+    assert waiter.result() is image and not image.complete
+
+
+def test_servable_holds_the_last_byte_back_until_the_image_is_complete(store, stop):
+    checkpoint = store.begin("cp", "node")
+    image = store.add_image(checkpoint, "pages-1.img")
+    write(store, checkpoint, image, b"x" * 1000)
+    assert store.servable(checkpoint, image, 0, 1, stop) == 999
+    waiter = Background(lambda: store.servable(checkpoint, image, 999, 1, stop))
+    assert not waiter.done.wait(0.2), "the last byte waits for the image to complete (its digest)"
+    store.finish_image(image)
+    assert waiter.result() == 1000
+
+
+def test_servable_waits_for_a_step_of_new_bytes(store, stop):
+    checkpoint = store.begin("cp", "node")
+    image = store.add_image(checkpoint, "pages-1.img")
+    write(store, checkpoint, image, b"x" * 100)
+    waiter = Background(lambda: store.servable(checkpoint, image, 99, 50, stop))
+    write(store, checkpoint, image, b"y" * 40)
+    assert not waiter.done.wait(0.2), "40 new bytes are less than the step"
+    write(store, checkpoint, image, b"z" * 10)
+    assert waiter.result() == 149
+
+
+def test_servable_fails_with_the_checkpoint(store, stop):
+    checkpoint = store.begin("cp", "node")
+    image = store.add_image(checkpoint, "pages-1.img")
+    waiter = Background(lambda: store.servable(checkpoint, image, 0, 1, stop))
+    store.fail(checkpoint, "digest mismatch")
+    with pytest.raises(CheckpointFailed, match="digest mismatch"):
+        waiter.result()
+
+
+def test_serve_only_complete_ignores_files_listed(stop):
+    """Store-and-forward serves nothing before the checkpoint is complete, listed or not."""
+    store = ImageStore(1 << 30, serve_only_complete=True)
+    checkpoint = store.begin("cp", "node")
+    store.add_image(checkpoint, "pages-1.img")
+    store.files_listed(checkpoint)
+    waiter = Background(lambda: store.wait_image(checkpoint, "memfd.img", stop))
+    assert not waiter.done.wait(0.2)
+    store.complete(checkpoint, clean=True)
+    assert waiter.result() is None
+    store.close()
+
+
 def test_claim_oldest_first(store, stop):
     first = store.begin("cp-1", "node")
     second = store.begin("cp-2", "node")

@@ -43,6 +43,8 @@ FRAME_PAYLOAD = 1 << 20
 # mapping for the digest, a header and a sendfile, so 64 KiB dribbles from CRIU's pipe
 # would cost four times the system calls and wake-ups for the same bytes.
 SEND_STEP = 1 << 20
+# The most of one file sent before the forwarder looks for new files again (_send_active).
+ROUND_BYTES = 8 << 20
 # A complete image up to store.SMALL_IMAGE goes as one buffered FILE_DATA frame, together
 # with its FILE_BEGIN and FILE_END in a single send: small files are bound by system calls.
 SMALL_BATCH = 32  # small files per send
@@ -365,7 +367,9 @@ class Forwarder:
         while True:
             receiving = self.checkpoint.state is State.RECEIVING
             if not (self.wait_for_complete and receiving):
-                self._send_available()
+                self._begin_new()
+                self._list_files()
+                self._send_active()
             if self.checkpoint.state is State.FAILED:
                 self._dump_failed()
             if not receiving and not self.active and self.next_to_begin == len(self.checkpoint.images):
@@ -423,7 +427,8 @@ class Forwarder:
             return waiting >= SMALL_BATCH or not _small_whole(listed[-1])
         return any(out.image.complete or out.image.size - out.sent >= SEND_STEP for out in self.active)
 
-    def _send_available(self) -> None:
+    def _begin_new(self) -> None:
+        """FILE_BEGIN for the files that may begin; a small complete one goes whole at once."""
         assert self.conn is not None
         self._learn_images()
         small = 0
@@ -440,6 +445,21 @@ class Forwarder:
             self.conn.file_begin(out.file_id, out.image.name, time.monotonic())
             self.active.append(out)
         self._flush()
+
+    def _list_files(self) -> None:
+        """FILES_LISTED once the dump ended cleanly and every file is begun, ahead of the
+        page bytes still queued: a restore on the cache, which needs inventory.img (CRIU's
+        last file) and the answer "absent" for images the dump never wrote, starts now and
+        reads the pages as they arrive, instead of after the last of them."""
+        assert self.conn is not None
+        if self.conn.listed is None and self.checkpoint.state is State.COMPLETE \
+                and self.next_to_begin == len(self.outgoing) == len(self.checkpoint.listed):
+            self.conn.files_listed(len(self.outgoing), time.monotonic())
+            self._flush()
+
+    def _send_active(self) -> None:
+        """A round of bytes for each open file: at most ROUND_BYTES each, so that files
+        that complete meanwhile (the dump's last, small ones) go before a large backlog."""
         for out in self.active:
             self._send_bytes(out)
         self.active = [out for out in self.active if not out.ended]
@@ -472,9 +492,10 @@ class Forwarder:
     def _send_bytes(self, out: _Outgoing) -> None:
         assert self.conn is not None and self.link is not None
         complete = out.image.complete
-        end = out.image.size
-        if not complete and end - out.sent < SEND_STEP:
+        size = out.image.size
+        if not complete and size - out.sent < SEND_STEP:
             return
+        end = min(size, out.sent + ROUND_BYTES)
         while out.sent < end:
             n = min(end - out.sent, FRAME_PAYLOAD)
             out.image.hash(out.hasher, out.sent, n)
@@ -489,7 +510,7 @@ class Forwarder:
             out.sent += n
             self.bytes_sent += n
             self._drain()  # an ERROR (too large, bad digest) stops the sending at once
-        if complete and not out.ended:
+        if complete and out.sent == size and not out.ended:
             self.conn.file_end(out.file_id, out.sent, out.hasher.digest(), time.monotonic())
             self._flush()
             out.ended = True

@@ -253,7 +253,15 @@ class ReceiveSession:
             self._store_held()
             self._look_at_store()
             self._flush_out()
+            self._flush_when_idle()
             self._read()
+
+    def _flush_when_idle(self) -> None:
+        """Bytes that arrived count in the store once the link has no more for now, not only
+        every HASH_STEP: a restore may be reading the image as it arrives (FILES_LISTED)."""
+        if self.pending and not _readable(self.link.fileno(), 0):
+            for file_id in list(self.pending):
+                self._flush(file_id)
 
     def _read(self) -> None:
         """Wait for bytes (or a timer, or the store's news) and feed them to the machine."""
@@ -378,6 +386,8 @@ class ReceiveSession:
             self._write_buffered(event)
         elif isinstance(event, conv.FileEnded):
             self._on_file_end(event)
+        elif isinstance(event, conv.FilesListed):
+            self.store.files_listed(self._inbound().checkpoint)
         elif isinstance(event, conv.CheckpointEnded):
             self._on_checkpoint_end(event)
         elif isinstance(event, conv.GrantAnswered):

@@ -1,8 +1,9 @@
 """The read side of both daemons: serve one `criu restore --stream` connection.
 
 The first request claims a checkpoint (the oldest neither restored nor being restored,
-else the next to arrive). Each request waits until its image is complete; once the
-checkpoint is complete, an image that never came is answered exists=false.
+else the next to arrive). Each request waits until its image is complete, or, once the
+proxy listed every file of the checkpoint (FILES_LISTED), is served as it arrives; from
+then on an image that never came is answered exists=false.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from imgmig.datapath.kernel_io import (
     recv_criu_message,
     splice_out,
 )
-from imgmig.datapath.store import FILES_IMAGE, Checkpoint, CheckpointFailed, ImageStore, Interrupted
+from imgmig.datapath.store import FILES_IMAGE, Checkpoint, CheckpointFailed, Image, ImageStore, Interrupted
 from imgmig.protocol import criu_wire
 from imgmig.system.systemd_glue import CHECKPOINT_RESTORED_ID
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 # CRIU reads a pages image with read()s of at most what the pipe holds, one hand-off
 # between it and us each: 16 MiB where fs.pipe-max-size allows (bench/README.md)
 SERVE_PIPE = 16 << 20
+STREAM_STEP = 1 << 20  # an image still arriving is spliced on once this much more is there
 END_GRACE = 10.0  # seconds a fully read checkpoint may wait for the sender's CHECKPOINT_END
 
 
@@ -140,12 +142,29 @@ class ServeSession:
                 if image.fd < 0:
                     raise CheckpointFailed(f"checkpoint {checkpoint.id} was dropped: {checkpoint.reason or 'released'}")
                 os.set_blocking(pipe_w, True)
-                if image.size > DEFAULT_PIPE:
+                if image.size > DEFAULT_PIPE or not image.complete:
                     grow_pipe(pipe_w, largest_pipe(SERVE_PIPE))  # CRIU's pipe holds 64 KiB
-                splice_out(image.fd, pipe_w, 0, image.size)
+                if image.complete:
+                    splice_out(image.fd, pipe_w, 0, image.size)
+                else:
+                    self._stream(checkpoint, image, pipe_w)
         finally:
             os.close(pipe_w)
         self.served.add(name)
+
+    def _stream(self, checkpoint: Checkpoint, image: Image, pipe_w: int) -> None:
+        """An image still arriving (the pages, at the end of a dump): each part as it is
+        stored, the last byte once its digest matched (ImageStore.servable)."""
+        waiter = UntilHangup(self.stop, self.sock.fileno())
+        sent = 0
+        while not (image.complete and sent == image.size):
+            try:
+                end = self.store.servable(checkpoint, image, sent, STREAM_STEP, waiter)
+            except Interrupted:
+                raise _Hangup from None
+            if end > sent:
+                splice_out(image.fd, pipe_w, sent, end - sent)
+                sent = end
 
     def _await_end_of_transfer(self, checkpoint: Checkpoint) -> None:
         """CRIU can read the last file (inventory.img, verified) before CHECKPOINT_END has

@@ -51,6 +51,9 @@ REUSED_PREFIX = "pages-"
 # An image of at most this many bytes is handled whole: captured into the store in one
 # change once complete, and forwarded in one buffered frame with its BEGIN and END.
 SMALL_IMAGE = 64 << 10
+# An image served while it arrives keeps this many of its last bytes back until its digest
+# matched (ImageStore.servable).
+HELD_BACK = 1
 REUSE_LABEL = "imgmig-reuse:"  # such memfds' name, as /proc/PID/fd shows it after "/memfd:"
 REUSE_MIN = 1 << 20  # a memfd with fewer bytes is not worth keeping
 REUSE_IDLE = 60.0  # seconds a kept memfd waits for a new image before it is freed
@@ -194,6 +197,9 @@ class Checkpoint:
     # the first n finds the new ones by index, where a walk over the dict would pass the n
     # again on every look (O(files^2) over a dump of many small files).
     listed: list[Image] = field(default_factory=list)
+    # Cache: FILES_LISTED came (protocol.md): no other image will come, so a restore may be
+    # told which are absent and read the ones still arriving.
+    listed_final: bool = False
 
     def __post_init__(self) -> None:
         self.listed = list(self.images.values())
@@ -575,28 +581,60 @@ class ImageStore:
             self._wake_locked()
 
     def wait_image(self, checkpoint: Checkpoint, name: str, stop: threading.Event) -> Image | None:
-        """The complete image, or None if the checkpoint completed without it."""
+        """The image, or None if the checkpoint has no such image. The image is complete, or,
+        once every file of the checkpoint is listed (FILES_LISTED), possibly still arriving:
+        it is then served as it arrives (`servable`)."""
         with self.cond:
             if stop.is_set() or not self.wait_until(lambda: self._image_settled(checkpoint, name), stop):
                 raise Interrupted(f"stopped waiting for {name}")
             if checkpoint.state is State.FAILED:
                 raise CheckpointFailed(f"checkpoint {checkpoint.id} failed: {checkpoint.reason}")
             image = checkpoint.images.get(name)
-            if image is not None and image.complete:
-                return image
             if image is None:
                 return None
+            if image.complete or checkpoint.state is State.RECEIVING:
+                return image
             raise CheckpointFailed(f"{name} in checkpoint {checkpoint.id} never completed")
 
     def _image_settled(self, checkpoint: Checkpoint, name: str) -> bool:
         """wait_image's answer is known: the image is complete (and may be served), or the
-        checkpoint failed, or completed without it."""
+        checkpoint failed, or completed without it, or every file is listed (the image is
+        absent, or may be served as it arrives)."""
         if checkpoint.state is State.FAILED:
             return True
+        receiving = checkpoint.state is State.RECEIVING
+        if receiving and self.serve_only_complete:
+            return False
         image = checkpoint.images.get(name)
         if image is not None and image.complete:
-            return not (self.serve_only_complete and checkpoint.state is State.RECEIVING)
+            return True
+        if receiving and checkpoint.listed_final:
+            return True
         return checkpoint.state is State.COMPLETE
+
+    def files_listed(self, checkpoint: Checkpoint) -> None:
+        """Every image of the checkpoint is known (FILES_LISTED): one not among them is
+        absent, and one still arriving may be served as it arrives."""
+        with self.cond:
+            checkpoint.listed_final = True
+            self._changed_locked()
+
+    def servable(self, checkpoint: Checkpoint, image: Image, offset: int, step: int, stop: threading.Event) -> int:
+        """How far `image` may be served: waits until `step` bytes past `offset` may go, or
+        the image is complete. An image still arriving is held back by its last byte until
+        it is complete (its digest verified): a restore cannot read it whole, and so cannot
+        resume the process, before then; a digest that does not match fails the checkpoint
+        and breaks the restore instead."""
+        def ready() -> bool:
+            return (checkpoint.state is State.FAILED or checkpoint.dropped or image.complete
+                    or image.size - HELD_BACK - offset >= step)
+        with self.cond:
+            if not self.wait_until(ready, stop):
+                raise Interrupted(f"stopped waiting for {image.name}")
+            if checkpoint.state is State.FAILED or checkpoint.dropped:
+                raise CheckpointFailed(f"checkpoint {checkpoint.id} failed while {image.name} was served: "
+                                       f"{checkpoint.reason or 'dropped'}")
+            return image.size if image.complete else image.size - HELD_BACK
 
     # ---- release -----------------------------------------------------------------
     def restored(self, checkpoint: Checkpoint) -> None:

@@ -83,6 +83,12 @@ class FileEnded:
 
 
 @dataclass(frozen=True)
+class FilesListed:
+    """Cache: the dump ended cleanly with these `files`; an image not among them never comes."""
+    files: int
+
+
+@dataclass(frozen=True)
 class CheckpointEnded:
     """Cache: the proxy sent everything (clean) or says the dump failed; answer with `done()`."""
     clean: bool
@@ -158,7 +164,7 @@ class LinkDead:
 
 
 Event = (HelloReceived | BeginRequested | BeginAnswered | FileBegun | DataReceived | FileEnded
-         | CheckpointEnded | Acked | Delivered | ClaimRequested | GrantAnswered | RestoredReported
+         | FilesListed | CheckpointEnded | Acked | Delivered | ClaimRequested | GrantAnswered | RestoredReported
          | RunningReported | DropRequested | RightReturned | Confirmed | PeerError | LinkDead
          | tunnel_wire.TunnelFrame)
 TUNNEL_FRAMES = (tunnel_wire.TunnelOpen, tunnel_wire.TunnelData, tunnel_wire.TunnelEof, tunnel_wire.TunnelReset)
@@ -332,6 +338,7 @@ class ProxyConnection(_Side):
         self.acked: dict[int, int] = {}   # file id -> bytes the cache holds, by BEGUN and ACK
         self.claim_pending = False
         self.drop_sent = False
+        self.listed: int | None = None  # FILES_LISTED sent on this connection, with this count
         self._send(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, node, digest, auth,
                                                 memory_limit=memory_limit, room=room)), now)
 
@@ -345,6 +352,8 @@ class ProxyConnection(_Side):
 
     def file_begin(self, file_id: int, name: str, now: float) -> None:
         self._require((Phase.TRANSFER,), "FILE_BEGIN")
+        if self.listed is not None:
+            raise RuntimeError(f"FILE_BEGIN for file id {file_id} after FILES_LISTED")
         self.sent[file_id] = 0
         self._send(wire.encode_file_begin(file_id, name), now)
 
@@ -367,6 +376,15 @@ class ProxyConnection(_Side):
         if self.sent.get(file_id) != size:
             raise RuntimeError(f"FILE_END for file id {file_id} at {size}, {self.sent.get(file_id)} sent")
         self._send(wire.encode_file_end(file_id, size, digest), now)
+
+    def files_listed(self, files: int, now: float) -> None:
+        """The dump ended cleanly and all `files` are begun (the cache checks the count): no
+        FILE_BEGIN may follow on this connection."""
+        self._require((Phase.TRANSFER,), "FILES_LISTED")
+        if self.listed is not None:
+            raise RuntimeError("FILES_LISTED twice on one connection")
+        self.listed = files
+        self._send(wire.encode_files_listed(files), now)
 
     def checkpoint_end(self, clean: bool, files: int, size: int, now: float) -> None:
         self._require((Phase.TRANSFER,), "CHECKPOINT_END")
@@ -685,6 +703,8 @@ class CacheConnection(_Side):
             return DataReceived(frame.file_id, frame.offset, frame.data)
         if isinstance(frame, wire.FileEnd):
             return FileEnded(frame.file_id, frame.size, frame.digest)
+        if isinstance(frame, wire.FilesListed):
+            return FilesListed(frame.files)
         assert isinstance(frame, wire.CheckpointEnd)
         self.phase = Phase.ENDED
         self._deciding = True

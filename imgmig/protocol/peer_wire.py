@@ -16,7 +16,7 @@ from enum import IntEnum
 from imgmig.protocol import tunnel_wire
 
 MAGIC = b"IMGMIG"
-VERSION = 2
+VERSION = 3
 MAX_CONTROL_FRAME = 64 * 1024
 MAX_DATA_PAYLOAD = 4 * 1024 * 1024
 MAX_NAME = 255
@@ -43,6 +43,7 @@ class FrameType(IntEnum):
     PING = 16
     RETURN = 17
     RUNNING = 18
+    FILES_LISTED = 19
 
 
 class Role(IntEnum):
@@ -135,6 +136,14 @@ class CheckpointEnd:
 
 
 @dataclass(frozen=True)
+class FilesListed:
+    """Proxy to cache: the dump ended cleanly and every file of the checkpoint is begun,
+    `files` of them; no other comes. Sent before the last bytes, so that a restore there
+    learns at once which images are absent."""
+    files: int
+
+
+@dataclass(frozen=True)
 class Ack:
     file_id: int
     size: int
@@ -216,7 +225,7 @@ class Ping:
     """Either way, on an idle link: I am alive."""
 
 
-Event = (Hello | CheckpointBegin | FileBegin | FileData | FileEnd | CheckpointEnd | Ack
+Event = (Hello | CheckpointBegin | FileBegin | FileData | FileEnd | FilesListed | CheckpointEnd | Ack
          | CheckpointDone | Restored | Error | Drop | Begun | Claim | Grant | Confirm | Ping | Return | Running)
 CONFIRMABLE = (FrameType.CHECKPOINT_DONE, FrameType.RESTORED, FrameType.DROP, FrameType.RETURN, FrameType.RUNNING)
 MAX_HELD = 4096  # open files listed in one BEGUN (13 bytes each: well under a control frame)
@@ -278,6 +287,10 @@ def encode_file_end(file_id: int, size: int, digest: bytes) -> bytes:
 
 def encode_checkpoint_end(clean: bool, files: int, size: int) -> bytes:
     return _frame(FrameType.CHECKPOINT_END, bytes([int(clean)]) + _U32.pack(files) + _U64.pack(size))
+
+
+def encode_files_listed(files: int) -> bytes:
+    return _frame(FrameType.FILES_LISTED, _U32.pack(files))
 
 
 def encode_ack(file_id: int, size: int) -> bytes:
@@ -442,6 +455,8 @@ def _decode_control(kind: FrameType, data: bytes) -> Event:
         event = FileEnd(file_id, size, body.take(body.u8()))
     elif kind is FrameType.CHECKPOINT_END:
         event = CheckpointEnd(body.flag(), body.u32(), body.u64())
+    elif kind is FrameType.FILES_LISTED:
+        event = FilesListed(body.u32())
     elif kind is FrameType.ACK:
         event = Ack(body.u32(), body.u64())
     elif kind is FrameType.CHECKPOINT_DONE:
@@ -564,15 +579,17 @@ class InboundCheckpoint:
     """The cache's view of one proxy connection: checks that frames come in a legal order.
 
     HELLO, CHECKPOINT_BEGIN, then FILE_BEGIN/FILE_DATA/FILE_END in any interleaving,
-    then CHECKPOINT_END. File ids count up from 0, offsets are contiguous, a name may
-    appear once. The cache keeps this object across connections: a resumed checkpoint
-    continues from what it says was received (`held()`).
+    FILES_LISTED once every file is begun (no FILE_BEGIN after it), then CHECKPOINT_END.
+    File ids count up from 0, offsets are contiguous, a name may appear once. The cache
+    keeps this object across connections: a resumed checkpoint continues from what it
+    says was received (`held()`).
     """
 
     def __init__(self) -> None:
         self.hello: Hello | None = None
         self.checkpoint: str | None = None
         self.ended = False
+        self.listed: int | None = None  # FILES_LISTED's count, on any connection
         self._names: dict[int, str] = {}
         self._name_set: set[str] = set()  # the values of _names: a duplicate check in O(1), not O(files)
         self._received: dict[int, int] = {}
@@ -605,6 +622,8 @@ class InboundCheckpoint:
             self.check_payload(event.file_id, event.offset, len(event.data))
         elif isinstance(event, FileEnd):
             self._file_end(event)
+        elif isinstance(event, FilesListed):
+            self._files_listed(event)
         elif isinstance(event, CheckpointEnd):
             self._checkpoint_end(event)
         else:
@@ -637,6 +656,8 @@ class InboundCheckpoint:
         return len(self._names), tuple(sorted((file_id, self._received[file_id]) for file_id in self._open))
 
     def _file_begin(self, event: FileBegin) -> None:
+        if self.listed is not None:
+            raise PeerProtocolError(f"FILE_BEGIN for {event.name} after FILES_LISTED said {self.listed} files")
         if event.file_id in self._names:
             raise PeerProtocolError(f"file id {event.file_id} used twice")
         if event.file_id != len(self._names):
@@ -656,6 +677,12 @@ class InboundCheckpoint:
             raise PeerProtocolError(f"FILE_END for {self._names[event.file_id]} says {event.size} bytes, "
                                     f"{self._received[event.file_id]} arrived")
         self._open.discard(event.file_id)
+
+    def _files_listed(self, event: FilesListed) -> None:
+        """Also on every resumed connection: the count never changes."""
+        if event.files != len(self._names):
+            raise PeerProtocolError(f"FILES_LISTED counts {event.files} files, {len(self._names)} were begun")
+        self.listed = event.files
 
     def _checkpoint_end(self, event: CheckpointEnd) -> None:
         if event.clean and self._open:

@@ -1,0 +1,234 @@
+"""A restore on the cache that starts before the transfer ends (docs/protocol.md, FILES_LISTED).
+
+Once the dump ended, the proxy lists the checkpoint's files ahead of the page bytes still
+queued: the cache answers "absent" at once and serves the pages image as it arrives,
+holding its last byte back until the digest matched. Run against the real imgmig-cache;
+the proxy side is forged over real TCP so that the test decides when each byte arrives,
+and the restore side is CRIU's stream protocol with a real pipe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import select
+import socket
+import time
+
+from test_daemons_sim import (
+    IO_TIMEOUT,
+    earlier_checkpoint,
+    fake_proxy,
+    good_checkpoint,
+    one_error,
+    peer_connect,
+    read_events,
+    still_serving,
+    wait_received_eof,
+)
+
+from imgmig import criu_sim
+from imgmig.protocol import criu_wire
+from imgmig.protocol import peer_wire as wire
+
+MIB = 1 << 20
+INVENTORY = b"inventory.img: CRIU writes it last and a restore reads it first"
+
+
+def pattern(n: int, seed: int) -> bytes:
+    block = hashlib.sha256(seed.to_bytes(4, "big")).digest() * 128  # 4 KiB
+    return (block * (n // len(block) + 1))[:n]
+
+
+def file_data(file_id: int, offset: int, data: bytes) -> bytes:
+    return b"".join(wire.encode_file_data(file_id, offset + at, data[at:at + MIB]) for at in range(0, len(data), MIB))
+
+
+def whole_file(file_id: int, name: str, data: bytes) -> bytes:
+    return (wire.encode_file_begin(file_id, name) + wire.encode_file_data(file_id, 0, data)
+            + wire.encode_file_end(file_id, len(data), hashlib.sha256(data).digest()))
+
+
+def dump_ended_with_pages_on_their_way(sock: socket.socket, first: bytes) -> None:
+    """What a proxy sends when the dump ended while part of the pages is still queued."""
+    sock.sendall(wire.encode_file_begin(0, "pages-1.img") + file_data(0, 0, first)
+                 + whole_file(1, "inventory.img", INVENTORY) + wire.encode_files_listed(2))
+
+
+class StreamRestore:
+    """`criu restore --stream`, one request at a time, with a real pipe per image."""
+
+    def __init__(self, cache_dir) -> None:
+        self.client = criu_sim.RestoreClient(cache_dir)
+        self.client.sock.settimeout(IO_TIMEOUT)
+
+    def ask(self, name: str) -> None:
+        self.client.sock.sendall(criu_wire.encode_request(name))
+
+    def answer(self) -> bool:
+        return self.client._reply()
+
+    def pipe(self) -> int:
+        """Pass the pipe's write end as CRIU does; the read end is ours."""
+        read_end, write_end = os.pipe()
+        socket.send_fds(self.client.sock, [b"\0"], [write_end])
+        os.close(write_end)
+        return read_end
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def claimed_and_granted(sock: socket.socket, checkpoint: str, restore: StreamRestore) -> None:
+    """The restore's first request makes the cache ask the (forged) proxy for the right."""
+    restore.ask("inventory.img")
+    read_events(sock, until=lambda event: isinstance(event, wire.Claim))
+    sock.sendall(wire.encode_grant(True, checkpoint, "test-node (the destination)"))
+    assert restore.answer(), "inventory.img is there"
+
+
+def read_exactly(fd: int, n: int) -> bytes:
+    got = bytearray()
+    deadline = time.monotonic() + IO_TIMEOUT
+    while len(got) < n:
+        assert readable(fd, deadline - time.monotonic()), f"{len(got)} of {n} bytes came"
+        chunk = os.read(fd, n - len(got))
+        assert chunk, f"EOF after {len(got)} of {n} bytes"
+        got += chunk
+    return bytes(got)
+
+
+def read_to_eof(fd: int) -> bytes:
+    got = bytearray()
+    deadline = time.monotonic() + IO_TIMEOUT
+    while True:
+        assert readable(fd, deadline - time.monotonic()), "the pipe neither ended nor carried more"
+        chunk = os.read(fd, MIB)
+        if not chunk:
+            return bytes(got)
+        got += chunk
+
+
+def readable(fd: int, timeout: float) -> bool:
+    return bool(select.select([fd], [], [], max(0.0, timeout))[0])
+
+
+def test_a_restore_reads_the_pages_as_they_arrive_and_the_last_byte_once_verified(daemons):
+    pair = daemons()
+    restore = StreamRestore(pair.cache_dir)
+    sock = fake_proxy(pair, "streamed")
+    first, rest = pattern(3 * MIB, 1), pattern(2 * MIB + 5, 2)
+    dump_ended_with_pages_on_their_way(sock, first)
+    claimed_and_granted(sock, "fake-proxy-streamed", restore)
+    assert read_to_eof(restore.pipe()) == INVENTORY
+    restore.ask("memfd.img")
+    assert not restore.answer(), "FILES_LISTED said the dump wrote no memfd.img: absent before the transfer ends"
+    restore.ask("pages-1.img")
+    assert restore.answer()
+    pages = restore.pipe()
+    assert read_exactly(pages, len(first) - 1) == first[:-1], "the pages that arrived are served"
+    assert not readable(pages, 0.5), "the image's last byte arrived, but its digest has not: it waits"
+    whole = first + rest
+    sock.sendall(file_data(0, len(first), rest) + wire.encode_file_end(0, len(whole), hashlib.sha256(whole).digest())
+                 + wire.encode_checkpoint_end(True, 2, len(whole) + len(INVENTORY)))
+    assert first[:-1] + read_to_eof(pages) == whole, "the restore read exactly what was sent"
+    os.close(pages)
+    done = read_events(sock, until=lambda event: isinstance(event, wire.CheckpointDone))
+    assert done[-1] == wire.CheckpointDone(True, "2 files verified")
+    restore.close()
+    pair.cache_log.wait_for(r"checkpoint fake-proxy-streamed restored from the cache: 2 files served")
+    assert not pair.cache_log.errors(new=False)
+    sock.close()
+
+
+def test_a_digest_mismatch_breaks_a_restore_that_read_all_but_the_last_byte(daemons):
+    """A forged (or corrupted) pages image: the restore read every byte but the last
+    before the digest was checked; the mismatch fails the checkpoint and closes the
+    restore's pipe, so CRIU can never resume the process; the cache serves on."""
+    pair = daemons()
+    pair.set_marks()
+    restore = StreamRestore(pair.cache_dir)
+    sock = fake_proxy(pair, "forged-pages")
+    first, rest = pattern(2 * MIB, 3), pattern(MIB, 4)
+    dump_ended_with_pages_on_their_way(sock, first)
+    claimed_and_granted(sock, "fake-proxy-forged-pages", restore)
+    assert read_to_eof(restore.pipe()) == INVENTORY
+    restore.ask("pages-1.img")
+    assert restore.answer()
+    pages = restore.pipe()
+    got = read_exactly(pages, len(first) - 1)
+    sock.sendall(file_data(0, len(first), rest)
+                 + wire.encode_file_end(0, len(first) + len(rest), hashlib.sha256(b"other bytes").digest()))
+    events = wait_received_eof(sock)
+    assert isinstance(events[-1], wire.Error) and events[-1].code == wire.ErrorCode.DIGEST_MISMATCH, events
+    got += read_to_eof(pages)
+    assert len(got) < len(first) + len(rest), "the restore never read the whole forged image"
+    os.close(pages)
+    restore.close()
+    sock.close()
+    pair.cache_log.wait_for(r"restore from checkpoint fake-proxy-forged-pages stopped: .*failed", new=True)
+    assert len(pair.cache_log.errors()) == 2, pair.cache_log.errors()  # the refusal, and the broken restore
+    good_checkpoint(pair, "after-forged-pages")
+
+
+def test_no_file_begins_after_files_listed(daemons):
+    """FILES_LISTED lets a restore be told an image is absent: a proxy that then sends a
+    new file is refused in one line, and nothing of that checkpoint is served."""
+    pair = daemons()
+    earlier = earlier_checkpoint(pair)
+    sock = fake_proxy(pair, "late-file")
+    sock.sendall(whole_file(0, "inventory.img", INVENTORY) + wire.encode_files_listed(1)
+                 + whole_file(1, "memfd.img", b"a file the restore was told was absent"))
+    events = wait_received_eof(sock)
+    sock.close()
+    assert isinstance(events[-1], wire.Error), events
+    one_error(pair.cache_log, r"connection from fake-proxy .* refused: FILE_BEGIN for memfd\.img after "
+                              r"FILES_LISTED said 1 files")
+    still_serving(pair, earlier)
+
+
+def test_files_listed_with_a_wrong_count_is_refused(daemons):
+    pair = daemons()
+    earlier = earlier_checkpoint(pair)
+    sock = fake_proxy(pair, "miscounted")
+    sock.sendall(whole_file(0, "inventory.img", INVENTORY) + wire.encode_files_listed(5))
+    events = wait_received_eof(sock)
+    sock.close()
+    assert isinstance(events[-1], wire.Error), events
+    one_error(pair.cache_log, r"connection from fake-proxy .* refused: FILES_LISTED counts 5 files, 1 were begun")
+    still_serving(pair, earlier)
+
+
+def test_a_link_cut_while_a_restore_reads_the_pages_is_resumed_under_it(daemons):
+    """The link drops while the restore is reading the pages: the restore keeps waiting,
+    the proxy resumes from what the cache holds, and the restore reads the exact bytes."""
+    pair = daemons()
+    restore = StreamRestore(pair.cache_dir)
+    checkpoint = "fake-proxy-cut-while-read"
+    sock = fake_proxy(pair, "cut-while-read")
+    first, rest = pattern(3 * MIB, 5), pattern(MIB + 100, 6)
+    dump_ended_with_pages_on_their_way(sock, first)
+    claimed_and_granted(sock, checkpoint, restore)
+    assert read_to_eof(restore.pipe()) == INVENTORY
+    restore.ask("pages-1.img")
+    assert restore.answer()
+    pages = restore.pipe()
+    got = read_exactly(pages, len(first) - 1)
+    sock.close()
+    pair.cache_log.wait_for(rf"lost mid-checkpoint {checkpoint}")
+    again = peer_connect(pair)
+    auth = wire.Auth.NONE if pair.pki is None else wire.Auth.TLS
+    again.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "fake-proxy", auth=auth))
+                  + wire.encode_checkpoint_begin(checkpoint, resume=True))
+    begun = read_events(again, until=lambda event: isinstance(event, wire.Begun))[-1]
+    assert begun == wire.Begun(wire.BeginStatus.RESUMED, checkpoint, 2, ((0, len(first)),)), begun
+    whole = first + rest
+    again.sendall(wire.encode_files_listed(2) + file_data(0, len(first), rest)
+                  + wire.encode_file_end(0, len(whole), hashlib.sha256(whole).digest())
+                  + wire.encode_checkpoint_end(True, 2, len(whole) + len(INVENTORY)))
+    assert got + read_to_eof(pages) == whole, "the restore read exactly the pages sent, over two connections"
+    os.close(pages)
+    assert read_events(again, until=lambda event: isinstance(event, wire.CheckpointDone))[-1].ok
+    restore.close()
+    pair.cache_log.wait_for(rf"checkpoint {checkpoint} restored from the cache: 2 files served")
+    again.close()
