@@ -183,6 +183,8 @@ def _phases(results: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, An
                     else None,
                     "restore_after_moved": summary([r["total_s"] - m for r, m in zip(sel, moved, strict=True)])
                     if all(m is not None for m in moved) else summary([r["total_s"] - r["dump_s"] for r in sel]),
+                    # free page reporting: memory the VM gave its host back while the run was timed
+                    "vm_reported_MiB": summary([r["vm_reported_MiB"] for r in sel if "vm_reported_MiB" in r]),
                 }
             phases[f"{mib}/{mode}"] = row
     return phases
@@ -328,13 +330,17 @@ def markdown(results: dict[str, Any]) -> str:
                   "'moved': imgmig and store-and-forward, the cache logged the checkpoint complete and verified "
                   "(timed by the cache from CHECKPOINT_BEGIN, which store-and-forward sends when the dump "
                   "ended: its transfer is added to the dump's duration); disk-style, tar|socat finished on B. "
-                  "'restore': from then until `criu restore -d` returned (floor: from the end of the dump).", "",
-                  "| size MiB | memory | method | dump ended | moved | restore |", "|---|---|---|---|---|---|"]
+                  "'restore': from then until `criu restore -d` returned (floor: from the end of the dump). "
+                  "'handed back': MiB this VM gave back to its host (free page reporting, `reported_kib`) from "
+                  "just before the dump until the restored process was checked; memory handed back is faulted in "
+                  "again from the host when the run allocates it (bench/README.md, 'The warm/cold inversion').", "",
+                  "| size MiB | memory | method | dump ended | moved | restore | handed back MiB |",
+                  "|---|---|---|---|---|---|---|"]
         for key, row in s["phases"].items():
             mib, mode = key.split("/")
             for method, ph in row.items():
                 lines.append(f"| {mib} | {mode} | {method} | {_fmt(ph['dump'])} | {_fmt(ph['moved'])} | "
-                             f"{_fmt(ph['restore_after_moved'])} |")
+                             f"{_fmt(ph['restore_after_moved'])} | {_fmt(ph.get('vm_reported_MiB'), 0)} |")
         lines += ["", "## 2. Dump cost (`criu dump` duration)", "",
                   "| size MiB | memory | --stream into proxy (streaming, TLS on) | --stream into proxy (forwarding "
                   "held, TLS off) | "

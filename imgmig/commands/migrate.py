@@ -43,6 +43,7 @@ POLL = 0.25
 HEARTBEAT = 5.0  # seconds between progress events when nothing moves
 LAZY_RUNNING_WAIT = 5.0  # for the restore's RUNNING after a lazy dump ended (it names the pid)
 PROXY_LOST_WAIT = 2.0  # for a lazy dump to end by itself once the proxy is gone
+DUMP_EXIT_GRACE = 5.0  # for the dump to exit once its checkpoint ended well at the destination
 DEFAULT_TIMEOUT = 300.0
 # Dump options the rollback restore needs as well (CRIU refuses to restore a shell job
 # without --shell-job, and so on); options with values are not carried over.
@@ -241,6 +242,9 @@ def _follow(m: Migration, proxy: ControlClient, ticket: str, dump: subprocess.Po
         status = proxy.request("status")
         m.checkpoint = m.checkpoint or status["tickets"].get(ticket)
         live, ended = _find(status, m.checkpoint)
+        if ended is not None and not finished and ended["state"] != "failed":
+            # a restore there may end as soon as CRIU's dump closed its socket, before the dump exits
+            finished = _exited(dump, DUMP_EXIT_GRACE)
         if live is not None:
             m.last_seen = live
             counts = (live["bytes"], live["forwarded"], live["verified"])
@@ -346,6 +350,14 @@ def _proxy_lost(m: Migration, dump: LazyDump, why: str) -> tuple[int, str]:
         return EXIT_FAILED, (f"{why} during the background copy; the lazy dump was stopped and the process runs "
                              f"here again (its copy on {m.node} dies with its incomplete memory)")
     return _dump_failed(m, code)
+
+
+def _exited(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 def _find(status: dict[str, Any], checkpoint: str | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
