@@ -79,7 +79,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                                              link["imgmig_sim_tls_off_MBps"]["median"])
     size = _target_size(results) if runs else None
     real = {(method, mode): [r for r in runs if r["method"] == method and r["mib"] == size and r["mode"] == mode]
-            for method in ("imgmig", "imgmig-tls-off") for mode in results["plan"]["modes"]}
+            for method in ("imgmig", "imgmig-tls-off", "store-and-forward") for mode in results["plan"]["modes"]}
     warm = real.get(("imgmig", "warm")) or []
     if warm and all("link_MBps" in r for r in warm):
         link["imgmig_real_dump_MBps"] = summary([r["link_MBps"] for r in warm])
@@ -89,8 +89,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                 link[f"ratio_{name}/socat"] = ratio(link[f"{name}_MBps"]["median"], link["socat_128k_MBps"]["median"])
     out["link"] = link
     sources = [("simulated, TLS on", sim.get("throughput") or []), ("simulated, TLS off", plain)]
-    sources += [(f"real, {'TLS on' if method == 'imgmig' else 'TLS off'}, {size} MiB {mode}", rows)
-                for (method, mode), rows in real.items()]
+    sources += [(f"real, {REAL_LABELS[method]}, {size} MiB {mode}", rows) for (method, mode), rows in real.items()]
     daemons: dict[str, Any] = {}
     for label, rows in sources:
         for name in ("proxy", "cache"):
@@ -199,6 +198,7 @@ def _moved_at(run: dict[str, Any]) -> float | None:
     return run.get("link_s", run.get("copied_at_s"))
 
 
+REAL_LABELS = {"imgmig": "TLS on", "imgmig-tls-off": "TLS off", "store-and-forward": "store-and-forward, TLS off"}
 ISSUE_11 = "issue 11: full copy, TLS off"
 TRUST = "trust issue (7): TLS on against TLS off"
 LAZY = "issue 10: lazy migration"

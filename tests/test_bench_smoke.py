@@ -82,8 +82,8 @@ def test_writes_json_with_every_measurement(smoke: Path) -> None:
     assert summary["link"]["imgmig_sim_MBps"]["median"] > 0
     assert summary["link"]["imgmig_sim_tls_off_MBps"]["median"] > 0, "TLS on and off side by side"
     assert summary["link"]["ratio_tls_on/off"] > 0
-    real = {f"{name} (real, TLS {tls}, 256 MiB {mode})" for name in ("proxy", "cache") for tls in ("on", "off")
-            for mode in plan["modes"]}
+    real = {f"{name} (real, {how}, 256 MiB {mode})" for name in ("proxy", "cache")
+            for how in ("TLS on", "TLS off", "store-and-forward, TLS off") for mode in plan["modes"]}
     simulated = {f"{name} (simulated, TLS {tls})" for name in ("proxy", "cache") for tls in ("on", "off")}
     assert real | simulated == set(summary["daemons"]), summary["daemons"].keys()
     for figures in summary["daemons"].values():
