@@ -198,10 +198,22 @@ def test_files_listed_answers_absent_before_the_checkpoint_completes(store, stop
 def test_files_listed_serves_an_image_still_arriving(store, stop):
     checkpoint = store.begin("cp", "node")
     image = store.add_image(checkpoint, "pages-1.img")
-    waiter = Background(lambda: store.wait_image(checkpoint, "pages-1.img", stop))
+    waiter = Background(lambda: store.wait_image(checkpoint, "pages-1.img", stop, arriving=True))
     assert not waiter.done.wait(0.2), "an image still arriving waits until every file is listed"
     store.files_listed(checkpoint)
     assert waiter.result() is image and not image.complete
+
+
+def test_files_listed_does_not_hand_out_an_incomplete_image_to_a_whole_reader(store, stop):
+    """`imgmig restore` unpacks the files image onto the disk: it gets it only complete."""
+    checkpoint = store.begin("cp", "node")
+    image = store.add_image(checkpoint, "imgmig-files.tar")
+    store.files_listed(checkpoint)
+    waiter = Background(lambda: store.wait_image(checkpoint, "imgmig-files.tar", stop))
+    write(store, checkpoint, image, b"x" * 100)
+    assert not waiter.done.wait(0.2), "an image still arriving is not handed out whole"
+    store.finish_image(image)
+    assert waiter.result() is image
 
 
 def test_servable_holds_the_last_byte_back_until_the_image_is_complete(store, stop):

@@ -99,7 +99,7 @@ class ServeSession:
         waiter = UntilHangup(self.stop, self.sock.fileno())
         while True:
             try:
-                image = self.store.wait_image(self._checkpoint(), name, waiter)
+                image = self.store.wait_image(self._checkpoint(), name, waiter, arriving=True)
                 break
             except Interrupted:
                 raise _Hangup from None

@@ -580,26 +580,28 @@ class ImageStore:
             checkpoint.claimed = False
             self._wake_locked()
 
-    def wait_image(self, checkpoint: Checkpoint, name: str, stop: threading.Event) -> Image | None:
-        """The image, or None if the checkpoint has no such image. The image is complete, or,
-        once every file of the checkpoint is listed (FILES_LISTED), possibly still arriving:
-        it is then served as it arrives (`servable`)."""
+    def wait_image(self, checkpoint: Checkpoint, name: str, stop: threading.Event, *,
+                   arriving: bool = False) -> Image | None:
+        """The complete image, or None if the checkpoint has no such image (known once it
+        is complete, or once every file is listed: FILES_LISTED). With `arriving`, for a
+        reader that takes the bytes as they come (`servable`), an image still arriving is
+        returned too once every file is listed."""
         with self.cond:
-            if stop.is_set() or not self.wait_until(lambda: self._image_settled(checkpoint, name), stop):
+            if stop.is_set() or not self.wait_until(lambda: self._image_settled(checkpoint, name, arriving), stop):
                 raise Interrupted(f"stopped waiting for {name}")
             if checkpoint.state is State.FAILED:
                 raise CheckpointFailed(f"checkpoint {checkpoint.id} failed: {checkpoint.reason}")
             image = checkpoint.images.get(name)
             if image is None:
                 return None
-            if image.complete or checkpoint.state is State.RECEIVING:
+            if image.complete or (arriving and checkpoint.state is State.RECEIVING):
                 return image
             raise CheckpointFailed(f"{name} in checkpoint {checkpoint.id} never completed")
 
-    def _image_settled(self, checkpoint: Checkpoint, name: str) -> bool:
+    def _image_settled(self, checkpoint: Checkpoint, name: str, arriving: bool) -> bool:
         """wait_image's answer is known: the image is complete (and may be served), or the
         checkpoint failed, or completed without it, or every file is listed (the image is
-        absent, or may be served as it arrives)."""
+        absent, or may be read as it arrives)."""
         if checkpoint.state is State.FAILED:
             return True
         receiving = checkpoint.state is State.RECEIVING
@@ -609,7 +611,7 @@ class ImageStore:
         if image is not None and image.complete:
             return True
         if receiving and checkpoint.listed_final:
-            return True
+            return image is None or arriving
         return checkpoint.state is State.COMPLETE
 
     def files_listed(self, checkpoint: Checkpoint) -> None:
