@@ -257,9 +257,10 @@ class ReceiveSession:
             self._read()
 
     def _flush_when_idle(self) -> None:
-        """Bytes that arrived count in the store once the link has no more for now, not only
-        every HASH_STEP: a restore may be reading the image as it arrives (FILES_LISTED)."""
-        if self.pending and not _readable(self.link.fileno(), 0):
+        """Once every file is listed (FILES_LISTED), a restore may be reading an image as it
+        arrives: bytes then count in the store as soon as the link has no more for now, not
+        only every HASH_STEP (before, the smaller steps would cost mappings for nothing)."""
+        if self.pending and self._inbound().checkpoint.listed_final and not _readable(self.link.fileno(), 0):
             for file_id in list(self.pending):
                 self._flush(file_id)
 
