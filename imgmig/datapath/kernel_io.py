@@ -32,6 +32,7 @@ DEFAULT_PIPE = 64 << 10  # what a new pipe holds (CRIU's, until one end grows it
 SPLICE_MAX = 1 << 30  # bytes asked of one splice into a pipe: the kernel stops when the pipe is full
 ROOM_WAIT = 0.05  # seconds splice_out waits for its reader's wake-up before splicing anyway
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 PIPE_MAX_SIZE = "/proc/sys/fs/pipe-max-size"
 _PAGE = mmap.ALLOCATIONGRANULARITY
 # Out of fds (per process, system-wide) or of the kernel memory behind them: a daemon
@@ -60,10 +61,14 @@ def largest_pipe(wanted: int) -> int:
         return min(wanted, PIPE_SIZE)
 
 
-def make_pipe() -> tuple[int, int]:
+def make_pipe(size: int = PIPE_SIZE) -> tuple[int, int]:
     read_end, write_end = retry_out_of_fds(lambda: os.pipe2(os.O_CLOEXEC), "a pipe")
-    grow_pipe(write_end)
+    grow_pipe(write_end, size)
     return read_end, write_end
+
+
+def pipe_size(fd: int) -> int:
+    return fcntl.fcntl(fd, F_GETPIPE_SZ)
 
 
 def out_of_fds(exc: BaseException) -> bool:
@@ -191,10 +196,10 @@ def _splice_pipeful(fd: int, pipe_w: int, offset: int, count: int) -> int:
     return moved
 
 
-def splice_in(src: int, pipe_r: int, pipe_w: int, fd: int, offset: int, count: int) -> int:
-    """Move up to `count` bytes from a socket through a pipe into a memfd at offset.
-    Returns bytes moved; 0 means the socket reached EOF."""
-    moved = os.splice(src, pipe_w, min(count, PIPE_SIZE))
+def splice_in(src: int, pipe_r: int, pipe_w: int, fd: int, offset: int, count: int, step: int = PIPE_SIZE) -> int:
+    """Move up to `count` bytes from a socket through an empty pipe that holds `step`
+    into a memfd at offset. Returns bytes moved; 0 means the socket reached EOF."""
+    moved = os.splice(src, pipe_w, min(count, step))
     left = moved
     while left:
         left -= os.splice(pipe_r, fd, left, offset_dst=offset + moved - left)

@@ -31,13 +31,14 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from imgmig.config import HostPort, LinkConfig
-from imgmig.datapath.kernel_io import make_pipe, sendfile_all, splice_in
+from imgmig.datapath.kernel_io import largest_pipe, make_pipe, pipe_size, sendfile_all, splice_in
 from imgmig.system.tls import Trust, node_of_peercert
 
 log = logging.getLogger(__name__)
 
 TLS_STEP = 1 << 20  # bytes per SSL_write: one call encrypts ~64 records
 RECV_STEP = 256 << 10  # bytes gathered from OpenSSL before one pwrite into the memfd
+RECV_PIPE = 4 << 20  # the pipe a plain link splices file bytes through, where fs.pipe-max-size allows
 TLS_HANDSHAKE_RECORD = 0x16  # the first byte of any TLS ClientHello
 TCP_CLOSE = 7  # tcpi_state of a connection that ended by an error or reset (linux/tcp_states.h)
 _PAGE = mmap.ALLOCATIONGRANULARITY
@@ -89,6 +90,7 @@ class PlainLink(_Deadline):
         self.sock = sock
         self.peer_node: str | None = None  # nothing authenticates a plain link
         self._pipe: tuple[int, int] | None = None  # socket -> pipe -> memfd, made on first use
+        self._pipe_size = 0
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -134,8 +136,9 @@ class PlainLink(_Deadline):
     def recv_into_file(self, fd: int, offset: int, count: int) -> int:
         """Move up to count bytes from the link into fd at offset; 0 at end of stream."""
         if self._pipe is None:
-            self._pipe = make_pipe()
-        return splice_in(self.sock.fileno(), *self._pipe, fd, offset, count)
+            self._pipe = make_pipe(largest_pipe(RECV_PIPE))
+            self._pipe_size = pipe_size(self._pipe[1])
+        return splice_in(self.sock.fileno(), *self._pipe, fd, offset, count, self._pipe_size)
 
     def shutdown(self, how: int) -> None:
         with contextlib.suppress(OSError):
