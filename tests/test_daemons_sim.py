@@ -416,6 +416,8 @@ def test_cache_killed_mid_transfer_keeps_checkpoint_for_rollback(daemons):
     pages = client.open_image("pages-1.img")
     criu_sim.write_all(pages, images["pages-1.img"][:8 << 20])
     pair.cache_log.wait_for(r"begins from test-node")
+    # the cache logs "begins" as it queues BEGUN: the proxy has it once it says it forwards
+    pair.proxy_log.wait_for(r"checkpoint test-node-\S+: forwarding to")
     pair.cache.kill()
     criu_sim.write_all(pages, images["pages-1.img"][8 << 20:])
     os.close(pages)

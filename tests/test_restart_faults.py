@@ -130,6 +130,7 @@ def test_proxy_restart_mid_forwarding_resumes_at_the_cache_offsets(supervised, w
             pages = client.open_image(name)
             criu_sim.write_all(pages, data[:4 << 20])
             pair.cache_log.wait_for(r"begins from")
+            pair.proxy_log.wait_for(r": forwarding to")  # BEGUN came: the first bytes follow it
             pair.cache.process.send_signal(signal.SIGSTOP)
             criu_sim.write_all(pages, data[4 << 20:])
             os.close(pages)
