@@ -232,3 +232,66 @@ def test_a_link_cut_while_a_restore_reads_the_pages_is_resumed_under_it(daemons)
     restore.close()
     pair.cache_log.wait_for(rf"checkpoint {checkpoint} restored from the cache: 2 files served")
     again.close()
+
+
+def test_a_link_that_stalls_under_a_reading_restore_fails_it_without_the_last_byte(daemons):
+    """The proxy goes silent after FILES_LISTED with the pages half sent: after
+    cache.idle_timeout the checkpoint fails, the restore's pipe ends short of the image,
+    and the cache serves the next checkpoint."""
+    pair = daemons(cache_keys={"idle_timeout": 1})
+    pair.set_marks()
+    restore = StreamRestore(pair.cache_dir)
+    sock = fake_proxy(pair, "stalls-mid-pages")
+    first = pattern(2 * MIB, 7)
+    dump_ended_with_pages_on_their_way(sock, first)
+    claimed_and_granted(sock, "fake-proxy-stalls-mid-pages", restore)
+    assert read_to_eof(restore.pipe()) == INVENTORY
+    restore.ask("pages-1.img")
+    assert restore.answer()
+    pages = restore.pipe()
+    got = read_exactly(pages, len(first) - 1)
+    got += read_to_eof(pages)  # the stall: the cache ends the pipe once the checkpoint failed
+    assert got == first[:-1], "nothing past what arrived, and not the held-back byte"
+    os.close(pages)
+    restore.close()
+    events = wait_received_eof(sock)
+    sock.close()
+    assert isinstance(events[-1], wire.Error) and "idle_timeout" in events[-1].message, events
+    pair.cache_log.wait_for(r"restore from checkpoint fake-proxy-stalls-mid-pages stopped: .*failed", new=True)
+    good_checkpoint(pair, "after-the-stall")
+
+
+def test_a_restore_that_dies_while_reading_the_pages_leaves_the_checkpoint_for_the_next(daemons):
+    """CRIU dies with the pages half read: the cache lets the checkpoint go back to the
+    waiting ones, the transfer ends, and the next restore reads every byte of it."""
+    pair = daemons()
+    checkpoint = "fake-proxy-reader-dies"
+    restore = StreamRestore(pair.cache_dir)
+    sock = fake_proxy(pair, "reader-dies")
+    first, rest = pattern(2 * MIB, 8), pattern(MIB, 9)
+    dump_ended_with_pages_on_their_way(sock, first)
+    claimed_and_granted(sock, checkpoint, restore)
+    assert read_to_eof(restore.pipe()) == INVENTORY
+    restore.ask("pages-1.img")
+    assert restore.answer()
+    pages = restore.pipe()
+    read_exactly(pages, MIB)
+    os.close(pages)
+    restore.close()  # CRIU died
+    pair.cache_log.wait_for(rf"restore of checkpoint {checkpoint} ended after 1 of 2 files; the checkpoint is kept")
+    whole = first + rest
+    sock.sendall(file_data(0, len(first), rest) + wire.encode_file_end(0, len(whole), hashlib.sha256(whole).digest())
+                 + wire.encode_checkpoint_end(True, 2, len(whole) + len(INVENTORY)))
+    assert read_events(sock, until=lambda event: isinstance(event, wire.CheckpointDone))[-1].ok
+    again = StreamRestore(pair.cache_dir)
+    again.ask("inventory.img")
+    assert again.answer()
+    assert read_to_eof(again.pipe()) == INVENTORY
+    again.ask("pages-1.img")
+    assert again.answer()
+    pages = again.pipe()
+    assert read_to_eof(pages) == whole, "the second restore reads the whole image"
+    os.close(pages)
+    again.close()
+    pair.cache_log.wait_for(rf"checkpoint {checkpoint} restored from the cache: 2 files served")
+    sock.close()
