@@ -459,6 +459,16 @@ def still_serving(pair: Pair, earlier: dict[str, bytes]) -> None:
     good_checkpoint(pair, "after-bad-input")
 
 
+def refused_in_one_line(pair: Pair, sock: socket.socket, pattern: str, earlier: dict[str, bytes]) -> None:
+    """The cache answered a forged proxy with ERROR and closed the connection, logged one
+    ERROR line matching `pattern`, and still serves."""
+    events = wait_received_eof(sock)
+    sock.close()
+    assert isinstance(events[-1], wire.Error), events
+    one_error(pair.cache_log, pattern)
+    still_serving(pair, earlier)
+
+
 @pytest.mark.parametrize("kind", GARBAGE)
 def test_garbage_on_capture_socket(daemons, kind):
     pair = daemons()

@@ -20,10 +20,9 @@ from test_daemons_sim import (
     earlier_checkpoint,
     fake_proxy,
     good_checkpoint,
-    one_error,
     peer_connect,
     read_events,
-    still_serving,
+    refused_in_one_line,
     wait_received_eof,
 )
 
@@ -87,6 +86,20 @@ def claimed_and_granted(sock: socket.socket, checkpoint: str, restore: StreamRes
     assert restore.answer(), "inventory.img is there"
 
 
+def reading_the_pages(pair, restore: StreamRestore, name: str, first: bytes) -> tuple[socket.socket, int, bytes]:
+    """A forged proxy sent `first` bytes of pages-1.img, inventory.img and FILES_LISTED; the
+    restore read inventory.img and reads pages-1.img. Returns the proxy's socket, the
+    restore's pipe, and what came through it: all of `first` but its held-back last byte."""
+    sock = fake_proxy(pair, name)
+    dump_ended_with_pages_on_their_way(sock, first)
+    claimed_and_granted(sock, f"fake-proxy-{name}", restore)
+    assert read_to_eof(restore.pipe()) == INVENTORY
+    restore.ask("pages-1.img")
+    assert restore.answer()
+    pages = restore.pipe()
+    return sock, pages, read_exactly(pages, len(first) - 1)
+
+
 def read_exactly(fd: int, n: int) -> bytes:
     got = bytearray()
     deadline = time.monotonic() + IO_TIMEOUT
@@ -148,15 +161,8 @@ def test_a_digest_mismatch_breaks_a_restore_that_read_all_but_the_last_byte(daem
     pair = daemons()
     pair.set_marks()
     restore = StreamRestore(pair.cache_dir)
-    sock = fake_proxy(pair, "forged-pages")
     first, rest = pattern(2 * MIB, 3), pattern(MIB, 4)
-    dump_ended_with_pages_on_their_way(sock, first)
-    claimed_and_granted(sock, "fake-proxy-forged-pages", restore)
-    assert read_to_eof(restore.pipe()) == INVENTORY
-    restore.ask("pages-1.img")
-    assert restore.answer()
-    pages = restore.pipe()
-    got = read_exactly(pages, len(first) - 1)
+    sock, pages, got = reading_the_pages(pair, restore, "forged-pages", first)
     sock.sendall(file_data(0, len(first), rest)
                  + wire.encode_file_end(0, len(first) + len(rest), hashlib.sha256(b"other bytes").digest()))
     events = wait_received_eof(sock)
@@ -179,12 +185,8 @@ def test_no_file_begins_after_files_listed(daemons):
     sock = fake_proxy(pair, "late-file")
     sock.sendall(whole_file(0, "inventory.img", INVENTORY) + wire.encode_files_listed(1)
                  + whole_file(1, "memfd.img", b"a file the restore was told was absent"))
-    events = wait_received_eof(sock)
-    sock.close()
-    assert isinstance(events[-1], wire.Error), events
-    one_error(pair.cache_log, r"connection from fake-proxy .* refused: FILE_BEGIN for memfd\.img after "
-                              r"FILES_LISTED said 1 files")
-    still_serving(pair, earlier)
+    refused_in_one_line(pair, sock, r"connection from fake-proxy .* refused: FILE_BEGIN for memfd\.img after "
+                                    r"FILES_LISTED said 1 files", earlier)
 
 
 def test_files_listed_with_a_wrong_count_is_refused(daemons):
@@ -192,11 +194,8 @@ def test_files_listed_with_a_wrong_count_is_refused(daemons):
     earlier = earlier_checkpoint(pair)
     sock = fake_proxy(pair, "miscounted")
     sock.sendall(whole_file(0, "inventory.img", INVENTORY) + wire.encode_files_listed(5))
-    events = wait_received_eof(sock)
-    sock.close()
-    assert isinstance(events[-1], wire.Error), events
-    one_error(pair.cache_log, r"connection from fake-proxy .* refused: FILES_LISTED counts 5 files, 1 were begun")
-    still_serving(pair, earlier)
+    refused_in_one_line(pair, sock, r"connection from fake-proxy .* refused: FILES_LISTED counts 5 files, 1 were begun",
+                        earlier)
 
 
 def test_a_link_cut_while_a_restore_reads_the_pages_is_resumed_under_it(daemons):
@@ -205,15 +204,8 @@ def test_a_link_cut_while_a_restore_reads_the_pages_is_resumed_under_it(daemons)
     pair = daemons()
     restore = StreamRestore(pair.cache_dir)
     checkpoint = "fake-proxy-cut-while-read"
-    sock = fake_proxy(pair, "cut-while-read")
     first, rest = pattern(3 * MIB, 5), pattern(MIB + 100, 6)
-    dump_ended_with_pages_on_their_way(sock, first)
-    claimed_and_granted(sock, checkpoint, restore)
-    assert read_to_eof(restore.pipe()) == INVENTORY
-    restore.ask("pages-1.img")
-    assert restore.answer()
-    pages = restore.pipe()
-    got = read_exactly(pages, len(first) - 1)
+    sock, pages, got = reading_the_pages(pair, restore, "cut-while-read", first)
     sock.close()
     pair.cache_log.wait_for(rf"lost mid-checkpoint {checkpoint}")
     again = peer_connect(pair)
@@ -241,15 +233,8 @@ def test_a_link_that_stalls_under_a_reading_restore_fails_it_without_the_last_by
     pair = daemons(cache_keys={"idle_timeout": 1})
     pair.set_marks()
     restore = StreamRestore(pair.cache_dir)
-    sock = fake_proxy(pair, "stalls-mid-pages")
     first = pattern(2 * MIB, 7)
-    dump_ended_with_pages_on_their_way(sock, first)
-    claimed_and_granted(sock, "fake-proxy-stalls-mid-pages", restore)
-    assert read_to_eof(restore.pipe()) == INVENTORY
-    restore.ask("pages-1.img")
-    assert restore.answer()
-    pages = restore.pipe()
-    got = read_exactly(pages, len(first) - 1)
+    sock, pages, got = reading_the_pages(pair, restore, "stalls-mid-pages", first)
     got += read_to_eof(pages)  # the stall: the cache ends the pipe once the checkpoint failed
     assert got == first[:-1], "nothing past what arrived, and not the held-back byte"
     os.close(pages)
@@ -267,15 +252,8 @@ def test_a_restore_that_dies_while_reading_the_pages_leaves_the_checkpoint_for_t
     pair = daemons()
     checkpoint = "fake-proxy-reader-dies"
     restore = StreamRestore(pair.cache_dir)
-    sock = fake_proxy(pair, "reader-dies")
     first, rest = pattern(2 * MIB, 8), pattern(MIB, 9)
-    dump_ended_with_pages_on_their_way(sock, first)
-    claimed_and_granted(sock, checkpoint, restore)
-    assert read_to_eof(restore.pipe()) == INVENTORY
-    restore.ask("pages-1.img")
-    assert restore.answer()
-    pages = restore.pipe()
-    read_exactly(pages, MIB)
+    sock, pages, _ = reading_the_pages(pair, restore, "reader-dies", first)
     os.close(pages)
     restore.close()  # CRIU died
     pair.cache_log.wait_for(rf"restore of checkpoint {checkpoint} ended after 1 of 2 files; the checkpoint is kept")
