@@ -474,9 +474,14 @@ def test_a_source_node_lost_mid_copy_loses_the_process_on_both(criu: list[str], 
             with pytest.raises(CommandError, match=r"background copy .* failed.* else nowhere"):
                 restore.finish(client, timeout=60)
         wait_for_exit(restored_pid, 30)
-        with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as status:
-            ended = status.request("status")["ended"]
-        (entry,) = [e for e in ended if e["id"] == restore.checkpoint]
+
+        def ended_there() -> list[dict[str, object]]:
+            with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as status:
+                return [e for e in status.request("status")["ended"] if e["id"] == restore.checkpoint]
+
+        # the cache's journal notes a checkpoint that left its store from another thread
+        wait_until(lambda: bool(ended_there()), 10, f"checkpoint {restore.checkpoint} in the cache's ended list")
+        (entry,) = ended_there()
         assert entry["state"] == "failed" and "runs on node-a if that node is up" in entry["outcome"], entry
         assert "else nowhere" in entry["outcome"], entry
         pair.cache.wait_released()
