@@ -61,7 +61,7 @@ def largest_pipe(wanted: int) -> int:
         return min(wanted, PIPE_SIZE)
 
 
-def make_pipe(size: int = PIPE_SIZE) -> tuple[int, int]:
+def make_pipe(size: int) -> tuple[int, int]:
     read_end, write_end = retry_out_of_fds(lambda: os.pipe2(os.O_CLOEXEC), "a pipe")
     grow_pipe(write_end, size)
     return read_end, write_end
@@ -196,7 +196,7 @@ def _splice_pipeful(fd: int, pipe_w: int, offset: int, count: int) -> int:
     return moved
 
 
-def splice_in(src: int, pipe_r: int, pipe_w: int, fd: int, offset: int, count: int, step: int = PIPE_SIZE) -> int:
+def splice_in(src: int, pipe_r: int, pipe_w: int, fd: int, offset: int, count: int, step: int) -> int:
     """Move up to `count` bytes from a socket through an empty pipe that holds `step`
     into a memfd at offset. Returns bytes moved; 0 means the socket reached EOF."""
     moved = os.splice(src, pipe_w, min(count, step))
