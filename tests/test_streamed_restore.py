@@ -273,3 +273,25 @@ def test_a_restore_that_dies_while_reading_the_pages_leaves_the_checkpoint_for_t
     again.close()
     pair.cache_log.wait_for(rf"checkpoint {checkpoint} restored from the cache: 2 files served")
     sock.close()
+
+
+def test_a_checkpoint_that_outgrows_the_memory_limit_under_a_reading_restore_fails_it(daemons):
+    """The pages keep coming past the cache's memory.limit while a restore reads them: the
+    checkpoint is refused as too large, the restore's pipe ends without the held-back
+    byte, and the cache serves the next checkpoint."""
+    pair = daemons(memory_limit="8MiB")
+    pair.set_marks()
+    restore = StreamRestore(pair.cache_dir)
+    first = pattern(3 * MIB, 10)
+    sock, pages, got = reading_the_pages(pair, restore, "outgrows", first)
+    sock.sendall(file_data(0, len(first), pattern(8 * MIB, 11)))
+    events = wait_received_eof(sock)
+    sock.close()
+    assert isinstance(events[-1], wire.Error) and events[-1].code == wire.ErrorCode.TOO_LARGE, events
+    got += read_to_eof(pages)
+    assert len(got) < len(first) + 8 * MIB, "the restore never read the whole image"
+    assert got == (first + pattern(8 * MIB, 11))[:len(got)], "what it read is what was sent"
+    os.close(pages)
+    restore.close()
+    pair.cache_log.wait_for(r"restore from checkpoint fake-proxy-outgrows stopped: .*failed", new=True)
+    good_checkpoint(pair, "after-the-oversized-one")
