@@ -88,6 +88,43 @@ def test_a_larger_image_and_a_third_checkpoint_reuse_too():
     assert len(inodes) == 1, "every checkpoint wrote into the same kept memfd"
 
 
+def test_a_reused_image_is_written_in_place_through_its_mapping_then_spliced_past_it():
+    store = ImageStore(64 * MIB, reuse=16 * MIB)
+    first, image = one_checkpoint(store, "cp-1", pattern(1, 3 * MIB + 5))
+    assert image.window(0, MIB) is None, "a fresh memfd has no mapping to write through"
+    store.restored(first)
+    checkpoint = store.begin("cp-2", "node")
+    image = store.add_image(checkpoint, "pages-1.img")
+    data = pattern(2, 5 * MIB + 9)
+    while image.size < len(data):
+        window = image.window(image.size, 700_000)
+        if window is None:  # past the kept memfd's bytes: as a splice would
+            assert image.size >= 3 * MIB + 5, "a window up to the bytes the memfd held"
+            written = os.pwrite(image.fd, data[image.size:image.size + 700_000], image.size)
+        else:
+            with window:
+                assert len(window) == min(700_000, 3 * MIB + 5 - image.size), "clamped to the mapping"
+                written = len(window)
+                window[:] = data[image.size:image.size + written]
+        store.grew(checkpoint, image, written)
+    store.finish_image(image, checkpoint=checkpoint)
+    assert os.fstat(image.fd).st_size == len(data)
+    assert os.pread(image.fd, 8 * MIB, 0) == data, "the mapping's writes are the memfd's bytes"
+
+
+def test_the_window_ends_at_the_file_not_at_a_longer_mapping_kept_from_a_larger_image():
+    store = ImageStore(64 * MIB, reuse=16 * MIB)
+    for tag, size in enumerate([9 * MIB, 9 * MIB, 2 * MIB], start=1):  # the 2nd gets a 9 MiB mapping
+        checkpoint, _ = one_checkpoint(store, f"cp-{tag}", pattern(tag, size))
+        store.restored(checkpoint)
+    checkpoint = store.begin("cp-4", "node")
+    image = store.add_image(checkpoint, "pages-1.img")
+    assert len(image.mapping) == 9 * MIB and os.fstat(image.fd).st_size == 2 * MIB
+    with image.window(MIB, 4 * MIB) as window:
+        assert len(window) == MIB, "past the file's end a write through the mapping faults"
+    assert image.window(2 * MIB, MIB) is None
+
+
 def test_an_unfinished_reused_image_charges_the_pages_it_holds():
     store = ImageStore(64 * MIB, reuse=16 * MIB)
     first, _ = one_checkpoint(store, "cp-1", pattern(1, 8 * MIB))

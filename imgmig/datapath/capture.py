@@ -150,7 +150,7 @@ class CaptureSession:
             self._take_arriving(fd, image)
             return
         try:
-            moved = os.splice(fd, image.fd, CHUNK, offset_dst=image.size, flags=_SPLICE_FLAGS)
+            moved = _take_from_pipe(fd, image)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -242,3 +242,13 @@ class CaptureSession:
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
+
+
+def _take_from_pipe(fd: int, image: Image) -> int:
+    """Move what CRIU's (non-blocking) pipe holds into the image: read into the pages of a
+    reused memfd's mapping where it covers them, else spliced. 0 at the pipe's end."""
+    window = image.window(image.size, CHUNK)
+    if window is None:
+        return os.splice(fd, image.fd, CHUNK, offset_dst=image.size, flags=_SPLICE_FLAGS)
+    with window:
+        return os.readv(fd, [window])

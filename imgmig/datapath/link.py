@@ -133,6 +133,12 @@ class PlainLink(_Deadline):
         except BlockingIOError:
             return None
 
+    def recv_into(self, window: memoryview) -> int:
+        """Up to len(window) bytes read straight into window (a memfd's mapped pages);
+        0 at end of stream."""
+        self._before_wait()
+        return self.sock.recv_into(window)
+
     def recv_into_file(self, fd: int, offset: int, count: int) -> int:
         """Move up to count bytes from the link into fd at offset; 0 at end of stream."""
         if self._pipe is None:
@@ -234,18 +240,23 @@ class TlsLink(_Deadline):
             got += self._gather(into, got, len(into))
             return bytes(into[:got])
 
+    def recv_into(self, window: memoryview) -> int:
+        """Decrypt up to len(window) bytes straight into window (a memfd's mapped pages),
+        gathering what OpenSSL has (one record per call); 0 at end of stream."""
+        want = len(window)
+        got = self._call(lambda: self.sock.recv_into(window, want))
+        if not got:
+            self._check_eof()
+        return got + self._gather(window, got, want)
+
     def recv_into_file(self, fd: int, offset: int, count: int) -> int:
-        """Decrypt up to count bytes into fd at offset; 0 at end of stream. Gathers what
-        OpenSSL has (one record per call) into one buffer, then one pwrite."""
-        want = min(count, len(self.buffer))
-        with memoryview(self.buffer) as view:
-            got = self._call(lambda: self.sock.recv_into(view, want))
-            if not got:
-                self._check_eof()
-            got += self._gather(view, got, want)
+        """Decrypt up to count bytes into fd at offset; 0 at end of stream: into one
+        buffer, then one pwrite."""
+        with memoryview(self.buffer) as view, view[:min(count, len(view))] as into:
+            got = self.recv_into(into)
             written = 0
             while written < got:
-                written += os.pwrite(fd, view[written:got], offset + written)
+                written += os.pwrite(fd, into[written:got], offset + written)
         return got
 
     def shutdown(self, how: int) -> None:

@@ -574,7 +574,12 @@ class ReceiveSession:
     def _splice_payload(self, file_id: int, offset: int, left: int) -> None:
         self._wait_for_room()
         image = self._inbound().images[file_id]
-        moved = self.link.recv_into_file(image.fd, offset, left)
+        window = image.window(offset, left)
+        if window is None:
+            moved = self.link.recv_into_file(image.fd, offset, left)
+        else:
+            with window:
+                moved = self.link.recv_into(window)
         self.read_size = READ_AFTER_PAYLOAD
         if not moved:
             self._on_eof()

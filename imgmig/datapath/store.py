@@ -102,8 +102,9 @@ class Image:
     # size may exceed `size` until the image completes (`capacity`: the pages it holds).
     reusable: bool = False
     capacity: int = 0
-    # A reused memfd's lasting read-only mapping (over the bytes it held when kept): its
-    # page tables stay filled from one image to the next, so the digest maps nothing anew.
+    # A reused memfd's lasting mapping (over the bytes it held when kept): its page tables
+    # stay filled from one image to the next, so the digest maps nothing anew and a writer
+    # fills the pages in place (window()).
     mapping: mmap.mmap | None = field(default=None, repr=False)
 
     @classmethod
@@ -130,6 +131,19 @@ class Image:
         if mapping is None or offset + length > len(mapping):
             return None
         return memoryview(mapping)[offset:offset + length]
+
+    def window(self, offset: int, length: int) -> memoryview | None:
+        """Up to `length` bytes from offset of the lasting mapping, for the image's writer
+        to fill in place: one copy into pages already mapped, where a splice into the memfd
+        looks up and dirties each page through the page cache. None past the bytes the
+        memfd held when reused (`capacity`: the mapping kept with it may be longer, the file
+        is not), where the writer splices and so extends the file, or without a mapping
+        (the caller releases the view)."""
+        mapping = self.mapping
+        end = min(len(mapping), self.capacity) if mapping is not None else 0
+        if offset >= end:
+            return None
+        return memoryview(mapping)[offset:min(offset + length, end)]
 
     def hash(self, hasher: Hasher, offset: int, length: int) -> None:
         """Feed bytes [offset, offset+length) to hasher, through the lasting mapping where
@@ -409,6 +423,7 @@ class ImageStore:
         if kept is not None:
             with contextlib.suppress(OSError):  # without xattrs, Image.taken_back assumes old bytes
                 os.setxattr(kept.fd, REUSED_XATTR, b"1")
+            mapping = _map(kept)
         if kept is None:
             fd = new_memfd(name, reusable)
         with self.cond:
@@ -418,7 +433,7 @@ class ImageStore:
                 os.close(fd if kept is None else kept.fd)
                 raise
             image = Image(name, fd, reusable=reusable) if kept is None else \
-                Image(name, kept.fd, reusable=True, capacity=kept.size, mapping=_map(kept))
+                Image(name, kept.fd, reusable=True, capacity=kept.size, mapping=mapping)
             checkpoint.images[name] = image
             checkpoint.listed.append(image)
             self._charge_locked(checkpoint, image)
@@ -769,11 +784,15 @@ def _holds_old_bytes(fd: int) -> bool:
 
 
 def _map(kept: _Kept) -> mmap.mmap:
-    """A read-only mapping of a kept memfd's bytes (the next images' are written over them):
-    the one it came with, unless the last image outgrew it (a new one then covers it all)."""
+    """A shared mapping of a kept memfd's bytes, which the next image's writer fills in
+    place (Image.window): the one it came with, unless the last image outgrew it (a new
+    one then covers it all). Within the file's size, as the file never shrinks while an
+    image arrives; never sealed (reused memfds are not), so it may be writable. A new one
+    has its page tables filled at once (MAP_POPULATE: 0.13 CPU-s per GiB here, where the
+    writer's first touch of each page would fault: 0.58). Made outside the store's lock."""
     if kept.mapping is not None and len(kept.mapping) >= kept.size:
         return kept.mapping
-    return mmap.mmap(kept.fd, kept.size, mmap.MAP_SHARED, mmap.PROT_READ)
+    return mmap.mmap(kept.fd, kept.size, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ | mmap.PROT_WRITE)
 
 
 def _mib(n: int) -> str:
