@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgmig import criu_sim
+from imgmig.datapath.serve import SERVE_PIPE
 from imgmig.protocol import criu_wire
 
 MIB = 1 << 20
@@ -251,7 +252,11 @@ def sim_dump(images_dir: Path, source: Source | None, *, pages: int | None = Non
 
 class SimRestore(threading.Thread):
     """Restore like CRIU: one connection, files asked one after another, each read to the
-    end into a reused buffer. Start it before the dump; .done is the monotonic end time."""
+    end into a reused buffer. Start it before the dump; .done is the monotonic end time.
+    Each read() asks for as much as the cache's pipe can hold, as CRIU's do (a pagemap
+    entry's pages at once, criu/pagemap.c): a read of less leaves bytes in the pipe and
+    reads again at once, and the cache's next splice then spins on the pipe's mutex for
+    the whole copy (bench/README.md, "Writing in place"), which CRIU never makes it do."""
 
     def __init__(self, images_dir: Path, names: Sequence[str]) -> None:
         super().__init__(daemon=True)
@@ -264,7 +269,7 @@ class SimRestore(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        buf = bytearray(STEP)
+        buf = bytearray(SERVE_PIPE)
         try:
             for name in self.names:
                 self.sock.sendall(criu_wire.encode_request(name))
