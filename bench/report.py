@@ -185,6 +185,10 @@ def _phases(results: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, An
                     # free page reporting: memory the VM gave its host back while the run was timed
                     "vm_reported_MiB": summary([r["vm_reported_MiB"] for r in sel if "vm_reported_MiB" in r]),
                 }
+                if method == "store-and-forward" and all(r.get("link_s") is not None for r in sel):
+                    # what streaming can win at most: the whole transfer hidden, dump and restore as fast
+                    row[method]["transfer"] = summary([r["link_s"] for r in sel])
+                    row[method]["overlap_bound"] = summary([(r["total_s"] - r["link_s"]) / r["total_s"] for r in sel])
             phases[f"{mib}/{mode}"] = row
     return phases
 
@@ -341,6 +345,16 @@ def markdown(results: dict[str, Any]) -> str:
             for method, ph in row.items():
                 lines.append(f"| {mib} | {mode} | {method} | {_fmt(ph['dump'])} | {_fmt(ph['moved'])} | "
                              f"{_fmt(ph['restore_after_moved'])} | {_fmt(ph.get('vm_reported_MiB'), 0)} |")
+        lines += ["", "Overlap bound: store-and-forward's freeze-to-running without its transfer, over the whole, "
+                  "per run (median, min-max): the imgmig / store-and-forward ratio that hiding the transfer "
+                  "entirely would give, if imgmig's dump and restore took as long as store-and-forward's. Below "
+                  "it, imgmig must also dump or restore faster (bench/README.md, 'Writing in place').", "",
+                  "| size MiB | memory | store-and-forward's transfer, s | overlap bound |", "|---|---|---|---|"]
+        for key, row in s["phases"].items():
+            mib, mode = key.split("/")
+            ph = row.get("store-and-forward") or {}
+            if "overlap_bound" in ph:
+                lines.append(f"| {mib} | {mode} | {_fmt(ph['transfer'])} | {_fmt(ph['overlap_bound'])} |")
         lines += ["", "## 2. Dump cost (`criu dump` duration)", "",
                   "| size MiB | memory | --stream into proxy (streaming, TLS on) | --stream into proxy (forwarding "
                   "held, TLS off) | "

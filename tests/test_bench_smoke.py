@@ -78,6 +78,12 @@ def test_writes_json_with_every_measurement(smoke: Path) -> None:
         lazy_here = key.endswith(f"/{plan['lazy_mode']}")  # lazy runs in one memory mode only
         assert all(value is not None and value > 0 for name, value in row["ratios"].items()
                    if name != "lazy/floor" or lazy_here), (key, row["ratios"])
+    for key in full_copy_rows:  # what hiding store-and-forward's transfer entirely would give, per run
+        (baseline,) = [r for r in runs if f"{r['mib']}/{r['mode']}" == key and r["method"] == "store-and-forward"]
+        bound = summary["phases"][key]["store-and-forward"]["overlap_bound"]["median"]
+        assert bound == pytest.approx((baseline["total_s"] - baseline["link_s"]) / baseline["total_s"])
+        assert 0 < bound < 1, key
+    assert "| overlap bound |" in (smoke / "results.md").read_text()
     assert summary["link"]["socat_128k_MBps"]["median"] > 0 and summary["link"]["iperf3_MBps"] > 0
     assert summary["link"]["imgmig_sim_MBps"]["median"] > 0
     assert summary["link"]["imgmig_sim_tls_off_MBps"]["median"] > 0, "TLS on and off side by side"

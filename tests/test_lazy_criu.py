@@ -167,15 +167,20 @@ def test_a_link_cut_during_the_copy_leaves_the_process_on_the_source(criu: list[
 
 def _break_the_copy_midway(criu_command: list[str], nodes: netns.TwoNodes, work: Path, ns_workload: NsWorkload,
                            break_it: Callable[[Any], None], what: str) -> None:
-    """Migrate lazily, then break_it(the restore) half a second into the background copy:
-    the copy fails on the destination, the dump fails, the process goes on on the source
-    with the memory it was dumped with, the half-restored copy dies, no daemon crashes."""
+    """Migrate lazily, then break_it(the restore) once the background copy is under way
+    (a quarter of the workload's memory on B: a fixed half second was, under CI's load,
+    sometimes before the copy began, and the link then resumed): the copy fails on the
+    destination, the dump fails, the process goes on on the source with the memory it was
+    dumped with, the half-restored copy dies, no daemon crashes."""
     with daemons.proxy_and_cache(work, nodes.a, nodes.b) as pair, _LazyRun() as run:
         dumped = run.dump(pair, [*net_of(nodes.a), *criu_command], ns_workload.pid)
         with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
             restore = run.restore(client, claim(client, "node-a"), [*net_of(nodes.b), *criu_command])
             restored_pid = restore.pid
-            time.sleep(0.5)  # the background copy of 256 MiB takes seconds
+            # the interpreter's own pages come first, by fault: the threshold is past them
+            quarter = (ns_workload.before.mib << 20) // 4
+            wait_until(lambda: psutil.Process(restored_pid).memory_info().rss >= quarter, 30,
+                       "background copy under way")
             break_it(restore)
             with pytest.raises(CommandError, match=r"background copy .* failed"):
                 restore.finish(client, timeout=60)
