@@ -226,6 +226,55 @@ def test_a_link_cut_while_a_restore_reads_the_pages_is_resumed_under_it(daemons)
     again.close()
 
 
+def test_a_link_cut_mid_frame_into_a_kept_memfd_is_resumed_with_the_exact_bytes(daemons):
+    """The pages of a checkpoint that follows a restored one are written in place into the
+    memfd that one left (its lasting mapping, Image.window), over its old bytes. The link
+    drops in the middle of a frame's payload, under a reading restore: the proxy resumes
+    from what the cache says it holds, and the restore reads exactly the new bytes,
+    nothing of the old ones."""
+    from conftest import wait_until
+    from test_daemons_sim import assert_restores, checkpoint_images, dump, restore_order
+    from test_daemons_sim import restore as restore_all
+    from test_memfd_reuse import held_images, kept_inodes
+
+    pair = daemons()
+    cache_pid = pair.cache.process.pid
+    earlier = checkpoint_images("leaves-its-memfd") | {"pages-1.img": pattern(8 * MIB, 10)}
+    dump(pair.proxy_dir, earlier)
+    assert_restores(restore_all(pair.cache_dir, restore_order(earlier)), earlier)
+    wait_until(lambda: not held_images(cache_pid) and len(kept_inodes(cache_pid)) == 1, 10,
+               "the cache keeps the restored checkpoint's page memfd")
+    kept = kept_inodes(cache_pid)
+    checkpoint = "fake-proxy-cut-in-place"
+    restore = StreamRestore(pair.cache_dir)
+    first, rest = pattern(3 * MIB, 11), pattern(2 * MIB + 100, 12)
+    sock, pages, got = reading_the_pages(pair, restore, "cut-in-place", first)
+    assert kept_inodes(cache_pid) == kept, "the new pages went into the kept memfd"
+    half = wire.encode_file_data(0, len(first), rest[:MIB])
+    sock.sendall(half[:len(half) - MIB // 2])  # the frame's header and half its payload
+    time.sleep(0.2)
+    sock.close()
+    pair.cache_log.wait_for(rf"lost mid-checkpoint {checkpoint}")
+    again = peer_connect(pair)
+    auth = wire.Auth.NONE if pair.pki is None else wire.Auth.TLS
+    again.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "fake-proxy", auth=auth))
+                  + wire.encode_checkpoint_begin(checkpoint, resume=True))
+    begun = read_events(again, until=lambda event: isinstance(event, wire.Begun))[-1]
+    assert begun.status is wire.BeginStatus.RESUMED and begun.files == 2, begun
+    ((file_id, held),) = begun.held
+    assert file_id == 0 and len(first) <= held <= len(first) + MIB // 2, begun
+    whole = first + rest
+    again.sendall(wire.encode_files_listed(2) + file_data(0, held, whole[held:])
+                  + wire.encode_file_end(0, len(whole), hashlib.sha256(whole).digest())
+                  + wire.encode_checkpoint_end(True, 2, len(whole) + len(INVENTORY)))
+    assert got + read_to_eof(pages) == whole, "exactly the new bytes, over two connections"
+    os.close(pages)
+    assert read_events(again, until=lambda event: isinstance(event, wire.CheckpointDone))[-1].ok
+    restore.close()
+    pair.cache_log.wait_for(rf"checkpoint {checkpoint} restored from the cache: 2 files served")
+    again.close()
+
+
 def test_a_link_that_stalls_under_a_reading_restore_fails_it_without_the_last_byte(daemons):
     """The proxy goes silent after FILES_LISTED with the pages half sent: after
     cache.idle_timeout the checkpoint fails, the restore's pipe ends short of the image,
