@@ -100,6 +100,35 @@ def reading_the_pages(pair, restore: StreamRestore, name: str, first: bytes) -> 
     return sock, pages, read_exactly(pages, len(first) - 1)
 
 
+def resumed(pair, checkpoint: str) -> tuple[socket.socket, wire.Begun]:
+    """The forged proxy connects again and resumes `checkpoint`: its socket, and BEGUN."""
+    again = peer_connect(pair)
+    auth = wire.Auth.NONE if pair.pki is None else wire.Auth.TLS
+    again.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "fake-proxy", auth=auth))
+                  + wire.encode_checkpoint_begin(checkpoint, resume=True))
+    return again, read_events(again, until=lambda event: isinstance(event, wire.Begun))[-1]
+
+
+def the_rest_after_a_resume(sock: socket.socket, whole: bytes, held: int) -> None:
+    """FILES_LISTED again (every connection says it), pages-1.img from what the cache
+    holds, and the ends of the file and of the checkpoint."""
+    sock.sendall(wire.encode_files_listed(2) + file_data(0, held, whole[held:])
+                 + wire.encode_file_end(0, len(whole), hashlib.sha256(whole).digest())
+                 + wire.encode_checkpoint_end(True, 2, len(whole) + len(INVENTORY)))
+
+
+def read_over_two_connections(pair, checkpoint: str, again: socket.socket, restore: StreamRestore, pages: int,
+                              got: bytes, whole: bytes) -> None:
+    """The restore reads the rest of the pages: exactly `whole` with what it `got` before
+    the cut; the checkpoint ends well and counts as restored."""
+    assert got + read_to_eof(pages) == whole, "the restore read exactly the pages sent, over two connections"
+    os.close(pages)
+    assert read_events(again, until=lambda event: isinstance(event, wire.CheckpointDone))[-1].ok
+    restore.close()
+    pair.cache_log.wait_for(rf"checkpoint {checkpoint} restored from the cache: 2 files served")
+    again.close()
+
+
 def read_exactly(fd: int, n: int) -> bytes:
     got = bytearray()
     deadline = time.monotonic() + IO_TIMEOUT
@@ -208,22 +237,10 @@ def test_a_link_cut_while_a_restore_reads_the_pages_is_resumed_under_it(daemons)
     sock, pages, got = reading_the_pages(pair, restore, "cut-while-read", first)
     sock.close()
     pair.cache_log.wait_for(rf"lost mid-checkpoint {checkpoint}")
-    again = peer_connect(pair)
-    auth = wire.Auth.NONE if pair.pki is None else wire.Auth.TLS
-    again.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "fake-proxy", auth=auth))
-                  + wire.encode_checkpoint_begin(checkpoint, resume=True))
-    begun = read_events(again, until=lambda event: isinstance(event, wire.Begun))[-1]
+    again, begun = resumed(pair, checkpoint)
     assert begun == wire.Begun(wire.BeginStatus.RESUMED, checkpoint, 2, ((0, len(first)),)), begun
-    whole = first + rest
-    again.sendall(wire.encode_files_listed(2) + file_data(0, len(first), rest)
-                  + wire.encode_file_end(0, len(whole), hashlib.sha256(whole).digest())
-                  + wire.encode_checkpoint_end(True, 2, len(whole) + len(INVENTORY)))
-    assert got + read_to_eof(pages) == whole, "the restore read exactly the pages sent, over two connections"
-    os.close(pages)
-    assert read_events(again, until=lambda event: isinstance(event, wire.CheckpointDone))[-1].ok
-    restore.close()
-    pair.cache_log.wait_for(rf"checkpoint {checkpoint} restored from the cache: 2 files served")
-    again.close()
+    the_rest_after_a_resume(again, first + rest, len(first))
+    read_over_two_connections(pair, checkpoint, again, restore, pages, got, first + rest)
 
 
 def test_a_link_cut_mid_frame_into_a_kept_memfd_is_resumed_with_the_exact_bytes(daemons):
@@ -255,24 +272,12 @@ def test_a_link_cut_mid_frame_into_a_kept_memfd_is_resumed_with_the_exact_bytes(
     time.sleep(0.2)
     sock.close()
     pair.cache_log.wait_for(rf"lost mid-checkpoint {checkpoint}")
-    again = peer_connect(pair)
-    auth = wire.Auth.NONE if pair.pki is None else wire.Auth.TLS
-    again.sendall(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "fake-proxy", auth=auth))
-                  + wire.encode_checkpoint_begin(checkpoint, resume=True))
-    begun = read_events(again, until=lambda event: isinstance(event, wire.Begun))[-1]
+    again, begun = resumed(pair, checkpoint)
     assert begun.status is wire.BeginStatus.RESUMED and begun.files == 2, begun
     ((file_id, held),) = begun.held
     assert file_id == 0 and len(first) <= held <= len(first) + MIB // 2, begun
-    whole = first + rest
-    again.sendall(wire.encode_files_listed(2) + file_data(0, held, whole[held:])
-                  + wire.encode_file_end(0, len(whole), hashlib.sha256(whole).digest())
-                  + wire.encode_checkpoint_end(True, 2, len(whole) + len(INVENTORY)))
-    assert got + read_to_eof(pages) == whole, "exactly the new bytes, over two connections"
-    os.close(pages)
-    assert read_events(again, until=lambda event: isinstance(event, wire.CheckpointDone))[-1].ok
-    restore.close()
-    pair.cache_log.wait_for(rf"checkpoint {checkpoint} restored from the cache: 2 files served")
-    again.close()
+    the_rest_after_a_resume(again, first + rest, held)
+    read_over_two_connections(pair, checkpoint, again, restore, pages, got, first + rest)
 
 
 def test_a_link_that_stalls_under_a_reading_restore_fails_it_without_the_last_byte(daemons):
