@@ -168,19 +168,15 @@ def test_a_link_cut_during_the_copy_leaves_the_process_on_the_source(criu: list[
 def _break_the_copy_midway(criu_command: list[str], nodes: netns.TwoNodes, work: Path, ns_workload: NsWorkload,
                            break_it: Callable[[Any], None], what: str) -> None:
     """Migrate lazily, then break_it(the restore) once the background copy is under way
-    (a quarter of the workload's memory on B: a fixed half second was, under CI's load,
-    sometimes before the copy began, and the link then resumed): the copy fails on the
-    destination, the dump fails, the process goes on on the source with the memory it was
-    dumped with, the half-restored copy dies, no daemon crashes."""
+    (copy_under_way): the copy fails on the destination, the dump fails, the process goes
+    on on the source with the memory it was dumped with, the half-restored copy dies, no
+    daemon crashes."""
     with daemons.proxy_and_cache(work, nodes.a, nodes.b) as pair, _LazyRun() as run:
         dumped = run.dump(pair, [*net_of(nodes.a), *criu_command], ns_workload.pid)
         with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
             restore = run.restore(client, claim(client, "node-a"), [*net_of(nodes.b), *criu_command])
             restored_pid = restore.pid
-            # the interpreter's own pages come first, by fault: the threshold is past them
-            quarter = (ns_workload.before.mib << 20) // 4
-            wait_until(lambda: psutil.Process(restored_pid).memory_info().rss >= quarter, 30,
-                       "background copy under way")
+            copy_under_way(restored_pid, ns_workload)
             break_it(restore)
             with pytest.raises(CommandError, match=r"background copy .* failed"):
                 restore.finish(client, timeout=60)
@@ -236,6 +232,14 @@ class _LazyRun:
                 print(f"kept {path} (IMGMIG_KEEP_WORKDIR)")
             else:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+def copy_under_way(restored_pid: int, ns_workload: NsWorkload) -> None:
+    """Until a quarter of the workload's memory is on B: the background copy has begun
+    (a fixed sleep was, under CI's load, sometimes before it began and sometimes after it
+    ended). The interpreter's own pages come first, by fault: the threshold is past them."""
+    quarter = (ns_workload.before.mib << 20) // 4
+    wait_until(lambda: psutil.Process(restored_pid).memory_info().rss >= quarter, 30, "background copy under way")
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -471,11 +475,15 @@ def test_a_source_node_lost_mid_copy_loses_the_process_on_both(criu: list[str], 
         with ControlClient(pair.cache_dir / CONTROL_SOCKET, "cache") as client:
             restore = run.restore(client, claim(client, "node-a"), [*net_of(nodes.b), *criu])
             restored_pid = restore.pid
-            time.sleep(0.3)  # the background copy of 256 MiB takes seconds
+            copy_under_way(restored_pid, ns_workload)
+            # lazy-pages is held while node A goes down, so that the copy cannot end first
+            # (256 MiB can take a quarter of a second)
+            os.kill(restore.lazy.pid, signal.SIGSTOP)
             netns.run_in(nodes.a.netns, ["ip", "link", "set", nodes.a.veth, "down"], check=True)
             assert pair.proxy.proc is not None
             for pid in (ns_workload.pid, dumped.proc.pid, pair.proxy.proc.pid):
                 os.kill(pid, signal.SIGKILL)
+            os.kill(restore.lazy.pid, signal.SIGCONT)
             with pytest.raises(CommandError, match=r"background copy .* failed.* else nowhere"):
                 restore.finish(client, timeout=60)
         wait_for_exit(restored_pid, 30)
