@@ -20,6 +20,7 @@ from conftest import PYTHON, REPO, Pair, start_daemon, wait_until, write_config
 
 from imgmig import criu_sim
 from imgmig.commands.common import ControlClient, Declined
+from imgmig.commands.progress import Reporter
 from imgmig.protocol import control_wire as cw
 
 FAKE_CRIU = f"{PYTHON} -m testbed.fake_criu"
@@ -510,3 +511,46 @@ def test_a_doorbell_without_an_id_restores_nothing(daemons, tmp_path) -> None:
 
 def test_control_wire_error_reply_is_one_line() -> None:
     assert cw.encode_error("x\ny").count(b"\n") == 1
+
+
+class _Messages(Reporter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.lines.append(text)
+
+
+class _StatusAfterEachPoll:
+    """The proxy's status as `imgmig migrate` polls it: pages_sent from `sent`, one per poll."""
+
+    def __init__(self, checkpoint: str, sent: list[int]) -> None:
+        self.checkpoint, self.sent = checkpoint, sent
+
+    def request(self, kind: str) -> dict:
+        assert kind == "status"
+        pages = self.sent.pop(0) if len(self.sent) > 1 else self.sent[0]
+        return {"checkpoints": [{"id": self.checkpoint, "pages_sent": pages, "delivered": True}], "ended": []}
+
+
+def test_a_lazy_copy_that_ends_between_two_messages_still_shows_its_last_figure(monkeypatch):
+    """The background copy's messages come at most every HEARTBEAT / 5 s: a copy that ends
+    sooner (256 MiB can take a quarter of a second) must still end on the figure it
+    reached, not on the "0 MiB" shown when it began."""
+    from imgmig.commands import migrate
+
+    monkeypatch.setattr(migrate, "POLL", 0.01)
+    reporter = _Messages()
+    m = migrate.Migration(cfg=None, pid=1, node="node-b", route=None, criu=[], options=[], reporter=reporter,
+                          timeout=30, rollback=False, checkpoint="cp", lazy=True)
+    m.started = migrate.time.monotonic()
+    sent = [0, 0, 64 << 20, 200 << 20, 256 << 20]
+    page_server, other_end = socket.socketpair()
+    other_end.close()
+    # the dump ends once lazy-pages has every page
+    dump = migrate.LazyDump(subprocess.Popen(["sleep", "0.3"]), Path("/nonexistent"), "cp", page_server, 0.0)
+    assert migrate._follow_lazy(m, _StatusAfterEachPoll("cp", sent), dump)
+    shown = [line for line in reporter.lines if line.startswith("background copy: ")]
+    assert shown[0].startswith("background copy: 0 MiB") and shown[-1].startswith("background copy: 256 MiB"), shown
+    assert len(shown) == 2, "one message when the copy began, one with its last figure"

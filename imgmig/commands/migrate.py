@@ -320,20 +320,28 @@ def _run_lazy(m: Migration, proxy: ControlClient, ticket: str) -> tuple[int, str
 def _follow_lazy(m: Migration, proxy: ControlClient, dump: LazyDump) -> bool:
     """Show the background copy until the dump ends; False if no page went within the
     timeout (the dump still runs then)."""
-    shown_at, shown = 0.0, -1
+    shown_at, shown, seen = 0.0, -1, -1
     deadline = time.monotonic() + m.timeout
     while dump.proc.poll() is None:
-        if shown <= 0 and time.monotonic() > deadline:
+        if seen <= 0 and time.monotonic() > deadline:
             return False
         live, _ = _find(proxy.request("status"), m.checkpoint)
         if live is not None and live.get("delivered") and "verified at the destination" not in m.phases:
             m.phase("verified at the destination")
-        if live is not None and live["pages_sent"] != shown and time.monotonic() - shown_at >= HEARTBEAT / 5:
-            shown, shown_at = live["pages_sent"], time.monotonic()
-            m.reporter.message(f"background copy: {_mib(shown)} of memory sent to {m.node}")
+        if live is not None:
+            seen = live["pages_sent"]
+        if seen != shown and time.monotonic() - shown_at >= HEARTBEAT / 5:
+            shown, shown_at = seen, time.monotonic()
+            _show_copied(m, shown)
         time.sleep(POLL)
     dump.wait()
+    if seen != shown:  # the copy ended before the next message was due: its last figure
+        _show_copied(m, seen)
     return True
+
+
+def _show_copied(m: Migration, sent: int) -> None:
+    m.reporter.message(f"background copy: {_mib(sent)} of memory sent to {m.node}")
 
 
 def _proxy_lost(m: Migration, dump: LazyDump, why: str) -> tuple[int, str]:
