@@ -517,9 +517,31 @@ class _Messages(Reporter):
     def __init__(self) -> None:
         super().__init__()
         self.lines: list[str] = []
+        self.snapshots: list = []
 
     def message(self, text: str) -> None:
         self.lines.append(text)
+
+    def progress(self, snapshot) -> None:
+        self.snapshots.append(snapshot)
+
+
+def test_a_migration_that_ends_between_two_polls_reports_the_checkpoints_whole_size():
+    """The last poll saw the dump with part of the checkpoint captured; the checkpoint then
+    ended at the destination before the next poll: the last progress shows every byte, as
+    the ended entry counts them, not the captured bytes of that last poll."""
+    from imgmig.commands import migrate
+
+    reporter = _Messages()
+    m = migrate.Migration(cfg=None, pid=1, node="node-b", route=None, criu=[], options=[], reporter=reporter,
+                          timeout=30, rollback=False, checkpoint="cp")
+    m.started = migrate.time.monotonic()
+    m.phases["dump done"] = 0.5
+    m.last_seen = {"bytes": 24_119_296, "forwarded": 24_119_296, "verified": 12_584_960}
+    status, _ = migrate._ended(m, {"state": "running-at-peer", "outcome": "running as pid 9", "bytes": 25_231_360})
+    assert status == migrate.EXIT_OK
+    last = reporter.snapshots[-1]
+    assert (last.captured, last.forwarded, last.verified) == (25_231_360,) * 3, last
 
 
 class _StatusAfterEachPoll:
