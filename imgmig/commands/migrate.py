@@ -391,9 +391,10 @@ def _ended(m: Migration, ended: dict[str, Any]) -> tuple[int, str]:
             # a restore there reads only verified images: the poll missed the short window between
             m.phase("verified at the destination")
         seen = m.last_seen
-        total = ended.get("bytes") or (seen["bytes"] if seen is not None else 0)
-        if seen is not None and seen["verified"] < total:  # the proxy let go before a poll saw it all
-            m.reporter.progress(_snapshot(m, seen | {"bytes": total, "forwarded": total, "verified": total}, 0))
+        if seen is not None:  # the proxy let go before a poll saw it all: the ended entry counts it
+            total = ended.get("bytes") or seen["bytes"]
+            if seen["verified"] < total:
+                m.reporter.progress(_snapshot(m, seen | {"bytes": total, "forwarded": total, "verified": total}, 0))
         m.phase("running on the destination")
         return EXIT_OK, f"running on {m.node}: {ended['outcome']}"
     if ended["state"] == "restored-at-peer":

@@ -786,8 +786,9 @@ def _holds_old_bytes(fd: int) -> bool:
 def _map(kept: _Kept) -> mmap.mmap:
     """A shared mapping of a kept memfd's bytes, which the next image's writer fills in
     place (Image.window): the one it came with, unless the last image outgrew it (a new
-    one then covers it all). Within the file's size, as the file never shrinks while an
-    image arrives; never sealed (reused memfds are not), so it may be writable. A new one
+    one then covers it all). The one it came with may be longer than the file (kept
+    after a larger image, the file trimmed since): writers stop at Image.capacity. Never
+    sealed (reused memfds are not), so it may be writable. A new one
     has its page tables filled at once (MAP_POPULATE: 0.13 CPU-s per GiB here, where the
     writer's first touch of each page would fault: 0.58). Made outside the store's lock."""
     if kept.mapping is not None and len(kept.mapping) >= kept.size:
