@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .common import ratio, summary
+from .common import GB, ratio, summary
 
 TARGET_MIB = 1024
 FULL_COPY = ("imgmig", "disk-style", "store-and-forward", "floor", "imgmig-tls-off")  # as bench/realcriu.py
@@ -61,6 +61,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         out["loadavg_1m"] = summary([r["loadavg_1m"] for r in runs if "loadavg_1m" in r])
         out["dump"] = dump
         out["phases"] = _phases(results, runs)
+        out["prepare"] = _prepare(results, runs)
     if any(r["method"] == "lazy" for r in runs):
         out["lazy"] = _lazy(results, runs, ftr)
     sim = results.get("simulated") or {}
@@ -191,6 +192,23 @@ def _phases(results: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, An
                     row[method]["overlap_bound"] = summary([(r["total_s"] - r["link_s"]) / r["total_s"] for r in sel])
             phases[f"{mib}/{mode}"] = row
     return phases
+
+
+def _prepare(results: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """imgmig's `prepare` before the freeze (bench/realcriu.py): its time, and each daemon's
+    CPU for it per GB of the checkpoint that followed, by size, memory and method."""
+    out: dict[str, Any] = {}
+    for mib in _all_sizes(results):
+        for mode in results["plan"]["modes"]:
+            for method in ("imgmig", "imgmig-tls-off"):
+                sel = [r for r in runs if r["mib"] == mib and r["mode"] == mode and r["method"] == method
+                       and "prepare_s" in r and r.get("image_bytes")]
+                if sel:
+                    out.setdefault(f"{mib}/{mode}", {})[method] = {
+                        "seconds": summary([r["prepare_s"] for r in sel]),
+                        **{f"{name}_cpu_s_per_GB": summary([r["prepare_cpu_s"][name] / (r["image_bytes"] / GB)
+                                                            for r in sel]) for name in ("proxy", "cache")}}
+    return out
 
 
 def _moved_at(run: dict[str, Any]) -> float | None:
@@ -355,6 +373,21 @@ def markdown(results: dict[str, Any]) -> str:
             ph = row.get("store-and-forward") or {}
             if "overlap_bound" in ph:
                 lines.append(f"| {mib} | {mode} | {_fmt(ph['transfer'])} | {_fmt(ph['overlap_bound'])} |")
+        if s.get("prepare"):
+            lines += ["", "### Memory made ready before the freeze (imgmig only, outside freeze-to-running)", "",
+                      "What `imgmig migrate` does before it freezes the process, and so what these runs do: the "
+                      "proxy's `prepare` makes both daemons allocate a memfd of the workload's resident size "
+                      "(ImageStore.prepare, PREPARE in docs/protocol.md), into which the pages are then written. "
+                      "Its time comes before the freeze; the daemons' CPU for it is not in section 4's CPU per GB "
+                      "and is given here, per GB of the checkpoint. Store-and-forward stands for tools that do "
+                      "not prepare, and its pair is not asked.", "",
+                      "| size MiB | memory | method | prepare, s | proxy CPU-s per GB | cache CPU-s per GB |",
+                      "|---|---|---|---|---|---|"]
+            for key, row in s["prepare"].items():
+                mib, mode = key.split("/")
+                for method, pr in row.items():
+                    lines.append(f"| {mib} | {mode} | {method} | {_fmt(pr['seconds'])} | "
+                                 f"{_fmt(pr['proxy_cpu_s_per_GB'])} | {_fmt(pr['cache_cpu_s_per_GB'])} |")
         lines += ["", "## 2. Dump cost (`criu dump` duration)", "",
                   "| size MiB | memory | --stream into proxy (streaming, TLS on) | --stream into proxy (forwarding "
                   "held, TLS off) | "

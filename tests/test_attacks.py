@@ -497,3 +497,63 @@ def test_a_link_cut_inside_a_small_file_never_serves_its_bytes(daemons):
     one_error(pair.cache_log, r"restore of checkpoint fake-proxy-cut-small on the cache refused: its source did "
                               r"not grant the right to restore it")
     assert pair.cache.process.poll() is None
+
+
+# ---- PREPARE: asking the cache for memory ------------------------------------------------------
+
+def prepared_bytes(pid: int) -> list[int]:
+    from test_memfd_reuse import prepared_memfds
+
+    return [size for size, _ in prepared_memfds(pid).values()]
+
+
+def ask_to_prepare(pair: Pair, *sizes: int) -> list[wire.Event]:
+    sock = hello(pair, peer_connect(pair))
+    sock.sendall(b"".join(wire.encode_prepare(size) for size in sizes))
+    events = read_events(sock, until=lambda event: isinstance(event, (wire.Prepare, wire.Error)))
+    sock.close()
+    return events
+
+
+def test_a_peer_asking_for_all_memory_gets_memory_reuse_at_most(daemons):
+    pair = daemons(memory_limit="64MiB", tls=False)
+    earlier = earlier_checkpoint(pair)
+    (answer,) = ask_to_prepare(pair, 2**64 - 1)
+    assert isinstance(answer, wire.Prepare) and 0 < answer.size <= 64 << 20
+    assert prepared_bytes(pair.cache.process.pid) == [answer.size]
+    for _ in range(20):  # asked again and again: the one memfd is large enough, nothing more is taken
+        assert ask_to_prepare(pair, 2**64 - 1) == [wire.Prepare(answer.size)]
+    assert prepared_bytes(pair.cache.process.pid) == [answer.size]
+    still_serving(pair, earlier)
+    assert not pair.cache_log.errors(new=False)
+
+
+def test_a_second_prepare_on_one_connection_is_refused_in_one_line(daemons):
+    pair = daemons()
+    earlier = earlier_checkpoint(pair)
+    pair.set_marks()
+    sock = hello(pair, peer_connect(pair))
+    sock.sendall(wire.encode_prepare(4 << 20) + wire.encode_prepare(8 << 20))
+    refused_in_one_line(pair, sock, r"a second PREPARE on one connection", earlier)
+
+
+def test_prepare_after_checkpoint_begin_is_refused_in_one_line(daemons):
+    pair = daemons()
+    earlier = earlier_checkpoint(pair)
+    pair.set_marks()
+    sock = hello(pair, peer_connect(pair))
+    sock.sendall(wire.encode_checkpoint_begin("fake-proxy-prepare-late"))
+    read_events(sock, until=lambda event: isinstance(event, wire.Begun))
+    sock.sendall(wire.encode_prepare(4 << 20))
+    refused_in_one_line(pair, sock, r"PREPARE after CHECKPOINT_BEGIN", earlier)
+
+
+def test_a_peer_that_leaves_while_the_cache_prepares_leaves_it_serving(daemons):
+    pair = daemons(tls=False)
+    earlier = earlier_checkpoint(pair)
+    for _ in range(5):
+        sock = hello(pair, peer_connect(pair))
+        sock.sendall(wire.encode_prepare(512 << 20))
+        sock.close()  # before the answer: the cache is still allocating
+    still_serving(pair, earlier)
+    assert not pair.cache_log.errors(new=False)

@@ -84,6 +84,14 @@ def test_writes_json_with_every_measurement(smoke: Path) -> None:
         assert bound == pytest.approx((baseline["total_s"] - baseline["link_s"]) / baseline["total_s"])
         assert 0 < bound < 1, key
     assert "| overlap bound |" in (smoke / "results.md").read_text()
+    for run in runs:  # imgmig prepares memory before the freeze, as `imgmig migrate` does; store-and-forward not
+        if run["method"] in ("imgmig", "imgmig-tls-off"):
+            assert run["prepare_s"] > 0 and run["prepared_MiB"]["proxy"] > 200 and run["prepared_MiB"]["cache"] > 200
+            assert min(run["prepare_cpu_s"].values()) >= 0, run  # 0 where a kept memfd was large enough
+        else:
+            assert "prepare_s" not in run, run
+    assert set(summary["prepare"]) == full_copy_rows
+    assert "### Memory made ready before the freeze" in (smoke / "results.md").read_text()
     assert summary["link"]["socat_128k_MBps"]["median"] > 0 and summary["link"]["iperf3_MBps"] > 0
     assert summary["link"]["imgmig_sim_MBps"]["median"] > 0
     assert summary["link"]["imgmig_sim_tls_off_MBps"]["median"] > 0, "TLS on and off side by side"

@@ -635,6 +635,7 @@ def hello_done_proxy() -> conv.ProxyConnection:
     (wire.encode_running("cp-2", 5), "RUNNING for checkpoint cp-2"),
     (wire.encode_confirm(FrameType.RUNNING, "cp-1"), "CONFIRM of a RUNNING this proxy never sent"),
     (wire.encode_begun(BeginStatus.NEW, "cp-1"), "BEGUN that answers no CHECKPOINT_BEGIN"),
+    (wire.encode_prepare(1 << 30), "Prepare is not sent by a cache"),
 ])
 def test_proxy_refuses_what_a_cache_must_not_say(frame, match):
     proxy = hello_done_proxy()
@@ -675,6 +676,7 @@ def started_cache() -> conv.CacheConnection:
     (wire.encode_file_begin(1, "a.img"), "file id 1, expected 0"),
     (wire.encode_checkpoint_begin("cp-1"), "CheckpointBegin is not sent by a proxy"),
     (wire.encode_checkpoint_end(True, 0, 0) + wire.encode_file_begin(0, "a.img"), "after CHECKPOINT_END"),
+    (wire.encode_prepare(1 << 30), "PREPARE after CHECKPOINT_BEGIN"),
 ])
 def test_cache_refuses_what_a_proxy_must_not_say(frame, match):
     cache = started_cache()
@@ -683,6 +685,87 @@ def test_cache_refuses_what_a_proxy_must_not_say(frame, match):
         while (event := cache.next_event()) is not None:
             if isinstance(event, conv.CheckpointEnded):
                 cache.done(True, "", 0.0)
+
+
+# ---- PREPARE: memory made ready before the freeze ----------------------------------------------
+
+def greeted_cache(*frames: bytes) -> conv.CacheConnection:
+    cache = conv.CacheConnection("node-b", 0.0)
+    cache.receive_data(wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "a", SHA)) + b"".join(frames), 0.0)
+    assert isinstance(cache.next_event(), conv.HelloReceived)
+    cache.accept_hello(SHA, 1 << 30, 1 << 29, 0.0)
+    cache.data_to_send()
+    return cache
+
+
+def test_prepare_is_asked_answered_and_a_checkpoint_may_follow():
+    cache = greeted_cache(wire.encode_prepare(1 << 30), wire.encode_checkpoint_begin("cp-1"))
+    assert cache.next_event() == conv.PrepareRequested(1 << 30)
+    assert cache.next_event() is None, "the BEGIN waits for the answer"
+    cache.prepared(512 << 20, 0.0)
+    assert cache.data_to_send() == wire.encode_prepare(512 << 20)
+    assert cache.next_event() == conv.BeginRequested("cp-1", False)
+
+
+def test_a_second_prepare_on_one_connection_is_refused():
+    cache = greeted_cache(wire.encode_prepare(1), wire.encode_prepare(1 << 40))
+    cache.next_event()
+    cache.prepared(0, 0.0)
+    with pytest.raises(PeerProtocolError, match="a second PREPARE"):
+        cache.next_event()
+
+
+def test_prepare_before_hello_is_refused():
+    cache = conv.CacheConnection("node-b", 0.0)
+    cache.receive_data(wire.encode_prepare(1 << 30), 0.0)
+    with pytest.raises(PeerProtocolError, match="expected HELLO first, got Prepare"):
+        cache.next_event()
+
+
+def test_prepared_answers_only_a_prepare():
+    cache = greeted_cache()
+    with pytest.raises(RuntimeError, match="answers no PREPARE"):
+        cache.prepared(1, 0.0)
+    begun = greeted_cache(wire.encode_checkpoint_begin("cp-1"))
+    begun.next_event()
+    with pytest.raises(RuntimeError, match="answers no PREPARE"):
+        begun.prepared(1, 0.0)
+
+
+CACHE_HELLO = wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.CACHE, "node-b", SHA, memory_limit=8, room=4))
+
+
+def test_probe_sends_hello_and_prepare_at_once_and_is_done_after_both_answers():
+    hello = wire.Hello(wire.VERSION, wire.Role.PROXY, "node-a", SHA)
+    probe = conv.ProbeConnection(hello, prepare=1 << 30)
+    assert probe.data_to_send() == wire.encode_hello(hello) + wire.encode_prepare(1 << 30)
+    probe.receive_data(CACHE_HELLO + wire.encode_ping())
+    assert not probe.done and probe.hello is not None and probe.hello.room == 4
+    probe.receive_data(wire.encode_prepare(1 << 29)[:5])
+    assert not probe.done
+    probe.receive_data(wire.encode_prepare(1 << 29)[5:])
+    assert probe.done and probe.prepared == 1 << 29
+
+
+def test_probe_without_prepare_is_done_at_hello():
+    hello = wire.Hello(wire.VERSION, wire.Role.PROXY, "node-a", SHA)
+    probe = conv.ProbeConnection(hello)
+    assert probe.data_to_send() == wire.encode_hello(hello)
+    probe.receive_data(CACHE_HELLO)
+    assert probe.done and probe.prepared is None
+
+
+@pytest.mark.parametrize("answer, error, match", [
+    (wire.encode_error(ErrorCode.REFUSED, "not allowed"), ValueError, "refused this node: not allowed"),
+    (wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "x")), PeerProtocolError, "not a cache's HELLO"),
+    (wire.encode_begun(BeginStatus.NEW, "cp"), PeerProtocolError, "answered Begun, not a cache's HELLO"),
+    (CACHE_HELLO + wire.encode_claim("cp"), PeerProtocolError, "answered PREPARE with Claim"),
+    (CACHE_HELLO + wire.encode_error(ErrorCode.INTERNAL, "no"), ValueError, "refused this node: no"),
+])
+def test_probe_refuses_every_other_answer(answer, error, match):
+    probe = conv.ProbeConnection(wire.Hello(wire.VERSION, wire.Role.PROXY, "node-a", SHA), prepare=1)
+    with pytest.raises(error, match=match):
+        probe.receive_data(answer)
 
 
 def test_cache_refuses_a_cache_and_old_versions():

@@ -523,7 +523,7 @@ def test_garbage_on_serve_socket(daemons, kind):
     (struct.pack(">IB", 0x7FFFFFFF, wire.FrameType.HELLO), r"length"),
     (struct.pack(">IB", 0x7FFFFFFF, wire.FrameType.FILE_DATA), r"payload length"),
     (wire.encode_checkpoint_begin("no-hello"), r"expected HELLO first"),
-    (wire.encode_hello(wire.Hello(4, wire.Role.PROXY, "future")), r"version 4"),
+    (wire.encode_hello(wire.Hello(5, wire.Role.PROXY, "future")), r"version 5"),
     (wire.encode_hello(wire.Hello(1, wire.Role.PROXY, "past")), r"version 1"),
 ])
 def test_garbage_on_cache_tcp(daemons, data, reason):

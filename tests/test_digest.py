@@ -73,7 +73,7 @@ def test_usable_falls_back_to_sha256_without_xxhash(monkeypatch):
 
 def test_hello_carries_the_digest_byte_by_byte():
     frame = wire.encode_hello(wire.Hello(wire.VERSION, wire.Role.PROXY, "a", wire.Digest.XXH3_128))
-    assert frame[4:] == b"\x01IMGMIG\x00\x03\x01\x02\x00\x01a\x00\x00" + b"\x00" * 16
+    assert frame[4:] == b"\x01IMGMIG\x00\x04\x01\x02\x00\x01a\x00\x00" + b"\x00" * 16
     decoder = wire.FrameDecoder()
     decoder.feed(frame)
     assert decoder.next_event().digest is wire.Digest.XXH3_128

@@ -108,8 +108,8 @@ def frame(draw: st.DrawFn) -> tuple[bytes, wire.Event | tunnel_wire.TunnelFrame]
 
 
 def _handoff_frame(draw: st.DrawFn, kind: wire.FrameType) -> tuple[bytes, wire.Event]:
-    """The frames of version 2's ordering and handoff: BEGUN, CLAIM, GRANT, CONFIRM, PING,
-    RETURN, RUNNING."""
+    """The frames of version 2's ordering and handoff (BEGUN, CLAIM, GRANT, CONFIRM, PING,
+    RETURN, RUNNING) and version 4's PREPARE."""
     if kind is wire.FrameType.BEGUN:
         held = tuple(draw(st.lists(st.tuples(U32, U64), max_size=5)))
         event: wire.Event = wire.Begun(draw(st.sampled_from(wire.BeginStatus)), draw(names), draw(U32), held)
@@ -128,6 +128,9 @@ def _handoff_frame(draw: st.DrawFn, kind: wire.FrameType) -> tuple[bytes, wire.E
     if kind is wire.FrameType.RETURN:
         event = wire.Return(draw(names))
         return wire.encode_return(event.checkpoint), event
+    if kind is wire.FrameType.PREPARE:
+        event = wire.Prepare(draw(U64))
+        return wire.encode_prepare(event.size), event
     assert kind is wire.FrameType.RUNNING, kind
     event = wire.Running(draw(names), draw(U32))
     return wire.encode_running(event.checkpoint, event.pid), event

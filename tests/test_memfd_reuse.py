@@ -206,6 +206,114 @@ def test_close_frees_the_pool():
         os.fstat(fd)
 
 
+# ---- prepared before the freeze (ImageStore.prepare) ---------------------------------------
+
+def kept_fds(store: ImageStore) -> list[int]:
+    return [kept.fd for kept in store.pool._kept]
+
+
+def is_open(fd: int, inode_number: int) -> bool:
+    """fd still refers to that inode (the number may have gone to another file since)."""
+    try:
+        return inode(fd) == inode_number
+    except OSError:
+        return False
+
+
+def allocated(fd: int) -> int:
+    return os.fstat(fd).st_blocks * 512
+
+
+def test_a_prepared_memfd_is_allocated_and_taken_by_the_next_page_image():
+    store = ImageStore(64 * MIB, reuse=16 * MIB)
+    assert store.prepare(8 * MIB) == 8 * MIB
+    (fd,) = kept_fds(store)
+    assert allocated(fd) == 8 * MIB, "every page allocated before the freeze, not as the bytes arrive"
+    assert store.pool.held == 8 * MIB
+    data = pattern(1, 5 * MIB + 123)
+    _, image = one_checkpoint(store, "cp-1", data)
+    assert inode(image.fd) == inode(fd), "the page image went into the prepared memfd"
+    assert store.pool.held == 0
+    assert os.fstat(image.fd).st_size == len(data), "trimmed to its own size when complete"
+    assert os.pread(image.fd, 16 * MIB, 0) == data
+    assert image.charged == IMAGE_OVERHEAD + -(-len(data) // PAGE) * PAGE
+
+
+def test_a_prepared_memfd_is_written_in_place():
+    store = ImageStore(64 * MIB, reuse=16 * MIB)
+    store.prepare(4 * MIB)
+    checkpoint = store.begin("cp-1", "node")
+    image = store.add_image(checkpoint, "pages-1.img")
+    window = image.window(0, 4 * MIB)
+    assert window is not None and len(window) == 4 * MIB, "the prepared mapping is the writer's window"
+    window.release()
+
+
+def test_prepare_stays_within_memory_reuse_and_the_room_images_leave():
+    store = ImageStore(16 * MIB, reuse=8 * MIB)
+    assert store.prepare(1 << 62) == 8 * MIB, "at most memory.reuse, whatever is asked"
+    store.close()
+    store = ImageStore(16 * MIB, reuse=16 * MIB)
+    checkpoint = store.begin("cp-1", "node")
+    other = store.add_image(checkpoint, "core-1.img")
+    fill(store, checkpoint, other, pattern(2, 10 * MIB))
+    prepared = store.prepare(12 * MIB)
+    assert 0 < prepared <= store.room(), "only the room the images leave"
+    assert store.held + store.pool.held <= 16 * MIB
+
+
+def test_prepare_again_keeps_one_memfd_large_enough():
+    store = ImageStore(64 * MIB, reuse=16 * MIB)
+    store.prepare(8 * MIB)
+    first = inode(kept_fds(store)[0])
+    assert store.prepare(8 * MIB) == 8 * MIB and store.prepare(3 * MIB) == 8 * MIB
+    assert [inode(fd) for fd in kept_fds(store)] == [first], "a large enough one is there: nothing more"
+    assert store.prepare(12 * MIB) == 12 * MIB
+    assert store.pool.held == 12 * MIB, "the smaller one made room (8 + 12 is over memory.reuse)"
+
+
+def test_prepare_under_reuse_min_or_with_reuse_off_does_nothing():
+    assert ImageStore(64 * MIB, reuse=16 * MIB).prepare(4096) == 0
+    store = ImageStore(64 * MIB, reuse=0)
+    assert store.prepare(8 * MIB) == 0
+    assert store.pool.held == 0
+
+
+def test_a_prepared_memfd_leaves_when_images_need_the_room():
+    store = ImageStore(12 * MIB, reuse=12 * MIB)
+    store.prepare(6 * MIB)
+    checkpoint = store.begin("cp-1", "node")
+    other = store.add_image(checkpoint, "core-1.img")
+    fill(store, checkpoint, other, pattern(2, 8 * MIB))
+    assert store.pool.held == 0, "prepared memory is the first to go"
+
+
+def test_a_prepared_memfd_nobody_takes_is_freed_when_idle(monkeypatch):
+    monkeypatch.setattr(store_module, "REUSE_IDLE", 0.05)
+    store = ImageStore(64 * MIB, reuse=16 * MIB)
+    store.prepare(2 * MIB)
+    (fd,) = kept_fds(store)
+    prepared = inode(fd)
+    deadline = time.monotonic() + 10
+    while store.pool.held and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.pool.held == 0
+    assert not is_open(fd, prepared), "its memfd was closed"
+
+
+def test_memory_that_is_not_there_prepares_nothing_and_says_so(monkeypatch, caplog):
+    def no_memory(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_module.os, "posix_fallocate", no_memory)
+    store = ImageStore(64 * MIB, reuse=16 * MIB)
+    before = len(os.listdir("/proc/self/fd"))
+    assert store.prepare(8 * MIB) == 0
+    assert store.pool.held == 0
+    assert len(os.listdir("/proc/self/fd")) == before, "the memfd was closed"
+    assert "could not prepare 8.0 MiB" in caplog.text and "No space left" in caplog.text
+
+
 # ---- through the real daemons ------------------------------------------------------------
 
 def held_images(pid: int) -> list[str]:
@@ -257,6 +365,46 @@ def test_checkpoints_through_reused_memfds_restore_byte_for_byte(daemons, tls):
             wait_until(lambda pid=pid: not held_images(pid), 10, f"{role} releases the checkpoint")
             kept[role] = kept_inodes(pid)
             assert len(kept[role]) == 1, f"{role} keeps the released page image's memfd"
+    assert not pair.cache_log.errors(new=False) and not pair.proxy_log.errors(new=False)
+
+
+def prepared_memfds(pid: int) -> dict[int, tuple[int, int]]:
+    """The daemon's memfds made ready by `prepare`: inode -> (size, bytes allocated)."""
+    found = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        path = f"/proc/{pid}/fd/{fd}"
+        if _readlink(path).startswith("/memfd:imgmig-reuse:prepared"):
+            info = os.stat(path)
+            found[info.st_ino] = (info.st_size, info.st_blocks * 512)
+    return found
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tls-off", "tls-on"])
+def test_memory_prepared_before_a_dump_takes_its_pages_on_both_daemons(daemons, tls):
+    """`prepare` (what `imgmig migrate` asks before the freeze): both daemons allocate a
+    memfd of the size asked, and the checkpoint that follows is written into them and
+    restores byte for byte."""
+    from test_daemons_sim import assert_restores, checkpoint_images, dump, restore, restore_order
+
+    from imgmig.commands.common import ControlClient
+
+    pair = daemons(tls=tls)
+    pids = {"proxy": pair.proxy.process.pid, "cache": pair.cache.process.pid}
+    with ControlClient(pair.proxy_dir / "control.sock", "proxy") as proxy:
+        reply = proxy.request("prepare", bytes=8 * MIB)
+        summary = proxy.request("status")["summary"]
+    assert (reply["proxy"], reply["cache"]) == (8 * MIB, 8 * MIB)
+    assert "8.0 MiB ready for the next pages" in summary, "the operator sees where that memory is"
+    prepared = {role: prepared_memfds(pid) for role, pid in pids.items()}
+    for role, memfds in prepared.items():
+        assert list(memfds.values()) == [(8 * MIB, 8 * MIB)], f"{role}: one memfd, every page allocated"
+    pair.cache_log.wait_for(r"8\.0 MiB of memory ready for a coming checkpoint of about 8\.0 MiB")
+    images = checkpoint_images("prepared") | {"pages-1.img": pattern(1, 6 * MIB + 4097)}
+    dump(pair.proxy_dir, images)
+    pair.cache_log.wait_for(r"complete from")
+    for role, pid in pids.items():
+        assert kept_inodes(pid) == set(prepared[role]), f"{role}: the pages went into the prepared memfd"
+    assert_restores(restore(pair.cache_dir, restore_order(images)), images)
     assert not pair.cache_log.errors(new=False) and not pair.proxy_log.errors(new=False)
 
 

@@ -269,9 +269,10 @@ def test_migrate_lazy_falls_back_to_a_full_copy_without_userfaultfd(daemons, vic
     out, err = restore.communicate(timeout=TIMEOUT)
     assert done.returncode == 0 and restore.returncode == 0, (done.stdout, done.stderr, out, err)
     stream = events(done.stdout)
-    (fallback,) = [e["text"] for e in stream if e["event"] == "message"]
+    fallback, ready = [e["text"] for e in stream if e["event"] == "message"]
     assert fallback == ("lazy migration is not possible here (criu check --feature uffd-noncoop: Error (fake): "
                         "UFFD is not supported); falling back to a full copy")
+    assert ready.startswith("memory ready before the freeze: "), "a full copy: its pages' memory made ready first"
     assert [e["name"] for e in stream if e["event"] == "check"] == ["proxy", "cache", "room", "criu"]
     phases = [e["phase"] for e in stream if e["event"] == "phase"]
     assert phases == ["frozen", "dump done", "verified at the destination", "running on the destination"]

@@ -67,6 +67,9 @@ ROUNDTRIPS = [
     (wire.encode_running("cp-1", 2**32 - 1), wire.Running("cp-1", 2**32 - 1)),
     (wire.encode_confirm(FrameType.RUNNING, "cp-1"), wire.Confirm(FrameType.RUNNING, "cp-1")),
     (wire.encode_begun(wire.BeginStatus.RUNNING, "cp-1"), wire.Begun(wire.BeginStatus.RUNNING, "cp-1")),
+    (wire.encode_prepare(1 << 30), wire.Prepare(1 << 30)),
+    (wire.encode_prepare(0), wire.Prepare(0)),
+    (wire.encode_prepare(2**64 - 1), wire.Prepare(2**64 - 1)),
 ]
 
 
@@ -136,7 +139,7 @@ def test_exact_bytes_hello():
         b"\x00\x00\x00\x25"        # length 37 = type 1 + body 36
         b"\x01"                    # HELLO
         b"IMGMIG"                  # magic
-        b"\x00\x03"                # version 3
+        b"\x00\x04"                # version 4
         b"\x01\x01\x00"            # role proxy, digest sha256, auth none
         b"\x06node-a"              # node name, u8 length
         b"\x00\x00"                # no auth data
@@ -211,8 +214,12 @@ def test_exact_bytes_files_listed():
     assert wire.encode_files_listed(13) == b"\x00\x00\x00\x05\x13\x00\x00\x00\x0d"
 
 
+def test_exact_bytes_prepare():
+    assert wire.encode_prepare(0x40000000) == b"\x00\x00\x00\x09\x14" b"\x00\x00\x00\x00\x40\x00\x00\x00"
+
+
 def test_frame_type_numbers():
-    assert [t.value for t in FrameType] == list(range(1, 20))
+    assert [t.value for t in FrameType] == list(range(1, 21))
     assert [s.value for s in wire.BeginStatus] == list(range(0, 6))
     assert [c.value for c in ErrorCode] == list(range(1, 9))
 
@@ -313,13 +320,14 @@ def test_max_payload_accepted():
 
 # ---- malformed input -----------------------------------------------------------------
 
-def hello_body(magic=b"IMGMIG", version=3, role=1, digest=1, auth=0, node=b"\x01n", auth_data=b"\x00\x00"):
+def hello_body(magic=b"IMGMIG", version=4, role=1, digest=1, auth=0, node=b"\x01n", auth_data=b"\x00\x00"):
     return magic + struct.pack(">H", version) + bytes([role, digest, auth]) + node + auth_data + b"\x00" * 16
 
 
 MALFORMED = {
     "bad magic": (raw_frame(1, hello_body(magic=b"HTTP/1")), "magic", ErrorCode.PROTOCOL),
-    "wrong version": (raw_frame(1, hello_body(version=2)), "version 2", ErrorCode.VERSION),
+    "wrong version": (raw_frame(1, hello_body(version=3)), "version 3", ErrorCode.VERSION),
+    "version 2": (raw_frame(1, hello_body(version=2)), "version 2", ErrorCode.VERSION),
     "version 1": (raw_frame(1, hello_body(version=1)), "version 1", ErrorCode.VERSION),
     "version 0": (raw_frame(1, hello_body(version=0)), "version 0", ErrorCode.VERSION),
     "unknown role": (raw_frame(1, hello_body(role=3)), "HELLO", ErrorCode.PROTOCOL),
@@ -331,7 +339,10 @@ MALFORMED = {
     "empty node": (raw_frame(1, hello_body(node=b"\x00")), "invalid node", ErrorCode.PROTOCOL),
     "node not utf-8": (raw_frame(1, hello_body(node=b"\x02\xff\xfe")), "UTF-8", ErrorCode.PROTOCOL),
     "unknown type 0": (raw_frame(0, b""), "unknown frame type 0", ErrorCode.PROTOCOL),
-    "unknown type 20": (raw_frame(20, b""), "unknown frame type 20", ErrorCode.PROTOCOL),
+    "unknown type 21": (raw_frame(21, b""), "unknown frame type 21", ErrorCode.PROTOCOL),
+    "prepare without size": (raw_frame(20, b""), "truncated", ErrorCode.PROTOCOL),
+    "prepare short size": (raw_frame(20, b"\x00" * 7), "truncated", ErrorCode.PROTOCOL),
+    "prepare trailing": (raw_frame(20, b"\x00" * 9), "trailing", ErrorCode.PROTOCOL),
     "running without pid": (raw_frame(18, b"\x02cp"), "truncated", ErrorCode.PROTOCOL),
     "running short pid": (raw_frame(18, b"\x02cp\x00\x00\x01"), "truncated", ErrorCode.PROTOCOL),
     "running trailing": (raw_frame(18, b"\x02cp\x00\x00\x00\x01x"), "trailing", ErrorCode.PROTOCOL),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -233,6 +234,11 @@ def test_migrate_command_moves_a_live_workload(criu: list[str], nodes: netns.Two
         assert [e["forwarded"] for e in progress] == sorted(e["forwarded"] for e in progress)
         result = events[-1]
         assert result["exit"] == 0 and "running on node-b" in result["outcome"]
+        (ready,) = [i for i, e in enumerate(events) if "before the freeze" in e.get("text", "")]
+        assert re.fullmatch(r"memory ready before the freeze: \d+ MiB here, \d+ MiB on node-b \(\d+\.\d s\)",
+                            events[ready]["text"]), events[ready]
+        assert all(int(n) > 256 for n in re.findall(r"(\d+) MiB", events[ready]["text"])), "the process's size"
+        assert ready < next(i for i, e in enumerate(events) if e["event"] == "phase"), "made ready before the freeze"
         assert (workdir / "b" / str(job).lstrip("/") / "input.txt").read_text() == "carried along\n"
         assert "unpacked 2 carried entries" in out
         pair.proxy.wait_released()

@@ -13,6 +13,9 @@ import pytest
 from testbed import workload
 
 STOPPED = 0.6
+# SIGSTOP takes effect a little after kill() returns (a tick may still come): the gap seen
+# is the stop less that delay
+SIGNAL_DELAY = 0.05
 
 
 @pytest.fixture
@@ -34,7 +37,7 @@ def test_a_stop_shows_as_the_longest_gap(task) -> None:
     time.sleep(STOPPED)
     os.kill(proc.pid, signal.SIGCONT)
     after = workload.wait_state(state, lambda s: s.counter > before.counter, 30)
-    assert after.max_gap_s >= STOPPED, after
+    assert after.max_gap_s >= STOPPED - SIGNAL_DELAY, after
 
 
 def test_reset_starts_the_figure_afresh(task) -> None:
@@ -42,9 +45,9 @@ def test_reset_starts_the_figure_afresh(task) -> None:
     os.kill(proc.pid, signal.SIGSTOP)
     time.sleep(STOPPED)
     os.kill(proc.pid, signal.SIGCONT)
-    stalled = workload.wait_state(state, lambda s: s.max_gap_s >= STOPPED, 30)
+    stalled = workload.wait_state(state, lambda s: s.max_gap_s >= STOPPED - SIGNAL_DELAY, 30)
     reset = workload.reset_gap(proc.pid, state)
     assert reset.gap_resets == stalled.gap_resets + 1
     fresh = workload.wait_state(state, lambda s: s.gap_resets == reset.gap_resets and s.counter > reset.counter + 2,
                                 30)
-    assert fresh.max_gap_s < STOPPED, fresh
+    assert fresh.max_gap_s < STOPPED / 2, fresh

@@ -45,6 +45,7 @@ LAZY_RUNNING_WAIT = 5.0  # for the restore's RUNNING after a lazy dump ended (it
 PROXY_LOST_WAIT = 2.0  # for a lazy dump to end by itself once the proxy is gone
 DUMP_EXIT_GRACE = 5.0  # for the dump to exit once its checkpoint ended well at the destination
 DEFAULT_TIMEOUT = 300.0
+PREPARE_WAIT = 75.0  # for the proxy's `prepare`, which waits up to 60 s for the cache (roles/probe.py)
 # Dump options the rollback restore needs as well (CRIU refuses to restore a shell job
 # without --shell-job, and so on); options with values are not carried over.
 RESTORE_TOO = frozenset({"--shell-job", "-j", "--tcp-established", "--ext-unix-sk", "--file-locks"})
@@ -180,7 +181,7 @@ def _resolve(cfg: Config, proxy: ControlClient, node: str) -> tuple[str | None, 
 def _room_for(pid: int, answer: dict[str, Any]) -> str:
     """The process's resident memory must fit in the room the cache said it has: a
     checkpoint that cannot fit would be refused there after the freeze (ERROR 7)."""
-    need, room = _resident_bytes(pid), answer["room"]
+    need, room = resident_bytes(pid), answer["room"]
     if need > room:
         raise CommandError(f"process {pid} holds {_mib(need)}, but the cache on {answer['node']} has "
                            f"{_mib(room)} free of its memory.limit of {_mib(answer['memory_limit'])}; "
@@ -208,13 +209,15 @@ def _probe(proxy: ControlClient, node: str | None) -> dict[str, Any]:
 def _run(m: Migration) -> tuple[int, str]:
     proxy = ControlClient(control_path(m.cfg, "proxy"), "proxy")
     with proxy:
+        estimate = resident_bytes(m.pid)
+        if not m.lazy:  # a lazy dump's pages go through the tunnel, into no image
+            _ready_memory(m, proxy, estimate)
         ticket = str(proxy.request("expect", fd=m.files, **({"files": True} if m.files is not None else {}),
                                    **({"to": m.route} if m.route else {}))["ticket"])
         if m.files is not None:
             os.close(m.files)  # the proxy holds it now
         if m.lazy:
             return _run_lazy(m, proxy, ticket)
-        estimate = _resident_bytes(m.pid)
         argv = [*m.criu, "dump", "--stream", "-D", str(m.cfg.proxy.images_dir), "-t", str(m.pid),
                 "-o", "dump.log", "-W", str(m.workdir), *m.options]
         m.started = time.monotonic()
@@ -229,6 +232,20 @@ def _run(m: Migration) -> tuple[int, str]:
                 return EXIT_FAILED, f"{exc}; the process still runs here"
             return EXIT_LOST, (f"{exc}; process {m.pid} is gone from this node: check `imgmig status` on "
                                f"{m.node}, it may hold checkpoint {m.checkpoint}")
+
+
+def _ready_memory(m: Migration, proxy: ControlClient, size: int) -> None:
+    """Both daemons allocate memory for the pages now, while the process still runs, not
+    during the freeze (the proxy's `prepare`). Without it the migration goes on: the
+    pages are then allocated as they arrive."""
+    try:
+        reply = proxy.request("prepare", bytes=size, timeout=PREPARE_WAIT, **({"to": m.route} if m.route else {}))
+    except Declined as exc:
+        m.reporter.message(f"memory for the pages was not made ready before the freeze ({exc}); going on")
+        return
+    if reply["proxy"] or reply["cache"]:
+        m.reporter.message(f"memory ready before the freeze: {_mib(reply['proxy'])} here, {_mib(reply['cache'])} "
+                           f"on {m.node} ({reply['seconds']:.1f} s)")
 
 
 def _follow(m: Migration, proxy: ControlClient, ticket: str, dump: subprocess.Popen[bytes],
@@ -453,7 +470,7 @@ def _fail_over(m: Migration, proxy: ControlClient, why: str) -> tuple[int, str]:
                          f"still lists checkpoint {m.checkpoint}, drop it there (`imgmig drop {m.checkpoint}`)")
 
 
-def _resident_bytes(pid: int) -> int:
+def resident_bytes(pid: int) -> int:
     """The process's resident memory: about what its pages will weigh, for an ETA."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():

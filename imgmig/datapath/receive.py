@@ -381,6 +381,8 @@ class ReceiveSession:
             self._on_hello(event.hello, now)
         elif isinstance(event, conv.BeginRequested):
             self._on_begin(event, now)
+        elif isinstance(event, conv.PrepareRequested):
+            self._on_prepare(event.size)
         elif isinstance(event, conv.FileBegun):
             self._on_file_begin(event)
         elif isinstance(event, conv.DataReceived):
@@ -422,6 +424,15 @@ class ReceiveSession:
         self.greeted = True
         if self.on_hello is not None:
             self.on_hello()
+
+    def _on_prepare(self, size: int) -> None:
+        """Memory for the pages of a checkpoint the proxy is about to send, made ready before
+        its process is frozen (ImageStore.prepare: within memory.reuse and the room here)."""
+        started = time.monotonic()
+        ready = self.store.prepare(size)
+        log.info("%s of memory ready for a coming checkpoint of about %s from %s (%.2f s)", _mib(ready),
+                 _mib(size), self.peer, time.monotonic() - started, extra=self.fields)
+        self.conn.prepared(ready, time.monotonic())
 
     def _on_begin(self, event: conv.BeginRequested, now: float) -> None:
         if not event.checkpoint.startswith(f"{self.sender}-"):

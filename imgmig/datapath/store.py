@@ -57,6 +57,7 @@ HELD_BACK = 1
 REUSE_LABEL = "imgmig-reuse:"  # such memfds' name, as /proc/PID/fd shows it after "/memfd:"
 REUSE_MIN = 1 << 20  # a memfd with fewer bytes is not worth keeping
 REUSE_IDLE = 60.0  # seconds a kept memfd waits for a new image before it is freed
+PREPARED_NAME = "prepared"  # a memfd made ready for a coming page image (ImageStore.prepare)
 # Set on a kept memfd while a new image is written over it, removed when that image is
 # complete: until then the file size may count the previous image's bytes (Image.taken_back).
 REUSED_XATTR = "user.imgmig.reused"
@@ -265,13 +266,19 @@ class MemfdPool:
     def give(self, image: Image, room: int, released_at: int) -> _Kept | None:
         """Keep the image's memfd (and mapping) if it and the pool fit in `room` and the
         pool's limit; None: the caller closes it."""
-        size = os.fstat(image.fd).st_size
-        if size < REUSE_MIN or self.held + size > min(self.limit, room):
-            return None
-        kept = _Kept(image.fd, size, image.mapping, released_at)
+        kept = _Kept(image.fd, os.fstat(image.fd).st_size, image.mapping, released_at)
+        return kept if self.keep(kept, room) else None
+
+    def keep(self, kept: _Kept, room: int) -> bool:
+        """Keep `kept` if it and the pool fit in `room` and the pool's limit."""
+        if kept.size < REUSE_MIN or self.held + kept.size > min(self.limit, room):
+            return False
         self._kept.append(kept)
-        self.held += size
-        return kept
+        self.held += kept.size
+        return True
+
+    def largest(self) -> int:
+        return max((k.size for k in self._kept), default=0)
 
     def evict(self, kept: _Kept) -> bool:
         """Forget `kept` (idle too long) if it is still here; the caller closes its fd."""
@@ -309,6 +316,7 @@ class ImageStore:
         self.generation = 0  # counts changes of checkpoints (begun, a file added or complete, complete, gone)
         self.membership = 0  # counts checkpoints begun, adopted and gone
         self.durable: int | None = None  # the generation systemd's fd store holds (fdstore.py); None: none kept
+        self._preparing = threading.Lock()  # one prepare at a time: two would allocate twice
 
     # ---- observation -------------------------------------------------------------
     def wait_until(self, predicate: Callable[[], object], stop: threading.Event | None = None,
@@ -497,6 +505,31 @@ class ImageStore:
 
     def room(self) -> int:
         return self.limit - self._held
+
+    def prepare(self, nbytes: int) -> int:
+        """Memory for a page image of about `nbytes` that is about to come (`imgmig migrate`
+        asks before it freezes the process): a memfd of that size, allocated and mapped now
+        and kept in the pool, which the next page image takes. Its allocation and page
+        faults then happen while the process still runs, not during the freeze (cold runs
+        in bench/README.md). At most `memory.reuse` bytes and the room the images leave;
+        nothing if the pool holds a memfd that large already. Kept REUSE_IDLE seconds if
+        no page image comes. Returns the bytes of the largest kept memfd."""
+        with self._preparing:
+            with self.cond:
+                want = min(nbytes, self.pool.limit, self.limit - self._held)
+                if want < REUSE_MIN or self.pool.largest() >= want:
+                    return self.pool.largest()
+                for fd in self.pool.shrink(min(self.pool.limit, self.limit - self._held) - want):
+                    os.close(fd)  # smaller ones, oldest first, where both would not fit
+            kept = _allocated(want)
+            with self.cond:
+                if kept is None or not self.pool.keep(kept, self.limit - self._held):
+                    if kept is not None:  # images took the room meanwhile
+                        kept.mapping = None
+                        os.close(kept.fd)
+                    return self.pool.largest()
+                self._expire_later(kept)
+                return self.pool.largest()
 
     def delivered(self, checkpoint: Checkpoint) -> None:
         """The peer holds a verified copy: this one may be evicted when memory is needed."""
@@ -704,10 +737,13 @@ class ImageStore:
             if kept is None:
                 os.close(image.fd)
             else:
-                timer = threading.Timer(REUSE_IDLE, self._expire, (kept,))
-                timer.daemon = True
-                timer.start()
+                self._expire_later(kept)
             image.fd = -1
+
+    def _expire_later(self, kept: _Kept) -> None:
+        timer = threading.Timer(REUSE_IDLE, self._expire, (kept,))
+        timer.daemon = True
+        timer.start()
 
     def _expire(self, kept: _Kept) -> None:
         with self.cond:
@@ -781,6 +817,21 @@ def _holds_old_bytes(fd: int) -> bool:
     except OSError as exc:
         return exc.errno != errno.ENODATA
     return True
+
+
+def _allocated(size: int) -> _Kept | None:
+    """A memfd of `size` bytes with every page allocated and mapped (ImageStore.prepare);
+    None, logged, when the memory is not there (a memory cgroup's limit, say)."""
+    fd = new_memfd(PREPARED_NAME, reusable=True)
+    try:
+        os.posix_fallocate(fd, 0, size)
+        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as exc:
+        os.close(fd)
+        log.warning("could not prepare %s for a coming checkpoint (%s); its pages are allocated as they arrive",
+                    _mib(size), exc.strerror or exc)
+        return None
+    return _Kept(fd, size, mapping)
 
 
 def _map(kept: _Kept) -> mmap.mmap:

@@ -19,7 +19,7 @@ MAX_DEPTH = 6
 MAX_KEYS = 64
 MAX_ITEMS = 10_000
 MAX_STRING = 4096
-OPS = ("status", "list", "drop", "expect", "claim", "files", "serve", "confirm", "probe", "handoff",
+OPS = ("status", "list", "drop", "expect", "claim", "files", "serve", "confirm", "probe", "prepare", "handoff",
        "lazy_images", "lazy_image", "tunnel", "lazy_running", "lazy_done", "lazy_source", "lazy_check")
 
 
@@ -188,6 +188,14 @@ def text_arg(request: Request, key: str, *, required: bool = True) -> str | None
         return None
     if not isinstance(value, str) or not value:
         raise ControlProtocolError(f"op {request.op}: '{key}' must be a non-empty string")
+    return value
+
+
+def size_arg(request: Request, key: str) -> int:
+    """A byte count: a JSON integer from 0 to 2**63 - 1."""
+    value = request.args.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 63:
+        raise ControlProtocolError(f"op {request.op}: '{key}' must be a byte count (an integer from 0)")
     return value
 
 

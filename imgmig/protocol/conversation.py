@@ -158,6 +158,13 @@ class PeerError:
 
 
 @dataclass(frozen=True)
+class PrepareRequested:
+    """Cache: a checkpoint with about `size` bytes of pages is coming (the proxy's PREPARE,
+    before CHECKPOINT_BEGIN); make memory ready, then answer with `prepared()`."""
+    size: int
+
+
+@dataclass(frozen=True)
 class LinkDead:
     """Nothing heard from the peer in time; treat the link as cut."""
     reason: str
@@ -166,7 +173,7 @@ class LinkDead:
 Event = (HelloReceived | BeginRequested | BeginAnswered | FileBegun | DataReceived | FileEnded
          | FilesListed | CheckpointEnded | Acked | Delivered | ClaimRequested | GrantAnswered | RestoredReported
          | RunningReported | DropRequested | RightReturned | Confirmed | PeerError | LinkDead
-         | tunnel_wire.TunnelFrame)
+         | PrepareRequested | tunnel_wire.TunnelFrame)
 TUNNEL_FRAMES = (tunnel_wire.TunnelOpen, tunnel_wire.TunnelData, tunnel_wire.TunnelEof, tunnel_wire.TunnelReset)
 
 
@@ -547,6 +554,8 @@ class CacheConnection(_Side):
         self.restored_sent = False
         self.running_sent = False
         self.return_sent = False
+        self.prepare_asked = False
+        self.prepare_answered = False
 
     # ---- the payload the driver moves itself --------------------------------------------------
     @property
@@ -574,6 +583,15 @@ class CacheConnection(_Side):
                                                 memory_limit=memory_limit, room=room)), now)
         self._deciding = False
         self.phase = Phase.BEGIN  # no timer: the proxy may wait for its previous checkpoint (PINGs meanwhile)
+
+    def prepared(self, size: int, now: float) -> None:
+        """Answer PrepareRequested with the bytes made ready (0: none)."""
+        self._require((Phase.BEGIN,), "PREPARE")
+        if not self.prepare_asked or self.prepare_answered:
+            raise RuntimeError("prepared() answers no PREPARE")
+        self._deciding = False
+        self.prepare_answered = True
+        self._send(wire.encode_prepare(size), now)
 
     def begun(self, status: BeginStatus, order: wire.InboundCheckpoint | None, now: float) -> None:
         """Answer BeginRequested. NEW: files come from 0; RESUMED: `order` is the file order
@@ -674,6 +692,8 @@ class CacheConnection(_Side):
             return None
         if self.phase is Phase.BEGIN:
             return self._on_begin(frame)
+        if isinstance(frame, wire.Prepare):
+            raise PeerProtocolError("PREPARE after CHECKPOINT_BEGIN")
         if isinstance(frame, wire.Grant):
             return self._on_grant(frame)
         if isinstance(frame, wire.Confirm):
@@ -688,6 +708,12 @@ class CacheConnection(_Side):
         return self._on_transfer(frame)
 
     def _on_begin(self, frame: wire.Event) -> Event:
+        if isinstance(frame, wire.Prepare):
+            if self.prepare_asked:
+                raise PeerProtocolError("a second PREPARE on one connection")
+            self.prepare_asked = True
+            self._deciding = True
+            return PrepareRequested(frame.size)
         if not isinstance(frame, wire.CheckpointBegin):
             raise PeerProtocolError(f"expected CHECKPOINT_BEGIN, got {type(frame).__name__}")
         self.checkpoint = frame.checkpoint
@@ -736,3 +762,43 @@ class CacheConnection(_Side):
     def _ack(self, file_id: int, size: int, now: float) -> None:
         self._unacked[file_id] = 0
         self._send(wire.encode_ack(file_id, size), now)
+
+
+class ProbeConnection:
+    """The proxy's side of a probe link (roles/probe.py): who the cache is and its room,
+    and, with `prepare` bytes, memory made ready there for a coming checkpoint. Sends
+    HELLO (and PREPARE) at once; `done` once the cache answered each. Raises
+    PeerProtocolError on anything else, ValueError when the cache refused (ERROR)."""
+
+    def __init__(self, hello: wire.Hello, prepare: int = 0) -> None:
+        self.decoder = wire.FrameDecoder()
+        self.asked = prepare > 0
+        self._out = [wire.encode_hello(hello)] + ([wire.encode_prepare(prepare)] if self.asked else [])
+        self.hello: wire.Hello | None = None
+        self.prepared: int | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.hello is not None and (self.prepared is not None or not self.asked)
+
+    def data_to_send(self) -> bytes:
+        data = b"".join(self._out)
+        self._out.clear()
+        return data
+
+    def receive_data(self, data: bytes) -> None:
+        self.decoder.feed(data)
+        while not self.done and (frame := self.decoder.next_event()) is not None:
+            self._on_frame(frame)
+
+    def _on_frame(self, frame: wire.Event | tunnel_wire.TunnelFrame) -> None:
+        if isinstance(frame, wire.Error):
+            raise ValueError(f"it refused this node: {frame.message}")
+        if self.hello is None:
+            if not isinstance(frame, wire.Hello) or frame.role is not wire.Role.CACHE:
+                raise PeerProtocolError(f"it answered {type(frame).__name__}, not a cache's HELLO")
+            self.hello = frame
+        elif isinstance(frame, wire.Prepare):
+            self.prepared = frame.size
+        elif not isinstance(frame, wire.Ping):
+            raise PeerProtocolError(f"it answered PREPARE with {type(frame).__name__}")

@@ -16,7 +16,7 @@ from enum import IntEnum
 from imgmig.protocol import tunnel_wire
 
 MAGIC = b"IMGMIG"
-VERSION = 3
+VERSION = 4
 MAX_CONTROL_FRAME = 64 * 1024
 MAX_DATA_PAYLOAD = 4 * 1024 * 1024
 MAX_NAME = 255
@@ -44,6 +44,7 @@ class FrameType(IntEnum):
     RETURN = 17
     RUNNING = 18
     FILES_LISTED = 19
+    PREPARE = 20
 
 
 class Role(IntEnum):
@@ -144,6 +145,13 @@ class FilesListed:
 
 
 @dataclass(frozen=True)
+class Prepare:
+    """Proxy to cache, before CHECKPOINT_BEGIN: a checkpoint with about `size` bytes of
+    pages is coming; make memory ready for it. Cache to proxy: the bytes made ready."""
+    size: int
+
+
+@dataclass(frozen=True)
 class Ack:
     file_id: int
     size: int
@@ -226,7 +234,8 @@ class Ping:
 
 
 Event = (Hello | CheckpointBegin | FileBegin | FileData | FileEnd | FilesListed | CheckpointEnd | Ack
-         | CheckpointDone | Restored | Error | Drop | Begun | Claim | Grant | Confirm | Ping | Return | Running)
+         | CheckpointDone | Restored | Error | Drop | Begun | Claim | Grant | Confirm | Ping | Return | Running
+         | Prepare)
 CONFIRMABLE = (FrameType.CHECKPOINT_DONE, FrameType.RESTORED, FrameType.DROP, FrameType.RETURN, FrameType.RUNNING)
 MAX_HELD = 4096  # open files listed in one BEGUN (13 bytes each: well under a control frame)
 
@@ -291,6 +300,10 @@ def encode_checkpoint_end(clean: bool, files: int, size: int) -> bytes:
 
 def encode_files_listed(files: int) -> bytes:
     return _frame(FrameType.FILES_LISTED, _U32.pack(files))
+
+
+def encode_prepare(size: int) -> bytes:
+    return _frame(FrameType.PREPARE, _U64.pack(size))
 
 
 def encode_ack(file_id: int, size: int) -> bytes:
@@ -480,6 +493,8 @@ def _decode_control(kind: FrameType, data: bytes) -> Event:
         event = Return(body.name("checkpoint id"))
     elif kind is FrameType.RUNNING:
         event = Running(body.name("checkpoint id"), body.u32())
+    elif kind is FrameType.PREPARE:
+        event = Prepare(body.u64())
     else:
         event = Error(body.u16(), body.message())
     body.end()

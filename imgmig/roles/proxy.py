@@ -33,7 +33,7 @@ from imgmig.roles.control import ControlServer, ControlSession, OpError, RoleVie
 from imgmig.roles.daemon import Daemon, Listener
 from imgmig.roles.endpoints import CAPTURE_SOCKET, CONTROL_SOCKET, SERVE_SOCKET, Endpoint
 from imgmig.roles.probe import probe_cache
-from imgmig.roles.status import RateMeter, describe_store, human_rate
+from imgmig.roles.status import RateMeter, describe_store, human_bytes, human_rate
 from imgmig.system.fdstore import TakenBack
 from imgmig.system.tls import Trust
 
@@ -71,8 +71,9 @@ class Proxy:
         ], self.status, reload=None if self.trust is None else self.trust.reload)
         self.control = ControlServer("proxy", config.node, self.store, self.daemon.stop, RoleView(
             self._checkpoint_info, self._peers, self.status, self._may_drop,
-            {"expect": self._expect, "probe": self._probe, "lazy_source": self._lazy_source}, self._ended_as,
-            gate=self._take_right))
+            {"expect": self._expect, "probe": self._probe, "prepare": self._prepare,
+             "lazy_source": self._lazy_source},
+            self._ended_as, gate=self._take_right))
         self.forwarders: set[Forwarder] = set()
         self.forwarded_before = 0  # bytes sent by forwarders that have finished
         self.capture_rate, self.forward_rate = RateMeter(), RateMeter()
@@ -291,6 +292,31 @@ class Proxy:
                           f"{(exc.strerror if isinstance(exc, OSError) else None) or exc}") from None
         return {"node": answer.node, "address": str(target.address), "authenticated": self.trust is not None,
                 "memory_limit": answer.memory_limit, "room": answer.room}
+
+    def _prepare(self, _session: ControlSession, request: cw.Request) -> dict[str, Any]:
+        """`imgmig migrate`, before it freezes the process: memory for about `bytes` of pages
+        made ready here and at the cache at once (ImageStore.prepare, PREPARE), so that
+        neither allocates it during the freeze. Declined if the cache did not answer; the
+        memory made ready here then stays ready all the same."""
+        size = cw.size_arg(request, "bytes")
+        target = self._target(cw.text_arg(request, "to", required=False))
+        started = time.monotonic()
+        here: list[int] = []
+        local = threading.Thread(target=lambda: here.append(self.store.prepare(size)), name="prepare", daemon=True)
+        local.start()
+        try:
+            answer = probe_cache(target.address, target.node, self.trust, self.config.link, self.config.node,
+                                 self.digest, prepare=size)
+        except (OSError, ValueError) as exc:
+            raise OpError(f"the cache at {target.address} did not make memory ready: "
+                          f"{(exc.strerror if isinstance(exc, OSError) else None) or exc}") from None
+        finally:
+            local.join()
+        seconds = time.monotonic() - started
+        log.info("memory ready for a checkpoint of about %s: %s here, %s at %s (%.2f s)", human_bytes(size),
+                 human_bytes(here[0] if here else 0), human_bytes(answer.prepared), answer.node, seconds)
+        return {"proxy": here[0] if here else 0, "cache": answer.prepared, "node": answer.node,
+                "seconds": round(seconds, 3)}
 
     def _on_restore(self, conn: socket.socket, _peer: str) -> None:
         ServeSession(conn, self.store, self.daemon.stop, "proxy", gate=self._take_right,

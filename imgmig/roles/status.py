@@ -49,7 +49,8 @@ class RateMeter:
 
 
 def describe_store(store: ImageStore) -> str:
-    """E.g. `2 checkpoints (1 receiving), 1.3 GiB held of 12.0 GiB`."""
+    """E.g. `2 checkpoints (1 receiving), 1.3 GiB held of 12.0 GiB, 1.0 GiB ready for the
+    next pages` (memfds kept for reuse, or prepared for a coming checkpoint)."""
     checkpoints = store.checkpoints()
     count = len(checkpoints)
     noun = "checkpoint" if count == 1 else "checkpoints"
@@ -59,4 +60,5 @@ def describe_store(store: ImageStore) -> str:
     if claimed:
         busy.append(f"{claimed} being restored")
     detail = f" ({', '.join(busy)})" if busy else ""
-    return f"{count} {noun}{detail}, {human_bytes(store.held)} held of {human_bytes(store.limit)}"
+    ready = f", {human_bytes(store.pool.held)} ready for the next pages" if store.pool.held else ""
+    return f"{count} {noun}{detail}, {human_bytes(store.held)} held of {human_bytes(store.limit)}{ready}"
