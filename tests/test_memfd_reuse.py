@@ -269,7 +269,22 @@ def test_prepare_again_keeps_one_memfd_large_enough():
     assert store.prepare(8 * MIB) == 8 * MIB and store.prepare(3 * MIB) == 8 * MIB
     assert [inode(fd) for fd in kept_fds(store)] == [first], "a large enough one is there: nothing more"
     assert store.prepare(12 * MIB) == 12 * MIB
-    assert store.pool.held == 12 * MIB, "the smaller one made room (8 + 12 is over memory.reuse)"
+    (fd,) = kept_fds(store)
+    assert inode(fd) == first and allocated(fd) == 12 * MIB, "the one there grew: its pages are not freed"
+    assert store.pool.held == 12 * MIB
+
+
+def test_prepare_grows_the_memfd_a_released_page_image_left():
+    store = ImageStore(64 * MIB, reuse=16 * MIB)
+    checkpoint, image = one_checkpoint(store, "cp-1", pattern(1, 5 * MIB))
+    kept = inode(image.fd)
+    store.restored(checkpoint)
+    assert store.prepare(9 * MIB) == 9 * MIB
+    (fd,) = kept_fds(store)
+    assert inode(fd) == kept and allocated(fd) == 9 * MIB
+    data = pattern(2, 7 * MIB + 5)
+    _, image = one_checkpoint(store, "cp-2", data)
+    assert inode(image.fd) == kept and os.pread(image.fd, 16 * MIB, 0) == data
 
 
 def test_prepare_under_reuse_min_or_with_reuse_off_does_nothing():
@@ -312,6 +327,21 @@ def test_memory_that_is_not_there_prepares_nothing_and_says_so(monkeypatch, capl
     assert store.pool.held == 0
     assert len(os.listdir("/proc/self/fd")) == before, "the memfd was closed"
     assert "could not prepare 8.0 MiB" in caplog.text and "No space left" in caplog.text
+
+
+def test_a_kept_memfd_that_cannot_grow_stays_as_it_was(monkeypatch):
+    store = ImageStore(64 * MIB, reuse=16 * MIB)
+    checkpoint, image = one_checkpoint(store, "cp-1", pattern(1, 5 * MIB))
+    kept = inode(image.fd)
+    store.restored(checkpoint)
+
+    def no_memory(fd: int, offset: int, length: int) -> None:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(store_module.os, "posix_fallocate", no_memory)
+    assert store.prepare(9 * MIB) == 5 * MIB
+    (fd,) = kept_fds(store)
+    assert inode(fd) == kept and os.fstat(fd).st_size == 5 * MIB, "still kept, for the next page image"
 
 
 # ---- through the real daemons ------------------------------------------------------------

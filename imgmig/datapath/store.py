@@ -508,27 +508,29 @@ class ImageStore:
 
     def prepare(self, nbytes: int) -> int:
         """Memory for a page image of about `nbytes` that is about to come (`imgmig migrate`
-        asks before it freezes the process): a memfd of that size, allocated and mapped now
-        and kept in the pool, which the next page image takes. Its allocation and page
-        faults then happen while the process still runs, not during the freeze (cold runs
-        in bench/README.md). At most `memory.reuse` bytes and the room the images leave;
-        nothing if the pool holds a memfd that large already. Kept REUSE_IDLE seconds if
-        no page image comes. Returns the bytes of the largest kept memfd."""
+        asks before it freezes the process): the largest kept memfd grown to that size, or a
+        new one, its pages allocated and mapped now, in the pool, where the next page image
+        takes it. Its allocation and page faults then happen while the process still runs,
+        not during the freeze (bench/README.md, "Memory made ready before the freeze"). At
+        most `memory.reuse` bytes and the room the images leave; nothing if the pool holds a
+        memfd that large already. Freed after REUSE_IDLE seconds if no page image comes.
+        Returns the bytes of the largest kept memfd."""
         with self._preparing:
             with self.cond:
-                want = min(nbytes, self.pool.limit, self.limit - self._held)
+                room = min(self.pool.limit, self.limit - self._held)
+                want = min(nbytes, room)
                 if want < REUSE_MIN or self.pool.largest() >= want:
                     return self.pool.largest()
-                for fd in self.pool.shrink(min(self.pool.limit, self.limit - self._held) - want):
+                base = self.pool.take(self.durable)  # grown, not replaced: its pages stay
+                for fd in self.pool.shrink(room - want):
                     os.close(fd)  # smaller ones, oldest first, where both would not fit
-            kept = _allocated(want)
+            kept = _grown(want, base)
             with self.cond:
-                if kept is None or not self.pool.keep(kept, self.limit - self._held):
-                    if kept is not None:  # images took the room meanwhile
-                        kept.mapping = None
-                        os.close(kept.fd)
-                    return self.pool.largest()
-                self._expire_later(kept)
+                if kept is not None and self.pool.keep(kept, self.limit - self._held):
+                    self._expire_later(kept)
+                elif kept is not None:  # images took the room meanwhile
+                    kept.mapping = None
+                    os.close(kept.fd)
                 return self.pool.largest()
 
     def delivered(self, checkpoint: Checkpoint) -> None:
@@ -819,19 +821,21 @@ def _holds_old_bytes(fd: int) -> bool:
     return True
 
 
-def _allocated(size: int) -> _Kept | None:
-    """A memfd of `size` bytes with every page allocated and mapped (ImageStore.prepare);
-    None, logged, when the memory is not there (a memory cgroup's limit, say)."""
-    fd = new_memfd(PREPARED_NAME, reusable=True)
+def _grown(size: int, base: _Kept | None) -> _Kept | None:
+    """`base` (a kept memfd, or a new one if None) grown to `size` bytes with every page
+    allocated and mapped (ImageStore.prepare). When the memory is not there (a memory
+    cgroup's limit, say) that is logged, and `base` comes back as it was."""
+    fd = base.fd if base is not None else new_memfd(PREPARED_NAME, reusable=True)
     try:
         os.posix_fallocate(fd, 0, size)
         mapping = mmap.mmap(fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ | mmap.PROT_WRITE)
     except OSError as exc:
-        os.close(fd)
         log.warning("could not prepare %s for a coming checkpoint (%s); its pages are allocated as they arrive",
                     _mib(size), exc.strerror or exc)
-        return None
-    return _Kept(fd, size, mapping)
+        if base is None:
+            os.close(fd)
+        return base
+    return _Kept(fd, size, mapping, base.released_at if base is not None else 0)
 
 
 def _map(kept: _Kept) -> mmap.mmap:
