@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -358,11 +359,9 @@ def markdown(results: dict[str, Any]) -> str:
                   "again from the host when the run allocates it (bench/README.md, 'The warm/cold inversion').", "",
                   "| size MiB | memory | method | dump ended | moved | restore | handed back MiB |",
                   "|---|---|---|---|---|---|---|"]
-        for key, row in s["phases"].items():
-            mib, mode = key.split("/")
-            for method, ph in row.items():
-                lines.append(f"| {mib} | {mode} | {method} | {_fmt(ph['dump'])} | {_fmt(ph['moved'])} | "
-                             f"{_fmt(ph['restore_after_moved'])} | {_fmt(ph.get('vm_reported_MiB'), 0)} |")
+        lines += _method_rows(s["phases"], lambda ph: [_fmt(ph["dump"]), _fmt(ph["moved"]),
+                                                        _fmt(ph["restore_after_moved"]),
+                                                        _fmt(ph.get("vm_reported_MiB"), 0)])
         lines += ["", "Overlap bound: store-and-forward's freeze-to-running without its transfer, over the whole, "
                   "per run (median, min-max): the imgmig / store-and-forward ratio that hiding the transfer "
                   "entirely would give, if imgmig's dump and restore took as long as store-and-forward's. Below "
@@ -383,11 +382,8 @@ def markdown(results: dict[str, Any]) -> str:
                       "not prepare, and its pair is not asked.", "",
                       "| size MiB | memory | method | prepare, s | proxy CPU-s per GB | cache CPU-s per GB |",
                       "|---|---|---|---|---|---|"]
-            for key, row in s["prepare"].items():
-                mib, mode = key.split("/")
-                for method, pr in row.items():
-                    lines.append(f"| {mib} | {mode} | {method} | {_fmt(pr['seconds'])} | "
-                                 f"{_fmt(pr['proxy_cpu_s_per_GB'])} | {_fmt(pr['cache_cpu_s_per_GB'])} |")
+            lines += _method_rows(s["prepare"], lambda pr: [_fmt(pr["seconds"]), _fmt(pr["proxy_cpu_s_per_GB"]),
+                                                             _fmt(pr["cache_cpu_s_per_GB"])])
         lines += ["", "## 2. Dump cost (`criu dump` duration)", "",
                   "| size MiB | memory | --stream into proxy (streaming, TLS on) | --stream into proxy (forwarding "
                   "held, TLS off) | "
@@ -447,6 +443,16 @@ def markdown(results: dict[str, Any]) -> str:
     lines += _target_table(s["targets"], TRUST)
     lines += ["", f"#### {LAZY}", "", *_target_table(s["targets"], LAZY)]
     return "\n".join(lines) + "\n"
+
+
+def _method_rows(table: dict[str, dict[str, Any]], cells: Callable[[dict[str, Any]], list[str]]) -> list[str]:
+    """A markdown row per size, memory mode and method of a {"MIB/MODE": {method: figures}} table."""
+    rows = []
+    for key, row in table.items():
+        mib, mode = key.split("/")
+        rows += [f"| {mib} | {mode} | {method} | " + " | ".join(cells(figures)) + " |"
+                 for method, figures in row.items()]
+    return rows
 
 
 def _time_spent(results: dict[str, Any]) -> list[str]:

@@ -329,6 +329,29 @@ def test_memory_that_is_not_there_prepares_nothing_and_says_so(monkeypatch, capl
     assert "could not prepare 8.0 MiB" in caplog.text and "No space left" in caplog.text
 
 
+def mappings_of(inode_number: int) -> int:
+    """How many mappings of this process map that inode (/proc/self/maps)."""
+    with open("/proc/self/maps") as maps:
+        return sum(1 for line in maps if len(fields := line.split()) > 4 and fields[4] == str(inode_number))
+
+
+def test_a_kept_memfd_taken_or_grown_is_mapped_once():
+    """An old mapping kept alive (by the expiry timer of a memfd taken from the pool) would
+    count its pages twice and keep a closed memfd's pages for up to REUSE_IDLE."""
+    store = ImageStore(64 * MIB, reuse=16 * MIB)
+    checkpoint, image = one_checkpoint(store, "cp-1", pattern(1, 5 * MIB))
+    kept = inode(image.fd)
+    store.restored(checkpoint)
+    store.prepare(6 * MIB)
+    assert mappings_of(kept) == 1
+    for tag, size, prepare in ((2, 5 * MIB + 7, 9 * MIB), (3, 8 * MIB, 12 * MIB)):
+        checkpoint, image = one_checkpoint(store, f"cp-{tag}", pattern(tag, size))
+        assert inode(image.fd) == kept and mappings_of(kept) == 1
+        store.restored(checkpoint)
+        store.prepare(prepare)
+        assert mappings_of(kept) == 1, "grown: the new mapping replaces the old one"
+
+
 def test_a_kept_memfd_that_cannot_grow_stays_as_it_was(monkeypatch):
     store = ImageStore(64 * MIB, reuse=16 * MIB)
     checkpoint, image = one_checkpoint(store, "cp-1", pattern(1, 5 * MIB))

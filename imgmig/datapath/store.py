@@ -234,6 +234,14 @@ class _Kept:
     size: int
     mapping: mmap.mmap | None = None
     released_at: int = 0  # the store generation that dropped its checkpoint
+    expiry: threading.Timer | None = None  # frees it after REUSE_IDLE; holds it (and its mapping) till then
+
+    def leave(self) -> None:
+        """Out of the pool: the expiry timer lets go of it, so its mapping goes with the
+        last use (a stale mapping would keep a closed memfd's pages, and count them twice)."""
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
 
 
 class MemfdPool:
@@ -261,6 +269,7 @@ class MemfdPool:
         kept = max(ready, key=lambda k: k.size)
         self._kept.remove(kept)
         self.held -= kept.size
+        kept.leave()
         return kept
 
     def give(self, image: Image, room: int, released_at: int) -> _Kept | None:
@@ -294,6 +303,7 @@ class MemfdPool:
         while self._kept and self.held > max(room, 0):
             kept = self._kept.pop(0)
             self.held -= kept.size
+            kept.leave()
             kept.mapping = None
             freed.append(kept.fd)
         return freed
@@ -743,9 +753,9 @@ class ImageStore:
             image.fd = -1
 
     def _expire_later(self, kept: _Kept) -> None:
-        timer = threading.Timer(REUSE_IDLE, self._expire, (kept,))
-        timer.daemon = True
-        timer.start()
+        kept.expiry = threading.Timer(REUSE_IDLE, self._expire, (kept,))
+        kept.expiry.daemon = True
+        kept.expiry.start()
 
     def _expire(self, kept: _Kept) -> None:
         with self.cond:
@@ -826,6 +836,8 @@ def _grown(size: int, base: _Kept | None) -> _Kept | None:
     allocated and mapped (ImageStore.prepare). When the memory is not there (a memory
     cgroup's limit, say) that is logged, and `base` comes back as it was."""
     fd = base.fd if base is not None else new_memfd(PREPARED_NAME, reusable=True)
+    if base is not None:
+        base.mapping = None  # the new mapping covers it all; two would count its pages twice
     try:
         os.posix_fallocate(fd, 0, size)
         mapping = mmap.mmap(fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ | mmap.PROT_WRITE)
