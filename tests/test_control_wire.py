@@ -75,6 +75,17 @@ def test_version_and_op_are_checked() -> None:
         cw.text_arg(cw.Request("drop", {"id": 5}), "id")
 
 
+@pytest.mark.parametrize("value", [0, 1 << 30, 2**63 - 1])
+def test_a_byte_count_is_a_non_negative_integer(value) -> None:
+    assert cw.size_arg(cw.decode_request({"v": 1, "op": "prepare", "bytes": value}), "bytes") == value
+
+
+@pytest.mark.parametrize("value", [-1, 2**63, True, 1.5, "1024", None, [1]])
+def test_anything_else_is_no_byte_count(value) -> None:
+    with pytest.raises(cw.ControlProtocolError, match="op prepare: 'bytes' must be a byte count"):
+        cw.size_arg(cw.Request("prepare", {"bytes": value}), "bytes")
+
+
 def test_braces_inside_strings_do_not_count_as_depth() -> None:
     message = decode_all(cw.encode_request("claim", id="{[{[{[{[{[x"))[0]
     assert message["id"] == "{[{[{[{[{[x"

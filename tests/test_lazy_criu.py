@@ -10,6 +10,7 @@ restore in the same PID namespace would find its PID taken.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -242,6 +243,15 @@ def copy_under_way(restored_pid: int, ns_workload: NsWorkload) -> None:
     wait_until(lambda: psutil.Process(restored_pid).memory_info().rss >= quarter, 30, "background copy under way")
 
 
+def lazy_pages_under(command_pid: int) -> int:
+    """The `criu lazy-pages` that `imgmig restore --lazy` (command_pid) runs under its guard."""
+    for child in psutil.Process(command_pid).children(recursive=True):
+        argv = child.cmdline()
+        if "lazy-pages" in argv and "imgmig.commands.lazy_guard" not in argv:
+            return child.pid
+    raise AssertionError(f"no criu lazy-pages under pid {command_pid}")
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -433,8 +443,16 @@ def _kill_mid_copy(criu_command: list[str], nodes: netns.TwoNodes, work: Path, n
                     restored_pid = int(line.split("running as pid ")[1].split()[0])
                     break
             assert restored_pid, "the lazy restore never ran"
-            time.sleep(0.2)  # the background copy of 256 MiB takes seconds
-            kill(pair, restore)
+            copy_under_way(restored_pid, ns_workload)
+            # lazy-pages is held while the kill lands, so that the copy cannot end first
+            # (256 MiB can take a quarter of a second)
+            lazy_pages = lazy_pages_under(restore.pid)
+            os.kill(lazy_pages, signal.SIGSTOP)
+            try:
+                kill(pair, restore)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(lazy_pages, signal.SIGCONT)
             out, err = migrate_run.communicate(timeout=120)
             result = json.loads(out.splitlines()[-1])
             assert migrate_run.returncode == 1 and "runs here" in result["outcome"], (result, err)

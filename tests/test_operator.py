@@ -14,6 +14,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import PYTHON, REPO, Pair, start_daemon, wait_until, write_config
@@ -577,3 +578,31 @@ def test_a_lazy_copy_that_ends_between_two_messages_still_shows_its_last_figure(
     shown = [line for line in reporter.lines if line.startswith("background copy: ")]
     assert shown[0].startswith("background copy: 0 MiB") and shown[-1].startswith("background copy: 256 MiB"), shown
     assert len(shown) == 2, "one message when the copy began, one with its last figure"
+
+
+def test_a_proxy_lost_as_the_lazy_copy_begins_stops_the_dump(monkeypatch):
+    """The proxy can die after the lazy dump handed its images (the restore there may run
+    already) but before migrate learnt the checkpoint's id: the dump, serving pages with
+    the process frozen, must be stopped then too, so that the process runs here again.
+    (test_a_proxy_killed_mid_copy_leaves_the_process_on_the_source met this in CI.)"""
+    from imgmig.commands import lazy, migrate
+
+    monkeypatch.setattr(migrate, "PROXY_LOST_WAIT", 0.2)
+    page_server, other_end = socket.socketpair()
+    frozen = subprocess.Popen(["sleep", "60"])  # stands for `criu dump --lazy-pages`, which never ends by itself
+    dump = lazy.LazyDump(frozen, Path("/nonexistent"), "", page_server, 0.0)
+
+    def proxy_dies(*_args, **_kwargs):
+        raise lazy.DumpRunning("imgmig-proxy closed the control connection (Connection reset by peer)", dump)
+
+    monkeypatch.setattr(migrate, "dump_lazy", proxy_dies)
+    m = migrate.Migration(cfg=SimpleNamespace(proxy=SimpleNamespace(images_dir=Path("/nonexistent"))),
+                          pid=os.getpid(), node="node-b", route=None, criu=[], options=[], reporter=_Messages(),
+                          timeout=30, rollback=False, lazy=True)
+    try:
+        status, outcome = migrate._run_lazy(m, None, "1")
+    finally:
+        other_end.close()
+    assert frozen.poll() is not None, "the dump was stopped"
+    assert status == migrate.EXIT_FAILED
+    assert outcome.startswith("imgmig-proxy closed the control connection") and "the process runs here again" in outcome

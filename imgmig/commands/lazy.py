@@ -114,8 +114,20 @@ def dump_lazy(criu: list[str], pid: int, proxy: ControlClient, proxy_images_dir:
         raise CommandError(f"the lazy dump's images could not go to the proxy ({exc.strerror or exc}); the dump was "
                            f"stopped, the process runs on here") from None
     dump.handed_at = time.monotonic()
-    dump.checkpoint = _checkpoint_of(proxy, ticket)
+    try:
+        dump.checkpoint = _checkpoint_of(proxy, ticket)
+    except CommandError as exc:  # the proxy went away: the dump, serving pages, still runs
+        raise DumpRunning(str(exc), dump) from None
     return dump
+
+
+class DumpRunning(CommandError):
+    """The proxy failed once the lazy dump was serving pages: `dump` still runs, the
+    process frozen, until it is ended (it may also end by itself if its last page went)."""
+
+    def __init__(self, message: str, dump: LazyDump) -> None:
+        super().__init__(message)
+        self.dump = dump
 
 
 def _await_page_server(dump: LazyDump, ready: int) -> None:

@@ -34,7 +34,7 @@ from imgmig.commands.common import (
     load_config,
 )
 from imgmig.commands.files import pack as pack_files
-from imgmig.commands.lazy import LazyDump, dump_lazy
+from imgmig.commands.lazy import DumpRunning, LazyDump, dump_lazy
 from imgmig.commands.progress import Reporter, Snapshot, make_reporter
 from imgmig.commands.restore import restore_claimed
 from imgmig.config import Config, peer_address
@@ -304,6 +304,8 @@ def _run_lazy(m: Migration, proxy: ControlClient, ticket: str) -> tuple[int, str
     try:
         dump = dump_lazy(m.criu, m.pid, proxy, m.cfg.proxy.images_dir, ticket=int(ticket), images_dir=m.workdir,
                          options=m.options)
+    except DumpRunning as exc:  # the proxy went away as the copy began
+        return _proxy_lost(m, exc.dump, str(exc))
     except CommandError as exc:
         return (EXIT_FAILED if Path(f"/proc/{m.pid}").exists() else EXIT_LOST), str(exc)
     m.checkpoint = dump.checkpoint
