@@ -1,4 +1,5 @@
-"""The proxy <-> cache conversation (docs/protocol.md, version 2) as two sans-IO state machines.
+"""The proxy <-> cache conversation (docs/protocol.md, version 4) as two sans-IO state machines,
+and a third for the proxy's probe link (`ProbeConnection`: HELLO, and PREPARE).
 
 `ProxyConnection` and `CacheConnection` each stand for one TCP connection about one
 checkpoint, seen from one side. In the style of h11 and aioquic they do no I/O: the
