@@ -4,6 +4,7 @@ complete, and the kept memory must count against the limit and leave under press
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
@@ -381,16 +382,21 @@ def _readlink(path: str) -> str:
         return ""
 
 
+def memfds_named(pid: int, prefix: str) -> dict[int, os.stat_result]:
+    """The daemon's memfds whose name starts with `prefix`, by inode (fds closed meanwhile skipped)."""
+    found = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        path = f"/proc/{pid}/fd/{fd}"
+        if _readlink(path).startswith(f"/memfd:{prefix}"):
+            with contextlib.suppress(OSError):
+                info = os.stat(path)
+                found[info.st_ino] = info
+    return found
+
+
 def kept_inodes(pid: int) -> set[int]:
     """Inodes of the daemon's reusable memfds (its page images, and those kept after them)."""
-    found = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:imgmig-reuse:"):
-                found.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
-        except OSError:
-            continue
-    return found
+    return set(memfds_named(pid, "imgmig-reuse:"))
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["tls-off", "tls-on"])
@@ -423,13 +429,8 @@ def test_checkpoints_through_reused_memfds_restore_byte_for_byte(daemons, tls):
 
 def prepared_memfds(pid: int) -> dict[int, tuple[int, int]]:
     """The daemon's memfds made ready by `prepare`: inode -> (size, bytes allocated)."""
-    found = {}
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        path = f"/proc/{pid}/fd/{fd}"
-        if _readlink(path).startswith("/memfd:imgmig-reuse:prepared"):
-            info = os.stat(path)
-            found[info.st_ino] = (info.st_size, info.st_blocks * 512)
-    return found
+    return {inode: (info.st_size, info.st_blocks * 512)
+            for inode, info in memfds_named(pid, "imgmig-reuse:prepared").items()}
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["tls-off", "tls-on"])

@@ -838,16 +838,17 @@ def _grown(size: int, base: _Kept | None) -> _Kept | None:
     fd = base.fd if base is not None else new_memfd(PREPARED_NAME, reusable=True)
     if base is not None:
         base.mapping = None  # the new mapping covers it all; two would count its pages twice
+    grown = _Kept(fd, size, released_at=base.released_at if base is not None else 0)
     try:
         os.posix_fallocate(fd, 0, size)
-        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ | mmap.PROT_WRITE)
+        grown.mapping = _map(grown)
     except OSError as exc:
         log.warning("could not prepare %s for a coming checkpoint (%s); its pages are allocated as they arrive",
                     _mib(size), exc.strerror or exc)
         if base is None:
             os.close(fd)
         return base
-    return _Kept(fd, size, mapping, base.released_at if base is not None else 0)
+    return grown
 
 
 def _map(kept: _Kept) -> mmap.mmap:

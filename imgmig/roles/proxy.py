@@ -289,7 +289,7 @@ class Proxy:
                                  self.digest)
         except (OSError, ValueError) as exc:
             raise OpError(f"the cache at {target.address} is not reachable or not authenticated: "
-                          f"{(exc.strerror if isinstance(exc, OSError) else None) or exc}") from None
+                          f"{_reason(exc)}") from None
         return {"node": answer.node, "address": str(target.address), "authenticated": self.trust is not None,
                 "memory_limit": answer.memory_limit, "room": answer.room}
 
@@ -308,15 +308,13 @@ class Proxy:
             answer = probe_cache(target.address, target.node, self.trust, self.config.link, self.config.node,
                                  self.digest, prepare=size)
         except (OSError, ValueError) as exc:
-            raise OpError(f"the cache at {target.address} did not make memory ready: "
-                          f"{(exc.strerror if isinstance(exc, OSError) else None) or exc}") from None
+            raise OpError(f"the cache at {target.address} did not make memory ready: {_reason(exc)}") from None
         finally:
             local.join()
-        seconds = time.monotonic() - started
+        seconds, ready = time.monotonic() - started, here[0] if here else 0
         log.info("memory ready for a checkpoint of about %s: %s here, %s at %s (%.2f s)", human_bytes(size),
-                 human_bytes(here[0] if here else 0), human_bytes(answer.prepared), answer.node, seconds)
-        return {"proxy": here[0] if here else 0, "cache": answer.prepared, "node": answer.node,
-                "seconds": round(seconds, 3)}
+                 human_bytes(ready), human_bytes(answer.prepared), answer.node, seconds)
+        return {"proxy": ready, "cache": answer.prepared, "node": answer.node, "seconds": round(seconds, 3)}
 
     def _on_restore(self, conn: socket.socket, _peer: str) -> None:
         ServeSession(conn, self.store, self.daemon.stop, "proxy", gate=self._take_right,
@@ -328,6 +326,11 @@ class Proxy:
             raise custody.NoRight("it is a lazy checkpoint: its memory was never in it (a failed lazy migration "
                                   "resumes the process on this node by itself)")
         custody.take_for_rollback(self.store, checkpoint, self.config.node)
+
+
+def _reason(exc: OSError | ValueError) -> str:
+    """Why probing the cache failed, in words (an OSError's strerror, not its repr)."""
+    return str((exc.strerror if isinstance(exc, OSError) else None) or exc)
 
 
 def _ended_there(forwarder: Forwarder) -> tuple[str, str] | None:
