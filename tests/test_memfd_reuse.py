@@ -353,6 +353,19 @@ def test_a_kept_memfd_taken_or_grown_is_mapped_once():
         assert mappings_of(kept) == 1, "grown: the new mapping replaces the old one"
 
 
+def test_no_fd_for_a_prepared_memfd_prepares_nothing_and_says_so(monkeypatch, caplog):
+    """Out of fds (a flood holding them): prepare gives up in one warning, it does not raise
+    into the link's or the control socket's thread."""
+    def no_fds(name: str, reusable: bool = False) -> int:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(store_module, "new_memfd", no_fds)
+    store = ImageStore(64 * MIB, reuse=16 * MIB)
+    assert store.prepare(8 * MIB) == 0
+    assert store.pool.held == 0
+    assert "could not prepare 8.0 MiB" in caplog.text and "Too many open files" in caplog.text
+
+
 def test_a_kept_memfd_that_cannot_grow_stays_as_it_was(monkeypatch):
     store = ImageStore(64 * MIB, reuse=16 * MIB)
     checkpoint, image = one_checkpoint(store, "cp-1", pattern(1, 5 * MIB))

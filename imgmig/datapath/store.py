@@ -833,19 +833,21 @@ def _holds_old_bytes(fd: int) -> bool:
 
 def _grown(size: int, base: _Kept | None) -> _Kept | None:
     """`base` (a kept memfd, or a new one if None) grown to `size` bytes with every page
-    allocated and mapped (ImageStore.prepare). When the memory is not there (a memory
-    cgroup's limit, say) that is logged, and `base` comes back as it was."""
-    fd = base.fd if base is not None else new_memfd(PREPARED_NAME, reusable=True)
-    if base is not None:
-        base.mapping = None  # the new mapping covers it all; two would count its pages twice
-    grown = _Kept(fd, size, released_at=base.released_at if base is not None else 0)
+    allocated and mapped (ImageStore.prepare). When the memory or an fd is not there (a
+    memory cgroup's limit, a flood holding the fds) that is logged, and `base` comes back
+    as it was."""
+    fd = -1
     try:
+        fd = base.fd if base is not None else new_memfd(PREPARED_NAME, reusable=True)
+        if base is not None:
+            base.mapping = None  # the new mapping covers it all; two would count its pages twice
+        grown = _Kept(fd, size, released_at=base.released_at if base is not None else 0)
         os.posix_fallocate(fd, 0, size)
         grown.mapping = _map(grown)
     except OSError as exc:
         log.warning("could not prepare %s for a coming checkpoint (%s); its pages are allocated as they arrive",
                     _mib(size), exc.strerror or exc)
-        if base is None:
+        if base is None and fd >= 0:
             os.close(fd)
         return base
     return grown
