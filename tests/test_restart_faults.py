@@ -15,6 +15,7 @@ import random
 import re
 import signal
 import subprocess
+import threading
 
 import pytest
 from conftest import PYTHON, REPO, wait_until
@@ -28,9 +29,10 @@ from test_daemons_sim import (
     restore,
     restore_order,
 )
+from test_memfd_reuse import memfds_named
 
 from imgmig import criu_sim
-from imgmig.commands.common import ControlClient
+from imgmig.commands.common import ControlClient, Declined
 from imgmig.roles.endpoints import CONTROL_SOCKET
 from imgmig.system import fdstore
 
@@ -367,3 +369,34 @@ def test_a_checkpoint_granted_to_a_cache_that_lost_it_is_not_sent_again(supervis
     pair.proxy_log.wait_for(r"on the proxy refused: the right to restore it is held by test-node \(the destination\)")
     (kept,) = held(pair.proxy_dir)
     assert kept["right"] == "test-node (the destination)", kept
+
+
+def test_a_cache_killed_while_it_prepares_memory_is_declined_and_serves_after_its_restart(supervised):
+    """kill -9 of the cache in the middle of allocating what PREPARE asked: the proxy's
+    `prepare` is declined in one answer (the proxy's own memory stays ready), the cache starts
+    again with nothing of it, and the next checkpoint goes through byte for byte."""
+    pair, nodes = supervised(memory_limit="2GiB")
+    answers: list[object] = []
+
+    def ask() -> None:
+        with ControlClient(pair.proxy_dir / CONTROL_SOCKET, "proxy") as proxy:
+            try:
+                answers.append(proxy.request("prepare", bytes=1 << 30, timeout=90))
+            except Declined as exc:
+                answers.append(exc)
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    cache = pair.cache.process.pid
+    wait_until(lambda: any(info.st_blocks for info in memfds_named(cache, "imgmig-reuse:prepared").values()), 30,
+               "the cache to be allocating")
+    nodes["cache"].kill9()
+    asking.join(90)
+    (answer,) = answers
+    assert isinstance(answer, Declined) and "did not make memory ready" in str(answer), answer
+    pair.daemons["cache"] = nodes["cache"].start()
+    assert not memfds_named(pair.cache.process.pid, "imgmig-reuse:prepared"), "nothing prepared survives"
+    images = with_pages("after-a-killed-prepare", 4)
+    dump(pair.proxy_dir, images)
+    assert_restores(restore(pair.cache_dir, restore_order(images)), images)
+    assert pair.proxy.process.poll() is None and not [line for line in pair.proxy_log.lines() if "Traceback" in line]
