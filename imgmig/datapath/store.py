@@ -58,8 +58,9 @@ REUSE_LABEL = "imgmig-reuse:"  # such memfds' name, as /proc/PID/fd shows it aft
 REUSE_MIN = 1 << 20  # a memfd with fewer bytes is not worth keeping
 REUSE_IDLE = 60.0  # seconds a kept memfd waits for a new image before it is freed
 PREPARED_NAME = "prepared"  # a memfd made ready for a coming page image (ImageStore.prepare)
-# Set on a kept memfd while a new image is written over it, removed when that image is
-# complete: until then the file size may count the previous image's bytes (Image.taken_back).
+# Set on a kept memfd while a new image is written over it, to the bytes written so far
+# (each growth, so before each acknowledgement), removed when that image is complete: until
+# then the file size may count the previous image's bytes (Image.taken_back).
 REUSED_XATTR = "user.imgmig.reused"
 DURABLE_TIMEOUT = 5.0  # seconds a custody decision waits for the fd store to write it
 
@@ -113,14 +114,16 @@ class Image:
         """An image from systemd's fd store after a restart (`recorded`: the size its record
         gives). Its bytes are its memfd's, up to the file size, which may be past the record's
         (bytes that arrived after it was written); except a reused page image still arriving,
-        whose file size counts the previous image's bytes: only what the record says arrived
-        is taken, and the rest is sent again."""
+        whose file size counts the previous image's bytes: what its writer marked written
+        (REUSED_XATTR, before each acknowledgement) or the record, whichever is further, is
+        taken, and the rest is sent again."""
         size = os.fstat(fd).st_size
         if not _reuse_memfd(fd):
             return cls(name, fd, size, complete, digest)
-        if complete or not _holds_old_bytes(fd):
+        written = None if complete else _written_over(fd)
+        if written is None:
             return cls(name, fd, size, complete, digest, reusable=True)
-        return cls(name, fd, min(recorded, size), complete, digest, reusable=True, capacity=size)
+        return cls(name, fd, min(max(recorded, written), size), complete, digest, reusable=True, capacity=size)
 
     def cost(self) -> int:
         return IMAGE_OVERHEAD + -(-max(self.size, self.capacity) // PAGE) * PAGE
@@ -440,7 +443,7 @@ class ImageStore:
             kept = self.pool.take(self.durable) if reusable else None
         if kept is not None:
             with contextlib.suppress(OSError):  # without xattrs, Image.taken_back assumes old bytes
-                os.setxattr(kept.fd, REUSED_XATTR, b"1")
+                os.setxattr(kept.fd, REUSED_XATTR, b"0")
             mapping = _map(kept)
         if kept is None:
             fd = new_memfd(name, reusable)
@@ -586,6 +589,9 @@ class ImageStore:
             self.bytes_in += n
             self._charge_locked(checkpoint, image)
             self._wake_locked()
+        if image.capacity:  # written over a kept memfd: its file size says nothing of what arrived
+            with contextlib.suppress(OSError):
+                os.setxattr(image.fd, REUSED_XATTR, str(image.size).encode())
 
     def finish_image(self, image: Image, digest: bytes | None = None, checkpoint: Checkpoint | None = None) -> None:
         """`checkpoint` (the image's) lets a reused memfd's trimmed pages leave its charge now."""
@@ -822,13 +828,15 @@ def _reuse_memfd(fd: int) -> bool:
         return False
 
 
-def _holds_old_bytes(fd: int) -> bool:
-    """A kept memfd being written over (REUSED_XATTR); also when xattrs cannot be read."""
+def _written_over(fd: int) -> int | None:
+    """How many bytes of a new image were written over a kept memfd (REUSED_XATTR; 0 where
+    xattrs cannot be read, the record then counts); None if it is not being written over."""
     try:
-        os.getxattr(fd, REUSED_XATTR)
+        return int(os.getxattr(fd, REUSED_XATTR))
     except OSError as exc:
-        return exc.errno != errno.ENODATA
-    return True
+        return None if exc.errno == errno.ENODATA else 0
+    except ValueError:
+        return 0
 
 
 def _grown(size: int, base: _Kept | None) -> _Kept | None:
