@@ -288,6 +288,47 @@ def test_prepare_grows_the_memfd_a_released_page_image_left():
     assert inode(image.fd) == kept and os.pread(image.fd, 16 * MIB, 0) == data
 
 
+def test_prepare_trims_a_much_larger_kept_memfd_before_the_freeze():
+    """A kept memfd from a larger process: its excess is freed now, not by the page image
+    when it completes (inside the freeze); the image still goes into it, byte for byte."""
+    store = ImageStore(256 * MIB, reuse=128 * MIB)
+    checkpoint, image = one_checkpoint(store, "cp-1", pattern(1, 48 * MIB))
+    kept = inode(image.fd)
+    store.restored(checkpoint)
+    assert store.prepare(8 * MIB) == 8 * MIB
+    (fd,) = kept_fds(store)
+    assert inode(fd) == kept, "the same memfd, cut: its first pages stay"
+    assert os.fstat(fd).st_size == 8 * MIB and allocated(fd) == 8 * MIB, "the excess is freed before the freeze"
+    assert store.pool.held == 8 * MIB
+    assert mappings_of(kept) == 1
+    data = pattern(2, 9 * MIB + 5)  # a little past what was asked: the rest is spliced on
+    _, image = one_checkpoint(store, "cp-2", data)
+    assert inode(image.fd) == kept and os.pread(image.fd, 16 * MIB, 0) == data
+    assert os.fstat(image.fd).st_size == len(data)
+
+
+def test_prepare_leaves_a_kept_memfd_at_most_trim_min_larger():
+    store = ImageStore(256 * MIB, reuse=128 * MIB)
+    store.prepare(8 * MIB + store_module.TRIM_MIN)
+    (fd,) = kept_fds(store)
+    assert store.prepare(8 * MIB) == 8 * MIB + store_module.TRIM_MIN
+    assert os.fstat(fd).st_size == 8 * MIB + store_module.TRIM_MIN, "a few MiB more are freed by the image"
+
+
+def test_a_kept_memfd_that_cannot_be_trimmed_stays_as_it_was(monkeypatch, caplog):
+    store = ImageStore(256 * MIB, reuse=128 * MIB)
+    store.prepare(48 * MIB)
+
+    def refused(fd: int, size: int) -> None:
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(store_module.os, "ftruncate", refused)
+    assert store.prepare(8 * MIB) == 48 * MIB
+    (fd,) = kept_fds(store)
+    assert os.fstat(fd).st_size == 48 * MIB, "still kept, for the next page image"
+    assert "could not trim a kept memfd to 8.0 MiB" in caplog.text
+
+
 def test_prepare_under_reuse_min_or_with_reuse_off_does_nothing():
     assert ImageStore(64 * MIB, reuse=16 * MIB).prepare(4096) == 0
     store = ImageStore(64 * MIB, reuse=0)
