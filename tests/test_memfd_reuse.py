@@ -22,12 +22,14 @@ def pattern(tag: int, size: int) -> bytes:
     return bytes((offset * 7 + tag) % 251 for offset in range(4096)) * (size // 4096) + bytes([tag]) * (size % 4096)
 
 
-def fill(store: ImageStore, checkpoint, image, data: bytes, step: int = 300_000) -> None:
-    """In uneven steps, as splices arrive."""
+def fill(store: ImageStore, checkpoint, image, data: bytes, step: int = 300_000, after_each=None) -> None:
+    """In uneven steps, as splices arrive; `after_each()` after each growth."""
     for start in range(0, len(data), step):
         chunk = data[start:start + step]
         os.pwrite(image.fd, chunk, image.size)
         store.grew(checkpoint, image, len(chunk))
+        if after_each is not None:
+            after_each()
 
 
 def one_checkpoint(store: ImageStore, name: str, data: bytes):
@@ -631,7 +633,7 @@ def test_each_growth_of_an_image_written_over_a_kept_memfd_is_marked_on_it():
     checkpoint = store.begin("cp-2", "node")
     image = store.add_image(checkpoint, "pages-1.img")
     assert image.capacity, "written over the kept memfd (the setting of this test)"
-    for size in (300_000, 2 * MIB + 5):
-        os.pwrite(image.fd, b"n" * (size - image.size), image.size)
-        store.grew(checkpoint, image, size - image.size)
-        assert os.getxattr(image.fd, REUSED_XATTR) == str(size).encode()
+    marks = []
+    fill(store, checkpoint, image, pattern(2, 2 * MIB + 5), step=MIB,
+         after_each=lambda: marks.append(os.getxattr(image.fd, REUSED_XATTR)))
+    assert marks == [b"1048576", b"2097152", b"2097157"]
