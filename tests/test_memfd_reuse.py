@@ -277,35 +277,25 @@ def test_prepare_again_keeps_one_memfd_large_enough():
     assert store.pool.held == 12 * MIB
 
 
-def test_prepare_grows_the_memfd_a_released_page_image_left():
-    store = ImageStore(64 * MIB, reuse=16 * MIB)
-    checkpoint, image = one_checkpoint(store, "cp-1", pattern(1, 5 * MIB))
-    kept = inode(image.fd)
-    store.restored(checkpoint)
-    assert store.prepare(9 * MIB) == 9 * MIB
-    (fd,) = kept_fds(store)
-    assert inode(fd) == kept and allocated(fd) == 9 * MIB
-    data = pattern(2, 7 * MIB + 5)
-    _, image = one_checkpoint(store, "cp-2", data)
-    assert inode(image.fd) == kept and os.pread(image.fd, 16 * MIB, 0) == data
-
-
-def test_prepare_trims_a_much_larger_kept_memfd_before_the_freeze():
-    """A kept memfd from a larger process: its excess is freed now, not by the page image
-    when it completes (inside the freeze); the image still goes into it, byte for byte."""
+@pytest.mark.parametrize(("left", "asked", "written"),
+                         [(5 * MIB, 9 * MIB, 7 * MIB + 5), (48 * MIB, 8 * MIB, 9 * MIB + 5)], ids=["grown", "trimmed"])
+def test_prepare_resizes_the_memfd_a_released_page_image_left(left, asked, written):
+    """Grown, its pages stay; trimmed (left by a larger process), its excess is freed now,
+    not by the page image when it completes, inside the freeze. The next image goes into
+    it byte for byte, a little past what was asked (the rest is spliced on)."""
     store = ImageStore(256 * MIB, reuse=128 * MIB)
-    checkpoint, image = one_checkpoint(store, "cp-1", pattern(1, 48 * MIB))
+    checkpoint, image = one_checkpoint(store, "cp-1", pattern(1, left))
     kept = inode(image.fd)
     store.restored(checkpoint)
-    assert store.prepare(8 * MIB) == 8 * MIB
+    assert store.prepare(asked) == asked
     (fd,) = kept_fds(store)
-    assert inode(fd) == kept, "the same memfd, cut: its first pages stay"
-    assert os.fstat(fd).st_size == 8 * MIB and allocated(fd) == 8 * MIB, "the excess is freed before the freeze"
-    assert store.pool.held == 8 * MIB
+    assert inode(fd) == kept, "the same memfd: its first pages stay"
+    assert os.fstat(fd).st_size == asked and allocated(fd) == asked, "allocated or freed before the freeze"
+    assert store.pool.held == asked
     assert mappings_of(kept) == 1
-    data = pattern(2, 9 * MIB + 5)  # a little past what was asked: the rest is spliced on
+    data = pattern(2, written)
     _, image = one_checkpoint(store, "cp-2", data)
-    assert inode(image.fd) == kept and os.pread(image.fd, 16 * MIB, 0) == data
+    assert inode(image.fd) == kept and os.pread(image.fd, 64 * MIB, 0) == data
     assert os.fstat(image.fd).st_size == len(data)
 
 
