@@ -38,6 +38,7 @@ from test_daemons_sim import (
     still_serving,
     wait_received_eof,
 )
+from test_memfd_reuse import prepared_memfds
 
 from imgmig import criu_sim
 from imgmig.protocol import criu_wire
@@ -502,8 +503,6 @@ def test_a_link_cut_inside_a_small_file_never_serves_its_bytes(daemons):
 # ---- PREPARE: asking the cache for memory ------------------------------------------------------
 
 def prepared_bytes(pid: int) -> list[int]:
-    from test_memfd_reuse import prepared_memfds
-
     return [size for size, _ in prepared_memfds(pid).values()]
 
 
@@ -524,6 +523,21 @@ def test_a_peer_asking_for_all_memory_gets_memory_reuse_at_most(daemons):
     for _ in range(20):  # asked again and again: the one memfd is large enough, nothing more is taken
         assert ask_to_prepare(pair, 2**64 - 1) == [wire.Prepare(answer.size)]
     assert prepared_bytes(pair.cache.process.pid) == [answer.size]
+    still_serving(pair, earlier)
+    assert not pair.cache_log.errors(new=False)
+
+
+def test_a_peer_asking_large_then_small_again_and_again_makes_the_cache_allocate_once(daemons):
+    """Each PREPARE is a few bytes; if a small ask trimmed what a large one allocated, a peer
+    alternating them would have the cache free and allocate the memory for each pair."""
+    pair = daemons(memory_limit="256MiB", tls=False)
+    earlier = earlier_checkpoint(pair)
+    assert ask_to_prepare(pair, 96 << 20) == [wire.Prepare(96 << 20)]
+    (prepared,) = prepared_memfds(pair.cache.process.pid).items()
+    for _ in range(10):
+        assert ask_to_prepare(pair, 4 << 20) == [wire.Prepare(96 << 20)]
+        assert ask_to_prepare(pair, 96 << 20) == [wire.Prepare(96 << 20)]
+    assert list(prepared_memfds(pair.cache.process.pid).items()) == [prepared], "the same memfd, never cut"
     still_serving(pair, earlier)
     assert not pair.cache_log.errors(new=False)
 

@@ -304,24 +304,57 @@ def test_prepare_resizes_the_memfd_a_released_page_image_left(left, asked, writt
     assert os.fstat(image.fd).st_size == len(data)
 
 
+def left_by_a_page_image(store: ImageStore, size: int) -> int:
+    """A released checkpoint's page image of `size` bytes kept in the pool; its fd."""
+    checkpoint, _ = one_checkpoint(store, "cp-left", pattern(1, size))
+    store.restored(checkpoint)
+    (fd,) = kept_fds(store)
+    return fd
+
+
 def test_prepare_leaves_a_kept_memfd_at_most_trim_min_larger():
     store = ImageStore(256 * MIB, reuse=128 * MIB)
-    store.prepare(8 * MIB + store_module.TRIM_MIN)
-    (fd,) = kept_fds(store)
+    fd = left_by_a_page_image(store, 8 * MIB + store_module.TRIM_MIN)
     assert store.prepare(8 * MIB) == 8 * MIB + store_module.TRIM_MIN
     assert os.fstat(fd).st_size == 8 * MIB + store_module.TRIM_MIN, "a few MiB more are freed by the image"
 
 
+def test_asking_large_then_small_again_and_again_frees_and_allocates_nothing_more(monkeypatch):
+    """A hostile or confused peer alternating PREPAREs: one trim of what a page image left,
+    one growth, then nothing; the memory is not freed and allocated anew for each ask."""
+    store = ImageStore(256 * MIB, reuse=128 * MIB)
+    fd = left_by_a_page_image(store, 48 * MIB)
+    assert store.prepare(8 * MIB) == 8 * MIB
+    assert store.prepare(48 * MIB) == 48 * MIB
+    calls: list[str] = []
+
+    def counted(name: str):
+        real = getattr(os, name)
+
+        def call(*args):
+            calls.append(name)
+            return real(*args)
+        return call
+
+    for name in ("ftruncate", "posix_fallocate"):
+        monkeypatch.setattr(store_module.os, name, counted(name))
+    for _ in range(10):
+        assert store.prepare(8 * MIB) == 48 * MIB
+        assert store.prepare(48 * MIB) == 48 * MIB
+    assert calls == []
+    assert kept_fds(store) == [fd] and allocated(fd) == 48 * MIB
+
+
 def test_a_kept_memfd_that_cannot_be_trimmed_stays_as_it_was(monkeypatch, caplog):
     store = ImageStore(256 * MIB, reuse=128 * MIB)
-    store.prepare(48 * MIB)
+    fd = left_by_a_page_image(store, 48 * MIB)
 
     def refused(fd: int, size: int) -> None:
         raise OSError(1, "Operation not permitted")
 
     monkeypatch.setattr(store_module.os, "ftruncate", refused)
     assert store.prepare(8 * MIB) == 48 * MIB
-    (fd,) = kept_fds(store)
+    assert kept_fds(store) == [fd]
     assert os.fstat(fd).st_size == 48 * MIB, "still kept, for the next page image"
     assert "could not trim a kept memfd to 8.0 MiB" in caplog.text
 

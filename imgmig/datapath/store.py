@@ -240,6 +240,7 @@ class _Kept:
     size: int
     mapping: mmap.mmap | None = None
     released_at: int = 0  # the store generation that dropped its checkpoint
+    prepared: bool = False  # sized by ImageStore.prepare since a page image last left it
     expiry: threading.Timer | None = None  # frees it after REUSE_IDLE; holds it (and its mapping) till then
 
     def leave(self) -> None:
@@ -294,6 +295,13 @@ class MemfdPool:
 
     def largest(self) -> int:
         return max((k.size for k in self._kept), default=0)
+
+    def oversized(self, size: int) -> bool:
+        """The largest kept memfd is more than TRIM_MIN larger than `size` and was left so by
+        a page image. One that prepare sized is not cut again: a peer asking large, then
+        small, over and over, would have the same memory freed and allocated each time."""
+        kept = max(self._kept, key=lambda k: k.size, default=None)
+        return kept is not None and kept.size > size + TRIM_MIN and not kept.prepared
 
     def evict(self, kept: _Kept) -> bool:
         """Forget `kept` (idle too long) if it is still here; the caller closes its fd."""
@@ -530,13 +538,14 @@ class ImageStore:
         (which the image would otherwise trim when complete), then happen while the process
         still runs, not during the freeze (bench/README.md, "Memory made ready before the
         freeze"). At most `memory.reuse` bytes and the room the images leave; nothing if the
-        pool holds a memfd that large already, and not more than TRIM_MIN larger. Freed after
-        REUSE_IDLE seconds if no page image comes. Returns the bytes of the largest kept memfd."""
+        pool holds a memfd that large already, unless a page image left it more than TRIM_MIN
+        larger (MemfdPool.oversized). Freed after REUSE_IDLE seconds if no page image comes.
+        Returns the bytes of the largest kept memfd."""
         with self._preparing:
             with self.cond:
                 room = min(self.pool.limit, self.limit - self._held)
                 want = min(nbytes, room)
-                if want < REUSE_MIN or want <= self.pool.largest() <= want + TRIM_MIN:
+                if want < REUSE_MIN or (self.pool.largest() >= want and not self.pool.oversized(want)):
                     return self.pool.largest()
                 base = self.pool.take(self.durable)  # resized, not replaced: its pages stay
                 for fd in self.pool.shrink(room - want):
@@ -855,7 +864,7 @@ def _resized(size: int, base: _Kept | None) -> _Kept | None:
         fd = base.fd if base is not None else new_memfd(PREPARED_NAME, reusable=True)
         if base is not None:
             base.mapping = None  # the new mapping covers it all; two would count its pages twice
-        grown = _Kept(fd, size, released_at=base.released_at if base is not None else 0)
+        grown = _Kept(fd, size, released_at=base.released_at if base is not None else 0, prepared=True)
         os.posix_fallocate(fd, 0, size)
         grown.mapping = _map(grown)
     except OSError as exc:
@@ -873,6 +882,7 @@ def _trimmed(size: int, base: _Kept) -> _Kept:
     try:
         os.ftruncate(base.fd, size)
         base.size = size
+        base.prepared = True
         base.mapping = _map(base)
     except OSError as exc:
         log.warning("could not trim a kept memfd to %s for a coming checkpoint (%s); the page image "
