@@ -11,7 +11,9 @@ CRIU processes: the restore of the pages (done in the task being recreated, unde
 workload's pid) apart from the rest (dump, restore's main process; on a shared machine
 "criu-other" also catches other users' CRIU runs). py-spy: `py-spy record -f raw` on each daemon,
 then self time by Python line. Each profiler runs in its own migration, so neither
-skews the other; the top of each profile goes to DIR/<tool>-<daemon>.txt.
+skews the other, and from the freeze until the process runs again: `prepare`'s
+allocation before the freeze is not in it. The top of each profile goes to
+DIR/<tool>-<daemon>.txt.
 """
 
 from __future__ import annotations
@@ -103,14 +105,20 @@ def main(argv: list[str] | None = None) -> int:
         with netns.two_nodes("imgmig-prof") as nodes, \
                 RealBench(testbed_criu.find_criu(), nodes, workdir, lambda m: print(m, flush=True)) as bench:
             pids = bench.daemon_pids(args.method)
-            if args.tool == "perf":
-                data = args.out / "perf.data"
-                profilers = {"system": _start("perf", None, data)}
-            else:
-                raw = {name: args.out / f"py-spy-{name}.raw" for name in pids}
-                profilers = {name: _start("py-spy", pid, raw[name]) for name, pid in pids.items()}
+            data = args.out / "perf.data"
+            raw = {name: args.out / f"py-spy-{name}.raw" for name in pids}
+            profilers: dict[str, subprocess.Popen] = {}
+            errors: dict[str, str] = {}
+
+            def start() -> None:  # after prepare, which allocates before the freeze (not profiled)
+                if args.tool == "perf":
+                    profilers["system"] = _start("perf", None, data)
+                else:
+                    profilers.update({name: _start("py-spy", pid, raw[name]) for name, pid in pids.items()})
+
+            bench.on_freeze = start
+            bench.on_running = lambda: errors.update({name: _stop(proc) for name, proc in profilers.items()})
             result = bench.run(args.method, args.mib, args.mode)
-            errors = {name: _stop(proc) for name, proc in profilers.items()}
         print(f"migration: freeze-to-running {result['total_s']:.2f} s, dump {result['dump_s']:.2f} s, "
               f"felt {result['felt_gap_s']:.2f} s; load {os.getloadavg()}")
         if args.tool == "perf":

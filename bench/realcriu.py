@@ -89,6 +89,9 @@ class RealBench:
         self._stack: list[object] = []
         self._release: ReleaseWatch | None = None
         self.lazy_stopped_from_mib = lazy.STOPPED_FROM_MIB
+        # bench.profile's: right before the freeze (after prepare), and once the process runs again
+        self.on_freeze: Callable[[], None] = lambda: None
+        self.on_running: Callable[[], None] = lambda: None
 
     # ---- daemons ----------------------------------------------------------------------
     def __enter__(self) -> RealBench:
@@ -141,6 +144,7 @@ class RealBench:
             streams = method in DAEMON_METHODS and PAIRS[method][1] == "streaming"
             prepared = self._prepare(method, proc.pid) if streams else {}
             clock.lap("prepare")
+            self.on_freeze()
             reported = vm_reported_kib()
             mon = Monitor(self.daemon_pids(method)) if method in MONITORED else None
             if mon:
@@ -153,6 +157,7 @@ class RealBench:
             else:
                 result, restored = self._disk(proc.pid, reaper)
             restored_by = time.time()
+            self.on_running()
             clock.lap("migration")
             if mon:
                 mon.__exit__(None, None, None)
