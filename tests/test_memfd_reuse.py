@@ -41,6 +41,15 @@ def one_checkpoint(store: ImageStore, name: str, data: bytes):
     return checkpoint, image
 
 
+def over_a_kept_memfd(store: ImageStore, kept: int):
+    """A second checkpoint's page image, begun over the memfd the first one's (`kept`
+    bytes) left in the pool."""
+    first, _ = one_checkpoint(store, "cp-1", pattern(1, kept))
+    store.restored(first)
+    checkpoint = store.begin("cp-2", "node")
+    return checkpoint, store.add_image(checkpoint, "pages-1.img")
+
+
 def inode(fd: int) -> int:
     return os.fstat(fd).st_ino
 
@@ -130,10 +139,7 @@ def test_the_window_ends_at_the_file_not_at_a_longer_mapping_kept_from_a_larger_
 
 def test_an_unfinished_reused_image_charges_the_pages_it_holds():
     store = ImageStore(64 * MIB, reuse=16 * MIB)
-    first, _ = one_checkpoint(store, "cp-1", pattern(1, 8 * MIB))
-    store.restored(first)
-    checkpoint = store.begin("cp-2", "node")
-    image = store.add_image(checkpoint, "pages-1.img")
+    checkpoint, image = over_a_kept_memfd(store, 8 * MIB)
     fill(store, checkpoint, image, pattern(2, MIB))
     assert store.held == IMAGE_OVERHEAD + 8 * MIB, "the old pages are still held until it completes"
     store.finish_image(image, checkpoint=checkpoint)
@@ -654,10 +660,7 @@ def test_each_growth_of_an_image_written_over_a_kept_memfd_is_marked_on_it():
     from imgmig.datapath.store import REUSED_XATTR
 
     store = ImageStore(64 * MIB, reuse=16 * MIB)
-    first, _ = one_checkpoint(store, "cp-1", pattern(1, 8 * MIB))
-    store.restored(first)
-    checkpoint = store.begin("cp-2", "node")
-    image = store.add_image(checkpoint, "pages-1.img")
+    checkpoint, image = over_a_kept_memfd(store, 8 * MIB)
     assert image.capacity, "written over the kept memfd (the setting of this test)"
     marks = []
     fill(store, checkpoint, image, pattern(2, 2 * MIB + 5), step=MIB,
