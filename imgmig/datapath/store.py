@@ -293,14 +293,18 @@ class MemfdPool:
         self.held += kept.size
         return True
 
+    def _largest(self) -> _Kept | None:
+        return max(self._kept, key=lambda k: k.size, default=None)
+
     def largest(self) -> int:
-        return max((k.size for k in self._kept), default=0)
+        kept = self._largest()
+        return kept.size if kept is not None else 0
 
     def oversized(self, size: int) -> bool:
         """The largest kept memfd is more than TRIM_MIN larger than `size` and was left so by
         a page image. One that prepare sized is not cut again: a peer asking large, then
         small, over and over, would have the same memory freed and allocated each time."""
-        kept = max(self._kept, key=lambda k: k.size, default=None)
+        kept = self._largest()
         return kept is not None and kept.size > size + TRIM_MIN and not kept.prepared
 
     def evict(self, kept: _Kept) -> bool:
